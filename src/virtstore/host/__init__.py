@@ -1,0 +1,1 @@
+"""Host access: running outside programs, devices, filesystems."""
