@@ -1,0 +1,300 @@
+"""The one public interface: Connection, with pool, volume and secret handles.
+
+The CLI (and later the web page and the REST server) use only what is here. The
+embedded engine implements ``Connection`` in process; a remote client implements the
+same abstract methods over HTTP. Handles (``Pool``, ``Volume``, ``Secret``) are thin:
+they hold a name and call back into their connection, so both transports share them.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from virtstore.errors import InvalidArgument
+
+# Pool states, as libvirt names them (virStoragePoolState).
+POOL_INACTIVE = "inactive"
+POOL_BUILDING = "building"
+POOL_RUNNING = "running"
+POOL_DEGRADED = "degraded"
+POOL_INACCESSIBLE = "inaccessible"
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    name: str
+    uuid: str
+    type: str
+    state: str
+    persistent: bool
+    autostart: bool
+    capacity: int
+    allocation: int
+    available: int
+    target_path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    pool: str
+    name: str
+    key: str
+    path: str
+    type: str  # file, block, dir, network, netdir, ploop
+    format: str | None
+    capacity: int
+    allocation: int
+    physical: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    uuid: str
+    usage_type: str | None
+    usage_id: str | None
+    description: str | None
+    ephemeral: bool
+    private: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PoolFilter:
+    """Filters of pool-list; None means "either"."""
+
+    active: bool | None = None
+    persistent: bool | None = None
+    autostart: bool | None = None
+    types: tuple[str, ...] = ()
+
+    def matches(self, info: PoolInfo) -> bool:
+        if self.active is not None and (info.state != POOL_INACTIVE) != self.active:
+            return False
+        if self.persistent is not None and info.persistent != self.persistent:
+            return False
+        if self.autostart is not None and info.autostart != self.autostart:
+            return False
+        return not (self.types and info.type not in self.types)
+
+
+@dataclass(frozen=True)
+class VolumeCreateArgs:
+    """vol-create-as in arguments rather than XML."""
+
+    name: str
+    capacity: int
+    allocation: int | None = None
+    format: str | None = None
+    backing_vol: str | None = None  # name in the same pool, key or path
+    backing_vol_format: str | None = None
+    prealloc_metadata: bool = False
+
+
+class Connection(abc.ABC):
+    """Pools, volumes and secrets of one host, embedded or remote."""
+
+    uri: str
+
+    # -- pools -----------------------------------------------------------------
+    @abc.abstractmethod
+    def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]: ...
+
+    @abc.abstractmethod
+    def pool_info(self, name: str) -> PoolInfo:
+        """Raises NoSuchPool."""
+
+    @abc.abstractmethod
+    def pool_lookup_by_uuid(self, uuid: str) -> str:
+        """Pool name for a UUID."""
+
+    @abc.abstractmethod
+    def pool_lookup_by_target_path(self, path: str) -> str: ...
+
+    @abc.abstractmethod
+    def pool_define_xml(self, xml: str) -> str:
+        """Define (or redefine) a persistent pool; returns its name."""
+
+    @abc.abstractmethod
+    def pool_create_xml(self, xml: str, *, build: bool = False,
+                        overwrite: bool | None = None) -> str:
+        """Create and start a transient pool; returns its name."""
+
+    @abc.abstractmethod
+    def pool_xml(self, name: str, *, inactive: bool = False) -> str: ...
+
+    @abc.abstractmethod
+    def pool_build(self, name: str, *, overwrite: bool | None = None) -> None:
+        """overwrite None: plain build; True: --overwrite; False: --no-overwrite."""
+
+    @abc.abstractmethod
+    def pool_start(self, name: str, *, build: bool = False,
+                   overwrite: bool | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def pool_stop(self, name: str) -> None:
+        """virsh pool-destroy: stop; a transient pool disappears."""
+
+    @abc.abstractmethod
+    def pool_delete(self, name: str) -> None:
+        """Remove the pool's storage (the directory); the pool must be inactive."""
+
+    @abc.abstractmethod
+    def pool_undefine(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def pool_refresh(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def pool_set_autostart(self, name: str, autostart: bool) -> None: ...
+
+    @abc.abstractmethod
+    def pool_capabilities_xml(self) -> str: ...
+
+    @abc.abstractmethod
+    def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
+        """Define the pools (and autostart marks) found in libvirt's config; names imported."""
+
+    # -- volumes ---------------------------------------------------------------
+    @abc.abstractmethod
+    def list_volumes(self, pool: str) -> list[VolumeInfo]:
+        """All volumes of an active pool from the index, in name order (one query)."""
+
+    @abc.abstractmethod
+    def volume_info(self, pool: str, name: str) -> VolumeInfo: ...
+
+    @abc.abstractmethod
+    def volume_lookup_by_key(self, key: str) -> VolumeInfo: ...
+
+    @abc.abstractmethod
+    def volume_lookup_by_path(self, path: str) -> VolumeInfo: ...
+
+    @abc.abstractmethod
+    def volume_xml(self, pool: str, name: str) -> str: ...
+
+    @abc.abstractmethod
+    def volume_create_xml(self, pool: str, xml: str, *, prealloc_metadata: bool = False) -> str:
+        """Create a volume from libvirt volume XML; returns its name."""
+
+    @abc.abstractmethod
+    def volume_create(self, pool: str, args: VolumeCreateArgs) -> str: ...
+
+    @abc.abstractmethod
+    def volume_delete(self, pool: str, name: str) -> None: ...
+
+    # -- secrets ---------------------------------------------------------------
+    @abc.abstractmethod
+    def secret_define_xml(self, xml: str) -> str:
+        """Define a secret; returns its UUID."""
+
+    @abc.abstractmethod
+    def list_secrets(self) -> list[SecretInfo]: ...
+
+    @abc.abstractmethod
+    def secret_info(self, uuid: str) -> SecretInfo: ...
+
+    @abc.abstractmethod
+    def secret_lookup_by_usage(self, usage_type: str, usage_id: str) -> str: ...
+
+    @abc.abstractmethod
+    def secret_xml(self, uuid: str) -> str: ...
+
+    @abc.abstractmethod
+    def secret_set_value(self, uuid: str, value: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def secret_get_value(self, uuid: str) -> bytes:
+        """Raises Forbidden for a private secret."""
+
+    @abc.abstractmethod
+    def secret_undefine(self, uuid: str) -> None: ...
+
+    # -- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        """Release resources; the default has none."""
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conveniences shared by both transports --------------------------------
+    def pool(self, name: str) -> Pool:
+        self.pool_info(name)
+        return Pool(self, name)
+
+    def volume_by_path_or_key(self, ident: str) -> VolumeInfo:
+        """virsh's rule for a volume given without --pool: a path or a key."""
+        try:
+            return self.volume_lookup_by_key(ident)
+        except Exception:
+            return self.volume_lookup_by_path(ident)
+
+
+class Pool:
+    """A handle on one pool by name."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+
+    def info(self) -> PoolInfo:
+        return self.conn.pool_info(self.name)
+
+    def xml(self, *, inactive: bool = False) -> str:
+        return self.conn.pool_xml(self.name, inactive=inactive)
+
+    def start(self, *, build: bool = False) -> None:
+        self.conn.pool_start(self.name, build=build)
+
+    def stop(self) -> None:
+        self.conn.pool_stop(self.name)
+
+    def refresh(self) -> None:
+        self.conn.pool_refresh(self.name)
+
+    def volumes(self) -> list[VolumeInfo]:
+        return self.conn.list_volumes(self.name)
+
+    def volume(self, name: str) -> VolumeInfo:
+        return self.conn.volume_info(self.name, name)
+
+    def create_volume(self, name: str, capacity: int, **kw: Any) -> VolumeInfo:
+        made = self.conn.volume_create(self.name, VolumeCreateArgs(name, capacity, **kw))
+        return self.conn.volume_info(self.name, made)
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name!r}>"
+
+
+def default_root() -> str:
+    """State root: VIRTSTORE_ROOT, else /var/lib/virtstore for root, else the XDG data dir."""
+    env = os.environ.get("VIRTSTORE_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/virtstore"
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                          "share")
+    return os.path.join(xdg, "virtstore")
+
+
+def open_connection(uri: str | None = None, *, root: str | None = None) -> Connection:
+    uri = uri or os.environ.get("VIRTSTORE_DEFAULT_URI") or None
+    if uri in (None, "", "embedded://", "embedded:///"):
+        from virtstore.engine.connection import EmbeddedConnection
+
+        return EmbeddedConnection(root or default_root())
+    raise InvalidArgument(f"unsupported connection URI '{uri}': only the embedded engine "
+                          "(no URI) is available in this version")
