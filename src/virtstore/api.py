@@ -220,7 +220,7 @@ class Connection(abc.ABC):
     def secret_undefine(self, uuid: str) -> None: ...
 
     # -- lifetime --------------------------------------------------------------
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release resources; the default has none."""
 
     def __enter__(self) -> Connection:
