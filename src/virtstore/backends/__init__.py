@@ -1,0 +1,24 @@
+"""Pool backends, one module per pool type, looked up by type name."""
+
+from __future__ import annotations
+
+from virtstore.backends.base import Backend, UnavailableBackend
+
+POOL_TYPES = ("dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi",
+              "mpath", "rbd", "gluster", "zfs", "vstorage")
+
+_cache: dict[str, Backend] = {}
+
+
+def backend_for(pool_type: str) -> Backend:
+    """The backend of a pool type; types without one yet get an 'unsupported' stand-in."""
+    be = _cache.get(pool_type)
+    if be is None:
+        if pool_type == "dir":
+            from virtstore.backends.dir import DirBackend
+
+            be = DirBackend()
+        else:
+            be = UnavailableBackend(pool_type)
+        _cache[pool_type] = be
+    return be

@@ -1,0 +1,1 @@
+"""The embedded engine: state, lifecycle, locks, journal, behind api.Connection."""

@@ -1,0 +1,215 @@
+"""EmbeddedConnection: the engine in this process, on a state root shared with others."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from virtstore.api import (
+    Connection,
+    PoolFilter,
+    PoolInfo,
+    SecretInfo,
+    VolumeCreateArgs,
+    VolumeInfo,
+)
+from virtstore.backends import POOL_TYPES, backend_for
+from virtstore.engine import journal
+from virtstore.engine.files import boot_id
+from virtstore.engine.index import VolumeIndex
+from virtstore.engine.pools import PoolManager
+from virtstore.engine.secrets import SecretStore
+from virtstore.engine.state import StateRoot
+from virtstore.engine.volumes import VolumeManager
+from virtstore.errors import InvalidArgument, NoSuchPool, VirtstoreError
+
+log = logging.getLogger("virtstore")
+
+DEFAULT_POOL = "default"
+
+
+class EmbeddedConnection(Connection):
+    def __init__(self, root: str) -> None:
+        self.state = StateRoot(root)
+        self.uri = "embedded://" + self.state.root
+        self.index = VolumeIndex(self.state.store)
+        self.secrets = SecretStore(self.state.secrets_dir, self.state.store)
+        self.pools = PoolManager(self.state, self.index)
+        self.volumes = VolumeManager(self.state, self.index, self.secrets)
+        self._startup()
+
+    # -- start-up --------------------------------------------------------------
+    def _startup(self) -> None:
+        store = self.state.store
+        journal.recover(store, self._discard_leftover)
+        self.state.sync_definitions()
+        first_use = store.get_meta("initialized") is None
+        if first_use:
+            self._make_default_pool()
+        current = boot_id()
+        if store.get_meta("boot_id") != current:
+            # First process since the host booted: this is the engine's start.
+            store.set_meta("boot_id", current)
+            self.pools.on_host_start()
+        if first_use:
+            store.set_meta("initialized", "1")
+
+    def _discard_leftover(self, pool: str, name: str, tmp_path: str) -> None:
+        row = self.state.row(pool)
+        backend_for(row.type).discard_staging(tmp_path)
+
+    def _make_default_pool(self) -> None:
+        """A `default` dir pool, autostarted, as libvirt installs one."""
+        try:
+            self.state.row(DEFAULT_POOL)
+            return
+        except NoSuchPool:
+            pass
+        xml = (f"<pool type='dir'><name>{DEFAULT_POOL}</name><target>"
+               f"<path>{self.state.images_dir}</path></target></pool>")
+        try:
+            self.pools.define(xml)
+            self.pools.build(DEFAULT_POOL, overwrite=None)
+            self.state.set_autostart(DEFAULT_POOL, True)
+        except VirtstoreError as exc:
+            log.warning("could not set up the default pool: %s", exc)
+
+    def close(self) -> None:
+        self.state.store.close()
+
+    # -- pools -----------------------------------------------------------------
+    def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]:
+        pools = self.pools.list()
+        return [p for p in pools if flt is None or flt.matches(p)]
+
+    def pool_info(self, name: str) -> PoolInfo:
+        return self.pools.info(name)
+
+    def pool_lookup_by_uuid(self, uuid: str) -> str:
+        return self.pools.by_uuid(uuid)
+
+    def pool_lookup_by_target_path(self, path: str) -> str:
+        return self.pools.by_target_path(path)
+
+    def pool_define_xml(self, xml: str) -> str:
+        return self.pools.define(xml)
+
+    def pool_create_xml(self, xml: str, *, build: bool = False,
+                        overwrite: bool | None = None) -> str:
+        return self.pools.create(xml, build=build, overwrite=overwrite)
+
+    def pool_xml(self, name: str, *, inactive: bool = False) -> str:
+        return self.pools.xml(name, inactive=inactive)
+
+    def pool_build(self, name: str, *, overwrite: bool | None = None) -> None:
+        self.pools.build(name, overwrite=overwrite)
+
+    def pool_start(self, name: str, *, build: bool = False,
+                   overwrite: bool | None = None) -> None:
+        self.pools.start(name, build=build, overwrite=overwrite)
+
+    def pool_stop(self, name: str) -> None:
+        self.pools.stop(name)
+
+    def pool_delete(self, name: str) -> None:
+        self.pools.delete(name)
+
+    def pool_undefine(self, name: str) -> None:
+        self.pools.undefine(name)
+
+    def pool_refresh(self, name: str) -> None:
+        self.pools.refresh(name)
+
+    def pool_set_autostart(self, name: str, autostart: bool) -> None:
+        self.pools.set_autostart(name, autostart)
+
+    def pool_capabilities_xml(self) -> str:
+        from virtstore.xml import default_pool_type_caps, pool_capabilities_xml
+
+        entries = []
+        for caps in default_pool_type_caps():
+            if caps.type in POOL_TYPES:
+                caps.supported = backend_for(caps.type).host_problem() is None
+            entries.append(caps)
+        return pool_capabilities_xml(entries)
+
+    def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
+        if not os.path.isdir(config_dir):
+            raise InvalidArgument(f"cannot read libvirt storage config: '{config_dir}' "
+                                  "is not a directory")
+        imported: list[str] = []
+        for fn in sorted(os.listdir(config_dir)):
+            path = os.path.join(config_dir, fn)
+            if not fn.endswith(".xml") or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as fh:
+                data = fh.read()
+            try:
+                name = self.pools.define(data.decode("utf-8"))
+            except VirtstoreError as exc:
+                log.warning("not imported: %s: %s", path, exc)
+                continue
+            if os.path.lexists(os.path.join(config_dir, "autostart", fn)):
+                self.pools.set_autostart(name, True)
+            imported.append(name)
+        return imported
+
+    # -- volumes ---------------------------------------------------------------
+    def _require_active(self, pool: str) -> None:
+        row = self.state.row(pool)
+        if not row.active:
+            from virtstore.errors import OperationInvalid
+
+            raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                   f"'{pool}' is not active")
+
+    def list_volumes(self, pool: str) -> list[VolumeInfo]:
+        self._require_active(pool)
+        return self.index.list(pool)
+
+    def volume_info(self, pool: str, name: str) -> VolumeInfo:
+        self._require_active(pool)
+        return self.index.info(pool, name)
+
+    def volume_lookup_by_key(self, key: str) -> VolumeInfo:
+        return self.index.by_key(key)
+
+    def volume_lookup_by_path(self, path: str) -> VolumeInfo:
+        return self.index.by_path(path)
+
+    def volume_xml(self, pool: str, name: str) -> str:
+        return self.volumes.xml(pool, name)
+
+    def volume_create_xml(self, pool: str, xml: str, *, prealloc_metadata: bool = False) -> str:
+        return self.volumes.create_xml(pool, xml, prealloc_metadata=prealloc_metadata)
+
+    def volume_create(self, pool: str, args: VolumeCreateArgs) -> str:
+        return self.volumes.create_args(pool, args)
+
+    def volume_delete(self, pool: str, name: str) -> None:
+        self.volumes.delete(pool, name)
+
+    # -- secrets ---------------------------------------------------------------
+    def secret_define_xml(self, xml: str) -> str:
+        return self.secrets.define(xml)
+
+    def list_secrets(self) -> list[SecretInfo]:
+        return self.secrets.list()
+
+    def secret_info(self, uuid: str) -> SecretInfo:
+        return self.secrets.info(uuid)
+
+    def secret_lookup_by_usage(self, usage_type: str, usage_id: str) -> str:
+        return self.secrets.lookup_by_usage(usage_type, usage_id)
+
+    def secret_xml(self, uuid: str) -> str:
+        return self.secrets.xml(uuid)
+
+    def secret_set_value(self, uuid: str, value: bytes) -> None:
+        self.secrets.set_value(uuid, value)
+
+    def secret_get_value(self, uuid: str) -> bytes:
+        return self.secrets.get_value(uuid)
+
+    def secret_undefine(self, uuid: str) -> None:
+        self.secrets.undefine(uuid)

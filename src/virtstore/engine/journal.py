@@ -1,0 +1,65 @@
+"""The crash journal: what is in flight, so the next start can clean it up.
+
+An operation writes its staging name here in the same transaction that reserves the
+volume name. If the process dies, the row stays; the next process to open the state
+root sees its owner is gone, discards the staging object and frees the name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+
+from virtstore.engine.files import process_alive, process_start_time
+from virtstore.engine.store import Store
+
+log = logging.getLogger("virtstore")
+
+_SELF_START = process_start_time(os.getpid()) or "?"
+
+
+def begin(db: sqlite3.Connection, op: str, pool: str, name: str, tmp_path: str | None,
+          final_path: str | None) -> int:
+    pid = os.getpid()
+    start = process_start_time(pid) or _SELF_START
+    cur = db.execute("INSERT INTO journal(op, pool, name, tmp_path, final_path, pid, pid_start,"
+                     " started) VALUES(?,?,?,?,?,?,?,?)",
+                     (op, pool, name, tmp_path, final_path, pid, start, time.time()))
+    return int(cur.lastrowid or 0)
+
+
+def end(store: Store, entry: int) -> None:
+    with store.write() as db:
+        db.execute("DELETE FROM journal WHERE id=?", (entry,))
+
+
+def recover(store: Store, discard: Callable[[str, str, str], None]) -> list[str]:
+    """Clean up after operations whose process died; returns what was cleaned, for the log.
+
+    ``discard(pool, name, tmp_path)`` removes one staging object.
+    """
+    rows = store.query("SELECT * FROM journal")
+    dead = [r for r in rows if not process_alive(int(r["pid"]), str(r["pid_start"]))]
+    cleaned: list[str] = []
+    for r in dead:
+        with store.write() as db:
+            still = db.execute("SELECT id FROM journal WHERE id=?", (r["id"],)).fetchone()
+            if still is None:
+                continue  # another process got to it first
+            if r["tmp_path"]:
+                try:
+                    discard(r["pool"], r["name"], r["tmp_path"])
+                except Exception as exc:
+                    log.warning("could not remove leftover '%s': %s", r["tmp_path"], exc)
+                    continue
+            db.execute("DELETE FROM volumes WHERE pool=? AND name=? AND state!='ready'",
+                       (r["pool"], r["name"]))
+            db.execute("DELETE FROM journal WHERE id=?", (r["id"],))
+        what = (f"interrupted {r['op']} of volume '{r['name']}' in pool '{r['pool']}' "
+                f"(process {r['pid']}): removed '{r['tmp_path']}'")
+        log.warning("cleaned up %s", what)
+        cleaned.append(what)
+    return cleaned

@@ -1,0 +1,264 @@
+"""Pool lifecycle: define, create, build, start, stop, delete, undefine, refresh, autostart."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid as uuidlib
+
+from virtstore.api import POOL_INACTIVE, POOL_RUNNING, PoolInfo
+from virtstore.backends import backend_for
+from virtstore.backends.base import PoolSizes, Stamp
+from virtstore.engine.index import VolumeIndex
+from virtstore.engine.names import check_name
+from virtstore.engine.state import PoolRow, StateRoot
+from virtstore.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NoSuchPool,
+    OperationInvalid,
+    Unsupported,
+)
+from virtstore.xml import PoolDef, format_pool_xml, parse_pool_xml
+
+log = logging.getLogger("virtstore")
+
+
+def _clean_path(path: str | None) -> str | None:
+    if not path:
+        return path
+    return os.path.normpath(path) if path.startswith("/") else path
+
+
+class PoolManager:
+    def __init__(self, state: StateRoot, index: VolumeIndex) -> None:
+        self.state = state
+        self.index = index
+
+    # -- lookups ---------------------------------------------------------------
+    def info(self, name: str) -> PoolInfo:
+        return self._info(self.state.row(name))
+
+    def _info(self, row: PoolRow) -> PoolInfo:
+        sizes = PoolSizes()
+        if row.active:
+            sizes = backend_for(row.type).sizes(self.state.definition(row))
+        return PoolInfo(name=row.name, uuid=row.uuid, type=row.type,
+                        state=POOL_RUNNING if row.active else POOL_INACTIVE,
+                        persistent=row.persistent,
+                        autostart=row.persistent and self.state.is_autostart(row.name),
+                        capacity=sizes.capacity, allocation=sizes.allocation,
+                        available=sizes.available, target_path=row.target_path)
+
+    def list(self) -> list[PoolInfo]:
+        return [self._info(r) for r in self.state.rows()]
+
+    def by_uuid(self, uuid: str) -> str:
+        try:
+            key = str(uuidlib.UUID(uuid))
+        except ValueError:
+            key = uuid
+        r = self.state.store.query_one("SELECT name FROM pools WHERE uuid=?", (key,))
+        if r is None:
+            raise NoSuchPool(f"Storage pool not found: no storage pool with matching "
+                             f"uuid '{uuid}'")
+        return str(r["name"])
+
+    def by_target_path(self, path: str) -> str:
+        clean = _clean_path(path)
+        r = self.state.store.query_one("SELECT name FROM pools WHERE target_path=?", (clean,))
+        if r is None:
+            raise NoSuchPool(f"Storage pool not found: no storage pool with matching "
+                             f"target path '{path}'")
+        return str(r["name"])
+
+    def xml(self, name: str, *, inactive: bool = False) -> str:
+        row = self.state.row(name)
+        pool = self.state.definition(row, inactive=inactive)
+        if row.active and not inactive:
+            sizes = backend_for(row.type).sizes(pool)
+            pool.capacity, pool.allocation, pool.available = (
+                sizes.capacity, sizes.allocation, sizes.available)
+            return format_pool_xml(pool)
+        return format_pool_xml(pool, inactive=True)
+
+    # -- definitions -----------------------------------------------------------
+    def _parse_new(self, xml: str) -> PoolDef:
+        pool = parse_pool_xml(xml)
+        check_name(pool.name, "pool")
+        if not pool.uuid:
+            pool.uuid = str(uuidlib.uuid4())
+        pool.target.path = _clean_path(pool.target.path)
+        if pool.type == "dir" and not pool.target.path:
+            raise InvalidArgument("missing storage pool target path")
+        return pool
+
+    def _check_conflicts(self, pool: PoolDef) -> PoolRow | None:
+        """libvirt's duplicate rules; returns the existing row of the same pool, if any."""
+        same = None
+        for r in self.state.rows():
+            if r.name == pool.name:
+                if r.uuid != pool.uuid:
+                    raise AlreadyExists(f"operation failed: pool '{r.name}' already exists "
+                                        f"with uuid {r.uuid}")
+                same = r
+            elif r.uuid == pool.uuid:
+                raise AlreadyExists(f"operation failed: pool '{r.name}' is already defined "
+                                    f"with uuid {r.uuid}")
+            elif (pool.type in ("dir", "fs", "netfs") and r.type == pool.type
+                  and r.target_path and r.target_path == pool.target.path):
+                raise AlreadyExists(f"operation failed: Storage source conflict with pool: "
+                                    f"'{r.name}'")
+        return same
+
+    def define(self, xml: str) -> str:
+        pool = self._parse_new(xml)
+        with self.state.store.write() as db:
+            existing = self._check_conflicts(pool)
+            if existing is not None and existing.active and existing.type != pool.type:
+                raise OperationInvalid(f"pool '{pool.name}' is active: cannot change its type")
+            self.state.write_def_file(pool)
+            if existing is None:
+                db.execute("INSERT INTO pools(name, uuid, type, persistent, active, target_path)"
+                           " VALUES(?,?,?,1,0,?)",
+                           (pool.name, pool.uuid, pool.type, pool.target.path))
+            else:
+                # An active pool keeps its live definition until it is restarted.
+                db.execute("UPDATE pools SET persistent=1, type=?, target_path="
+                           "CASE WHEN active THEN target_path ELSE ? END WHERE name=?",
+                           (pool.type, pool.target.path, pool.name))
+        return pool.name
+
+    def create(self, xml: str, *, build: bool, overwrite: bool | None) -> str:
+        pool = self._parse_new(xml)
+        with self.state.store.write() as db:
+            if self._check_conflicts(pool) is not None:
+                raise AlreadyExists(f"operation failed: pool '{pool.name}' already exists "
+                                    f"with uuid {pool.uuid}")
+            db.execute("INSERT INTO pools(name, uuid, type, persistent, active, live_xml, "
+                       "target_path) VALUES(?,?,?,0,0,?,?)",
+                       (pool.name, pool.uuid, pool.type, format_pool_xml(pool, inactive=True),
+                        pool.target.path))
+        try:
+            self.start(pool.name, build=build, overwrite=overwrite)
+        except BaseException:
+            with self.state.store.write() as db:
+                db.execute("DELETE FROM pools WHERE name=? AND active=0", (pool.name,))
+            raise
+        return pool.name
+
+    def undefine(self, name: str) -> None:
+        with self.state.store.write() as db:
+            row = self.state.row(name)
+            if not row.persistent:
+                raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                       f"'{name}' is not persistent")
+            if row.active:
+                raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                       f"'{name}' is still active")
+            self.state.remove_def_file(name)
+            db.execute("DELETE FROM pools WHERE name=?", (name,))
+            db.execute("DELETE FROM volumes WHERE pool=?", (name,))
+
+    def set_autostart(self, name: str, on: bool) -> None:
+        with self.state.store.write():
+            row = self.state.row(name)
+            if not row.persistent:
+                raise OperationInvalid("Requested operation is not valid: cannot set "
+                                       "autostart for transient pool")
+            self.state.set_autostart(name, on)
+
+    # -- lifecycle -------------------------------------------------------------
+    def build(self, name: str, *, overwrite: bool | None) -> None:
+        row = self.state.row(name)
+        if row.active:
+            raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                   f"'{name}' is already active")
+        backend = backend_for(row.type)
+        if not backend.caps.build:
+            return  # libvirt: building a pool type with nothing to build succeeds
+        backend.build(self.state.definition(row), overwrite)
+
+    def start(self, name: str, *, build: bool = False, overwrite: bool | None = None) -> None:
+        row = self.state.row(name)
+        if row.active:
+            raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                   f"'{name}' is already active")
+        backend = backend_for(row.type)
+        problem = backend.host_problem()
+        if problem:
+            raise Unsupported(problem)
+        pool = self.state.definition(row)
+        if build and backend.caps.build:
+            backend.build(pool, overwrite)
+        backend.start(pool)
+        try:
+            self._scan_into_index(pool)
+        except BaseException:
+            backend.stop(pool)
+            raise
+        with self.state.store.write() as db:
+            cur = self.state.row(name)
+            if cur.active:
+                raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                       f"'{name}' is already active")
+            db.execute("UPDATE pools SET active=1, live_xml=?, target_path=? WHERE name=?",
+                       (format_pool_xml(pool, inactive=True), pool.target.path, name))
+
+    def stop(self, name: str) -> None:
+        with self.state.store.write() as db:
+            row = self.state.row(name)
+            if not row.active:
+                raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                       f"'{name}' is not active")
+            busy = db.execute("SELECT name FROM volumes WHERE pool=? AND state!='ready' LIMIT 1",
+                              (name,)).fetchone()
+            if busy is not None:
+                raise OperationInvalid(f"Requested operation is not valid: pool '{name}' "
+                                       f"has asynchronous jobs running (volume "
+                                       f"'{busy['name']}')")
+            backend_for(row.type).stop(self.state.definition(row))
+            if row.persistent:
+                db.execute("UPDATE pools SET active=0, live_xml=NULL WHERE name=?", (name,))
+            else:
+                db.execute("DELETE FROM pools WHERE name=?", (name,))
+                db.execute("DELETE FROM volumes WHERE pool=?", (name,))
+
+    def delete(self, name: str) -> None:
+        row = self.state.row(name)
+        if row.active:
+            raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                   f"'{name}' is still active")
+        backend = backend_for(row.type)
+        if not backend.caps.delete:
+            raise backend.unsupported("pool delete")
+        backend.delete(self.state.definition(row))
+
+    def refresh(self, name: str) -> None:
+        row = self.state.row(name)
+        if not row.active:
+            raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                   f"'{name}' is not active")
+        self._scan_into_index(self.state.definition(row))
+
+    def _scan_into_index(self, pool: PoolDef) -> None:
+        known: dict[str, Stamp] = self.index.stamps(pool.name)
+        result = backend_for(pool.type).scan(pool, known)
+        for name, why in result.skipped:
+            log.debug("pool %s: skipped '%s': %s", pool.name, name, why)
+        self.index.apply_scan(pool.name, known, result)
+
+    # -- host start ------------------------------------------------------------
+    def on_host_start(self) -> None:
+        """After a boot: nothing is running, transient pools are gone, autostart pools start."""
+        with self.state.store.write() as db:
+            db.execute("DELETE FROM volumes WHERE pool IN (SELECT name FROM pools "
+                       "WHERE persistent=0)")
+            db.execute("DELETE FROM pools WHERE persistent=0")
+            db.execute("UPDATE pools SET active=0, live_xml=NULL")
+        for row in self.state.rows():
+            if row.persistent and self.state.is_autostart(row.name):
+                try:
+                    self.start(row.name)
+                except Exception as exc:  # one broken pool must not stop the others
+                    log.warning("autostart of pool '%s' failed: %s", row.name, exc)

@@ -1,0 +1,139 @@
+"""The SQLite store shared by every process on one state root.
+
+Definitions stay libvirt XML files; this database holds what is not a definition: pool
+runtime state, the volume index (listings without a rescan), and the crash journal.
+WAL mode lets readers go on while one writer commits; ``BEGIN IMMEDIATE`` makes each
+mutation a short cross-process critical section, which is what keeps two CLI commands
+from creating the same volume name twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS pools(
+    name TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    persistent INTEGER NOT NULL,
+    active INTEGER NOT NULL DEFAULT 0,
+    live_xml TEXT,
+    target_path TEXT
+);
+CREATE TABLE IF NOT EXISTS volumes(
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    type TEXT NOT NULL,
+    format TEXT,
+    capacity INTEGER NOT NULL DEFAULT 0,
+    allocation INTEGER NOT NULL DEFAULT 0,
+    physical INTEGER NOT NULL DEFAULT 0,
+    backing_path TEXT,
+    backing_format TEXT,
+    compat TEXT,
+    cluster_size INTEGER,
+    lazy_refcounts INTEGER NOT NULL DEFAULT 0,
+    encryption TEXT,
+    mode INTEGER,
+    uid INTEGER,
+    gid INTEGER,
+    ino INTEGER,
+    size INTEGER,
+    mtime_ns INTEGER,
+    ctime_ns INTEGER,
+    atime_ns INTEGER,
+    state TEXT NOT NULL DEFAULT 'ready',
+    PRIMARY KEY(pool, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS volumes_key ON volumes(key);
+CREATE INDEX IF NOT EXISTS volumes_path ON volumes(path);
+CREATE TABLE IF NOT EXISTS journal(
+    id INTEGER PRIMARY KEY,
+    op TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    tmp_path TEXT,
+    final_path TEXT,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL,
+    started REAL NOT NULL
+);
+"""
+
+
+class Store:
+    """One SQLite connection per Store; a Store is used by one thread at a time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # isolation_level=None: we issue BEGIN ourselves, so the lock is taken up front.
+        self.db = sqlite3.connect(path, timeout=60.0, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._depth = 0
+        self.db.execute("PRAGMA busy_timeout=60000")
+        mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":  # e.g. a filesystem without shared memory: still correct, slower
+            self.db.execute("PRAGMA journal_mode=DELETE")
+        # NORMAL in WAL mode: a commit is durable at the next checkpoint; the index can be
+        # rebuilt by a refresh, so it does not need a sync per commit.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.write():
+            self.db.executescript(SCHEMA)
+            self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)",
+                            (str(SCHEMA_VERSION),))
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the database's write lock from its start."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self.db
+                finally:
+                    self._depth -= 1
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self.db
+            except BaseException:
+                self._depth = 0
+                self.db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            self.db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.db.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self.db.execute(sql, params).fetchone()
+            return row
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.query_one("SELECT value FROM meta WHERE key=?", (key,))
+        return None if row is None else str(row["value"])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.write() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,219 @@
+"""Volume operations: create (staged, journalled, published without replacing), delete, XML."""
+
+from __future__ import annotations
+
+import os
+import secrets as pysecrets
+
+from virtstore.api import VolumeCreateArgs
+from virtstore.backends import backend_for
+from virtstore.backends.base import Backend, CreateRequest, VolumeRecord
+from virtstore.engine import journal
+from virtstore.engine.index import VolumeIndex
+from virtstore.engine.names import check_name
+from virtstore.engine.secrets import SecretStore
+from virtstore.engine.state import StateRoot
+from virtstore.errors import (
+    AlreadyExists,
+    Busy,
+    InvalidArgument,
+    NoSuchVolume,
+    OperationInvalid,
+    Unsupported,
+)
+from virtstore.xml import (
+    BackingStore,
+    Permissions,
+    PoolDef,
+    Timestamps,
+    VolDef,
+    VolTarget,
+    format_volume_xml,
+    parse_volume_xml,
+)
+
+# Largest size we accept: what qemu-img and the kernel can address (2^63 - 1 bytes).
+MAX_SIZE = (1 << 63) - 1
+
+
+def _ts(ns: int) -> str:
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+class VolumeManager:
+    def __init__(self, state: StateRoot, index: VolumeIndex, secrets: SecretStore) -> None:
+        self.state = state
+        self.index = index
+        self.secrets = secrets
+
+    def _active_pool(self, name: str) -> tuple[PoolDef, Backend]:
+        row = self.state.row(name)
+        if not row.active:
+            raise OperationInvalid(f"Requested operation is not valid: storage pool "
+                                   f"'{name}' is not active")
+        return self.state.definition(row), backend_for(row.type)
+
+    # -- create ----------------------------------------------------------------
+    def create_xml(self, pool_name: str, xml: str, *, prealloc_metadata: bool) -> str:
+        pool, _ = self._active_pool(pool_name)
+        vol = parse_volume_xml(xml, pool, capacity_optional=True)
+        return self._create(pool_name, vol, prealloc_metadata=prealloc_metadata)
+
+    def create_args(self, pool_name: str, args: VolumeCreateArgs) -> str:
+        pool, backend = self._active_pool(pool_name)
+        vol = VolDef(name=args.name, capacity=args.capacity,
+                     allocation=args.allocation, allocation_given=args.allocation is not None,
+                     target=VolTarget(format=args.format))
+        if args.backing_vol:
+            path = self._resolve_backing(pool_name, args.backing_vol)
+            vol.backing_store = BackingStore(path=path, format=args.backing_vol_format)
+        return self._create(pool_name, vol, prealloc_metadata=args.prealloc_metadata)
+
+    def _resolve_backing(self, pool_name: str, ident: str) -> str:
+        """--backing-vol: a volume name in this pool, a key, or a path."""
+        try:
+            return self.index.info(pool_name, ident).path
+        except NoSuchVolume:
+            pass
+        try:
+            return self.index.by_key(ident).path
+        except NoSuchVolume:
+            pass
+        if os.path.isabs(ident) and os.path.exists(ident):
+            return os.path.normpath(ident)
+        raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
+                           f"name '{ident}'")
+
+    def _request(self, pool: PoolDef, backend: Backend, vol: VolDef,
+                 prealloc_metadata: bool) -> CreateRequest:
+        t = vol.target
+        fmt = t.format or backend.caps.default_vol_format or "raw"
+        if fmt not in backend.caps.vol_formats:
+            raise Unsupported(f"unsupported configuration: format '{fmt}' is not supported "
+                              f"by '{pool.type}' pools")
+        backing_path = backing_format = None
+        if vol.backing_store is not None and vol.backing_store.path:
+            if fmt in ("raw", "iso"):
+                raise Unsupported("unsupported configuration: backing storage not supported "
+                                  "for raw volumes")
+            backing_path = vol.backing_store.path
+            backing_format = vol.backing_store.format
+            if "://" not in backing_path and not os.path.exists(backing_path):
+                raise InvalidArgument(f"backing storage '{backing_path}' does not exist")
+            if backing_format is None and "://" not in backing_path:
+                from virtstore.formats.probe import probe_image
+
+                backing_format = probe_image(backing_path).format
+        capacity = vol.capacity
+        if capacity is None or not vol.capacity_given:
+            if backing_path is None or "://" in backing_path:
+                raise InvalidArgument("missing capacity for storage volume")
+            from virtstore.formats.probe import probe_image
+
+            capacity = probe_image(backing_path).virtual_size
+        if capacity < 0 or capacity > MAX_SIZE:
+            raise InvalidArgument(f"invalid capacity {capacity}: must be 0 to {MAX_SIZE} bytes")
+        allocation = vol.allocation if vol.allocation_given and vol.allocation is not None \
+            else capacity
+        if allocation < 0:
+            raise InvalidArgument("invalid allocation: must not be negative")
+        allocation = min(allocation, capacity)
+        if t.lazy_refcounts and t.compat == "0.10":
+            raise InvalidArgument("unsupported configuration: lazy_refcounts not supported "
+                                  "with compat level 0.10")
+        if t.lazy_refcounts and fmt == "qcow2" and not t.compat:
+            t.compat = "1.1"
+        secret = None
+        if t.encryption is not None:
+            enc = t.encryption
+            if enc.format != "luks":
+                raise Unsupported("unsupported configuration: creation of qcow/qcow2 files "
+                                  "with legacy encryption is not supported")
+            if fmt not in ("raw", "luks", "qcow2"):
+                raise Unsupported(f"unsupported configuration: LUKS encryption is not "
+                                  f"supported for format '{fmt}'")
+            if not enc.secrets:
+                raise InvalidArgument("missing encryption secret for LUKS volume")
+            s = enc.secrets[0]
+            uuid = s.uuid or self.secrets.lookup_by_usage("volume", s.usage or "")
+            secret = self.secrets.get_value(uuid, internal=True)
+            if fmt == "raw":
+                fmt = "luks"
+        return CreateRequest(vol=vol, capacity=capacity, allocation=allocation, format=fmt,
+                             backing_path=backing_path, backing_format=backing_format,
+                             prealloc_metadata=prealloc_metadata, encryption_secret=secret)
+
+    def _create(self, pool_name: str, vol: VolDef, *, prealloc_metadata: bool) -> str:
+        pool, backend = self._active_pool(pool_name)
+        check_name(vol.name, "volume")
+        if not backend.caps.vol_create:
+            raise backend.unsupported("volume creation")
+        req = self._request(pool, backend, vol, prealloc_metadata)
+        final = backend.volume_path(pool, vol.name)
+        staging = backend.staging_path(pool, pysecrets.token_hex(8))
+        with self.state.store.write() as db:
+            if not self.index.reserve(db, pool_name, vol.name, final, backend.caps.volume_type):
+                raise AlreadyExists(f"storage volume '{vol.name}' exists already")
+            if backend.caps.file_based and os.path.lexists(final):
+                db.execute("DELETE FROM volumes WHERE pool=? AND name=? AND state='creating'",
+                           (pool_name, vol.name))
+                raise AlreadyExists(f"Requested operation is not valid: volume target path "
+                                    f"'{final}' already exists")
+            entry = journal.begin(db, "create", pool_name, vol.name, staging, final)
+        try:
+            backend.create_volume(pool, staging, req)
+            backend.commit_volume(pool, staging, final)
+        except BaseException:
+            try:
+                backend.discard_staging(staging)
+            finally:
+                self.index.remove(pool_name, vol.name)
+                journal.end(self.state.store, entry)
+            raise
+        rec = backend.read_volume(pool, vol.name)
+        if rec is not None:
+            self.index.publish(pool_name, rec)
+        journal.end(self.state.store, entry)
+        return vol.name
+
+    # -- delete ----------------------------------------------------------------
+    def delete(self, pool_name: str, name: str) -> None:
+        pool, backend = self._active_pool(pool_name)
+        rec = self.index.get(pool_name, name)
+        if not backend.caps.vol_delete:
+            raise backend.unsupported("volume deletion")
+        with self.state.store.write() as db:
+            cur = db.execute("UPDATE volumes SET state='deleting' WHERE pool=? AND name=? AND "
+                             "state='ready'", (pool_name, name))
+            if cur.rowcount != 1:
+                raise Busy(f"volume '{name}' is in use by another operation")
+            entry = journal.begin(db, "delete", pool_name, name, None, rec.path)
+        try:
+            backend.delete_volume(pool, rec)
+        except BaseException:
+            self.index.set_state(pool_name, name, "ready", expect="deleting")
+            journal.end(self.state.store, entry)
+            raise
+        self.index.remove(pool_name, name)
+        journal.end(self.state.store, entry)
+
+    # -- XML -------------------------------------------------------------------
+    def xml(self, pool_name: str, name: str) -> str:
+        pool, _ = self._active_pool(pool_name)
+        rec = self.index.get(pool_name, name)
+        return format_volume_xml(self.to_def(rec), pool)
+
+    @staticmethod
+    def to_def(rec: VolumeRecord) -> VolDef:
+        target = VolTarget(path=rec.path, format=rec.format,
+                           permissions=Permissions(mode=rec.mode, owner=rec.uid, group=rec.gid),
+                           compat=rec.compat if rec.format == "qcow2" else None,
+                           lazy_refcounts=rec.lazy_refcounts)
+        if rec.mtime_ns:
+            target.timestamps = Timestamps(atime=_ts(rec.atime_ns), mtime=_ts(rec.mtime_ns),
+                                           ctime=_ts(rec.ctime_ns), btime="0")
+        vol = VolDef(name=rec.name, type=rec.type, key=rec.key, capacity=rec.capacity,
+                     allocation=rec.allocation, physical=rec.physical, target=target)
+        if rec.backing_path:
+            vol.backing_store = BackingStore(path=rec.backing_path, format=rec.backing_format)
+        return vol

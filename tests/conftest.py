@@ -1,0 +1,63 @@
+"""Shared fixtures: a fresh state root per test, real directories, real tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from virtstore.engine.connection import EmbeddedConnection
+
+REPO = Path(__file__).resolve().parent.parent
+CONFORMANCE = Path(os.environ.get("VIRTSTORE_CONFORMANCE",
+                                  REPO.parent / "shared" / "conformance" / "libvirt"))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "state"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def conn(root: Path) -> Iterator[EmbeddedConnection]:
+    c = EmbeddedConnection(str(root))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def pooldir(tmp_path: Path) -> Path:
+    d = tmp_path / "pool"
+    d.mkdir()
+    return d
+
+
+def dir_pool_xml(name: str, path: Path | str, uuid: str | None = None) -> str:
+    u = f"<uuid>{uuid}</uuid>" if uuid else ""
+    return (f"<pool type='dir'><name>{name}</name>{u}<target><path>{path}</path>"
+            f"</target></pool>")
+
+
+@pytest.fixture
+def pool(conn: EmbeddedConnection, pooldir: Path) -> str:
+    conn.pool_define_xml(dir_pool_xml("p", pooldir))
+    conn.pool_start("p")
+    return "p"
+
+
+def qemu_info(path: Path | str) -> dict[str, object]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    info: dict[str, object] = json.loads(out)
+    return info
+
+
+requires_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
+                                       reason="qemu-img (Debian qemu-utils) is not installed")
