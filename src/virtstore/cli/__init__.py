@@ -1,0 +1,1 @@
+"""The ``virtstore`` command line: virsh's storage commands over the Connection API."""

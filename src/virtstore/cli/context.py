@@ -1,0 +1,66 @@
+"""What every command gets: the connection (opened on first use), output, quiet mode."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from virtstore.api import Connection
+
+
+class Context:
+    def __init__(self, *, uri: str | None = None, root: str | None = None, quiet: bool = False,
+                 out: TextIO | None = None) -> None:
+        self.uri = uri
+        self.root = root
+        self.quiet = quiet
+        self.out = out if out is not None else sys.stdout
+        self._conn: Connection | None = None
+        # virsh ends every command's output with an empty line unless -q; commands
+        # whose output is meant for programs (JSON, a bare secret value) turn it off.
+        self.trailer = True
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            import virtstore
+
+            self._conn = virtstore.connect(self.uri, root=self.root)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def print(self, text: str = "") -> None:
+        """Command output proper: always printed."""
+        self.out.write(text + "\n")
+
+    def extra(self, text: str) -> None:
+        """Chatter (success messages, table headers): silenced by -q, as virsh does."""
+        if not self.quiet:
+            self.out.write(text + "\n")
+
+    def json(self, value: object) -> None:
+        import json
+
+        self.out.write(json.dumps(value, indent=2) + "\n")
+        self.trailer = False
+
+    def warn(self, text: str) -> None:
+        sys.stderr.write(f"warning: {text}\n")
+
+
+def read_text_file(path: str) -> str:
+    """An XML file named on the command line, with virsh's message when it cannot be read."""
+    from virtstore.errors import InvalidArgument
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as err:
+        raise InvalidArgument(f"Failed to open file '{path}': {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(f"Failed to read file '{path}': {err}") from None

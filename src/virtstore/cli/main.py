@@ -1,0 +1,196 @@
+"""``virtstore``: virsh's storage commands (pool-*, vol-*, secret-*) over a Connection.
+
+Start-up time is part of every command's time, so this module and the command
+tables import only the standard library's core; each command imports what it needs
+(the engine, lxml, json) when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from virtstore.cli.parser import Command
+
+PROG = "virtstore"
+
+# Command groups in the order help lists them, with virsh's help keywords.
+GROUPS = (("Storage Pool", "pool"), ("Storage Volume", "volume"), ("Secret", "secret"))
+
+USAGE = f"""\
+{PROG} [options]... <command> [args...]
+
+  options:
+    -c | --connect=URI      connection URI (default: the embedded engine)
+         --root=DIR         state directory of the embedded engine
+                            (default: $VIRTSTORE_ROOT, /var/lib/virtstore as root,
+                            the XDG data directory otherwise)
+    -h | --help             this help
+    -q | --quiet            quiet mode
+    -v | --version          version
+"""
+
+
+def commands() -> dict[str, Command]:
+    from virtstore.cli import pool_cmds, secret_cmds, vol_cmds
+
+    table = {}
+    for module in (pool_cmds, vol_cmds, secret_cmds):
+        for cmd in module.COMMANDS:
+            table[cmd.name] = cmd
+    return table
+
+
+def _group_listing(cmds: dict[str, Command], group: str, keyword: str, *,
+                   colon: bool = True) -> str:
+    lines = [f" {group} (help keyword '{keyword}'){':' if colon else ''}"]
+    for cmd in sorted((c for c in cmds.values() if c.group == group), key=lambda c: c.name):
+        lines.append(f"    {cmd.name:<30} {cmd.summary}")
+    return "\n".join(lines) + "\n"
+
+
+def help_all(cmds: dict[str, Command]) -> str:
+    parts = ["Grouped commands:\n"]
+    parts += [_group_listing(cmds, g, k) for g, k in GROUPS]
+    parts.append(" Virtstore itself (help keyword 'virtstore'):\n"
+                 f"    {'help':<30} print help\n")
+    return "\n".join(parts)
+
+
+def usage(cmds: dict[str, Command]) -> str:
+    parts = [USAGE, "  commands (non interactive mode):\n"]
+    parts += [_group_listing(cmds, g, k, colon=False) for g, k in GROUPS]
+    return "\n".join(parts)
+
+
+def help_command(cmds: dict[str, Command], topic: str | None) -> str:
+    from virtstore.cli.parser import help_text
+    from virtstore.errors import InvalidArgument
+
+    if not topic:
+        return help_all(cmds)
+    if topic in cmds:
+        return help_text(cmds[topic])
+    for group, keyword in GROUPS:
+        if topic in (group, keyword):
+            return _group_listing(cmds, group, keyword)
+    raise InvalidArgument(f"command or command group '{topic}' doesn't exist")
+
+
+class _GlobalOptions:
+    def __init__(self) -> None:
+        self.uri: str | None = None
+        self.root: str | None = None
+        self.quiet = False
+        self.help = False
+        self.version = False
+
+
+def parse_global(argv: Sequence[str]) -> tuple[_GlobalOptions, list[str]]:
+    """Options before the command name, as virsh takes them; the rest is the command."""
+    from virtstore.errors import InvalidArgument
+
+    opts = _GlobalOptions()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            if arg == "--":
+                i += 1
+            break
+        i += 1
+        if arg.startswith("--"):
+            name, eq, inline = arg.partition("=")
+        else:  # -cURI as well as -c URI
+            name, inline = arg[:2], arg[2:]
+            eq = "=" if inline else ""
+        if name in ("-c", "--connect", "--root"):
+            if eq:
+                value = inline
+            elif i < len(argv):
+                value = argv[i]
+                i += 1
+            else:
+                raise InvalidArgument(f"option '{name}' requires an argument")
+            if name == "--root":
+                opts.root = value
+            else:
+                opts.uri = value
+        elif arg in ("-q", "--quiet"):
+            opts.quiet = True
+        elif arg in ("-h", "--help"):
+            opts.help = True
+        elif arg in ("-v", "-V", "--version", "--version=short", "--version=long"):
+            opts.version = True
+        else:
+            raise InvalidArgument(f"unsupported option '{arg}'. See --help.")
+    return opts, list(argv[i:])
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run one command line; raises VirtstoreError for the caller to report."""
+    from virtstore.cli.context import Context
+    from virtstore.cli.parser import help_text, parse
+    from virtstore.errors import InvalidArgument
+
+    opts, rest = parse_global(argv)
+    if opts.version:
+        from virtstore import __version__
+
+        sys.stdout.write(f"{__version__}\n")
+        return 0
+    cmds = commands()
+    if opts.help or not rest:
+        sys.stdout.write(usage(cmds))
+        return 0
+    name, cmd_argv = rest[0], rest[1:]
+    if name == "help":
+        if len(cmd_argv) > 1:
+            raise InvalidArgument(f"unexpected data '{cmd_argv[1]}'")
+        sys.stdout.write(help_command(cmds, cmd_argv[0] if cmd_argv else None))
+        return 0
+    cmd = cmds.get(name)
+    if cmd is None:
+        raise InvalidArgument(f"unknown command: '{name}'")
+    if "--help" in cmd_argv[:cmd_argv.index("--") if "--" in cmd_argv else None]:
+        sys.stdout.write(help_text(cmd))
+        return 0
+    args = parse(cmd, cmd_argv)
+    ctx = Context(uri=opts.uri, root=opts.root, quiet=opts.quiet)
+    try:
+        status = cmd.run(ctx, args) or 0
+    finally:
+        ctx.close()
+    if ctx.trailer and not ctx.quiet:
+        ctx.out.write("\n")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from virtstore.errors import VirtstoreError
+
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        status = run(argv)
+        sys.stdout.flush()
+        return status
+    except VirtstoreError as err:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``virtstore vol-list p | head``): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
