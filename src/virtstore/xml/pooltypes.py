@@ -1,0 +1,88 @@
+"""What each pool type's XML holds: libvirt's poolTypeInfo table, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Flag, auto
+
+
+class Src(Flag):
+    """Source elements a pool type uses (required ones are checked by the parser)."""
+
+    NONE = 0
+    HOST = auto()
+    DEVICE = auto()
+    DIR = auto()
+    ADAPTER = auto()
+    NAME = auto()
+    INITIATOR_IQN = auto()
+    NETWORK = auto()  # no local target: rbd, gluster, iscsi-direct
+
+
+FS_FORMATS = ("auto", "ext2", "ext3", "ext4", "ufs", "iso9660", "udf", "gfs", "gfs2",
+              "vfat", "hfs+", "xfs", "ocfs2", "vmfs")
+NETFS_FORMATS = ("auto", "nfs", "glusterfs", "cifs")
+DISK_FORMATS = ("unknown", "dos", "dvh", "gpt", "mac", "bsd", "pc98", "sun", "lvm2")
+LOGICAL_FORMATS = ("unknown", "lvm2")
+
+# virStorageFileFormat in enum order; "none" is listed but never accepted as input.
+FILE_VOL_FORMATS = ("none", "raw", "dir", "bochs", "cloop", "dmg", "iso", "vpc", "vdi",
+                    "fat", "vhd", "ploop", "cow", "qcow", "qcow2", "qed", "vmdk")
+DISK_VOL_FORMATS = ("none", "linux", "fat16", "fat32", "linux-swap", "linux-lvm",
+                    "linux-raid", "extended")
+
+FS_NS = "http://libvirt.org/schemas/storagepool/fs/1.0"
+RBD_NS = "http://libvirt.org/schemas/storagepool/rbd/1.0"
+
+
+@dataclass(frozen=True)
+class PoolType:
+    name: str
+    flags: Src
+    pool_formats: tuple[str, ...] = ()
+    default_pool_format: str | None = None
+    vol_formats: tuple[str, ...] = ()
+    # libvirt lists rbd's volume formats as empty yet parses any file format there.
+    vol_formats_listed: bool = True
+    default_vol_format: str | None = None
+    default_vol_type: str = "file"
+    namespace: tuple[str, str] | None = None  # (prefix, href) of the backend options
+
+    @property
+    def has_target(self) -> bool:
+        return not self.flags & Src.NETWORK
+
+    def accepts_vol_format(self, fmt: str) -> bool:
+        if self.vol_formats is FILE_VOL_FORMATS and fmt == "none":
+            return False
+        return fmt in self.vol_formats
+
+
+POOL_TYPES: dict[str, PoolType] = {t.name: t for t in (
+    PoolType("dir", Src.NONE, vol_formats=FILE_VOL_FORMATS, default_vol_format="raw"),
+    PoolType("fs", Src.DEVICE, FS_FORMATS, "auto", FILE_VOL_FORMATS,
+             default_vol_format="raw", namespace=("fs", FS_NS)),
+    PoolType("netfs", Src.HOST | Src.DIR, NETFS_FORMATS, "auto", FILE_VOL_FORMATS,
+             default_vol_format="raw", namespace=("fs", FS_NS)),
+    PoolType("logical", Src.NAME | Src.DEVICE, LOGICAL_FORMATS, "lvm2",
+             default_vol_type="block"),
+    PoolType("disk", Src.DEVICE, DISK_FORMATS, "unknown", DISK_VOL_FORMATS,
+             default_vol_format="none", default_vol_type="block"),
+    PoolType("iscsi", Src.HOST | Src.DEVICE | Src.INITIATOR_IQN, default_vol_type="block"),
+    PoolType("iscsi-direct", Src.HOST | Src.DEVICE | Src.NETWORK | Src.INITIATOR_IQN,
+             default_vol_type="network"),
+    PoolType("scsi", Src.ADAPTER, default_vol_type="block"),
+    PoolType("mpath", Src.NONE, default_vol_type="block"),
+    PoolType("rbd", Src.HOST | Src.NETWORK | Src.NAME, vol_formats=FILE_VOL_FORMATS,
+             vol_formats_listed=False, default_vol_format="raw",
+             default_vol_type="network", namespace=("rbd", RBD_NS)),
+    PoolType("gluster", Src.HOST | Src.NETWORK | Src.NAME | Src.DIR,
+             vol_formats=FILE_VOL_FORMATS, default_vol_format="raw",
+             default_vol_type="network"),
+    PoolType("zfs", Src.NAME | Src.DEVICE, default_vol_type="block"),
+    PoolType("vstorage", Src.NAME, vol_formats=FILE_VOL_FORMATS, default_vol_format="raw"),
+)}
+
+VOL_TYPES = ("file", "block", "dir", "network", "netdir", "ploop")
+
+REMOVED_POOL_TYPES = {"sheepdog": "removed in libvirt 8.8"}
