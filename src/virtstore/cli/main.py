@@ -151,12 +151,14 @@ def run(argv: Sequence[str]) -> int:
         if len(cmd_argv) > 1:
             raise InvalidArgument(f"unexpected data '{cmd_argv[1]}'")
         sys.stdout.write(help_command(cmds, cmd_argv[0] if cmd_argv else None))
+        if not opts.quiet:
+            sys.stdout.write("\n")
         return 0
     cmd = cmds.get(name)
     if cmd is None:
         raise InvalidArgument(f"unknown command: '{name}'")
     if "--help" in cmd_argv[:cmd_argv.index("--") if "--" in cmd_argv else None]:
-        sys.stdout.write(help_text(cmd))
+        sys.stdout.write(help_text(cmd) + ("" if opts.quiet else "\n"))
         return 0
     args = parse(cmd, cmd_argv)
     ctx = Context(uri=opts.uri, root=opts.root, quiet=opts.quiet)
