@@ -69,7 +69,6 @@ def secret_set_value(ctx: Context, args: Args) -> None:
         except OSError as err:
             raise InvalidArgument(f"Failed to open file '{path}': {err.strerror}") from None
     elif args.get("base64") is not None:
-        ctx.warn("Passing secret value as command-line argument is insecure!")
         data = args.req("base64").encode()
     elif args.flag("interactive") or sys.stdin.isatty():
         import getpass
@@ -83,6 +82,8 @@ def secret_set_value(ctx: Context, args: Args) -> None:
             data = base64.b64decode(data.strip(), validate=True)
         except (binascii.Error, ValueError):
             raise InvalidArgument("Invalid base64 data in secret value") from None
+    if args.get("base64") is not None:
+        ctx.warn("Passing secret value as command-line argument is insecure!")
     ctx.conn.secret_set_value(uuid, data)
     ctx.extra("Secret value set")
 
