@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from xml.sax.saxutils import escape
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virtstore.errors import XMLError
 from virtstore.xml import (
     PoolDef,
     PoolTarget,
+    VolDef,
+    format_pool_xml,
+    format_volume_xml,
     parse_pool_xml,
     parse_secret_xml,
     parse_volume_xml,
@@ -337,3 +343,31 @@ def test_validate_refuses_hostile_documents_too() -> None:
     refused(lambda: validate(BILLION_LAUGHS, "pool"), "not allowed")
     with pytest.raises(ValueError):
         validate(pool_doc(), "domain")
+
+
+# -- properties ------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=300))
+def test_any_name_round_trips_or_is_refused(name: str) -> None:
+    """Whatever a name holds, printing and re-reading it keeps it or refuses it cleanly."""
+    try:
+        doc = format_pool_xml(PoolDef(type="dir", name=name,
+                                      target=PoolTarget(path="/srv/p")))
+    except XMLError as err:
+        assert "\n" not in str(err)
+        refused(lambda: parse_volume_xml(vol_doc(escape(name)), DIR_POOL))
+        return
+    assert parse_pool_xml(doc).name == name
+    vol_doc_text = format_volume_xml(VolDef(name=name, capacity=1), DIR_POOL)
+    assert parse_volume_xml(vol_doc_text, DIR_POOL).name == name
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_never_escape_as_other_errors(data: bytes) -> None:
+    try:
+        parse_pool_xml(b"<pool type='dir'><name>" + data + b"</name>"
+                       b"<target><path>/p</path></target></pool>")
+    except XMLError as err:
+        assert "\n" not in str(err)

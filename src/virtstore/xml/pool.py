@@ -174,6 +174,7 @@ def format_pool_xml(pool: PoolDef, *, inactive: bool = False) -> str:
     allocation and available as 0 and no free extents (they are refresh results).
     """
     ptype = pool_type_info(pool.type)
+    check_name(pool.name, "pool")  # printing would silently drop control characters
     out = Writer()
     out.open(f"<pool type='{ptype.name}'{_namespace_attr(pool, ptype)}>")
     out.line(f"<name>{esc(pool.name)}</name>")

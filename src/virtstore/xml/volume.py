@@ -173,6 +173,7 @@ def _format_target(out: Writer, vt: VolTarget, ptype: PoolType) -> None:
 def format_volume_xml(vol: VolDef, pool: PoolDef) -> str:
     """Print a volume as libvirt's virStorageVolDefFormat does for a volume of ``pool``."""
     ptype = pool_type_info(pool.type)
+    check_name(vol.name, "volume")  # printing would silently drop control characters
     out = Writer()
     out.open(f"<volume type='{esc(vol.type or ptype.default_vol_type)}'>")
     out.line(f"<name>{esc(vol.name)}</name>")
