@@ -192,6 +192,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as err:
+        # e.g. a state root the user may not write: one line, like every other failure.
+        sys.stdout.flush()
+        where = f": '{err.filename}'" if err.filename else ""
+        sys.stderr.write(f"error: {err.strerror or err}{where}\n")
+        return 1
+    except Exception as err:
+        if os.environ.get("VIRTSTORE_DEBUG"):
+            raise
+        sys.stdout.flush()
+        detail = " ".join(str(err).split())
+        sys.stderr.write(f"error: internal error: {type(err).__name__}: {detail} "
+                         "(set VIRTSTORE_DEBUG=1 for the traceback)\n")
+        return 1
 
 
 if __name__ == "__main__":
