@@ -91,8 +91,10 @@ class Store:
         # NORMAL in WAL mode: a commit is durable at the next checkpoint; the index can be
         # rebuilt by a refresh, so it does not need a sync per commit.
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # executescript() commits on its own, so it runs outside write(); the statements
+        # are idempotent, which makes concurrent first opens safe.
+        self.db.executescript(SCHEMA)
         with self.write():
-            self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)",
                             (str(SCHEMA_VERSION),))
 
