@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -28,8 +29,12 @@ GiB = 1024 * MiB
 
 def vol_xml(name: str, capacity: str, fmt: str = "raw", extra: str = "",
             allocation: str | None = None) -> str:
+    """Capacity as '5G' becomes <capacity unit='G'>5</capacity>, as libvirt spells it."""
+    m = re.fullmatch(r"(\d+)([A-Za-z]+)", capacity)
+    cap = (f"<capacity unit='{m.group(2)}'>{m.group(1)}</capacity>" if m
+           else f"<capacity>{capacity}</capacity>")
     alloc = f"<allocation>{allocation}</allocation>" if allocation is not None else ""
-    return (f"<volume><name>{name}</name><capacity>{capacity}</capacity>{alloc}"
+    return (f"<volume><name>{name}</name>{cap}{alloc}"
             f"<target><format type='{fmt}'/>{extra}</target></volume>")
 
 
