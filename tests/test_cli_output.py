@@ -214,3 +214,34 @@ def test_help_imports_nothing_heavy(argv: tuple[str, ...]) -> None:
     mods = _imported_modules(*argv)
     assert "virtstore.cli.main" in mods
     assert not [m for m in mods if m.split(".")[0] in HEAVY or m in HEAVY]
+
+
+# -- *-dumpxml --xpath ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("expr", "wrap", "recording"), [
+    ("/pool/target", False, "xpath-target.txt"),
+    ("//path", True, "xpath-path-wrap.txt"),
+    ("/pool/@type", False, "xpath-attr.txt"),
+    ("/pool/@type", True, "xpath-attr-wrap.txt"),
+    ("//name/text()", False, "xpath-text.txt"),
+    ("/pool/*[self::name or self::uuid]", False, "xpath-two.txt"),
+])
+def test_xpath_output_matches_virsh(expr: str, wrap: bool, recording: str) -> None:
+    from virtstore.cli.xmlbuild import xpath_dump
+
+    doc = (VIRSH / "pool-dumpxml.xml").read_text()
+    # virsh's recording ends with its closing empty line
+    assert xpath_dump(doc, expr, wrap=wrap) + "\n" == (VIRSH / recording).read_text()
+
+
+@pytest.mark.parametrize("expr", ["string(/pool/name)", "count(//path)", "/pool[", ""])
+def test_xpath_refuses_what_virsh_refuses(expr: str) -> None:
+    from virtstore.cli.xmlbuild import xpath_dump
+
+    with pytest.raises(InvalidArgument, match=r"^Incorrect xpath"):
+        xpath_dump((VIRSH / "pool-dumpxml.xml").read_text(), expr)
+
+
+def test_xpath_is_not_positional() -> None:
+    with pytest.raises(InvalidArgument, match="unexpected data '/pool/name'"):
+        parse(CMDS["pool-dumpxml"], ["p1", "/pool/name"])

@@ -107,6 +107,12 @@ def test_dir_pool_lifecycle(cli: Cli, pool_dir: Path) -> None:
     xml = cli("pool-dumpxml", "images").out
     assert "<pool type='dir'>" in xml
     assert f"<path>{pool_dir}</path>" in xml
+    assert cli("pool-dumpxml", "images", "--xpath", "/pool/target/path").out == (
+        f"<path>{pool_dir}</path>\n\n")
+    assert cli("pool-dumpxml", "images", "--xpath", "/pool/@type", "--wrap").out == (
+        '<nodes type="dir"/>\n\n')
+    assert error_of(cli("pool-dumpxml", "images", "--xpath", "count(//path)", ok=False)) == (
+        "Incorrect xpath 'count(//path)'")
     assert cli("pool-refresh", "images").out == "Pool images refreshed\n\n"
 
     assert cli("pool-autostart", "images").out == "Pool images marked as autostarted\n\n"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from virtstore.api import Connection
+    from virtstore.cli.parser import Args
 
 
 class Context:
@@ -48,6 +49,16 @@ class Context:
 
         self.out.write(json.dumps(value, indent=2) + "\n")
         self.trailer = False
+
+    def dump_xml(self, xml: str, args: Args) -> None:
+        """A ``*-dumpxml`` result: the document, or what ``--xpath`` selects from it."""
+        expr = args.get("xpath")
+        if expr is None:
+            self.out.write(xml if xml.endswith("\n") else xml + "\n")
+            return
+        from virtstore.cli.xmlbuild import xpath_dump
+
+        self.out.write(xpath_dump(xml, expr, wrap=args.flag("wrap")))
 
     def warn(self, text: str) -> None:
         sys.stderr.write(f"warning: {text}\n")

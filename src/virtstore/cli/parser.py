@@ -45,6 +45,12 @@ class Command(NamedTuple):
     run: Callable[[Context, Args], int | None]
 
 
+XPATH_OPTS = (
+    Opt("xpath", "xpath expression to filter the XML document", positional=False),
+    Opt("wrap", "wrap xpath results in an common root element", flag=True),
+)
+
+
 class Args:
     """Parsed options of one command: strings, booleans and None for "not given"."""
 

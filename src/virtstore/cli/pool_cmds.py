@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from virtstore.cli.context import read_text_file
-from virtstore.cli.parser import Args, Command, Opt
+from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 if TYPE_CHECKING:
     from virtstore.api import PoolInfo
@@ -109,7 +109,7 @@ def pool_dumpxml(ctx: Context, args: Args) -> None:
 
     conn = ctx.conn
     xml = conn.pool_xml(pool_name(conn, args.req("pool")), inactive=args.flag("inactive"))
-    ctx.out.write(xml if xml.endswith("\n") else xml + "\n")
+    ctx.dump_xml(xml, args)
 
 
 def pool_uuid(ctx: Context, args: Args) -> None:
@@ -293,7 +293,8 @@ COMMANDS = (
             (POOL, Opt("bytes", "Return pool info in bytes", flag=True), JSON), pool_info),
     Command("pool-dumpxml", GROUP, "pool information in XML",
             "Output the pool information as an XML dump to stdout.",
-            (POOL, Opt("inactive", "show inactive defined XML", flag=True)), pool_dumpxml),
+            (POOL, Opt("inactive", "show inactive defined XML", flag=True), *XPATH_OPTS),
+            pool_dumpxml),
     Command("pool-define", GROUP,
             "define an inactive persistent storage pool or modify an existing persistent "
             "one from an XML file", "Define or modify a persistent storage pool.",

@@ -6,7 +6,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from virtstore.cli.context import read_text_file
-from virtstore.cli.parser import Args, Command, Opt
+from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 if TYPE_CHECKING:
     from virtstore.cli.context import Context
@@ -23,8 +23,7 @@ def secret_define(ctx: Context, args: Args) -> None:
 
 
 def secret_dumpxml(ctx: Context, args: Args) -> None:
-    xml = ctx.conn.secret_xml(args.req("secret"))
-    ctx.out.write(xml if xml.endswith("\n") else xml + "\n")
+    ctx.dump_xml(ctx.conn.secret_xml(args.req("secret")), args)
 
 
 def secret_undefine(ctx: Context, args: Args) -> None:
@@ -108,8 +107,8 @@ COMMANDS = (
             (Opt("file", "file containing secret attributes in XML", required=True),),
             secret_define),
     Command("secret-dumpxml", GROUP, "secret attributes in XML",
-            "Output attributes of a secret as an XML dump to stdout.", (SECRET,),
-            secret_dumpxml),
+            "Output attributes of a secret as an XML dump to stdout.",
+            (SECRET, *XPATH_OPTS), secret_dumpxml),
     Command("secret-set-value", GROUP, "set a secret value", "Set a secret value.",
             (SECRET, Opt("file", "read secret from file"),
              Opt("plain", "read the secret from file without converting from base64",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from virtstore.cli.parser import Args, Command, Opt
+from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 if TYPE_CHECKING:
     from virtstore.api import VolumeInfo
@@ -62,8 +62,7 @@ def vol_info(ctx: Context, args: Args) -> None:
 
 def vol_dumpxml(ctx: Context, args: Args) -> None:
     vol = _vol(ctx, args)
-    xml = ctx.conn.volume_xml(vol.pool, vol.name)
-    ctx.out.write(xml if xml.endswith("\n") else xml + "\n")
+    ctx.dump_xml(ctx.conn.volume_xml(vol.pool, vol.name), args)
 
 
 def vol_create(ctx: Context, args: Args) -> None:
@@ -144,8 +143,8 @@ COMMANDS = (
              Opt("physical", "return the physical size of the volume in allocation field",
                  flag=True), JSON), vol_info),
     Command("vol-dumpxml", GROUP, "vol information in XML",
-            "Output the vol information as an XML dump to stdout.", (VOL, POOL_OPT),
-            vol_dumpxml),
+            "Output the vol information as an XML dump to stdout.",
+            (VOL, POOL_OPT, *XPATH_OPTS), vol_dumpxml),
     Command("vol-create", GROUP, "create a vol from an XML file", "Create a vol.",
             (Opt("pool", "pool name", required=True),
              Opt("file", "file containing an XML vol description", required=True),

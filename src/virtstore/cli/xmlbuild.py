@@ -114,3 +114,49 @@ def volume_xml(name: str, capacity: int, *, allocation: int | None = None,
         if backing_format:
             E(backing, "format", type=backing_format)
     return format_libvirt(vol)
+
+
+def xpath_dump(xml: str, expr: str, *, wrap: bool = False) -> str:
+    """``*-dumpxml --xpath EXPR [--wrap]`` as virsh prints it.
+
+    Only node sets are results (virsh refuses ``string(...)`` and ``count(...)``):
+    elements are printed pretty, attributes as `` name="value"``, text as it is, one
+    per line; ``--wrap`` puts them all under one ``<nodes>`` element.
+    """
+    import copy
+
+    from lxml import etree
+
+    from virtstore.errors import InvalidArgument
+
+    parser = etree.XMLParser(remove_blank_text=True, resolve_entities=False, no_network=True)
+    doc = etree.fromstring(xml.encode(), parser)
+    try:
+        result = doc.xpath(expr)
+    except etree.XPathError:
+        raise InvalidArgument(f"Incorrect xpath '{expr}'") from None
+    if not isinstance(result, list):
+        raise InvalidArgument(f"Incorrect xpath '{expr}'")
+    if wrap:
+        nodes = etree.Element("nodes")
+        for item in result:
+            if isinstance(item, etree._Element):
+                nodes.append(copy.deepcopy(item))
+            elif getattr(item, "is_attribute", False):
+                nodes.set(str(getattr(item, "attrname", "")), str(item))
+            elif len(nodes):
+                nodes[-1].tail = (nodes[-1].tail or "") + str(item)
+            else:
+                nodes.text = (nodes.text or "") + str(item)
+        return etree.tostring(nodes, pretty_print=True, encoding="unicode")
+    lines = []
+    for item in result:
+        if isinstance(item, etree._Element):
+            lines.append(etree.tostring(item, pretty_print=True, with_tail=False,
+                                        encoding="unicode").rstrip("\n"))
+        elif getattr(item, "is_attribute", False):
+            value = str(item).replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+            lines.append(f' {getattr(item, "attrname", "")}="{value}"')
+        else:
+            lines.append(str(item))
+    return "".join(line + "\n" for line in lines)
