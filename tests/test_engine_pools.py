@@ -7,9 +7,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import dir_pool_xml
 from lxml import etree
 
+from conftest import dir_pool_xml
 from virtstore.api import PoolFilter
 from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import AlreadyExists, InvalidArgument, NoSuchPool, OperationInvalid, XMLError

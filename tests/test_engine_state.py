@@ -12,8 +12,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import dir_pool_xml
 
+from conftest import dir_pool_xml
 from virtstore.api import VolumeCreateArgs
 from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import AlreadyExists, Forbidden, NoSuchSecret

@@ -119,7 +119,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def start(self, pool: PoolDef) -> None: ...
 
-    def stop(self, pool: PoolDef) -> None:
+    def stop(self, pool: PoolDef) -> None:  # noqa: B027 - most pools have nothing to undo
         """Nothing to undo by default (a dir pool has nothing mounted)."""
 
     def delete(self, pool: PoolDef) -> None:

@@ -60,7 +60,7 @@ class VolumeManager:
         return self._create(pool_name, vol, prealloc_metadata=prealloc_metadata)
 
     def create_args(self, pool_name: str, args: VolumeCreateArgs) -> str:
-        pool, backend = self._active_pool(pool_name)
+        self._active_pool(pool_name)
         vol = VolDef(name=args.name, capacity=args.capacity,
                      allocation=args.allocation, allocation_given=args.allocation is not None,
                      target=VolTarget(format=args.format))
