@@ -28,7 +28,8 @@ def _import_libvirt() -> ModuleType | None:
         return None
     # Errors come back as exceptions; keep libvirt from also printing them to stderr.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    return libvirt
+    module: ModuleType = libvirt
+    return module
 
 
 def libvirtd_pids() -> set[int]:

@@ -24,8 +24,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # The helpers sit next to this file (bench/ is not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -286,9 +287,10 @@ def check_counts(report: Report, expected: int, vs: VirtstoreSide,
                  lvs: LibvirtSide | None) -> None:
     """Both sides must see every volume, or the comparison means little."""
     seen: dict[str, int | str] = {"expected": expected}
-    for side, count in (("virtstore", vs.count), ("libvirt", lvs.count if lvs else None)):
-        if count is None:
-            continue
+    counters: dict[str, Callable[[], int]] = {"virtstore": vs.count}
+    if lvs is not None:
+        counters["libvirt"] = lvs.count
+    for side, count in counters.items():
         try:
             seen[side] = count()
         except Exception as exc:
@@ -344,19 +346,21 @@ def create_xmls(count: int, fmt: str) -> list[str]:
     return [volume_xml(f"new{i:05d}.img", "raw", GiB, allocation=0) for i in range(count)]
 
 
+class Creator(Protocol):
+    def start_create_pool(self, path: Path) -> None: ...
+
+    def create(self, xmls: Sequence[str]) -> None: ...
+
+
 def bench_creates(report: Report, s: Settings, work: Path, vs: VirtstoreSide,
                   lvs: LibvirtSide | None) -> None:
     n = f"{s.creates:,}"
     qcow2 = report.add(Row(f"create {n} qcow2 1 GiB", "/s", "≥ 10×", 10.0))
     raw = report.add(Row(f"create {n} raw 1 GiB, alloc 0", "/s", "≥ 2×", 2.0))
-    sides: list[tuple[str, VirtstoreSide | LibvirtSide]] = [("virtstore", vs)]
+    sides: dict[str, Creator] = {"virtstore": vs}
     if lvs is not None:
-        sides.append(("libvirt", lvs))
-    for side, impl in sides:
-        def create(fmt: str, impl: VirtstoreSide | LibvirtSide = impl) -> float:
-            xmls = create_xmls(s.creates, fmt)
-            return rate(len(xmls), lambda: impl.create(xmls))
-
+        sides["libvirt"] = lvs
+    for side, impl in sides.items():
         try:
             impl.start_create_pool(work / f"{side}-create")
         except Exception as exc:
@@ -364,9 +368,14 @@ def bench_creates(report: Report, s: Settings, work: Path, vs: VirtstoreSide,
             for row in (qcow2, raw):
                 setattr(row, f"{side}_note", f"error: create pool: {exc}")
             continue
-        measure(qcow2, side, lambda create=create: create("qcow2"))
-        measure(raw, side, lambda create=create: create("raw"))
+        measure(qcow2, side, partial(create_rate, impl, s.creates, "qcow2"))
+        measure(raw, side, partial(create_rate, impl, s.creates, "raw"))
     report.add(check_qcow2_images(work / "virtstore-create", s.creates))
+
+
+def create_rate(impl: Creator, count: int, fmt: str) -> float:
+    xmls = create_xmls(count, fmt)
+    return rate(len(xmls), lambda: impl.create(xmls))
 
 
 def check_qcow2_images(path: Path, count: int) -> Row:
