@@ -181,10 +181,10 @@ def create_qcow2(target: str | int, size: int, *, cluster_size: int = 65536,
         header = header[:48] + struct.pack(">QI", cluster_size, table_clusters) + header[60:]
 
     pieces = [(0, header)]
-    table = bytearray(table_clusters * cluster_size)
+    table = bytearray(8 * (max(blocks) + 1))
     for index, cluster in blocks.items():
         struct.pack_into(">Q", table, index * 8, cluster * cluster_size)
-    pieces.append((cluster_size, bytes(table.rstrip(b"\0"))))
+    pieces.append((cluster_size, bytes(table)))
     per_block = cluster_size // 2
     one = b"\0\1"
     for index, cluster in sorted(blocks.items()):
