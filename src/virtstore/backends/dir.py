@@ -109,9 +109,11 @@ class DirBackend(Backend):
             sv = os.statvfs(self._target(pool))
         except OSError:
             return PoolSizes()
-        return PoolSizes(capacity=sv.f_frsize * sv.f_blocks,
-                         allocation=sv.f_frsize * (sv.f_blocks - sv.f_bfree),
-                         available=sv.f_frsize * sv.f_bavail)
+        # As libvirt counts it: free blocks including root's reserve (we run as root).
+        capacity = sv.f_frsize * sv.f_blocks
+        available = sv.f_frsize * sv.f_bfree
+        return PoolSizes(capacity=capacity, allocation=capacity - available,
+                         available=available)
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         target = self._target(pool)
