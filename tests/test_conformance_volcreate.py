@@ -47,8 +47,8 @@ def _argv_options(expected: str) -> dict[str, str]:
     for i, w in enumerate(words):
         if w == "-o":
             for kv in words[i + 1].split(","):
-                k, _, v = kv.partition("=")
-                opts[k] = v
+                k, eq, v = kv.partition("=")
+                opts[k] = v if eq else "on"  # a bare boolean option means on
         if w == "-f":
             opts["-f"] = words[i + 1]
         if w == "-b":
@@ -110,5 +110,15 @@ def test_vol_xml2argv_by_effect(conn: EmbeddedConnection, tmp_path: Path, pool_c
             assert spec["cipher-alg"] == opts["cipher-alg"]
             assert spec["ivgen-alg"] == opts["ivgen-alg"]
             assert spec["hash-alg"] == opts["hash-alg"]
+    if "encrypt.format" in opts or opts["-f"] == "luks":
+        # Encrypted images open only with the key: read through them with the secret.
+        driver, key = (("luks", "key-secret") if opts["-f"] == "luks"
+                       else ("qcow2", "encrypt.key-secret"))
+        read = subprocess.run(
+            ["qemu-io", "--object", f"secret,id=s0,data={SECRET_VALUE.decode()}",
+             "--image-opts", f"driver={driver},{key}=s0,file.filename={path}",
+             "-c", "read 0 512"], capture_output=True, text=True)
+        assert read.returncode == 0, read.stdout + read.stderr
+        return
     check = subprocess.run(["qemu-img", "check", "-U", str(path)], capture_output=True, text=True)
     assert check.returncode in (0, 63), check.stdout + check.stderr  # 63: format has no check

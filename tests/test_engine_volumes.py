@@ -238,10 +238,11 @@ def test_luks_volume_key_from_secret(conn: EmbeddedConnection, pool: str, pooldi
     # The image opens with the secret's value and not with another.
     driver = "luks" if fmt == "raw" else "qcow2"
     key = "key-secret" if fmt == "raw" else "encrypt.key-secret"
+
     def opens(pw: str) -> bool:
         return subprocess.run(
-            ["qemu-img", "info", "--object", f"secret,id=s0,data={pw}", "--image-opts",
-             f"driver={driver},{key}=s0,file.filename={path}"],
+            ["qemu-io", "--object", f"secret,id=s0,data={pw}", "--image-opts",
+             f"driver={driver},{key}=s0,file.filename={path}", "-c", "read 0 4096"],
             capture_output=True).returncode == 0
     assert opens("correct horse") and not opens("wrong")
     assert conn.volume_info(pool, "enc.img").capacity == 16 * MiB
