@@ -508,7 +508,7 @@ def describe(report: Report, s: Settings, lv: Libvirt | str) -> None:
                             capture_output=True, text=True, check=False).stdout.strip()
     report.meta.update({
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": platform.node(), "kernel": platform.release(),
+        "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "virtstore": virtstore.__version__,
         "commit": commit or None,
         "libvirt": lv.version() if isinstance(lv, Libvirt) else f"not available: {lv}",
@@ -516,10 +516,22 @@ def describe(report: Report, s: Settings, lv: Libvirt | str) -> None:
     })
 
 
+def note_busy_host(report: Report) -> None:
+    """Other work on the machine skews both columns; say so when there was some."""
+    cpus = os.cpu_count() or 1
+    before = report.meta["load_average_before"][0]
+    after = report.meta["load_average_after"][0]
+    # The benchmark keeps about one CPU busy itself; more than that is someone else.
+    if before > cpus / 2 or after > cpus:
+        report.notes.append(f"the host was busy (1-minute load average {before:.2f} before, "
+                            f"{after:.2f} after, {cpus} CPUs): timings are noisy")
+
+
 def run(args: argparse.Namespace, work: Path, lv: Libvirt | str) -> Report:
     s = Settings(volumes=args.volumes, creates=args.creates, lookups=args.lookups,
                  repeats=3, startup_runs=10, uri=args.uri)
     report = Report()
+    report.meta["load_average_before"] = os.getloadavg()
     describe(report, s, lv)
     if isinstance(lv, str):
         report.notes.append(f"libvirt not available: {lv}")
@@ -540,6 +552,8 @@ def run(args: argparse.Namespace, work: Path, lv: Libvirt | str) -> Report:
             step()
     finally:
         vs.close()
+    report.meta["load_average_after"] = os.getloadavg()
+    note_busy_host(report)
     if lvs is None:
         for row in report.rows:
             if row.libvirt is None and not row.libvirt_note:
