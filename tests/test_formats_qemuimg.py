@@ -15,6 +15,7 @@ import pytest
 
 from virtstore.errors import CommandFailed, InvalidArgument, NoSpace, Unsupported
 from virtstore.formats import qemuimg
+from virtstore.formats.native import create_natively
 from virtstore.formats.probe import probe_image
 from virtstore.formats.qcow2 import create_qcow2
 from virtstore.formats.qemuimg import Encryption, ImageOptions
@@ -320,3 +321,45 @@ def test_nocow_on_btrfs_and_not_elsewhere(tmp_path: Path) -> None:
         create_raw(str(path), 4 * MIB, nocow=True)
         out = subprocess.run(["lsattr", str(path)], capture_output=True, text=True).stdout
         assert "C" in out.split()[0]
+
+
+NATIVE_CASES = [
+    ImageOptions("qcow2", 10 * MIB),
+    ImageOptions("qcow2", 10 * MIB, compat="1.1", lazy_refcounts=True, cluster_size=4096),
+    ImageOptions("qcow2", None, backing_file="/dev/null", backing_format="raw"),
+    ImageOptions("qcow2", 10 * MIB, backing_file="/dev/null", backing_format="raw"),
+    ImageOptions("raw", 10 * MIB),
+    ImageOptions("raw", 10 * MIB, preallocation="falloc"),
+]
+
+
+@pytest.mark.parametrize("opts", NATIVE_CASES)
+def test_native_create_equals_qemu_img(tmp_path: Path, opts: ImageOptions) -> None:
+    q, n = tmp_path / "q", tmp_path / "n"
+    qemuimg.create(str(q), opts)
+    n.touch()
+    if opts.capacity is None:  # only qemu-img reads a backing file's size
+        assert not create_natively(str(n), opts)
+        return
+    assert create_natively(str(n), opts)
+    assert q.read_bytes() == n.read_bytes()
+    # Both sparse (qemu-img allocates one block to probe alignment) or both allocated.
+    allocated = [p.stat().st_blocks * 512 >= p.stat().st_size for p in (q, n)]
+    assert allocated[0] == allocated[1] == (opts.preallocation == "falloc")
+
+
+@pytest.mark.parametrize("opts", [
+    ImageOptions("qcow2", MIB, preallocation="metadata"),
+    ImageOptions("qcow2", MIB, compat="1.1", extended_l2=True),
+    ImageOptions("raw", MIB, preallocation="full"),
+    ImageOptions("luks", MIB, encryption=luks()),
+    ImageOptions("vmdk", MIB),
+])
+def test_native_create_declines(tmp_path: Path, opts: ImageOptions) -> None:
+    path = tmp_path / "x"
+    path.touch()
+    assert not create_natively(str(path), opts)
+    assert path.stat().st_size == 0
+    with pytest.raises(InvalidArgument):
+        create_natively(str(path), ImageOptions("qcow2", MIB, compat="0.10",
+                                                lazy_refcounts=True))
