@@ -246,3 +246,20 @@ def test_luks_volume_key_from_secret(conn: EmbeddedConnection, pool: str, pooldi
             capture_output=True).returncode == 0
     assert opens("correct horse") and not opens("wrong")
     assert conn.volume_info(pool, "enc.img").capacity == 16 * MiB
+
+
+@requires_qemu_img
+def test_qcow2_v3_details_in_xml_as_libvirt(conn: EmbeddedConnection, pool: str,
+                                            pooldir: Path) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "compat=1.1,lazy_refcounts=on,cluster_size=131072",
+                    str(pooldir / "v3.qcow2"), "10M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10",
+                    str(pooldir / "v2.qcow2"), "10M"], check=True)
+    conn.pool_refresh(pool)
+    v3 = etree.fromstring(conn.volume_xml(pool, "v3.qcow2").encode())
+    assert v3.findtext("target/compat") == "1.1"
+    assert v3.findtext("target/clusterSize") == "131072"
+    assert v3.find("target/features/lazy_refcounts") is not None
+    v2 = etree.fromstring(conn.volume_xml(pool, "v2.qcow2").encode())
+    assert v2.find("target/compat") is None and v2.find("target/features") is None

@@ -205,10 +205,13 @@ class VolumeManager:
 
     @staticmethod
     def to_def(rec: VolumeRecord) -> VolDef:
+        # libvirt reports compat, cluster size and features only for qcow2 v3 images.
+        v3 = rec.format == "qcow2" and rec.compat not in (None, "0.10")
         target = VolTarget(path=rec.path, format=rec.format,
                            permissions=Permissions(mode=rec.mode, owner=rec.uid, group=rec.gid),
-                           compat=rec.compat if rec.format == "qcow2" else None,
-                           lazy_refcounts=rec.lazy_refcounts)
+                           compat=rec.compat if v3 else None,
+                           cluster_size=rec.cluster_size if v3 else None,
+                           lazy_refcounts=rec.lazy_refcounts, has_features=v3)
         if rec.mtime_ns:
             target.timestamps = Timestamps(atime=_ts(rec.atime_ns), mtime=_ts(rec.mtime_ns),
                                            ctime=_ts(rec.ctime_ns), btime="0")
