@@ -11,9 +11,9 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
-from virtstore.errors import InvalidArgument
+from virtstore.errors import InvalidArgument, Unsupported
 
 # Pool states, as libvirt names them (virStoragePoolState).
 POOL_INACTIVE = "inactive"
@@ -64,6 +64,73 @@ class SecretInfo:
     description: str | None
     ephemeral: bool
     private: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Job states.
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+JOB_CANCELLED = "cancelled"
+JOB_FINAL = (JOB_DONE, JOB_FAILED, JOB_CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """Long work (clone, convert, wipe, upload, download, resize, build) and its progress."""
+
+    id: str
+    kind: str  # clone, create-from, resize, wipe, upload, download, build, ...
+    state: str
+    pool: str | None
+    volume: str | None
+    target_pool: str | None = None
+    target_volume: str | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate: float = 0.0  # bytes per second, averaged since the start
+    started: float | None = None
+    ended: float | None = None
+    error: str | None = None
+    error_code: str | None = None  # the VirtstoreError code of a failed job
+    bandwidth: int | None = None  # bytes per second, None: unlimited
+
+    @property
+    def finished(self) -> bool:
+        return self.state in JOB_FINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    pool: str
+    volume: str
+    name: str
+    kind: str  # internal (qcow2), external (qcow2 overlay), reflink, native
+    created: float
+    size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A lifecycle or progress event. ``kind``: pool, volume or job."""
+
+    id: int
+    time: float
+    kind: str
+    action: str  # defined, undefined, started, stopped, created, deleted, refreshed, progress,
+    # done, failed, cancelled
+    pool: str | None = None
+    name: str | None = None
+    job: JobInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,6 +285,84 @@ class Connection(abc.ABC):
 
     @abc.abstractmethod
     def secret_undefine(self, uuid: str) -> None: ...
+
+    # -- jobs and data operations ------------------------------------------------
+    # Not abstract: a transport without them answers "unsupported" rather than failing
+    # to instantiate.
+    def _missing(self, what: str) -> Unsupported:
+        return Unsupported(f"{what} is not supported by this connection")
+
+    def list_jobs(self, *, include_finished: bool = True) -> list[JobInfo]:
+        raise self._missing("jobs")
+
+    def job_info(self, job_id: str) -> JobInfo:
+        raise self._missing("jobs")
+
+    def job_wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
+        """Block until the job is finished (or the timeout passes); its latest state."""
+        raise self._missing("jobs")
+
+    def job_cancel(self, job_id: str) -> None:
+        raise self._missing("jobs")
+
+    def volume_clone(self, pool: str, name: str, new_name: str, *,
+                     target_pool: str | None = None, format: str | None = None,
+                     reflink: bool = False, linked: bool = False,
+                     prealloc_metadata: bool = False,
+                     bandwidth: int | None = None) -> JobInfo:
+        """vol-clone: copy a volume (converting if ``format`` differs); ``linked`` makes a
+        qcow2 overlay backed by the source instead of a copy."""
+        raise self._missing("volume clone")
+
+    def volume_create_from(self, pool: str, xml: str, src_pool: str, src_name: str, *,
+                           reflink: bool = False, prealloc_metadata: bool = False,
+                           bandwidth: int | None = None) -> JobInfo:
+        """vol-create-from: a new volume as the XML says, filled from another volume."""
+        raise self._missing("volume create-from")
+
+    def volume_resize(self, pool: str, name: str, capacity: int, *, delta: bool = False,
+                      shrink: bool = False, allocate: bool = False) -> JobInfo:
+        raise self._missing("volume resize")
+
+    def volume_wipe(self, pool: str, name: str, algorithm: str = "zero", *,
+                    bandwidth: int | None = None) -> JobInfo:
+        raise self._missing("volume wipe")
+
+    def volume_upload(self, pool: str, name: str, source: BinaryIO, *, offset: int = 0,
+                      length: int | None = None, sparse: bool = True,
+                      bandwidth: int | None = None) -> JobInfo:
+        """Write ``source`` into the volume. A regular file's holes are kept as holes."""
+        raise self._missing("volume upload")
+
+    def volume_download(self, pool: str, name: str, sink: BinaryIO, *, offset: int = 0,
+                        length: int | None = None, sparse: bool = True,
+                        bandwidth: int | None = None) -> JobInfo:
+        """Copy the volume's bytes into ``sink``; with ``sparse`` a regular-file sink gets
+        holes where the volume has them."""
+        raise self._missing("volume download")
+
+    def volume_snapshot_create(self, pool: str, name: str, snapshot: str, *,
+                               external: bool = False) -> SnapshotInfo:
+        raise self._missing("storage snapshots")
+
+    def volume_snapshot_list(self, pool: str, name: str) -> list[SnapshotInfo]:
+        raise self._missing("storage snapshots")
+
+    def volume_snapshot_revert(self, pool: str, name: str, snapshot: str) -> None:
+        raise self._missing("storage snapshots")
+
+    def volume_snapshot_delete(self, pool: str, name: str, snapshot: str) -> None:
+        raise self._missing("storage snapshots")
+
+    def events_since(self, last_id: int = 0, *, timeout: float = 0.0,
+                     limit: int = 1000) -> list[Event]:
+        """Events after ``last_id``, waiting up to ``timeout`` seconds for the first one.
+        ``last_id=-1`` means "from now on": returns [] and the caller uses
+        ``latest_event_id()`` as its start."""
+        raise self._missing("events")
+
+    def latest_event_id(self) -> int:
+        raise self._missing("events")
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
