@@ -107,6 +107,13 @@ class CommandFailed(VirtstoreError):
         self.stderr = stderr
 
 
+class Cancelled(VirtstoreError):
+    """A job was cancelled before it finished."""
+
+    code = "cancelled"
+    http_status = 409
+
+
 class InternalError(VirtstoreError):
     code = "internal-error"
     http_status = 500
@@ -115,7 +122,7 @@ class InternalError(VirtstoreError):
 ALL_ERRORS: tuple[type[VirtstoreError], ...] = (
     NoSuchPool, NoSuchVolume, NoSuchSecret, NoSuchJob, AlreadyExists, InvalidArgument,
     XMLError, OperationInvalid, Unsupported, Busy, NoSpace, AuthFailed, Forbidden,
-    CommandFailed, InternalError,
+    CommandFailed, Cancelled, InternalError,
 )
 
 
