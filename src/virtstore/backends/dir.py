@@ -20,8 +20,11 @@ from virtstore.engine.files import fsync_dir
 from virtstore.errors import AlreadyExists, NoSpace, OperationInvalid, VirtstoreError
 from virtstore.xml import PoolDef
 
-# Staging files are hidden and carry this prefix so a refresh never lists them.
-STAGING_PREFIX = ".virtstore-staging-"
+# Our own files in a pool directory (staging files, snapshot files) are hidden and carry
+# this prefix, so a refresh never lists them as volumes.
+PRIVATE_PREFIX = ".virtstore-"
+STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
+SNAPSHOT_PREFIX = PRIVATE_PREFIX + "snap-"
 # libvirt's default mode for a pool directory it builds, and for a volume it creates.
 DEFAULT_POOL_MODE = 0o711
 DEFAULT_VOL_MODE = 0o600
@@ -127,7 +130,7 @@ class DirBackend(Backend):
         with entries:
             for de in entries:
                 name = de.name
-                if name.startswith(STAGING_PREFIX):
+                if name.startswith(PRIVATE_PREFIX):
                     continue
                 path = de.path
                 try:

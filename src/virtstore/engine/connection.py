@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import BinaryIO
 
 from virtstore.api import (
     Connection,
+    Event,
+    JobInfo,
     PoolFilter,
     PoolInfo,
     SecretInfo,
+    SnapshotInfo,
     VolumeCreateArgs,
     VolumeInfo,
 )
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.engine import journal
+from virtstore.engine.dataops import DataOps
+from virtstore.engine.events import EventLog
 from virtstore.engine.files import boot_id
 from virtstore.engine.index import VolumeIndex
+from virtstore.engine.jobs import JobManager
 from virtstore.engine.pools import PoolManager
 from virtstore.engine.secrets import SecretStore
+from virtstore.engine.snapshots import SnapshotManager
 from virtstore.engine.state import StateRoot
 from virtstore.engine.volumes import VolumeManager
 from virtstore.errors import InvalidArgument, NoSuchPool, VirtstoreError
@@ -32,15 +40,21 @@ class EmbeddedConnection(Connection):
     def __init__(self, root: str) -> None:
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
-        self.index = VolumeIndex(self.state.store)
-        self.secrets = SecretStore(self.state.secrets_dir, self.state.store)
-        self.pools = PoolManager(self.state, self.index)
-        self.volumes = VolumeManager(self.state, self.index, self.secrets)
+        store = self.state.store
+        self.index = VolumeIndex(store)
+        self.events = EventLog(store)
+        self.secrets = SecretStore(self.state.secrets_dir, store)
+        self.pools = PoolManager(self.state, self.index, self.events)
+        self.volumes = VolumeManager(self.state, self.index, self.secrets, self.events)
+        self.jobs = JobManager(store, self.events)
+        self.dataops = DataOps(self.volumes, self.index, self.jobs, self.events)
+        self.snapshots = SnapshotManager(self.volumes, self.index)
         self._startup()
 
     # -- start-up --------------------------------------------------------------
     def _startup(self) -> None:
         store = self.state.store
+        self.jobs.recover()
         journal.recover(store, self._discard_leftover)
         self.state.sync_definitions()
         first_use = store.get_meta("initialized") is None
@@ -75,6 +89,7 @@ class EmbeddedConnection(Connection):
             log.warning("could not set up the default pool: %s", exc)
 
     def close(self) -> None:
+        self.jobs.join_local()
         self.state.store.close()
 
     # -- pools -----------------------------------------------------------------
@@ -188,6 +203,77 @@ class EmbeddedConnection(Connection):
 
     def volume_delete(self, pool: str, name: str) -> None:
         self.volumes.delete(pool, name)
+        self.snapshots.forget_volume(pool, name)
+
+    # -- jobs and data operations ----------------------------------------------
+    def list_jobs(self, *, include_finished: bool = True) -> list[JobInfo]:
+        return self.jobs.all(include_finished=include_finished)
+
+    def job_info(self, job_id: str) -> JobInfo:
+        return self.jobs.info(job_id)
+
+    def job_wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
+        return self.jobs.wait(job_id, timeout)
+
+    def job_cancel(self, job_id: str) -> None:
+        self.jobs.cancel(job_id)
+
+    def volume_clone(self, pool: str, name: str, new_name: str, *,
+                     target_pool: str | None = None, format: str | None = None,
+                     reflink: bool = False, linked: bool = False,
+                     prealloc_metadata: bool = False,
+                     bandwidth: int | None = None) -> JobInfo:
+        return self.dataops.clone(pool, name, new_name, target_pool=target_pool, format=format,
+                                  reflink=reflink, linked=linked,
+                                  prealloc_metadata=prealloc_metadata, bandwidth=bandwidth)
+
+    def volume_create_from(self, pool: str, xml: str, src_pool: str, src_name: str, *,
+                           reflink: bool = False, prealloc_metadata: bool = False,
+                           bandwidth: int | None = None) -> JobInfo:
+        return self.dataops.create_from(pool, xml, src_pool, src_name, reflink=reflink,
+                                        prealloc_metadata=prealloc_metadata,
+                                        bandwidth=bandwidth)
+
+    def volume_resize(self, pool: str, name: str, capacity: int, *, delta: bool = False,
+                      shrink: bool = False, allocate: bool = False) -> JobInfo:
+        return self.dataops.resize(pool, name, capacity, delta=delta, shrink=shrink,
+                                   allocate=allocate)
+
+    def volume_wipe(self, pool: str, name: str, algorithm: str = "zero", *,
+                    bandwidth: int | None = None) -> JobInfo:
+        return self.dataops.wipe(pool, name, algorithm, bandwidth=bandwidth)
+
+    def volume_upload(self, pool: str, name: str, source: BinaryIO, *, offset: int = 0,
+                      length: int | None = None, sparse: bool = True,
+                      bandwidth: int | None = None) -> JobInfo:
+        return self.dataops.upload(pool, name, source, offset=offset, length=length,
+                                   sparse=sparse, bandwidth=bandwidth)
+
+    def volume_download(self, pool: str, name: str, sink: BinaryIO, *, offset: int = 0,
+                        length: int | None = None, sparse: bool = True,
+                        bandwidth: int | None = None) -> JobInfo:
+        return self.dataops.download(pool, name, sink, offset=offset, length=length,
+                                     sparse=sparse, bandwidth=bandwidth)
+
+    def volume_snapshot_create(self, pool: str, name: str, snapshot: str, *,
+                               external: bool = False) -> SnapshotInfo:
+        return self.snapshots.create(pool, name, snapshot, external=external)
+
+    def volume_snapshot_list(self, pool: str, name: str) -> list[SnapshotInfo]:
+        return self.snapshots.list(pool, name)
+
+    def volume_snapshot_revert(self, pool: str, name: str, snapshot: str) -> None:
+        self.snapshots.revert(pool, name, snapshot)
+
+    def volume_snapshot_delete(self, pool: str, name: str, snapshot: str) -> None:
+        self.snapshots.delete(pool, name, snapshot)
+
+    def events_since(self, last_id: int = 0, *, timeout: float = 0.0,
+                     limit: int = 1000) -> list[Event]:
+        return self.events.since(last_id, timeout=timeout, limit=limit)
+
+    def latest_event_id(self) -> int:
+        return self.events.latest_id()
 
     # -- secrets ---------------------------------------------------------------
     def secret_define_xml(self, xml: str) -> str:

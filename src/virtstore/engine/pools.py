@@ -9,6 +9,8 @@ import uuid as uuidlib
 from virtstore.api import POOL_INACTIVE, POOL_RUNNING, PoolInfo
 from virtstore.backends import backend_for
 from virtstore.backends.base import PoolSizes, Stamp
+from virtstore.engine import locks
+from virtstore.engine.events import EventLog
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_name
 from virtstore.engine.state import PoolRow, StateRoot
@@ -31,9 +33,15 @@ def _clean_path(path: str | None) -> str | None:
 
 
 class PoolManager:
-    def __init__(self, state: StateRoot, index: VolumeIndex) -> None:
+    def __init__(self, state: StateRoot, index: VolumeIndex,
+                 events: EventLog | None = None) -> None:
         self.state = state
         self.index = index
+        self.events = events
+
+    def _emit(self, action: str, name: str) -> None:
+        if self.events is not None:
+            self.events.emit("pool", action, pool=name, name=name)
 
     # -- lookups ---------------------------------------------------------------
     def info(self, name: str) -> PoolInfo:
@@ -127,6 +135,7 @@ class PoolManager:
                 db.execute("UPDATE pools SET persistent=1, type=?, target_path="
                            "CASE WHEN active THEN target_path ELSE ? END WHERE name=?",
                            (pool.type, pool.target.path, pool.name))
+        self._emit("defined", pool.name)
         return pool.name
 
     def create(self, xml: str, *, build: bool, overwrite: bool | None) -> str:
@@ -159,6 +168,7 @@ class PoolManager:
             self.state.remove_def_file(name)
             db.execute("DELETE FROM pools WHERE name=?", (name,))
             db.execute("DELETE FROM volumes WHERE pool=?", (name,))
+        self._emit("undefined", name)
 
     def set_autostart(self, name: str, on: bool) -> None:
         with self.state.store.write():
@@ -204,6 +214,7 @@ class PoolManager:
                                        f"'{name}' is already active")
             db.execute("UPDATE pools SET active=1, live_xml=?, target_path=? WHERE name=?",
                        (format_pool_xml(pool, inactive=True), pool.target.path, name))
+        self._emit("started", name)
 
     def stop(self, name: str) -> None:
         with self.state.store.write() as db:
@@ -213,16 +224,16 @@ class PoolManager:
                                        f"'{name}' is not active")
             busy = db.execute("SELECT name FROM volumes WHERE pool=? AND state!='ready' LIMIT 1",
                               (name,)).fetchone()
-            if busy is not None:
+            if busy is not None or locks.pool_busy(db, name):
                 raise OperationInvalid(f"Requested operation is not valid: pool '{name}' "
-                                       f"has asynchronous jobs running (volume "
-                                       f"'{busy['name']}')")
+                                       "has asynchronous jobs running")
             backend_for(row.type).stop(self.state.definition(row))
             if row.persistent:
                 db.execute("UPDATE pools SET active=0, live_xml=NULL WHERE name=?", (name,))
             else:
                 db.execute("DELETE FROM pools WHERE name=?", (name,))
                 db.execute("DELETE FROM volumes WHERE pool=?", (name,))
+        self._emit("stopped", name)
 
     def delete(self, name: str) -> None:
         row = self.state.row(name)
@@ -240,6 +251,7 @@ class PoolManager:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is not active")
         self._scan_into_index(self.state.definition(row))
+        self._emit("refreshed", name)
 
     def _scan_into_index(self, pool: PoolDef) -> None:
         known: dict[str, Stamp] = self.index.stamps(pool.name)

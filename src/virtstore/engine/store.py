@@ -70,6 +70,52 @@ CREATE TABLE IF NOT EXISTS journal(
     pid_start TEXT NOT NULL,
     started REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS jobs(
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    pool TEXT,
+    volume TEXT,
+    target_pool TEXT,
+    target_volume TEXT,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER NOT NULL DEFAULT 0,
+    started REAL,
+    ended REAL,
+    error TEXT,
+    error_code TEXT,
+    bandwidth INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vol_locks(
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vol_locks_vol ON vol_locks(pool, name);
+CREATE TABLE IF NOT EXISTS events(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    action TEXT NOT NULL,
+    pool TEXT,
+    name TEXT,
+    job TEXT
+);
+CREATE TABLE IF NOT EXISTS snapshots(
+    pool TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    path TEXT,
+    PRIMARY KEY(pool, volume, name)
+);
 """
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets as pysecrets
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from virtstore.api import VolumeCreateArgs
 from virtstore.backends import backend_for
 from virtstore.backends.base import Backend, CreateRequest, VolumeRecord
-from virtstore.engine import journal
+from virtstore.engine import journal, locks
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_name
 from virtstore.engine.secrets import SecretStore
@@ -21,6 +24,10 @@ from virtstore.errors import (
     OperationInvalid,
     Unsupported,
 )
+
+if TYPE_CHECKING:
+    from virtstore.engine.events import EventLog
+
 from virtstore.xml import (
     BackingStore,
     Permissions,
@@ -32,6 +39,20 @@ from virtstore.xml import (
     parse_volume_xml,
 )
 
+
+@dataclass(frozen=True)
+class StagedTarget:
+    """A volume being made: its reserved name, final path, staging path, journal entry."""
+
+    pool_name: str
+    pool: PoolDef
+    backend: Backend
+    name: str
+    final: str
+    staging: str
+    entry: int
+
+
 # Largest size we accept: what qemu-img and the kernel can address (2^63 - 1 bytes).
 MAX_SIZE = (1 << 63) - 1
 
@@ -41,10 +62,12 @@ def _ts(ns: int) -> str:
 
 
 class VolumeManager:
-    def __init__(self, state: StateRoot, index: VolumeIndex, secrets: SecretStore) -> None:
+    def __init__(self, state: StateRoot, index: VolumeIndex, secrets: SecretStore,
+                 events: EventLog | None = None) -> None:
         self.state = state
         self.index = index
         self.secrets = secrets
+        self.events = events
 
     def _active_pool(self, name: str) -> tuple[PoolDef, Backend]:
         row = self.state.row(name)
@@ -149,32 +172,53 @@ class VolumeManager:
         if not backend.caps.vol_create:
             raise backend.unsupported("volume creation")
         req = self._request(pool, backend, vol, prealloc_metadata)
-        final = backend.volume_path(pool, vol.name)
-        staging = backend.staging_path(pool, pysecrets.token_hex(8))
         with self.state.store.write() as db:
-            if not self.index.reserve(db, pool_name, vol.name, final, backend.caps.volume_type):
-                raise AlreadyExists(f"storage volume '{vol.name}' exists already")
-            if backend.caps.file_based and os.path.lexists(final):
-                db.execute("DELETE FROM volumes WHERE pool=? AND name=? AND state='creating'",
-                           (pool_name, vol.name))
-                raise AlreadyExists(f"Requested operation is not valid: volume target path "
-                                    f"'{final}' already exists")
-            entry = journal.begin(db, "create", pool_name, vol.name, staging, final)
+            target = self.reserve_target(db, pool_name, pool, backend, vol.name)
         try:
-            backend.create_volume(pool, staging, req)
-            backend.commit_volume(pool, staging, final)
+            backend.create_volume(pool, target.staging, req)
         except BaseException:
-            try:
-                backend.discard_staging(staging)
-            finally:
-                self.index.remove(pool_name, vol.name)
-                journal.end(self.state.store, entry)
+            self.abort_target(target)
             raise
-        rec = backend.read_volume(pool, vol.name)
-        if rec is not None:
-            self.index.publish(pool_name, rec)
-        journal.end(self.state.store, entry)
+        self.finish_target(target)
         return vol.name
+
+    # -- staged targets, shared with the data operations ------------------------
+    def reserve_target(self, db: sqlite3.Connection, pool_name: str, pool: PoolDef,
+                       backend: Backend, name: str, op: str = "create") -> StagedTarget:
+        """Claim ``name`` (invisible until published) and journal its staging path."""
+        check_name(name, "volume")
+        final = backend.volume_path(pool, name)
+        staging = backend.staging_path(pool, pysecrets.token_hex(8))
+        if not self.index.reserve(db, pool_name, name, final, backend.caps.volume_type):
+            raise AlreadyExists(f"storage volume '{name}' exists already")
+        if backend.caps.file_based and os.path.lexists(final):
+            db.execute("DELETE FROM volumes WHERE pool=? AND name=? AND state='creating'",
+                       (pool_name, name))
+            raise AlreadyExists(f"Requested operation is not valid: volume target path "
+                                f"'{final}' already exists")
+        entry = journal.begin(db, op, pool_name, name, staging, final)
+        return StagedTarget(pool_name, pool, backend, name, final, staging, entry)
+
+    def finish_target(self, t: StagedTarget) -> None:
+        """Publish the staged volume under its final name, never replacing anything."""
+        try:
+            t.backend.commit_volume(t.pool, t.staging, t.final)
+        except BaseException:
+            self.abort_target(t)
+            raise
+        rec = t.backend.read_volume(t.pool, t.name)
+        if rec is not None:
+            self.index.publish(t.pool_name, rec)
+        journal.end(self.state.store, t.entry)
+        if self.events is not None:
+            self.events.emit("volume", "created", pool=t.pool_name, name=t.name)
+
+    def abort_target(self, t: StagedTarget) -> None:
+        try:
+            t.backend.discard_staging(t.staging)
+        finally:
+            self.index.remove(t.pool_name, t.name)
+            journal.end(self.state.store, t.entry)
 
     # -- delete ----------------------------------------------------------------
     def delete(self, pool_name: str, name: str) -> None:
@@ -183,6 +227,7 @@ class VolumeManager:
         if not backend.caps.vol_delete:
             raise backend.unsupported("volume deletion")
         with self.state.store.write() as db:
+            locks.check_free(db, pool_name, name)
             cur = db.execute("UPDATE volumes SET state='deleting' WHERE pool=? AND name=? AND "
                              "state='ready'", (pool_name, name))
             if cur.rowcount != 1:
@@ -196,6 +241,8 @@ class VolumeManager:
             raise
         self.index.remove(pool_name, name)
         journal.end(self.state.store, entry)
+        if self.events is not None:
+            self.events.emit("volume", "deleted", pool=pool_name, name=name)
 
     # -- XML -------------------------------------------------------------------
     def xml(self, pool_name: str, name: str) -> str:

@@ -1,0 +1,250 @@
+"""Jobs: long work in a worker thread, with progress, cancel, bandwidth and a record.
+
+A job's row in the store is its public face: any process on the root can list it, wait
+for it and cancel it (a flag the worker polls). The worker thread lives in the process
+that started the job; if that process dies, the next one to open the root marks the
+job failed and the journal removes what it left.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from virtstore.api import (
+    JOB_CANCELLED,
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_FINAL,
+    JOB_RUNNING,
+    JobInfo,
+)
+from virtstore.engine import locks
+from virtstore.engine.events import EventLog
+from virtstore.engine.files import process_alive, process_start_time
+from virtstore.engine.store import Store
+from virtstore.errors import Cancelled, NoSuchJob, OperationInvalid, VirtstoreError
+
+if TYPE_CHECKING:
+    from virtstore.data.monitor import Monitor
+
+log = logging.getLogger("virtstore")
+
+Work = Callable[["Monitor"], None]
+# How often a worker looks at the store for a cancel request from another process, and
+# how often progress is written there.
+_CANCEL_POLL = 0.25
+_PROGRESS_WRITE = 0.2
+_PROGRESS_EVENT = 0.5
+# Finished jobs kept in the table.
+KEEP_FINISHED = 1000
+
+
+@dataclass
+class _Local:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+def _info(row: sqlite3.Row) -> JobInfo:
+    started = row["started"]
+    ended = row["ended"]
+    elapsed = ((ended or time.time()) - started) if started else 0.0
+    rate = row["bytes_done"] / elapsed if elapsed > 0 else 0.0
+    return JobInfo(id=row["id"], kind=row["kind"], state=row["state"], pool=row["pool"],
+                   volume=row["volume"], target_pool=row["target_pool"],
+                   target_volume=row["target_volume"], bytes_done=row["bytes_done"],
+                   bytes_total=row["bytes_total"], rate=rate, started=started, ended=ended,
+                   error=row["error"], error_code=row["error_code"], bandwidth=row["bandwidth"])
+
+
+class JobManager:
+    def __init__(self, store: Store, events: EventLog) -> None:
+        self.store = store
+        self.events = events
+        self._local: dict[str, _Local] = {}
+        self._lock = threading.Lock()
+
+    # -- reads -----------------------------------------------------------------
+    def info(self, job_id: str) -> JobInfo:
+        row = self.store.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        if row is None:
+            raise NoSuchJob(f"no job with id '{job_id}'")
+        return _info(row)
+
+    def all(self, *, include_finished: bool = True) -> list[JobInfo]:
+        if include_finished:
+            rows = self.store.query("SELECT * FROM jobs ORDER BY started, id")
+        else:
+            rows = self.store.query("SELECT * FROM jobs WHERE state NOT IN (?,?,?) "
+                                    "ORDER BY started, id", JOB_FINAL)
+        return [_info(r) for r in rows]
+
+    # -- start -----------------------------------------------------------------
+    def start(self, kind: str, work: Work, *, pool: str | None, volume: str | None,
+              target_pool: str | None = None, target_volume: str | None = None,
+              total: int = 0, bandwidth: int | None = None,
+              lock: Iterable[tuple[str, str, str]] = (),
+              prepare: Callable[[sqlite3.Connection, str], None] | None = None) -> JobInfo:
+        """Record the job, take its volume locks (all or none) and start its worker.
+
+        ``prepare(db, job_id)`` runs in the same transaction (to reserve a target name
+        and journal a staging path), so a conflict leaves nothing behind.
+        """
+        if bandwidth is not None and bandwidth <= 0:
+            from virtstore.errors import InvalidArgument
+
+            raise InvalidArgument("bandwidth must be a positive number of bytes per second")
+        job_id = secrets.token_hex(6)
+        start = process_start_time(_pid()) or "?"
+        with self.store.write() as db:
+            locks.acquire(db, lock, job_id)
+            if prepare is not None:
+                prepare(db, job_id)
+            db.execute("INSERT INTO jobs(id, kind, state, pool, volume, target_pool, "
+                       "target_volume, bytes_total, started, bandwidth, pid, pid_start) "
+                       "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (job_id, kind, JOB_RUNNING, pool, volume, target_pool, target_volume,
+                        total, time.time(), bandwidth, _pid(), start))
+        local = _Local()
+        with self._lock:
+            self._local[job_id] = local
+        thread = threading.Thread(target=self._run, args=(job_id, work, total, bandwidth, local),
+                                  name=f"job-{job_id}", daemon=False)
+        local.thread = thread
+        thread.start()
+        return self.info(job_id)
+
+    def _run(self, job_id: str, work: Work, total: int, bandwidth: int | None,
+             local: _Local) -> None:
+        from virtstore.data.monitor import Monitor
+
+        last_write = last_event = last_poll = 0.0
+        cancel_seen = False
+
+        def progress(done: int, tot: int) -> None:
+            nonlocal last_write, last_event
+            now = time.monotonic()
+            if now - last_write < _PROGRESS_WRITE and done < tot:
+                return
+            last_write = now
+            with self.store.write() as db:
+                db.execute("UPDATE jobs SET bytes_done=?, bytes_total=? WHERE id=?",
+                           (done, tot, job_id))
+            if now - last_event >= _PROGRESS_EVENT:
+                last_event = now
+                self.events.emit("job", "progress", name=job_id, job=self.info(job_id))
+
+        def should_cancel() -> bool:
+            nonlocal last_poll, cancel_seen
+            if local.cancel.is_set() or cancel_seen:
+                return True
+            now = time.monotonic()
+            if now - last_poll >= _CANCEL_POLL:
+                last_poll = now
+                row = self.store.query_one("SELECT cancel_requested FROM jobs WHERE id=?",
+                                           (job_id,))
+                cancel_seen = bool(row and row["cancel_requested"])
+            return cancel_seen
+
+        monitor = Monitor(total, bandwidth=bandwidth, on_progress=progress,
+                          should_cancel=should_cancel)
+        state, error, code = JOB_DONE, None, None
+        try:
+            work(monitor)
+        except Cancelled:
+            state, error, code = JOB_CANCELLED, "cancelled", Cancelled.code
+        except VirtstoreError as exc:
+            state, error, code = JOB_FAILED, str(exc), exc.code
+        except Exception as exc:  # the job records it; the thread must not die silently
+            log.exception("job %s failed", job_id)
+            state, error, code = JOB_FAILED, f"internal error: {exc}", "internal-error"
+        try:
+            locks.release(self.store, job_id)
+            with self.store.write() as db:
+                db.execute("UPDATE jobs SET state=?, ended=?, error=?, error_code=?, "
+                           "bytes_done=CASE WHEN ?='done' THEN MAX(bytes_done, ?) "
+                           "ELSE bytes_done END, "
+                           "bytes_total=MAX(bytes_total, ?) WHERE id=?",
+                           (state, time.time(), error, code, state, monitor.done,
+                            monitor.total, job_id))
+                db.execute("DELETE FROM jobs WHERE state IN (?,?,?) AND id NOT IN (SELECT id "
+                           "FROM jobs WHERE state IN (?,?,?) ORDER BY ended DESC LIMIT ?)",
+                           (*JOB_FINAL, *JOB_FINAL, KEEP_FINISHED))
+            self.events.emit("job", state, name=job_id, job=self.info(job_id))
+        finally:
+            local.done.set()
+
+    # -- control ---------------------------------------------------------------
+    def wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
+        with self._lock:
+            local = self._local.get(job_id)
+        if local is not None:
+            local.done.wait(timeout)
+            return self.info(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.info(job_id)
+            if info.finished or (deadline is not None and time.monotonic() >= deadline):
+                return info
+            if not self._owner_alive(job_id):
+                self.recover()
+                continue
+            time.sleep(0.05)
+
+    def cancel(self, job_id: str) -> None:
+        info = self.info(job_id)
+        if info.finished:
+            raise OperationInvalid(f"Requested operation is not valid: job '{job_id}' is "
+                                   f"already {info.state}")
+        with self.store.write() as db:
+            db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+        with self._lock:
+            local = self._local.get(job_id)
+        if local is not None:
+            local.cancel.set()
+
+    def _owner_alive(self, job_id: str) -> bool:
+        row = self.store.query_one("SELECT pid, pid_start FROM jobs WHERE id=?", (job_id,))
+        return row is None or process_alive(int(row["pid"]), str(row["pid_start"]))
+
+    def recover(self) -> list[str]:
+        """Mark jobs whose process died as failed."""
+        rows = self.store.query("SELECT id, pid, pid_start FROM jobs WHERE state NOT IN "
+                                "(?,?,?)", JOB_FINAL)
+        dead = [r["id"] for r in rows
+                if not process_alive(int(r["pid"]), str(r["pid_start"]))]
+        for job_id in dead:
+            with self.store.write() as db:
+                db.execute("UPDATE jobs SET state=?, ended=?, error=?, error_code=? "
+                           "WHERE id=? AND state NOT IN (?,?,?)",
+                           (JOB_FAILED, time.time(), "interrupted: the process running it "
+                            "ended", "internal-error", job_id, *JOB_FINAL))
+                db.execute("DELETE FROM vol_locks WHERE owner=?", (job_id,))
+            log.warning("job %s was interrupted: its process ended", job_id)
+        return dead
+
+    def join_local(self, timeout: float | None = None) -> None:
+        """Wait for this process's jobs (on close)."""
+        with self._lock:
+            items = list(self._local.values())
+        for local in items:
+            local.done.wait(timeout)
+
+    def running_in_pool(self, pool: str) -> bool:
+        row = self.store.query_one("SELECT 1 FROM jobs WHERE state NOT IN (?,?,?) AND "
+                                   "(pool=? OR target_pool=?) LIMIT 1", (*JOB_FINAL, pool, pool))
+        return row is not None
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
