@@ -7,14 +7,17 @@ names the command and its complaint.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
+import selectors
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from virtstore.errors import CommandFailed, NoSpace
+from virtstore.errors import Cancelled, CommandFailed, NoSpace
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -72,3 +75,115 @@ def run(argv: Sequence[str], *, timeout: float | None = DEFAULT_TIMEOUT,
 
 def oserror_message(exc: OSError) -> str:
     return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def stream(argv: Sequence[str], on_line: Callable[[str], None], *,
+           should_stop: Callable[[], bool] | None = None,
+           timeout: float | None = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None,
+           separators: str = "\n\r", poll_interval: float = 0.1,
+           grace: float = 2.0) -> Result:
+    """Run ``argv`` and hand its standard output to ``on_line`` as it comes.
+
+    The output is cut after every character in ``separators`` (newline and carriage
+    return by default, so ``qemu-img -p``'s ``\\r``-refreshed progress arrives line by
+    line); each piece keeps its separator, and a last piece without one comes at the end.
+    ``should_stop`` is asked every ``poll_interval`` seconds at least: when it returns true
+    the program is terminated (SIGTERM, SIGKILL after ``grace`` seconds), reaped, and
+    Cancelled is raised. If ``on_line`` or ``should_stop`` raise, the program is killed the
+    same way and their exception goes on. Standard error is collected for the error
+    message; the returned Result holds the tail of standard output.
+    """
+    args = [str(a) for a in argv]
+    if not args:
+        raise ValueError("empty argv")
+    full_env = dict(os.environ)
+    if env is not None:
+        full_env.update(env)
+    full_env.setdefault("LC_ALL", "C")
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=full_env)
+    except FileNotFoundError as exc:
+        raise CommandFailed(f"cannot run '{args[0]}': program not found (is it installed?)",
+                            argv=args) from exc
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out_tail: list[str] = []
+    err: list[bytes] = []
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    finished = False
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            while sel.get_map():
+                if deadline is not None and time.monotonic() > deadline:
+                    raise CommandFailed(f"'{' '.join(args)}' timed out after {timeout:g}s",
+                                        argv=args)
+                for key, _ in sel.select(poll_interval):
+                    data = os.read(key.fd, 65536)
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        continue
+                    if key.fileobj is proc.stderr:
+                        if sum(map(len, err)) < 1 << 20:
+                            err.append(data)
+                        continue
+                    pending += decoder.decode(data)
+                    pending = _deliver(pending, separators, on_line, out_tail)
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"'{os.path.basename(args[0])}' was stopped on request")
+            pending += decoder.decode(b"", final=True)
+            if pending:
+                on_line(pending)
+                out_tail.append(pending)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                proc.wait(remaining)
+            except subprocess.TimeoutExpired as exc:
+                raise CommandFailed(f"'{' '.join(args)}' timed out after {timeout:g}s",
+                                    argv=args) from exc
+            finished = True
+    finally:
+        if not finished:
+            _stop(proc, grace)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    stderr = b"".join(err).decode("utf-8", "replace")
+    result = Result(args, proc.returncode, "".join(out_tail)[-65536:], stderr)
+    if proc.returncode != 0:
+        why = _summarise(stderr, result.stdout)
+        if "No space left on device" in why or "Disk quota exceeded" in why:
+            raise NoSpace(f"no space left on device: {args[0]}: {why}")
+        raise CommandFailed(f"'{os.path.basename(args[0])}' failed (exit {proc.returncode}): {why}",
+                            argv=args, returncode=proc.returncode, stderr=stderr)
+    return result
+
+
+def _deliver(text: str, separators: str, on_line: Callable[[str], None],
+             tail: list[str]) -> str:
+    """Call ``on_line`` for every complete piece of ``text``; return the incomplete rest."""
+    start = 0
+    for i, ch in enumerate(text):
+        if ch in separators:
+            piece = text[start:i + 1]
+            start = i + 1
+            on_line(piece)
+            tail.append(piece)
+            if len(tail) > 4096:
+                del tail[:2048]
+    return text[start:]
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Terminate ``proc`` (then kill it) and reap it, so no process is left behind."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
