@@ -17,15 +17,18 @@ if TYPE_CHECKING:
     from virtstore.data.copy import copy_file, copy_sparse, reflink
     from virtstore.data.extents import data_extents, is_zero, punch_hole, zero_out
     from virtstore.data.monitor import Monitor
+    from virtstore.data.wipe import ALGORITHMS, wipe
 
 _WHERE = {
     "Monitor": "monitor",
     "data_extents": "extents", "is_zero": "extents", "punch_hole": "extents",
     "zero_out": "extents",
     "copy_file": "copy", "copy_sparse": "copy", "reflink": "copy",
+    "ALGORITHMS": "wipe", "wipe": "wipe",
 }
 
 __all__ = [
+    "ALGORITHMS",
     "Monitor",
     "copy_file",
     "copy_sparse",
@@ -33,6 +36,7 @@ __all__ = [
     "is_zero",
     "punch_hole",
     "reflink",
+    "wipe",
     "zero_out",
 ]
 
