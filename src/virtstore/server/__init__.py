@@ -1,0 +1,1 @@
+"""virtstored: the Connection interface served over HTTP (unix sockets and TLS)."""

@@ -1,0 +1,133 @@
+"""virtstored's options: command line over the config file over the defaults.
+
+The config file (``/etc/virtstore/virtstored.conf`` unless ``--config``) is TOML, or
+plain ``key = value`` lines with ``#`` comments; keys are the long options' names
+(``listen``, ``tls_cert``, ``tls-cert``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from typing import Any
+
+from virtstore.errors import InvalidArgument
+
+CONFIG_FILE = "/etc/virtstore/virtstored.conf"
+TOKENS_FILE = "/etc/virtstore/tokens"
+RW_SOCKET = "virtstored.sock"
+RO_SOCKET = "virtstored-ro.sock"
+
+
+@dataclass
+class Options:
+    root: str | None = None
+    socket_dir: str | None = None  # default ROOT/run
+    listen: str | None = None  # HOST:PORT, TLS
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None  # clients must present a certificate signed by it
+    tokens: str | None = None
+    max_connections: int = 256
+    log_level: str = "info"
+
+    def socket_paths(self, root: str) -> tuple[str, str]:
+        d = self.socket_dir or os.path.join(root, "run")
+        return os.path.join(d, RW_SOCKET), os.path.join(d, RO_SOCKET)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    p = argparse.ArgumentParser(
+        prog="virtstored",
+        description="virtstore's daemon: the storage API over HTTP on unix sockets "
+                    "(and optionally TLS on TCP).")
+    p.add_argument("--config", help=f"config file (default {CONFIG_FILE} if it exists)")
+    p.add_argument("--root", help="state root (default: $VIRTSTORE_ROOT, /var/lib/virtstore "
+                   "as root)")
+    p.add_argument("--socket-dir", help="directory of the unix sockets (default ROOT/run)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="also serve HTTPS on this address")
+    p.add_argument("--tls-cert", help="server certificate (PEM) for --listen")
+    p.add_argument("--tls-key", help="server private key (PEM) for --listen")
+    p.add_argument("--tls-ca", help="require client certificates signed by this CA")
+    p.add_argument("--tokens", help=f"bearer tokens file, 'TOKEN ro|rw [NAME]' lines "
+                   f"(default {TOKENS_FILE} if it exists)")
+    p.add_argument("--max-connections", type=int, help="concurrent connections (256)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv), p
+
+
+def _plain(text: str, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, eq, value = line.partition("=")
+        if not eq:
+            raise InvalidArgument(f"{path}:{lineno}: expected 'key = value'")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def read_config(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return _plain(text, path)
+
+
+def load(argv: list[str] | None = None) -> Options:
+    ns, _ = parse_args(argv)
+    opts = Options()
+    known = {f.name: f for f in fields(Options)}
+    path = ns.config or (CONFIG_FILE if os.path.exists(CONFIG_FILE) else None)
+    if path is not None:
+        try:
+            conf = read_config(path)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read config file '{path}': "
+                                  f"{exc.strerror or exc}") from None
+        for key, value in conf.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise InvalidArgument(f"{path}: unknown option '{key}'")
+            if name == "max_connections":
+                try:
+                    value = int(value)
+                except (TypeError, ValueError):
+                    raise InvalidArgument(f"{path}: max_connections must be an integer") \
+                        from None
+            elif not isinstance(value, str):
+                raise InvalidArgument(f"{path}: '{key}' must be a string")
+            setattr(opts, name, value)
+    for name in known:
+        value = getattr(ns, name, None)
+        if value is not None:
+            setattr(opts, name, value)
+    if opts.tokens is None and os.path.exists(TOKENS_FILE):
+        opts.tokens = TOKENS_FILE
+    if opts.max_connections < 1:
+        raise InvalidArgument("max_connections must be at least 1")
+    if opts.listen and not (opts.tls_cert and opts.tls_key):
+        raise InvalidArgument("--listen needs --tls-cert and --tls-key: TCP is served over "
+                              "TLS only")
+    return opts
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise InvalidArgument(f"--listen expects HOST:PORT, not '{value}'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    n = int(port)
+    if n > 65535:
+        raise InvalidArgument(f"port {n} out of range")
+    return host, n

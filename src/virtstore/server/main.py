@@ -1,0 +1,187 @@
+"""``virtstored``: one embedded engine, served on unix sockets and optionally HTTPS."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Iterator
+
+from virtstore.errors import InvalidArgument, VirtstoreError
+from virtstore.server.config import Options, load, parse_listen
+from virtstore.server.http import Listener, Server
+
+log = logging.getLogger("virtstored")
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    """A listening unix socket at ``path`` with ``mode`` from its first moment."""
+    if os.path.lexists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # a socket left by a daemon that died
+        else:
+            raise InvalidArgument(f"another virtstored is serving '{path}'")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(128)
+    return sock
+
+
+def _tls_context(opts: Options) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert opts.tls_cert and opts.tls_key
+    ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+    if opts.tls_ca:
+        ctx.load_verify_locations(opts.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _bind_tcp(value: str, ctx: ssl.SSLContext) -> Listener:
+    host, port = parse_listen(value)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(128)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+    return Listener(sock, "tcp", f"https://{shown}:{bound[1]}", ctx)
+
+
+@contextlib.contextmanager
+def _pid_lock(run_dir: str) -> Iterator[None]:
+    """One daemon per state root: an flock on run/virtstored.pid."""
+    path = os.path.join(run_dir, "virtstored.pid")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise InvalidArgument(f"another virtstored holds '{path}'") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _notify_systemd() -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.send(b"READY=1")
+    except OSError as exc:
+        log.warning("could not notify systemd: %s", exc)
+
+
+def serve(opts: Options) -> None:
+    from virtstore.api import default_root, open_connection
+    from virtstore.server.app import App
+    from virtstore.server.auth import Authenticator, load_tokens
+    from virtstore.server.openapi import document_bytes
+
+    root = os.path.abspath(opts.root or default_root())
+    rw_path, ro_path = opts.socket_paths(root)
+    run_dir = os.path.dirname(rw_path)
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    tokens = {}
+    if opts.tokens:
+        try:
+            tokens = load_tokens(opts.tokens)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read tokens file '{opts.tokens}': "
+                                  f"{exc.strerror or exc}") from None
+    ctx = _tls_context(opts) if opts.listen else None
+    with _pid_lock(run_dir):
+        # The engine recovers its journal and starts the autostart pools as it opens.
+        log.info("opening the engine on %s", root)
+        conn = open_connection("embedded://", root=root)
+        listeners: list[Listener] = []
+        try:
+            listeners.append(Listener(_bind_unix(rw_path, 0o600), "unix-rw",
+                                      f"unix://{rw_path}"))
+            listeners.append(Listener(_bind_unix(ro_path, 0o666), "unix-ro",
+                                      f"unix://{ro_path}"))
+            if opts.listen:
+                assert ctx is not None
+                listeners.append(_bind_tcp(opts.listen, ctx))
+                if not tokens:
+                    log.warning("no tokens configured: every request over TCP will be "
+                                "refused (401)")
+            app = App(conn, Authenticator(tokens), document_bytes)
+            server = Server(app, listeners, max_connections=opts.max_connections)
+
+            def stop(signum: int, frame: object) -> None:
+                log.info("signal %d: stopping", signum)
+                server.shutdown()
+
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+            for lst in listeners:
+                log.info("listening on %s (%s)", lst.label, lst.kind)
+            _notify_systemd()
+            server.serve_forever()
+        finally:
+            for lst in listeners:
+                lst.sock.close()
+            for path in (rw_path, ro_path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            conn.close()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = load(argv)
+    except VirtstoreError as exc:
+        sys.stderr.write(f"virtstored: {exc}\n")
+        return 2
+    _setup_logging(opts.log_level)
+    try:
+        serve(opts)
+    except VirtstoreError as exc:
+        log.error("%s", exc)
+        return 1
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
