@@ -29,6 +29,10 @@ SNAPSHOT_PREFIX = PRIVATE_PREFIX + "snap-"
 DEFAULT_POOL_MODE = 0o711
 DEFAULT_VOL_MODE = 0o600
 
+# Larger than any data a filesystem keeps inline in the inode (ext4 inline_data, btrfs
+# max_inline are well under a page).
+_INLINE_MAX = 4096
+
 FILE_FORMATS = ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "luks", "iso")
 
 
@@ -46,6 +50,12 @@ def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
     if stat.S_ISDIR(st.st_mode):
         rec.type = "dir"
         rec.format = "dir"
+        rec.capacity = st.st_size
+        return rec
+    if st.st_blocks == 0 and st.st_size > _INLINE_MAX:
+        # Nothing allocated: the file reads as zeros, so no header can be there. (Small
+        # files are still read: filesystems keep tiny files' data inline, without blocks.)
+        rec.format = "raw"
         rec.capacity = st.st_size
         return rec
     from virtstore.formats.probe import probe_image

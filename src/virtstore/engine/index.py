@@ -3,13 +3,19 @@
 Listings come from one query; a refresh rewrites only the rows whose file changed.
 Rows in state 'creating' or 'deleting' belong to an operation in flight and are
 invisible to listings and lookups.
+
+Rows are kept narrow because a cold refresh writes one per volume: a path that is
+just the pool's target plus the name, and a key equal to the path, are stored as NULL
+and derived on read; rarely used image details go in one JSON column. Ownership,
+mode and timestamps are read from the file when a volume's XML is asked for.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import sqlite3
+import stat
 from collections.abc import Mapping
 
 from virtstore.api import VolumeInfo
@@ -17,92 +23,146 @@ from virtstore.backends.base import ScanResult, Stamp, VolumeRecord
 from virtstore.engine.store import Store
 from virtstore.errors import NoSuchVolume
 
-_FIELDS = [f.name for f in dataclasses.fields(VolumeRecord)]
-_INSERT = (f"INSERT OR REPLACE INTO volumes(pool, {', '.join(_FIELDS)}, state) "
-           f"VALUES(?, {', '.join('?' for _ in _FIELDS)}, ?)")
-_INFO_COLS = "pool, name, key, path, type, format, capacity, allocation, physical"
-
-
-def _record_values(rec: VolumeRecord) -> list[object]:
-    return [getattr(rec, f) for f in _FIELDS]
+_COLS = ("pool, name, type, format, capacity, allocation, physical, ino, size, mtime_ns, "
+         "ctime_ns, state, path, key, extra")
+_INSERT = f"INSERT OR REPLACE INTO volumes({_COLS}) VALUES({', '.join('?' * 15)})"
+# A fresh index (first scan of a pool) needs no conflict handling.
+_INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT")
+_PATH = "COALESCE(v.path, p.target_path || '/' || v.name)"
+_SELECT_INFO = (f"SELECT v.pool, v.name, {_PATH} AS path, v.key, v.type, v.format, "
+                "v.capacity, v.allocation, v.physical FROM volumes v "
+                "JOIN pools p ON p.name = v.pool")
+_SELECT_REC = (f"SELECT v.*, {_PATH} AS full_path FROM volumes v "
+               "JOIN pools p ON p.name = v.pool")
+_EXTRA = ("backing_path", "backing_format", "compat", "cluster_size", "lazy_refcounts",
+          "encryption")
 
 
 def _info(row: sqlite3.Row) -> VolumeInfo:
-    return VolumeInfo(pool=row["pool"], name=row["name"], key=row["key"], path=row["path"],
+    path = row["path"]
+    return VolumeInfo(pool=row["pool"], name=row["name"], key=row["key"] or path, path=path,
                       type=row["type"], format=row["format"], capacity=row["capacity"],
                       allocation=row["allocation"], physical=row["physical"])
 
 
+def _row(pool: str, target: str | None, rec: VolumeRecord, state: str = "ready") -> tuple[
+        object, ...]:
+    derived = target is not None and rec.path == os.path.join(target, rec.name)
+    extra = {k: getattr(rec, k) for k in _EXTRA if getattr(rec, k)}
+    return (pool, rec.name, rec.type, rec.format, rec.capacity, rec.allocation, rec.physical,
+            rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns, state,
+            None if derived else rec.path, None if rec.key == rec.path else rec.key,
+            json.dumps(extra) if extra else None)
+
+
 def record(row: sqlite3.Row) -> VolumeRecord:
-    values = {f: row[f] for f in _FIELDS}
-    values["lazy_refcounts"] = bool(values["lazy_refcounts"])
-    return VolumeRecord(**values)
+    path = row["full_path"]
+    rec = VolumeRecord(name=row["name"], path=path, key=row["key"] or path, type=row["type"],
+                       format=row["format"], capacity=row["capacity"],
+                       allocation=row["allocation"], physical=row["physical"],
+                       ino=row["ino"] or 0, size=row["size"] or 0,
+                       mtime_ns=row["mtime_ns"] or 0, ctime_ns=row["ctime_ns"] or 0)
+    if row["extra"]:
+        for k, v in json.loads(row["extra"]).items():
+            if k in _EXTRA:
+                setattr(rec, k, v)
+    return rec
+
+
+def _fill_live(rec: VolumeRecord) -> None:
+    """Owner, mode and access time, read from the volume itself."""
+    if not rec.path.startswith("/"):
+        return
+    try:
+        st = os.stat(rec.path)
+    except OSError:
+        return
+    rec.mode, rec.uid, rec.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    rec.atime_ns = st.st_atime_ns
+
+
+def _missing(what: str, value: str) -> NoSuchVolume:
+    return NoSuchVolume(f"Storage volume not found: no storage vol with matching {what} "
+                        f"'{value}'")
 
 
 class VolumeIndex:
     def __init__(self, store: Store) -> None:
         self.store = store
 
+    def _target(self, pool: str) -> str | None:
+        row = self.store.query_one("SELECT target_path FROM pools WHERE name=?", (pool,))
+        return None if row is None or not row["target_path"] else str(row["target_path"])
+
     # -- reads -----------------------------------------------------------------
     def list(self, pool: str) -> list[VolumeInfo]:
-        rows = self.store.query(f"SELECT {_INFO_COLS} FROM volumes WHERE pool=? AND "
-                                "state='ready' ORDER BY name", (pool,))
+        rows = self.store.query(f"{_SELECT_INFO} WHERE v.pool=? AND v.state='ready' "
+                                "ORDER BY v.name", (pool,))
         return [_info(r) for r in rows]
 
     def get(self, pool: str, name: str) -> VolumeRecord:
-        row = self.store.query_one("SELECT * FROM volumes WHERE pool=? AND name=? AND "
-                                   "state='ready'", (pool, name))
+        row = self.store.query_one(f"{_SELECT_REC} WHERE v.pool=? AND v.name=? AND "
+                                   "v.state='ready'", (pool, name))
         if row is None:
-            raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
-                               f"name '{name}'")
-        return record(row)
+            raise _missing("name", name)
+        rec = record(row)
+        _fill_live(rec)
+        return rec
 
     def info(self, pool: str, name: str) -> VolumeInfo:
-        row = self.store.query_one(f"SELECT {_INFO_COLS} FROM volumes WHERE pool=? AND "
-                                   "name=? AND state='ready'", (pool, name))
+        row = self.store.query_one(f"{_SELECT_INFO} WHERE v.pool=? AND v.name=? AND "
+                                   "v.state='ready'", (pool, name))
         if row is None:
-            raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
-                               f"name '{name}'")
+            raise _missing("name", name)
         return _info(row)
 
-    def _active_lookup(self, column: str, value: str, what: str) -> VolumeInfo:
-        row = self.store.query_one(
-            f"SELECT {', '.join('v.' + c.strip() for c in _INFO_COLS.split(','))} "
-            f"FROM volumes v JOIN pools p ON p.name=v.pool "
-            f"WHERE v.{column}=? AND v.state='ready' AND p.active=1 LIMIT 1", (value,))
+    def _by_path(self, path: str) -> VolumeInfo | None:
+        active = "AND v.state='ready' AND p.active=1 LIMIT 1"
+        row = self.store.query_one(f"{_SELECT_INFO} WHERE v.path=? {active}", (path,))
         if row is None:
-            raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
-                               f"{what} '{value}'")
-        return _info(row)
+            parent, name = os.path.split(path)
+            row = self.store.query_one(f"{_SELECT_INFO} WHERE p.target_path=? AND v.name=? "
+                                       f"AND v.path IS NULL {active}", (parent, name))
+        return None if row is None else _info(row)
 
     def by_key(self, key: str) -> VolumeInfo:
-        return self._active_lookup("key", key, "key")
+        row = self.store.query_one(f"{_SELECT_INFO} WHERE v.key=? AND v.state='ready' AND "
+                                   "p.active=1 LIMIT 1", (key,))
+        if row is not None:
+            return _info(row)
+        found = self._by_path(key) if key.startswith("/") else None
+        if found is None or found.key != key:
+            raise _missing("key", key)
+        return found
 
     def by_path(self, path: str) -> VolumeInfo:
         clean = os.path.normpath(path) if path.startswith("/") else path
-        try:
-            return self._active_lookup("path", clean, "path")
-        except NoSuchVolume:
-            real = os.path.realpath(clean) if clean.startswith("/") else clean
-            if real == clean:
-                raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
-                                   f"path '{path}'") from None
-            return self._active_lookup("path", real, "path")
+        found = self._by_path(clean)
+        if found is None and clean.startswith("/"):
+            real = os.path.realpath(clean)
+            if real != clean:
+                found = self._by_path(real)
+        if found is None:
+            raise _missing("path", path)
+        return found
 
     def stamps(self, pool: str) -> dict[str, Stamp]:
         rows = self.store.query("SELECT name, ino, size, mtime_ns, ctime_ns FROM volumes "
                                 "WHERE pool=? AND state='ready'", (pool,))
-        return {r["name"]: Stamp(r["ino"], r["size"], r["mtime_ns"], r["ctime_ns"])
-                for r in rows}
+        return {r["name"]: Stamp(r["ino"] or 0, r["size"] or 0, r["mtime_ns"] or 0,
+                                 r["ctime_ns"] or 0) for r in rows}
 
     # -- writes ----------------------------------------------------------------
     def apply_scan(self, pool: str, known: Mapping[str, Stamp], result: ScanResult) -> None:
         seen = set(result.unchanged)
         seen.update(r.name for r in result.changed)
         gone = [n for n in known if n not in seen]
+        target = self._target(pool)
+        rows = [_row(pool, target, r) for r in result.changed]
         with self.store.write() as db:
-            db.executemany(_INSERT, [[pool, *_record_values(r), "ready"]
-                                     for r in result.changed])
+            fresh = not known and db.execute("SELECT 1 FROM volumes WHERE pool=? LIMIT 1",
+                                             (pool,)).fetchone() is None
+            db.executemany(_INSERT_NEW if fresh else _INSERT, rows)
             # Only rows that were there when the scan began, and are unchanged since, are
             # removed: a volume created while the scan ran keeps its row.
             for name in gone:
@@ -113,13 +173,14 @@ class VolumeIndex:
     def reserve(self, db: sqlite3.Connection, pool: str, name: str, path: str,
                 vtype: str) -> bool:
         """Claim a name for a volume being made; False if the name is taken."""
-        cur = db.execute("INSERT OR IGNORE INTO volumes(pool, name, key, path, type, state) "
-                         "VALUES(?,?,?,?,?,'creating')", (pool, name, path, path, vtype))
+        cur = db.execute("INSERT OR IGNORE INTO volumes(pool, name, path, type, state) "
+                         "VALUES(?,?,?,?,'creating')", (pool, name, path, vtype))
         return cur.rowcount == 1
 
     def publish(self, pool: str, rec: VolumeRecord) -> None:
+        target = self._target(pool)
         with self.store.write() as db:
-            db.execute(_INSERT, [pool, *_record_values(rec), "ready"])
+            db.execute(_INSERT, _row(pool, target, rec))
 
     def set_state(self, pool: str, name: str, state: str, *, expect: str) -> bool:
         with self.store.write() as db:

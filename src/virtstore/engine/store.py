@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -33,32 +33,23 @@ CREATE TABLE IF NOT EXISTS pools(
 CREATE TABLE IF NOT EXISTS volumes(
     pool TEXT NOT NULL,
     name TEXT NOT NULL,
-    key TEXT NOT NULL,
-    path TEXT NOT NULL,
     type TEXT NOT NULL,
     format TEXT,
     capacity INTEGER NOT NULL DEFAULT 0,
     allocation INTEGER NOT NULL DEFAULT 0,
     physical INTEGER NOT NULL DEFAULT 0,
-    backing_path TEXT,
-    backing_format TEXT,
-    compat TEXT,
-    cluster_size INTEGER,
-    lazy_refcounts INTEGER NOT NULL DEFAULT 0,
-    encryption TEXT,
-    mode INTEGER,
-    uid INTEGER,
-    gid INTEGER,
     ino INTEGER,
     size INTEGER,
     mtime_ns INTEGER,
     ctime_ns INTEGER,
-    atime_ns INTEGER,
     state TEXT NOT NULL DEFAULT 'ready',
+    path TEXT,
+    key TEXT,
+    extra TEXT,
     PRIMARY KEY(pool, name)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS volumes_key ON volumes(key);
-CREATE INDEX IF NOT EXISTS volumes_path ON volumes(path);
+CREATE INDEX IF NOT EXISTS volumes_key ON volumes(key) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS volumes_path ON volumes(path) WHERE path IS NOT NULL;
 CREATE TABLE IF NOT EXISTS journal(
     id INTEGER PRIMARY KEY,
     op TEXT NOT NULL,
@@ -141,8 +132,14 @@ class Store:
         # are idempotent, which makes concurrent first opens safe.
         self.db.executescript(SCHEMA)
         with self.write():
-            self.db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)",
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is not None and row[0] != str(SCHEMA_VERSION):
+                # The index is a cache of what is on disk: an older layout is dropped and
+                # refilled by the next refresh of each pool.
+                self.db.execute("DROP TABLE IF EXISTS volumes")
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?)",
                             (str(SCHEMA_VERSION),))
+        self.db.executescript(SCHEMA)
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
