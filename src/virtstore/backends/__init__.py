@@ -18,6 +18,26 @@ def backend_for(pool_type: str) -> Backend:
             from virtstore.backends.dir import DirBackend
 
             be = DirBackend()
+        elif pool_type == "fs":
+            from virtstore.backends.fs import FsBackend
+
+            be = FsBackend()
+        elif pool_type == "disk":
+            from virtstore.backends.disk import DiskBackend
+
+            be = DiskBackend()
+        elif pool_type == "logical":
+            from virtstore.backends.logical import LogicalBackend
+
+            be = LogicalBackend()
+        elif pool_type == "zfs":
+            from virtstore.backends.zfs import ZfsBackend
+
+            be = ZfsBackend()
+        elif pool_type == "btrfs":
+            from virtstore.backends.btrfs import BtrfsBackend
+
+            be = BtrfsBackend()
         else:
             be = UnavailableBackend(pool_type)
         _cache[pool_type] = be

@@ -50,7 +50,7 @@ class Stamp:
     ctime_ns: int
 
 
-@dataclass
+@dataclass(slots=True)
 class VolumeRecord:
     """One volume as the index stores it."""
 

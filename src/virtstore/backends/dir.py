@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from virtstore.backends.base import (
     Backend,
@@ -19,6 +20,9 @@ from virtstore.backends.base import (
 from virtstore.engine.files import fsync_dir
 from virtstore.errors import AlreadyExists, NoSpace, OperationInvalid, VirtstoreError
 from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from virtstore.formats.probe import ImageInfo
 
 # Our own files in a pool directory (staging files, snapshot files) are hidden and carry
 # this prefix, so a refresh never lists them as volumes.
@@ -40,12 +44,17 @@ def _os_message(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _probe(path: str, st: os.stat_result) -> ImageInfo:
+    from virtstore.formats.probe import probe_image
+
+    return probe_image(path, st=st)
+
+
 def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
     """Describe the file at ``path``: image header parsed in process, no qemu-img."""
-    rec = VolumeRecord(name=name, path=path, key=path, type="file",
-                       mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                       ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                       ctime_ns=st.st_ctime_ns, atime_ns=st.st_atime_ns,
+    # Owner, mode and times are not indexed (they are read live for XML).
+    rec = VolumeRecord(name=name, path=path, key=path, type="file", ino=st.st_ino,
+                       size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
                        allocation=st.st_blocks * 512, physical=st.st_size)
     if stat.S_ISDIR(st.st_mode):
         rec.type = "dir"
@@ -58,9 +67,7 @@ def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
         rec.format = "raw"
         rec.capacity = st.st_size
         return rec
-    from virtstore.formats.probe import probe_image
-
-    info = probe_image(path, st=st)
+    info = _probe(path, st)
     rec.format = info.format
     rec.capacity = info.virtual_size
     if info.backing_file:

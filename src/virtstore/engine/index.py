@@ -12,6 +12,7 @@ mode and timestamps are read from the file when a volume's XML is asked for.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -45,14 +46,21 @@ def _info(row: sqlite3.Row) -> VolumeInfo:
                       allocation=row["allocation"], physical=row["physical"])
 
 
-def _row(pool: str, target: str | None, rec: VolumeRecord, state: str = "ready") -> tuple[
+def _row(pool: str, prefix: str | None, rec: VolumeRecord, state: str = "ready") -> tuple[
         object, ...]:
-    derived = target is not None and rec.path == os.path.join(target, rec.name)
-    extra = {k: getattr(rec, k) for k in _EXTRA if getattr(rec, k)}
+    """``prefix``: the pool's target path with a trailing '/', from which paths derive."""
+    derived = prefix is not None and rec.path == prefix + rec.name
+    extra = tuple((k, v) for k in _EXTRA if (v := getattr(rec, k)))
     return (pool, rec.name, rec.type, rec.format, rec.capacity, rec.allocation, rec.physical,
             rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns, state,
             None if derived else rec.path, None if rec.key == rec.path else rec.key,
-            json.dumps(extra) if extra else None)
+            _encode_extra(extra) if extra else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _encode_extra(items: tuple[tuple[str, object], ...]) -> str:
+    # Many images share the same details (compat, cluster size): encode each set once.
+    return json.dumps(dict(items))
 
 
 def record(row: sqlite3.Row) -> VolumeRecord:
@@ -90,9 +98,11 @@ class VolumeIndex:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _target(self, pool: str) -> str | None:
+    def _prefix(self, pool: str) -> str | None:
         row = self.store.query_one("SELECT target_path FROM pools WHERE name=?", (pool,))
-        return None if row is None or not row["target_path"] else str(row["target_path"])
+        if row is None or not row["target_path"]:
+            return None
+        return str(row["target_path"]).rstrip("/") + "/"
 
     # -- reads -----------------------------------------------------------------
     def list(self, pool: str) -> list[VolumeInfo]:
@@ -157,8 +167,8 @@ class VolumeIndex:
         seen = set(result.unchanged)
         seen.update(r.name for r in result.changed)
         gone = [n for n in known if n not in seen]
-        target = self._target(pool)
-        rows = [_row(pool, target, r) for r in result.changed]
+        prefix = self._prefix(pool)
+        rows = [_row(pool, prefix, r) for r in result.changed]
         with self.store.write() as db:
             fresh = not known and db.execute("SELECT 1 FROM volumes WHERE pool=? LIMIT 1",
                                              (pool,)).fetchone() is None
@@ -178,9 +188,9 @@ class VolumeIndex:
         return cur.rowcount == 1
 
     def publish(self, pool: str, rec: VolumeRecord) -> None:
-        target = self._target(pool)
+        prefix = self._prefix(pool)
         with self.store.write() as db:
-            db.execute(_INSERT, _row(pool, target, rec))
+            db.execute(_INSERT, _row(pool, prefix, rec))
 
     def set_state(self, pool: str, name: str, state: str, *, expect: str) -> bool:
         with self.store.write() as db:

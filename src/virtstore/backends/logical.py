@@ -1,0 +1,319 @@
+"""The logical pool: an LVM volume group; volumes are its logical volumes.
+
+On a kernel with device-mapper this is libvirt's logical backend: start activates the
+VG (``vgchange -aly``), stop deactivates it, volumes are block devices /dev/VG/LV.
+
+On a kernel without device-mapper LVM can still read and write its metadata (every
+command runs with ``--driverloaded n``), but nothing can be activated. Decision: such
+a pool still starts when its VG is there, in metadata-only mode: volumes are listed,
+created (linear and striped), resized and deleted in the metadata, and their paths
+are where the nodes would be; no /dev/VG/LV node exists. What needs device-mapper
+at creation time (snapshots, sparse/thin volumes) fails with an error naming it, and
+``activate()`` does too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Mapping
+
+from virtstore.backends import _block_utils as bu
+from virtstore.backends.base import (
+    Backend,
+    BackendCaps,
+    CreateRequest,
+    PoolSizes,
+    ScanResult,
+    Stamp,
+    VolumeRecord,
+)
+from virtstore.errors import (
+    AlreadyExists,
+    Busy,
+    CommandFailed,
+    InvalidArgument,
+    OperationInvalid,
+    Unsupported,
+)
+from virtstore.host import devices, lvm
+from virtstore.xml import Extent, PoolDef, VolSource
+
+log = logging.getLogger("virtstore")
+
+STAGING_PREFIX = "virtstore-staging-"
+
+
+def _vg_name(pool: PoolDef) -> str:
+    return pool.source.name or pool.name
+
+
+class LogicalBackend(Backend):
+    caps = BackendCaps(pool_type="logical", build=True, delete=True, vol_create=True,
+                       vol_delete=True, vol_formats=("none", "raw"),
+                       default_vol_format="none", shared=False, file_based=False,
+                       volume_type="block")
+
+    def host_problem(self) -> str | None:
+        # Without device-mapper the metadata can still be managed: not a reason to
+        # refuse the pool type (see the module's notes and docs/backends-block.md).
+        return lvm.tool_problem()
+
+    @staticmethod
+    def dm_problem(what: str) -> Unsupported:
+        return Unsupported(f"{what} needs device-mapper, which this kernel lacks "
+                           f"({lvm.NO_DM_MESSAGE})")
+
+    # -- pool lifecycle --------------------------------------------------------
+    def build(self, pool: PoolDef, overwrite: bool | None) -> None:
+        vg = _vg_name(pool)
+        if not pool.source.devices:
+            raise InvalidArgument("missing storage pool source device name: a volume "
+                                  "group is built from devices")
+        if lvm.vg(vg) is not None:
+            raise OperationInvalid(f"Storage pool already built: volume group '{vg}' "
+                                   "exists")
+        attached: list[str] = []
+        try:
+            pvs: list[str] = []
+            for source in bu.source_paths(pool):
+                if not os.path.exists(source):
+                    raise InvalidArgument(f"device path '{source}' doesn't exist")
+                device, loopdev = bu.build_device(source)
+                if loopdev:
+                    attached.append(loopdev)
+                pv = lvm.pv_of(device)
+                if pv is not None and pv.vg_name:
+                    raise OperationInvalid(f"device '{source}' is already a physical volume "
+                                           f"of volume group '{pv.vg_name}'")
+                if bu.check_overwrite(device, "lvm2", overwrite):
+                    if overwrite:
+                        # As libvirt: clear the old label sector before pvcreate.
+                        with open(device, "r+b") as fh:
+                            fh.write(bytes(512))
+                        lvm.lvm(["pvcreate", "-ff", "-y", device])
+                    else:
+                        lvm.lvm(["pvcreate", device])
+                pvs.append(device)
+            lvm.lvm(["vgcreate", vg, *pvs])
+        finally:
+            for dev in attached:
+                from virtstore.host import loop
+
+                loop.detach(dev)
+
+    def start(self, pool: PoolDef) -> None:
+        vg = _vg_name(pool)
+        found = lvm.vg(vg)
+        if found is None:
+            raise OperationInvalid(f"cannot find logical volume group name '{vg}'")
+        self._match_sources(pool, vg)
+        if lvm.device_mapper_available():
+            lvm.lvm(["vgchange", "-aly", vg])
+        else:
+            log.warning("pool '%s': %s; volume group '%s' is managed in metadata only",
+                        pool.name, lvm.NO_DM_MESSAGE, vg)
+
+    def _match_sources(self, pool: PoolDef, vg: str) -> None:
+        """As libvirt: at least one listed source device must be a PV of the VG."""
+        if not pool.source.devices:
+            return
+        members = {os.path.realpath(pv.name) for pv in lvm.pvs() if pv.vg_name == vg}
+        for source in bu.source_paths(pool):
+            try:
+                device = bu.resolve_device(source)
+            except OperationInvalid:
+                continue
+            if os.path.realpath(device) in members:
+                return
+        raise OperationInvalid(f"cannot find any matching source devices for logical "
+                               f"volume group '{vg}'")
+
+    def activate(self, pool: PoolDef) -> None:
+        """Activate every LV of the pool's VG (libvirt's start)."""
+        if not lvm.device_mapper_available():
+            raise self.dm_problem(f"activating volume group '{_vg_name(pool)}'")
+        lvm.lvm(["vgchange", "-aly", _vg_name(pool)])
+
+    def stop(self, pool: PoolDef) -> None:
+        if lvm.device_mapper_available():
+            lvm.lvm(["vgchange", "-aln", _vg_name(pool)])
+
+    def delete(self, pool: PoolDef) -> None:
+        vg = _vg_name(pool)
+        if lvm.vg(vg) is not None:
+            lvm.lvm(["vgremove", "-f", vg])
+        for source in bu.source_paths(pool):
+            try:
+                device = bu.resolve_device(source)
+            except OperationInvalid:
+                continue
+            if lvm.pv_of(device) is not None:
+                lvm.lvm(["pvremove", device])
+
+    def sizes(self, pool: PoolDef) -> PoolSizes:
+        try:
+            vg = lvm.vg(_vg_name(pool))
+        except CommandFailed:
+            return PoolSizes()
+        if vg is None:
+            return PoolSizes()
+        return PoolSizes(capacity=vg.size, allocation=vg.size - vg.free, available=vg.free)
+
+    # -- volumes: listing ------------------------------------------------------
+    def _record(self, pool: PoolDef, lv: lvm.LogicalVolume) -> VolumeRecord:
+        path = lv.path or f"/dev/{lv.vg_name}/{lv.name}"
+        segs = ";".join(f"{s.start}+{s.size}:{s.pe_ranges}" for s in lv.segments)
+        rec = VolumeRecord(name=lv.name, path=path, key=lv.uuid, type="block", format=None,
+                           capacity=lv.size, allocation=lv.size, physical=lv.size,
+                           ino=0, size=lv.size, mtime_ns=zlib.crc32(segs.encode()),
+                           ctime_ns=zlib.crc32(lv.attr.encode()))
+        if lv.origin:
+            rec.backing_path = f"/dev/{lv.vg_name}/{lv.origin}"
+        if lv.is_thin:
+            rec.allocation = 0
+        return rec
+
+    def _visible(self, lv: lvm.LogicalVolume) -> bool:
+        return not (lv.hidden or lv.is_thin_pool or lv.name.startswith(STAGING_PREFIX))
+
+    def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
+        res = ScanResult()
+        for lv in lvm.lvs(_vg_name(pool)):
+            if not self._visible(lv):
+                continue
+            rec = self._record(pool, lv)
+            old = known.get(rec.name)
+            if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns):
+                res.unchanged.append(rec.name)
+            else:
+                res.changed.append(rec)
+        return res
+
+    def _lv(self, pool: PoolDef, name: str) -> lvm.LogicalVolume | None:
+        return next((lv for lv in lvm.lvs(_vg_name(pool)) if lv.name == name), None)
+
+    def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
+        lv = self._lv(pool, name)
+        return None if lv is None else self._record(pool, lv)
+
+    def volume_source(self, pool: PoolDef, name: str) -> list[VolSource]:
+        """Where an LV lies: per physical volume, its byte extents (as libvirt shows)."""
+        lv = self._lv(pool, name)
+        vg = lvm.vg(_vg_name(pool))
+        if lv is None or vg is None:
+            return []
+        by_dev: dict[str, VolSource] = {}
+        for seg in lv.segments:
+            for dev, first, last in seg.pe_ranges:
+                src = by_dev.setdefault(dev, VolSource(device_path=dev))
+                src.extents.append(Extent(start=first * vg.extent_size,
+                                          end=(last + 1) * vg.extent_size))
+        return list(by_dev.values())
+
+    # -- volumes: changes ------------------------------------------------------
+    def volume_path(self, pool: PoolDef, name: str) -> str:
+        return f"/dev/{_vg_name(pool)}/{name}"
+
+    def staging_path(self, pool: PoolDef, token: str) -> str:
+        return f"{_vg_name(pool)}/{STAGING_PREFIX}{token}"
+
+    def create_volume(self, pool: PoolDef, staging: str, req: CreateRequest) -> None:
+        if req.vol.target.encryption is not None:
+            raise Unsupported("storage pool does not support encrypted volumes")
+        vg, name = staging.split("/", 1)
+        if req.backing_path:
+            self.create_snapshot(vg, name, req.backing_path, req.allocation or req.capacity)
+            return
+        if req.allocation < req.capacity:
+            self.create_sparse(vg, name, req.capacity, req.allocation)
+            return
+        self.create_lv(vg, name, req.capacity)
+
+    def create_lv(self, vg: str, name: str, capacity: int, *, stripes: int = 1,
+                  stripe_size: int | None = None, devices_: list[str] | None = None) -> None:
+        """A linear (or striped over ``stripes`` PVs) LV of ``capacity`` bytes."""
+        if capacity <= 0:
+            raise InvalidArgument("a logical volume needs a capacity above 0")
+        argv = ["lvcreate", "-y", "--name", name, "-L", lvm.size_arg(capacity)]
+        if stripes > 1:
+            argv += ["--stripes", str(stripes)]
+            if stripe_size:
+                argv += ["--stripesize", f"{stripe_size // 1024}k"]
+        if not lvm.device_mapper_available():
+            # Metadata only: nothing to activate, so nothing to zero or wipe either.
+            argv += ["-an", "--zero", "n", "--wipesignatures", "n"]
+        argv.append(vg)
+        argv += devices_ or []
+        lvm.lvm(argv)
+
+    def create_snapshot(self, vg: str, name: str, origin_path: str, size: int) -> None:
+        if not lvm.device_mapper_available():
+            raise self.dm_problem("an LVM snapshot volume")
+        lvm.lvm(["lvcreate", "-y", "--name", name, "-L", lvm.size_arg(size), "--snapshot",
+                 origin_path])
+
+    def create_sparse(self, vg: str, name: str, capacity: int, allocation: int) -> None:
+        """A thin-provisioned volume: allocation below capacity (libvirt's sparse LV)."""
+        if not lvm.device_mapper_available():
+            raise self.dm_problem("a sparse (thin) logical volume")
+        lvm.lvm(["lvcreate", "-y", "--name", name, "-L", lvm.size_arg(max(allocation, 1)),
+                 "--virtualsize", lvm.size_arg(capacity), vg])
+
+    def create_thin_pool(self, vg: str, name: str, size: int) -> None:
+        if not lvm.device_mapper_available():
+            raise self.dm_problem("a thin pool")
+        lvm.lvm(["lvcreate", "-y", "--type", "thin-pool", "--name", name, "-L",
+                 lvm.size_arg(size), vg])
+
+    def commit_volume(self, pool: PoolDef, staging: str, final: str) -> None:
+        vg, name = staging.split("/", 1)
+        new = os.path.basename(final)
+        if self._lv(pool, new) is not None:
+            raise AlreadyExists(f"storage volume '{new}' exists already")
+        try:
+            lvm.lvm(["lvrename", vg, name, new])
+        except CommandFailed as exc:
+            if "already exists" in str(exc):
+                raise AlreadyExists(f"storage volume '{new}' exists already") from exc
+            raise
+
+    def discard_staging(self, staging: str) -> None:
+        lvm.lvm(["lvremove", "-f", staging], check=False)
+
+    def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
+        if lvm.device_mapper_available() and os.path.exists(rec.path):
+            why = devices.users(rec.path)
+            if why:
+                raise Busy(f"volume '{rec.name}' is in use: {'; '.join(why)}")
+        try:
+            lvm.lvm(["lvremove", "-f", f"{_vg_name(pool)}/{rec.name}"])
+        except CommandFailed as exc:
+            if "not found" in str(exc) or "Failed to find" in str(exc):
+                return
+            raise
+
+    def resize_volume(self, pool: PoolDef, rec: VolumeRecord, capacity: int,
+                      shrink: bool = False) -> int:
+        """Grow (or with ``shrink``, shrink) an LV to ``capacity`` bytes, rounded up to
+        whole extents. Returns the new size."""
+        lv = self._lv(pool, rec.name)
+        if lv is None:
+            raise OperationInvalid(f"logical volume '{rec.name}' does not exist")
+        vg = lvm.vg(_vg_name(pool))
+        extent = vg.extent_size if vg is not None and vg.extent_size else 4 * 1024 * 1024
+        wanted = (capacity + extent - 1) // extent * extent
+        if wanted < lv.size and not shrink:
+            raise InvalidArgument("can't shrink capacity below current capacity unless "
+                                  "shrink flag explicitly specified")
+        if wanted == lv.size:
+            return lv.size
+        if vg is not None and wanted - lv.size > vg.free:
+            from virtstore.errors import NoSpace
+
+            raise NoSpace(f"Not enough space left in storage pool: {wanted - lv.size} bytes "
+                          f"needed, {vg.free} available")
+        lvm.lvm(["lvresize", "-f", "-L", lvm.size_arg(wanted), f"{_vg_name(pool)}/{rec.name}"])
+        after = self._lv(pool, rec.name)
+        return after.size if after is not None else wanted
