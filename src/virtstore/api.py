@@ -435,11 +435,26 @@ def default_root() -> str:
     return os.path.join(xdg, "virtstore")
 
 
-def open_connection(uri: str | None = None, *, root: str | None = None) -> Connection:
+def open_connection(uri: str | None = None, *, root: str | None = None,
+                    token: str | None = None, ca: str | None = None) -> Connection:
+    """No URI (or ``embedded://``): the engine in this process. ``unix:///path`` or
+    ``https://host:port``: virtstored, with a bearer ``token`` (default
+    ``VIRTSTORE_TOKEN``) and a CA file to check its certificate (default
+    ``VIRTSTORE_CA``); ``VIRTSTORE_CLIENT_CERT``/``VIRTSTORE_CLIENT_KEY`` name a client
+    certificate for a server that asks for one."""
     uri = uri or os.environ.get("VIRTSTORE_DEFAULT_URI") or None
     if uri in (None, "", "embedded://", "embedded:///"):
         from virtstore.engine.connection import EmbeddedConnection
 
         return EmbeddedConnection(root or default_root())
-    raise InvalidArgument(f"unsupported connection URI '{uri}': only the embedded engine "
-                          "(no URI) is available in this version")
+    assert uri is not None
+    if uri.startswith(("unix:", "https:")):
+        from virtstore.client import RemoteConnection
+
+        env = os.environ.get
+        return RemoteConnection(uri, token=token or env("VIRTSTORE_TOKEN") or None,
+                                ca=ca or env("VIRTSTORE_CA") or None,
+                                cert=env("VIRTSTORE_CLIENT_CERT") or None,
+                                key=env("VIRTSTORE_CLIENT_KEY") or None)
+    raise InvalidArgument(f"unsupported connection URI '{uri}': use no URI (the embedded "
+                          "engine), unix:///PATH/TO/SOCKET or https://HOST:PORT")
