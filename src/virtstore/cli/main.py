@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 PROG = "virtstore"
 
 # Command groups in the order help lists them, with virsh's help keywords.
-GROUPS = (("Storage Pool", "pool"), ("Storage Volume", "volume"), ("Secret", "secret"))
+GROUPS = (("Storage Pool", "pool"), ("Storage Volume", "volume"), ("Secret", "secret"),
+          ("Job", "job"), ("Event", "event"))
 
 USAGE = f"""\
 {PROG} [options]... <command> [args...]
@@ -35,10 +36,10 @@ USAGE = f"""\
 
 
 def commands() -> dict[str, Command]:
-    from virtstore.cli import pool_cmds, secret_cmds, vol_cmds
+    from virtstore.cli import data_cmds, job_cmds, pool_cmds, secret_cmds, vol_cmds
 
     table = {}
-    for module in (pool_cmds, vol_cmds, secret_cmds):
+    for module in (pool_cmds, vol_cmds, data_cmds, secret_cmds, job_cmds):
         for cmd in module.COMMANDS:
             table[cmd.name] = cmd
     return table
