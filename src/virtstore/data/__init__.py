@@ -14,9 +14,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from virtstore.data.convert import convert
     from virtstore.data.copy import copy_file, copy_sparse, reflink
     from virtstore.data.extents import data_extents, is_zero, punch_hole, zero_out
     from virtstore.data.monitor import Monitor
+    from virtstore.data.stream import decode_sparse, download, encode_sparse, upload
     from virtstore.data.wipe import ALGORITHMS, wipe
 
 _WHERE = {
@@ -25,17 +27,25 @@ _WHERE = {
     "zero_out": "extents",
     "copy_file": "copy", "copy_sparse": "copy", "reflink": "copy",
     "ALGORITHMS": "wipe", "wipe": "wipe",
+    "convert": "convert",
+    "upload": "stream", "download": "stream", "encode_sparse": "stream",
+    "decode_sparse": "stream",
 }
 
 __all__ = [
     "ALGORITHMS",
     "Monitor",
+    "convert",
     "copy_file",
     "copy_sparse",
     "data_extents",
+    "decode_sparse",
+    "download",
+    "encode_sparse",
     "is_zero",
     "punch_hole",
     "reflink",
+    "upload",
     "wipe",
     "zero_out",
 ]

@@ -37,7 +37,7 @@ _CFR_FALLBACK = NOT_SUPPORTED | {errno.EXDEV, errno.EBADF, errno.ETXTBSY, errno.
 _REFLINK_IMPOSSIBLE = NOT_SUPPORTED | {errno.EXDEV}
 
 
-class _Writer:
+class RangeWriter:
     """Writes one range of the target, tracking the target's size so holes past its
     end cost nothing."""
 
@@ -118,7 +118,7 @@ def copy_sparse(src_fd: int, dst_fd: int, *, src_offset: int = 0, dst_offset: in
         length = max(0, size_of(src_fd) - src_offset)
     if not monitor.total:
         monitor.set_total(length)
-    writer = _Writer(dst_fd, dst_zeroed=dst_zeroed)
+    writer = RangeWriter(dst_fd, dst_zeroed=dst_zeroed)
     shift = dst_offset - src_offset
     end = src_offset + length
     use_cfr = allow_clone and not detect_zeroes

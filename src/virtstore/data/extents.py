@@ -43,7 +43,7 @@ def nospace(exc: OSError, what: str) -> NoSpace:
     return NoSpace(f"{why} while {what}")
 
 
-def _zeros(n: int) -> bytearray:
+def zeros(n: int) -> bytearray:
     # A bytearray on the left of == compares with any buffer by memcmp (bytes and
     # memoryview fall back to slow element-wise comparison with other buffer types).
     z = _zero_cache.get(n)
@@ -59,10 +59,10 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
     mv = memoryview(buf).cast("B") if isinstance(buf, memoryview) else memoryview(buf)
     n = len(mv)
     if n <= ZERO_CHUNK:
-        return bool(_zeros(n) == mv)
+        return bool(zeros(n) == mv)
     for off in range(0, n, ZERO_CHUNK):
         piece = mv[off:off + ZERO_CHUNK]
-        if not _zeros(len(piece)) == piece:
+        if not zeros(len(piece)) == piece:
             return False
     return True
 
@@ -76,12 +76,12 @@ def zero_runs(buf: bytes | bytearray | memoryview,
         if n:
             yield 0, n, True
         return
-    zero = _zeros(block)
+    zero = zeros(block)
     start = 0
     state: bool | None = None
     for off in range(0, n, block):
         piece = mv[off:off + block]
-        z = bool((zero if len(piece) == block else _zeros(len(piece))) == piece)
+        z = bool((zero if len(piece) == block else zeros(len(piece))) == piece)
         if state is None:
             state = z
         elif z != state:
@@ -224,7 +224,7 @@ def block_ioctl(fd: int, request: int, offset: int, length: int) -> bool:
 def write_zeros(fd: int, offset: int, length: int) -> None:
     """Write real zeros over [offset, offset+length)."""
     end = offset + length
-    zero = memoryview(_zeros(min(ZERO_CHUNK, max(length, 0))))
+    zero = memoryview(zeros(min(ZERO_CHUNK, max(length, 0))))
     while offset < end:
         n = min(len(zero), end - offset)
         try:
