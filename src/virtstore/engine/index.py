@@ -130,9 +130,14 @@ class VolumeIndex:
         active = "AND v.state='ready' AND p.active=1 LIMIT 1"
         row = self.store.query_one(f"{_SELECT_INFO} WHERE v.path=? {active}", (path,))
         if row is None:
+            # Most paths are a pool's target plus a name: find the pool, then the row by
+            # its primary key.
             parent, name = os.path.split(path)
-            row = self.store.query_one(f"{_SELECT_INFO} WHERE p.target_path=? AND v.name=? "
-                                       f"AND v.path IS NULL {active}", (parent, name))
+            pool = self.store.query_one("SELECT name FROM pools WHERE target_path=? AND "
+                                        "active=1", (parent,))
+            if pool is not None:
+                row = self.store.query_one(f"{_SELECT_INFO} WHERE v.pool=? AND v.name=? AND "
+                                           f"v.path IS NULL {active}", (pool["name"], name))
         return None if row is None else _info(row)
 
     def by_key(self, key: str) -> VolumeInfo:
