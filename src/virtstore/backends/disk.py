@@ -178,8 +178,9 @@ class DiskBackend(Backend):
         rec = VolumeRecord(name=name, path=part.node, key=part.node, type="block",
                            format=part.format, capacity=part.size,
                            allocation=0 if extended else part.size, physical=part.size,
-                           ino=part.number, size=part.size, mtime_ns=part.start,
-                           ctime_ns=zlib.crc32(f"{part.type_code}/{part.kind}".encode()))
+                           # The stamp is the whole entry; there are no timestamps to show.
+                           ino=zlib.crc32(f"{part.number}/{part.start}/{part.type_code}/"
+                                          f"{part.kind}".encode()), size=part.size)
         try:
             st = os.stat(part.node)
             if stat.S_ISBLK(st.st_mode):

@@ -167,8 +167,8 @@ class LogicalBackend(Backend):
         segs = ";".join(f"{s.start}+{s.size}:{s.pe_ranges}" for s in lv.segments)
         rec = VolumeRecord(name=lv.name, path=path, key=lv.uuid, type="block", format=None,
                            capacity=lv.size, allocation=lv.size, physical=lv.size,
-                           ino=0, size=lv.size, mtime_ns=zlib.crc32(segs.encode()),
-                           ctime_ns=zlib.crc32(lv.attr.encode()))
+                           ino=zlib.crc32(f"{segs}/{lv.attr}/{lv.origin}".encode()),
+                           size=lv.size)
         if lv.origin:
             rec.backing_path = f"/dev/{lv.vg_name}/{lv.origin}"
         if lv.is_thin:

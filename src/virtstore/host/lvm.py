@@ -1,0 +1,259 @@
+"""LVM through its JSON reports: volume groups, physical and logical volumes.
+
+Every command runs through the runner. Reports use ``--reportformat json --units b
+--nosuffix`` so sizes are exact byte counts. On a kernel without device-mapper every
+command gets ``--driverloaded n``: LVM then changes metadata only (no activation, no
+/dev/VG/LV nodes), which is all such a host can do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from virtstore.errors import CommandFailed
+from virtstore.host.runner import run, which
+
+# lvm complains about every inherited descriptor otherwise.
+_ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+VG_FIELDS = "vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count," \
+            "pv_count,lv_count,vg_attr"
+PV_FIELDS = "pv_name,vg_name,pv_uuid,pv_size,pv_free,dev_size,pv_fmt"
+LV_FIELDS = "lv_name,vg_name,lv_uuid,lv_path,lv_size,lv_attr,segtype,stripes,stripe_size," \
+            "seg_start,seg_size,seg_pe_ranges,devices,origin,pool_lv,lv_active"
+
+
+def device_mapper_available() -> bool:
+    """Whether the running kernel has device-mapper (needed to activate LVs)."""
+    # Not /dev/mapper/control: lvm creates that node itself even where the kernel has no
+    # driver behind it.
+    if os.path.exists("/sys/class/misc/device-mapper"):
+        return True
+    try:
+        with open("/proc/misc", encoding="ascii", errors="replace") as fh:
+            if any(line.split()[-1:] == ["device-mapper"] for line in fh):
+                return True
+    except OSError:
+        pass
+    # Not loaded yet but loadable: lvm loads dm_mod itself on a normal host.
+    release = os.uname().release
+    for base in (f"/lib/modules/{release}", f"/usr/lib/modules/{release}"):
+        try:
+            with open(os.path.join(base, "modules.builtin"), encoding="ascii") as fh:
+                if any(line.rstrip().endswith("/dm-mod.ko") for line in fh):
+                    return True
+        except OSError:
+            pass
+        for ext in ("", ".xz", ".zst", ".gz"):
+            if os.path.exists(os.path.join(base, "kernel/drivers/md/dm-mod.ko" + ext)):
+                return True
+    return False
+
+
+NO_DM_MESSAGE = ("device-mapper is not available in this kernel: logical volumes cannot "
+                 "be activated")
+
+
+def tool_problem() -> str | None:
+    if which("lvm") is None:
+        return "the LVM tools are not installed (lvm, from Debian's lvm2)"
+    return None
+
+
+def lvm(args: Sequence[str], *, check: bool = True, timeout: float = 120.0) -> str:
+    """Run ``lvm ARGS...`` (``--driverloaded n`` without device-mapper); its stdout."""
+    argv = ["lvm", *args]
+    if not device_mapper_available():
+        argv.insert(2, "--driverloaded")
+        argv.insert(3, "n")
+    return run(argv, env=_ENV, check=check, timeout=timeout).stdout
+
+
+def _report(text: str, *kinds: str) -> list[dict[str, str]]:
+    """The rows of some kinds ("vg", "pv", "lv", "seg") of an lvm JSON report."""
+    if not text.strip():
+        return []
+    # A report may be followed by log lines on some versions: take the JSON object.
+    start = text.find("{")
+    doc = json.loads(text[start:]) if start >= 0 else {}
+    rows: list[dict[str, str]] = []
+    for part in doc.get("report", []):
+        for kind in kinds:
+            rows.extend(part.get(kind, []))
+    return rows
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    uuid: str
+    size: int
+    free: int
+    extent_size: int
+    extent_count: int
+    free_count: int
+    pv_count: int
+    lv_count: int
+    attr: str
+
+
+@dataclass(frozen=True)
+class PhysicalVolume:
+    name: str
+    vg_name: str
+    uuid: str
+    size: int
+    free: int
+    dev_size: int
+    fmt: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    size: int
+    stripes: int
+    stripe_size: int
+    segtype: str
+    # (device, first extent, last extent) per stripe, from seg_pe_ranges
+    pe_ranges: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class LogicalVolume:
+    name: str
+    vg_name: str
+    uuid: str
+    path: str
+    size: int
+    attr: str
+    origin: str
+    pool_lv: str
+    active: str
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def is_thin_pool(self) -> bool:
+        return self.attr[:1] == "t"
+
+    @property
+    def is_thin(self) -> bool:
+        return self.attr[:1] == "V"
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.attr[:1] in ("s", "S")
+
+    @property
+    def hidden(self) -> bool:
+        # Internal LVs (thin pool data/metadata, mirror logs) are shown in brackets.
+        return self.name.startswith("[")
+
+
+def parse_vgs(text: str) -> list[VolumeGroup]:
+    return [VolumeGroup(name=r.get("vg_name", ""), uuid=r.get("vg_uuid", ""),
+                        size=_int(r.get("vg_size")), free=_int(r.get("vg_free")),
+                        extent_size=_int(r.get("vg_extent_size")),
+                        extent_count=_int(r.get("vg_extent_count")),
+                        free_count=_int(r.get("vg_free_count")),
+                        pv_count=_int(r.get("pv_count")), lv_count=_int(r.get("lv_count")),
+                        attr=r.get("vg_attr", ""))
+            for r in _report(text, "vg")]
+
+
+def parse_pvs(text: str) -> list[PhysicalVolume]:
+    return [PhysicalVolume(name=r.get("pv_name", ""), vg_name=r.get("vg_name", ""),
+                           uuid=r.get("pv_uuid", ""), size=_int(r.get("pv_size")),
+                           free=_int(r.get("pv_free")), dev_size=_int(r.get("dev_size")),
+                           fmt=r.get("pv_fmt", ""))
+            for r in _report(text, "pv")]
+
+
+def _pe_ranges(text: str) -> list[tuple[str, int, int]]:
+    """``/dev/sdb1:0-9 /dev/sdc1:0-9`` -> [(device, first, last), ...]."""
+    out: list[tuple[str, int, int]] = []
+    for item in text.split():
+        dev, _, rng = item.rpartition(":")
+        first, _, last = rng.partition("-")
+        if dev and first.isdigit() and last.isdigit():
+            out.append((dev, int(first), int(last)))
+    return out
+
+
+def parse_lvs(text: str) -> list[LogicalVolume]:
+    """One LogicalVolume per LV, its segments in order (lvs prints a row per segment)."""
+    by_uuid: dict[str, LogicalVolume] = {}
+    for r in _report(text, "lv", "seg"):
+        uuid = r.get("lv_uuid", "")
+        lv = by_uuid.get(uuid)
+        if lv is None:
+            lv = LogicalVolume(name=r.get("lv_name", ""), vg_name=r.get("vg_name", ""),
+                               uuid=uuid, path=r.get("lv_path", ""),
+                               size=_int(r.get("lv_size")), attr=r.get("lv_attr", ""),
+                               origin=r.get("origin", ""), pool_lv=r.get("pool_lv", ""),
+                               active=r.get("lv_active", ""))
+            by_uuid[uuid] = lv
+        if "seg_start" in r:
+            lv.segments.append(Segment(start=_int(r.get("seg_start")),
+                                       size=_int(r.get("seg_size")),
+                                       stripes=_int(r.get("stripes")) or 1,
+                                       stripe_size=_int(r.get("stripe_size")),
+                                       segtype=r.get("segtype", ""),
+                                       pe_ranges=_pe_ranges(r.get("seg_pe_ranges", ""))))
+    return list(by_uuid.values())
+
+
+_REPORT_OPTS = ("--reportformat", "json", "--units", "b", "--nosuffix")
+
+
+def vgs(names: Sequence[str] = ()) -> list[VolumeGroup]:
+    return parse_vgs(lvm(["vgs", *_REPORT_OPTS, "-o", VG_FIELDS, *names]))
+
+
+def vg(name: str) -> VolumeGroup | None:
+    """The volume group ``name``, or None when no such VG is visible."""
+    try:
+        found = vgs([name])
+    except CommandFailed as exc:
+        text = f"{exc} {exc.stderr}"
+        if "not found" in text or "does not exist" in text or "Cannot process volume" in text:
+            return None
+        raise
+    return found[0] if found else None
+
+
+def pvs(names: Sequence[str] = ()) -> list[PhysicalVolume]:
+    return parse_pvs(lvm(["pvs", *_REPORT_OPTS, "-o", PV_FIELDS, *names]))
+
+
+def lvs(vg_name: str) -> list[LogicalVolume]:
+    return parse_lvs(lvm(["lvs", *_REPORT_OPTS, "-a", "--segments", "-o", LV_FIELDS,
+                          vg_name]))
+
+
+def pv_of(device: str) -> PhysicalVolume | None:
+    """The PV on ``device`` (with its VG name, "" if none), or None if it is not a PV."""
+    real = os.path.realpath(device)
+    try:
+        found = pvs()
+    except CommandFailed:
+        return None
+    for pv in found:
+        if os.path.realpath(pv.name) == real:
+            return pv
+    return None
+
+
+def size_arg(nbytes: int) -> str:
+    """A size for -L: bytes, rounded up to whole KiB (LVM's smallest unit here)."""
+    return f"{(nbytes + 1023) // 1024}k"
