@@ -152,6 +152,7 @@ class Monitor:
             raise ValueError(f"negative progress {n}")
         self._done += n
         if metered:
+            self._forget_old_credit()
             self._metered += n
         self._maybe_check()
         if metered and self._bandwidth is not None:
@@ -169,15 +170,18 @@ class Monitor:
         due = self._t0 + self._metered / bw
         return max(0.0, due - self._clock())
 
-    def _throttle(self) -> None:
+    def _forget_old_credit(self) -> None:
+        # Behind by more than the burst (the disk was slow, or the caller paused):
+        # forget the old credit rather than run unthrottled to make it all up.
         bw = self._bandwidth
-        assert bw is not None
+        if bw is None:
+            return
         now = self._clock()
         if self._t0 + self._metered / bw < now - BURST:
-            # Behind by more than the burst (the disk was slow, or the caller paused):
-            # forget the old credit rather than run unthrottled to make it up.
             self._t0 = now - BURST
             self._metered = 0
+
+    def _throttle(self) -> None:
         delay = self.throttle_delay()
         while delay > 0:
             self._sleep(min(delay, SLEEP_SLICE))
