@@ -9,7 +9,7 @@ import uuid as uuidlib
 from virtstore.api import POOL_INACTIVE, POOL_RUNNING, PoolInfo
 from virtstore.backends import backend_for
 from virtstore.backends.base import PoolSizes, Stamp
-from virtstore.engine import locks
+from virtstore.engine import locks, nesting
 from virtstore.engine.events import EventLog
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_name
@@ -84,9 +84,12 @@ class PoolManager:
         row = self.state.row(name)
         pool = self.state.definition(row, inactive=inactive)
         if row.active and not inactive:
-            sizes = backend_for(row.type).sizes(pool)
+            backend = backend_for(row.type)
+            sizes = backend.sizes(pool)
             pool.capacity, pool.allocation, pool.available = (
                 sizes.capacity, sizes.allocation, sizes.available)
+            if isinstance(backend, nesting.LiveSource):
+                backend.live_source(pool)  # e.g. a disk pool's free extents
             return format_pool_xml(pool)
         return format_pool_xml(pool, inactive=True)
 
@@ -199,13 +202,20 @@ class PoolManager:
         if problem:
             raise Unsupported(problem)
         pool = self.state.definition(row)
-        if build and backend.caps.build:
-            backend.build(pool, overwrite)
-        backend.start(pool)
+        # A source device that is a file (a volume of another pool) gets a loop device.
+        attached = nesting.attach_sources(self.state, pool)
         try:
-            self._scan_into_index(pool)
+            if build and backend.caps.build:
+                backend.build(pool, overwrite)
+            backend.start(pool)
+            try:
+                self._scan_into_index(pool)
+            except BaseException:
+                backend.stop(pool)
+                raise
         except BaseException:
-            backend.stop(pool)
+            if attached:
+                nesting.detach_sources(self.state, pool)
             raise
         with self.state.store.write() as db:
             cur = self.state.row(name)
@@ -217,6 +227,7 @@ class PoolManager:
         self._emit("started", name)
 
     def stop(self, name: str) -> None:
+        nesting.check_pool_unused(self.state, self.index, name, "stop")
         with self.state.store.write() as db:
             row = self.state.row(name)
             if not row.active:
@@ -227,7 +238,9 @@ class PoolManager:
             if busy is not None or locks.pool_busy(db, name):
                 raise OperationInvalid(f"Requested operation is not valid: pool '{name}' "
                                        "has asynchronous jobs running")
-            backend_for(row.type).stop(self.state.definition(row))
+            pool = self.state.definition(row)
+            backend_for(row.type).stop(pool)
+            nesting.detach_sources(self.state, pool)
             if row.persistent:
                 db.execute("UPDATE pools SET active=0, live_xml=NULL WHERE name=?", (name,))
             else:
@@ -243,6 +256,7 @@ class PoolManager:
         backend = backend_for(row.type)
         if not backend.caps.delete:
             raise backend.unsupported("pool delete")
+        nesting.check_pool_unused(self.state, self.index, name, "delete")
         backend.delete(self.state.definition(row))
 
     def refresh(self, name: str) -> None:
