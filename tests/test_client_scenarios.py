@@ -1,0 +1,194 @@
+"""The same scenarios through the embedded engine and through virtstored's client.
+
+Whatever a caller does with ``virtstore.connect()`` must give the same results, files on
+disk and errors over ``unix:///...`` as in process.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+import virtstore
+from conftest import dir_pool_xml, qemu_info, requires_qemu_img
+from server_fixtures import start_daemon
+from virtstore.api import Connection, PoolFilter, VolumeCreateArgs
+from virtstore.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NoSuchPool,
+    NoSuchSecret,
+    NoSuchVolume,
+    OperationInvalid,
+)
+
+
+class Setup(NamedTuple):
+    conn: Connection
+    root: Path
+    tmp: Path
+
+
+@pytest.fixture(params=["embedded", "remote"])
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
+    root = tmp_path / "state"
+    if request.param == "embedded":
+        conn = virtstore.connect(root=str(root))
+        yield Setup(conn, root, tmp_path)
+        conn.close()
+        return
+    d = start_daemon(root)
+    conn = virtstore.connect(d.rw_uri)
+    assert type(conn).__name__ == "RemoteConnection"
+    try:
+        yield Setup(conn, root, tmp_path)
+    finally:
+        conn.close()
+        d.stop()
+
+
+def test_pool_lifecycle(setup: Setup) -> None:
+    conn, _, tmp = setup
+    target = tmp / "p1"
+    name = conn.pool_define_xml(dir_pool_xml("p1", target))
+    assert name == "p1"
+    info = conn.pool_info("p1")
+    assert (info.state, info.persistent, info.autostart) == ("inactive", True, False)
+    with pytest.raises(OperationInvalid):
+        conn.list_volumes("p1")
+    conn.pool_build("p1")
+    assert target.is_dir()
+    conn.pool_start("p1")
+    assert conn.pool_info("p1").state == "running"
+    assert conn.pool_lookup_by_uuid(info.uuid) == "p1"
+    assert conn.pool_lookup_by_target_path(str(target)) == "p1"
+    names = [p.name for p in conn.list_pools()]
+    assert names == sorted(names) and {"default", "p1"} <= set(names)
+    assert [p.name for p in conn.list_pools(PoolFilter(active=False))] == []
+    assert "p1" in [p.name for p in conn.list_pools(PoolFilter(types=("dir",)))]
+    assert conn.list_pools(PoolFilter(types=("logical",))) == []
+    conn.pool_set_autostart("p1", True)
+    assert conn.pool_info("p1").autostart
+    assert [p.name for p in conn.list_pools(PoolFilter(autostart=True))] == ["default", "p1"]
+    xml = conn.pool_xml("p1")
+    assert "<name>p1</name>" in xml and str(target) in xml
+    assert "<name>p1</name>" in conn.pool_xml("p1", inactive=True)
+    # a file dropped in by hand appears after a refresh
+    (target / "by-hand.img").write_bytes(b"\0" * 4096)
+    assert conn.list_volumes("p1") == []
+    conn.pool_refresh("p1")
+    assert [v.name for v in conn.list_volumes("p1")] == ["by-hand.img"]
+    conn.pool_stop("p1")
+    assert conn.pool_info("p1").state == "inactive"
+    with pytest.raises(OperationInvalid):
+        conn.pool_undefine("default")  # running
+    (target / "by-hand.img").unlink()
+    conn.pool_delete("p1")
+    assert not target.exists()
+    conn.pool_undefine("p1")
+    with pytest.raises(NoSuchPool):
+        conn.pool_info("p1")
+    with pytest.raises(NoSuchPool):
+        conn.pool_lookup_by_uuid(info.uuid)
+
+
+def test_pool_errors_are_the_engines(setup: Setup) -> None:
+    conn, _, tmp = setup
+    with pytest.raises(NoSuchPool, match="no storage pool with matching name 'nope'"):
+        conn.pool_start("nope")
+    conn.pool_define_xml(dir_pool_xml("p2", tmp / "p2"))
+    with pytest.raises(AlreadyExists):
+        conn.pool_define_xml(dir_pool_xml("p3", tmp / "p2"))  # same target path
+    with pytest.raises(InvalidArgument):
+        conn.pool_define_xml("<pool type='dir'><name>../x</name><target><path>/tmp/x"
+                             "</path></target></pool>")
+    with pytest.raises(InvalidArgument):
+        conn.pool_define_xml("<!DOCTYPE pool [<!ENTITY e 'x'>]><pool type='dir'>"
+                             "<name>&e;</name></pool>")
+
+
+def test_transient_pool(setup: Setup) -> None:
+    conn, _, tmp = setup
+    name = conn.pool_create_xml(dir_pool_xml("t1", tmp / "t1"), build=True)
+    info = conn.pool_info(name)
+    assert (info.state, info.persistent) == ("running", False)
+    conn.pool_stop("t1")
+    with pytest.raises(NoSuchPool):
+        conn.pool_info("t1")
+
+
+@requires_qemu_img
+def test_volumes(setup: Setup) -> None:
+    conn, _, tmp = setup
+    target = tmp / "vols"
+    conn.pool_define_xml(dir_pool_xml("v", target))
+    conn.pool_start("v", build=True)
+    raw = conn.volume_create("v", VolumeCreateArgs("disk.raw", 8 << 20, format="raw"))
+    assert raw == "disk.raw"
+    st = os.stat(target / "disk.raw")
+    assert st.st_size == 8 << 20 and stat.S_IMODE(st.st_mode) == 0o600
+    qc = conn.volume_create_xml("v", "<volume><name>disk.qcow2</name>"
+                                "<capacity unit='M'>64</capacity><allocation>0</allocation>"
+                                "<target><format type='qcow2'/></target></volume>")
+    assert qc == "disk.qcow2"
+    qi = qemu_info(target / "disk.qcow2")
+    assert qi["format"] == "qcow2" and qi["virtual-size"] == 64 << 20
+    over = conn.volume_create("v", VolumeCreateArgs("over.qcow2", 64 << 20, format="qcow2",
+                                                    backing_vol="disk.qcow2",
+                                                    backing_vol_format="qcow2"))
+    oi = qemu_info(target / over)
+    assert oi["backing-filename"] == str(target / "disk.qcow2")
+    vols = conn.list_volumes("v")
+    assert [v.name for v in vols] == ["disk.qcow2", "disk.raw", "over.qcow2"]
+    info = conn.volume_info("v", "disk.qcow2")
+    assert (info.format, info.capacity, info.path) == ("qcow2", 64 << 20,
+                                                       str(target / "disk.qcow2"))
+    assert conn.volume_lookup_by_key(info.key) == info
+    assert conn.volume_lookup_by_path(str(target / "disk.qcow2")) == info
+    assert conn.volume_by_path_or_key(str(target / "disk.raw")).name == "disk.raw"
+    xml = conn.volume_xml("v", "disk.qcow2")
+    assert "<name>disk.qcow2</name>" in xml and "<format type='qcow2'/>" in xml
+    with pytest.raises(AlreadyExists):
+        conn.volume_create("v", VolumeCreateArgs("disk.raw", 1 << 20))
+    for bad in ("../escape.img", "a/b", ".."):
+        with pytest.raises(InvalidArgument):
+            conn.volume_create("v", VolumeCreateArgs(bad, 1 << 20))
+    assert not (tmp / "escape.img").exists()
+    conn.volume_delete("v", "over.qcow2")
+    assert not (target / "over.qcow2").exists()
+    with pytest.raises(NoSuchVolume):
+        conn.volume_info("v", "over.qcow2")
+    with pytest.raises(NoSuchVolume):
+        conn.volume_lookup_by_path(str(target / "over.qcow2"))
+    with pytest.raises(NoSuchVolume):
+        conn.volume_delete("v", "../disk.raw")
+
+
+def test_secrets(setup: Setup) -> None:
+    conn, _, _ = setup
+    uuid = conn.secret_define_xml("<secret ephemeral='no' private='no'><description>ceph key"
+                                  "</description><usage type='ceph'><name>client.admin</name>"
+                                  "</usage></secret>")
+    info = conn.secret_info(uuid)
+    assert (info.usage_type, info.usage_id, info.private) == ("ceph", "client.admin", False)
+    assert [s.uuid for s in conn.list_secrets()] == [uuid]
+    assert conn.secret_lookup_by_usage("ceph", "client.admin") == uuid
+    assert f"<uuid>{uuid}</uuid>" in conn.secret_xml(uuid)
+    value = bytes(range(256))
+    conn.secret_set_value(uuid, value)
+    assert conn.secret_get_value(uuid) == value
+    conn.secret_undefine(uuid)
+    with pytest.raises(NoSuchSecret):
+        conn.secret_info(uuid)
+    assert conn.list_secrets() == []
+
+
+def test_capabilities(setup: Setup) -> None:
+    xml = setup.conn.pool_capabilities_xml()
+    assert xml.lstrip().startswith("<storagepoolCapabilities")
+    assert "<pool type='dir' supported='yes'>" in xml
