@@ -364,6 +364,18 @@ class Connection(abc.ABC):
     def latest_event_id(self) -> int:
         raise self._missing("events")
 
+    # -- host ------------------------------------------------------------------
+    def host_devices(self) -> list[dict[str, Any]]:
+        """The host's block devices (path, size, sector sizes, model, vendor, serial,
+        WWN, transport, rotational, removable, read-only, partition table, partitions,
+        filesystem type/UUID/label, holders, mount points), as plain dicts."""
+        raise self._missing("host device listing")
+
+    def find_pool_sources(self, pool_type: str, source_xml: str | None = None) -> str:
+        """libvirt's virConnectFindStoragePoolSources: a <sources> document of what
+        could become a pool of ``pool_type`` here; ``source_xml`` narrows the search."""
+        raise self._missing("pool source discovery")
+
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release resources; the default has none."""

@@ -19,7 +19,7 @@ PROG = "virtstore"
 
 # Command groups in the order help lists them, with virsh's help keywords.
 GROUPS = (("Storage Pool", "pool"), ("Storage Volume", "volume"), ("Secret", "secret"),
-          ("Job", "job"), ("Event", "event"))
+          ("Job", "job"), ("Event", "event"), ("Host", "host"))
 
 USAGE = f"""\
 {PROG} [options]... <command> [args...]
@@ -36,10 +36,10 @@ USAGE = f"""\
 
 
 def commands() -> dict[str, Command]:
-    from virtstore.cli import data_cmds, job_cmds, pool_cmds, secret_cmds, vol_cmds
+    from virtstore.cli import data_cmds, host_cmds, job_cmds, pool_cmds, secret_cmds, vol_cmds
 
     table = {}
-    for module in (pool_cmds, vol_cmds, data_cmds, secret_cmds, job_cmds):
+    for module in (pool_cmds, vol_cmds, data_cmds, secret_cmds, job_cmds, host_cmds):
         for cmd in module.COMMANDS:
             table[cmd.name] = cmd
     return table

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from virtstore.api import (
     Connection,
@@ -274,6 +274,17 @@ class EmbeddedConnection(Connection):
 
     def latest_event_id(self) -> int:
         return self.events.latest_id()
+
+    # -- host ------------------------------------------------------------------
+    def host_devices(self) -> list[dict[str, Any]]:
+        from virtstore.host.devices import host_devices
+
+        return [d.to_dict() for d in host_devices()]
+
+    def find_pool_sources(self, pool_type: str, source_xml: str | None = None) -> str:
+        from virtstore.engine.discovery import find_pool_sources
+
+        return find_pool_sources(pool_type, source_xml)
 
     # -- secrets ---------------------------------------------------------------
     def secret_define_xml(self, xml: str) -> str:
