@@ -53,22 +53,36 @@ def _json_line(out: TextIO, job: JobInfo) -> None:
 class _Bar:
     """A rich progress bar on stderr for one job, made on first use."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, job: JobInfo) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
             Progress,
+            ProgressColumn,
+            Task,
             TextColumn,
             TimeRemainingColumn,
-            TransferSpeedColumn,
         )
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            """Bytes per second in binary units, as the sizes are shown."""
+
+            def render(self, task: Task) -> Text:
+                speed = task.finished_speed or task.speed
+                if speed is None:
+                    return Text("?", style="progress.data.speed")
+                from virtstore.cli.output import pretty_size
+
+                return Text(f"{pretty_size(int(speed))}/s", style="progress.data.speed")
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                                 DownloadColumn(binary_units=True), Rate(),
                                  TimeRemainingColumn(),
                                  console=Console(file=sys.stderr), transient=True)
-        self.task = self.progress.add_task(label, total=None)
+        self.task = self.progress.add_task(label, total=job.bytes_total or None,
+                                           completed=job.bytes_done)
         self.progress.start()
 
     def update(self, job: JobInfo) -> None:
@@ -108,8 +122,8 @@ def follow(conn: Connection, job: JobInfo, *, out: TextIO, json_lines: bool = Fa
                         _json_line(out, job)
                         shown, last_line = key, now
                 if bar is None and want_bar and time.monotonic() - start >= BAR_DELAY:
-                    bar = _Bar(label or f"{job.kind} {job.volume or ''}".strip())
-                if bar is not None:
+                    bar = _Bar(label or f"{job.kind} {job.volume or ''}".strip(), job)
+                elif bar is not None:
                     bar.update(job)
                 if job.finished:
                     break
