@@ -22,8 +22,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from virtstore.api import Connection
 
 RW_TOKEN = "rw-token-0123456789abcdef"
 RO_TOKEN = "ro-token-0123456789abcdef"
@@ -123,6 +126,33 @@ def daemon_fixture(tmp_path: Path) -> Iterator[Daemon]:
     d = start_daemon(tmp_path / "state")
     yield d
     d.stop()
+
+
+class Setup(NamedTuple):
+    conn: Connection
+    root: Path
+    tmp: Path
+
+
+@pytest.fixture(params=["embedded", "remote"], name="setup")
+def setup_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
+    """The same test twice: on the engine in process, and through a virtstored."""
+    import virtstore
+
+    root = tmp_path / "state"
+    if request.param == "embedded":
+        conn = virtstore.connect(root=str(root))
+        yield Setup(conn, root, tmp_path)
+        conn.close()
+        return
+    d = start_daemon(root)
+    conn = virtstore.connect(d.rw_uri)
+    assert type(conn).__name__ == "RemoteConnection"
+    try:
+        yield Setup(conn, root, tmp_path)
+    finally:
+        conn.close()
+        d.stop()
 
 
 # -- TLS material -------------------------------------------------------------------------

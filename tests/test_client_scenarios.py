@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
-from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-import virtstore
 from conftest import dir_pool_xml, qemu_info, requires_qemu_img
-from server_fixtures import start_daemon
-from virtstore.api import Connection, PoolFilter, VolumeCreateArgs
+from server_fixtures import Setup, setup_fixture  # noqa: F401
+from virtstore.api import PoolFilter, VolumeCreateArgs
 from virtstore.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -26,30 +22,6 @@ from virtstore.errors import (
     NoSuchVolume,
     OperationInvalid,
 )
-
-
-class Setup(NamedTuple):
-    conn: Connection
-    root: Path
-    tmp: Path
-
-
-@pytest.fixture(params=["embedded", "remote"])
-def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
-    root = tmp_path / "state"
-    if request.param == "embedded":
-        conn = virtstore.connect(root=str(root))
-        yield Setup(conn, root, tmp_path)
-        conn.close()
-        return
-    d = start_daemon(root)
-    conn = virtstore.connect(d.rw_uri)
-    assert type(conn).__name__ == "RemoteConnection"
-    try:
-        yield Setup(conn, root, tmp_path)
-    finally:
-        conn.close()
-        d.stop()
 
 
 def test_pool_lifecycle(setup: Setup) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -580,9 +581,13 @@ class App:
         def run(writer: StreamWriter) -> Response | None:
             sink = _LazySink(writer)
             try:
-                job = conn.volume_download(pool, name, sink,  # type: ignore[arg-type]
-                                           offset=offset, length=length, sparse=False,
-                                           bandwidth=bandwidth)
+                try:
+                    job = conn.volume_download(pool, name, sink,  # type: ignore[arg-type]
+                                               offset=offset, length=length, sparse=False,
+                                               bandwidth=bandwidth)
+                    sink.job_id = job.id
+                finally:
+                    sink.job_known.set()
                 if not job.finished:
                     job = conn.job_wait(job.id)
             except VirtstoreError as err:
@@ -767,17 +772,23 @@ def _job_final(job: JobInfo) -> Response:
 
 
 class _LazySink:
-    """The engine's sink for a download: the response starts with the first byte."""
+    """The engine's sink for a download: the response starts with the first byte, and
+    names the job (which the engine returns just after starting it)."""
 
     def __init__(self, writer: StreamWriter) -> None:
         self.writer = writer
+        self.job_id: str | None = None
+        self.job_known = threading.Event()
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if not self.writer.started:
-            self.writer.start(200, OCTETS)
+            # An engine that copies before returning never sets it: go on without.
+            self.job_known.wait(2.0)
+            headers = [("X-Virtstore-Job", self.job_id)] if self.job_id else []
+            self.writer.start(200, OCTETS, headers)
         return self.writer.write(data)
 
     def flush(self) -> None:
