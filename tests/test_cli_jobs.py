@@ -265,6 +265,29 @@ def test_event_list_and_timeout(cli: Cli, pool: Path) -> None:
     assert result == Result(1, "event loop timed out\nevents received: 0\n\n", "")
     assert error_of(cli("event", "--timeout", "x", ok=False)) == (
         "Numeric value 'x' for <timeout> option is malformed or out of range")
+    # virsh's pool-event: pool events only, and it wants an event type.
+    assert cli("pool-event", "--list").out == "lifecycle\nrefresh\n\n"
+    assert error_of(cli("pool-event", ok=False)) == (
+        "either --list or --event <type> is required")
+    assert error_of(cli("pool-event", "--event", "job", ok=False)) == (
+        "unknown event type job")
+
+
+def test_pool_event_loop(cli: Cli, root: Path, pool: Path, tmp_path: Path) -> None:
+    (tmp_path / "extra").mkdir()
+    cli("pool-define-as", "extra", "dir", "--target", str(tmp_path / "extra"))
+    proc = subprocess.Popen(cli_argv(root, "pool-event", "--event", "lifecycle", "--pool",
+                                     "extra", "--timestamp", "--timeout", "60"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def act(n: int) -> None:
+        cli("vol-create-as", "images", f"v{n}.img", "1M")  # not a pool event: ignored
+        cli("pool-start" if n % 2 == 0 else "pool-destroy", "extra")
+
+    out = _watch(cli, proc, act).split("\n")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\+0000: event 'lifecycle' "
+                        r"for storage pool extra: (Started|Stopped)", out[0]), out
+    assert out[1:] == ["events received: 1", "", ""]
 
 
 def _watch(cli: Cli, proc: subprocess.Popen[str], act: Callable[[int], None]) -> str:

@@ -189,16 +189,34 @@ def _timeout(args: Args) -> float | None:
 
 
 def event(ctx: Context, args: Args) -> int:
+    return _event_loop(ctx, args, EVENT_TYPES)
+
+
+def pool_event(ctx: Context, args: Args) -> int:
+    """virsh's pool-event: pool lifecycle and refresh events only, and an event type
+    (or --list) is required."""
+    from virtstore.errors import InvalidArgument
+
+    if not args.flag("list") and args.get("event") is None:
+        raise InvalidArgument("either --list or --event <type> is required")
+    return _event_loop(ctx, args, POOL_EVENT_TYPES, kinds=("pool",))
+
+
+POOL_EVENT_TYPES = ("lifecycle", "refresh")
+
+
+def _event_loop(ctx: Context, args: Args, types: tuple[str, ...],
+                kinds: tuple[str, ...] = ("pool", "volume", "job")) -> int:
     import time
 
     from virtstore.errors import InvalidArgument
 
     if args.flag("list"):
-        for name in EVENT_TYPES:
+        for name in types:
             ctx.print(name)
         return 0
     wanted = args.get("event")
-    if wanted is not None and wanted not in EVENT_TYPES:
+    if wanted is not None and wanted not in types:
         raise InvalidArgument(f"unknown event type {wanted}")
     timeout = _timeout(args)
     loop = args.flag("loop")
@@ -223,6 +241,8 @@ def event(ctx: Context, args: Args) -> int:
                 break
             for ev in conn.events_since(last, timeout=min(wait, 1.0)):
                 last = ev.id
+                if ev.kind not in kinds:
+                    continue
                 if wanted is not None and event_type(ev) != wanted:
                     continue
                 if pool is not None and pool not in _pools_of(ev):
@@ -273,4 +293,13 @@ COMMANDS = (
              Opt("timestamp", "show timestamp for each printed event", flag=True),
              Opt("json", "print each event as a JSON object on one line", flag=True)),
             event),
+    Command("pool-event", "Storage Pool", "Storage Pool Events",
+            "List event types, or wait for storage pool events to occur",
+            (Opt("pool", "filter by storage pool name or uuid"),
+             Opt("event", "which event type to wait for"),
+             Opt("loop", "loop until timeout or interrupt, rather than one-shot", flag=True),
+             Opt("timeout", "timeout seconds"),
+             Opt("list", "list valid event types", flag=True),
+             Opt("timestamp", "show timestamp for each printed event", flag=True)),
+            pool_event),
 )
