@@ -106,8 +106,8 @@ class BlockLab:
                 time.sleep(0.2)
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[BlockLab]:
+@pytest.fixture(name="lab")
+def lab_fixture(tmp_path: Path) -> Iterator[BlockLab]:
     if os.geteuid() != 0:
         pytest.skip("needs root (loop devices)")
     b = BlockLab(tmp_path)
@@ -117,8 +117,8 @@ def lab(tmp_path: Path) -> Iterator[BlockLab]:
         b.cleanup()
 
 
-@pytest.fixture(scope="session")
-def zfs_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+@pytest.fixture(scope="session", name="zfs_daemon")
+def zfs_daemon_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """zfs-fuse running (started here, and stopped again, if it was not)."""
     from virtstore.host import zfs
 

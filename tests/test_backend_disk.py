@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from block_fixtures import BlockLab, lab, sh  # noqa: F401
+from block_fixtures import BlockLab, lab_fixture, sh  # noqa: F401
 from virtstore.api import VolumeCreateArgs
 from virtstore.backends import backend_for
 from virtstore.backends.disk import DiskBackend
@@ -129,7 +129,7 @@ def test_build_overwrite_rules(lab: BlockLab, conn: EmbeddedConnection) -> None:
         conn.pool_build("d")
     with pytest.raises(OperationInvalid, match="forced overwrite is necessary"):
         conn.pool_build("d", overwrite=False)
-    with pytest.raises(OperationInvalid, match="requires build|does not match"):
+    with pytest.raises(OperationInvalid, match=r"requires build|does not match"):
         conn.pool_start("d")
     conn.pool_build("d", overwrite=True)
     assert partitions.read_table(dev).label == "gpt"
