@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+CONFORMANCE_DIR = Path(os.environ.get(
+    "VIRTSTORE_CONFORMANCE",
+    Path(__file__).resolve().parent.parent.parent / "shared" / "conformance" / "libvirt"))
 LVM_ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1", "LC_ALL": "C"}
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices)")
