@@ -129,3 +129,29 @@ def test_events(setup: Setup) -> None:
     assert got and got[0] == evs[0]
     assert conn.latest_event_id() >= evs[-1].id
     assert conn.events_since(evs[-1].id, timeout=0.2) == []
+
+
+def test_sparse_transfers_keep_holes(setup: Setup) -> None:
+    conn = setup.conn
+    target = _pool(setup)
+    size = 64 * MiB
+    conn.volume_create("d", VolumeCreateArgs("sp.img", size, allocation=0, format="raw"))
+    src = setup.tmp / "sparse-src.img"
+    with open(src, "wb") as fh:
+        fh.truncate(size)
+        fh.seek(10 * MiB)
+        fh.write(b"A" * MiB)
+        fh.seek(50 * MiB)
+        fh.write(b"B" * 4096)
+    with open(src, "rb") as fh:
+        job = conn.volume_upload("d", "sp.img", fh)
+        assert conn.job_wait(job.id).state == "done"
+    vol = target / "sp.img"
+    assert vol.read_bytes() == src.read_bytes()
+    assert os.stat(vol).st_blocks * 512 < 8 * MiB  # the holes stayed holes
+    out = setup.tmp / "sparse-out.img"
+    with open(out, "wb") as fh:
+        job = conn.volume_download("d", "sp.img", fh)
+        conn.job_wait(job.id)
+    assert out.read_bytes() == src.read_bytes()
+    assert os.stat(out).st_blocks * 512 < 8 * MiB

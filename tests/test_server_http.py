@@ -155,3 +155,42 @@ def test_slow_requests_do_not_block_others(daemon: Daemon) -> None:
     poll.close()
     stalled.close()
     c.close()
+
+
+def test_sparse_framing_on_the_wire(daemon: Daemon) -> None:
+    from virtstore.api import VolumeCreateArgs
+    from virtstore.data.stream import DATA, END, HOLE, MAGIC, RECORD
+    from virtstore.server.sparse import SPARSE
+
+    c = virtstore.connect(daemon.rw_uri)
+    c.volume_create("default", VolumeCreateArgs("f.img", 1 << 20, format="raw"))
+    c.close()
+    vol = daemon.root / "images" / "f.img"
+    # 16 MiB described in a few dozen bytes: a hole, 4 KiB of data, the end
+    framed = (MAGIC + RECORD.pack(HOLE, 0, 8 << 20) + RECORD.pack(DATA, 8 << 20, 4096)
+              + b"Z" * 4096 + RECORD.pack(END, 0, 16 << 20))
+    r = request(daemon.rw_socket, "PUT", "/v1/pools/default/volumes/f.img/upload", framed,
+                {"Content-Type": SPARSE})
+    assert r.status == 200, r
+    assert json.loads(r.body)["state"] == "done"
+    data = vol.read_bytes()
+    assert len(data) == 16 << 20
+    assert data[8 << 20:(8 << 20) + 4096] == b"Z" * 4096 and data.count(0) == len(data) - 4096
+    # the download in the framing is small too
+    s = _connect(daemon)
+    s.sendall(b"GET /v1/pools/default/volumes/f.img/download HTTP/1.1\r\nHost: x\r\n"
+              b"Accept: " + SPARSE.encode() + b"\r\nConnection: close\r\n\r\n")
+    raw = b""
+    while chunk := s.recv(1 << 20):
+        raw += chunk
+    s.close()
+    assert SPARSE.encode() in raw.split(b"\r\n\r\n", 1)[0]
+    assert len(raw) < 64 * 1024 and b"Z" * 4096 in raw
+    # a malformed stream is refused and the volume keeps its bytes
+    for bad in (b"NOTMAGIC", MAGIC + RECORD.pack(DATA, 0, 100) + b"short",
+                MAGIC + RECORD.pack(b"Q", 0, 1),
+                MAGIC + RECORD.pack(DATA, 4096, 1) + b"x" + RECORD.pack(DATA, 0, 1) + b"y"):
+        r = request(daemon.rw_socket, "PUT", "/v1/pools/default/volumes/f.img/upload", bad,
+                    {"Content-Type": SPARSE})
+        assert r.status == 400, (bad, r)
+        assert vol.read_bytes() == data

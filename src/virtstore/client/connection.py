@@ -22,7 +22,9 @@ from virtstore.api import (
     VolumeInfo,
 )
 from virtstore.client.transport import BLOCK, Transport, q, raise_for
-from virtstore.errors import InternalError
+from virtstore.errors import InternalError, InvalidArgument
+
+SPARSE = "application/vnd.virtstore.sparse"
 
 # The server answers a wait after at most this long; the client asks again.
 _WAIT_STEP = 55.0
@@ -252,31 +254,56 @@ class RemoteConnection(Connection):
     def volume_upload(self, pool: str, name: str, source: BinaryIO, *, offset: int = 0,
                       length: int | None = None, sparse: bool = True,
                       bandwidth: int | None = None) -> JobInfo:
+        avail = _remaining(source)
         if length is None:
-            length = _remaining(source)
+            length = avail
+        elif avail is not None and length > avail:
+            raise InvalidArgument(f"the source has only {avail} bytes, not {length}")
         headers = {"Content-Type": "application/octet-stream"}
         body: Any = source
-        if length is not None:
+        start = 0
+        if sparse and avail is not None and length is not None and length <= avail:
+            # A regular file: its holes and zero blocks travel as records, not zeros.
+            from virtstore.data.monitor import Monitor
+            from virtstore.data.stream import encode_sparse
+
+            start = source.tell()
+            headers["Content-Type"] = SPARSE
+            body = encode_sparse(source.fileno(), start, length, Monitor())
+        elif length is not None:
             headers["Content-Length"] = str(length)
             body = _Limited(source, length)
-        # else: http.client sends a file object of unknown length chunked
+        # else: http.client sends a body of unknown length chunked
         path = self._vol(pool, name) + "/upload" + _qs(offset=offset or None, length=length,
                                                        sparse=sparse, bandwidth=bandwidth)
-        return _job(self.http.call("PUT", path, body, headers).json())
+        job = _job(self.http.call("PUT", path, body, headers).json())
+        if headers["Content-Type"] == SPARSE and length is not None:
+            source.seek(start + length)
+        return job
 
     def volume_download(self, pool: str, name: str, sink: BinaryIO, *, offset: int = 0,
                         length: int | None = None, sparse: bool = True,
                         bandwidth: int | None = None) -> JobInfo:
         path = self._vol(pool, name) + "/download" + _qs(offset=offset or None, length=length,
                                                          bandwidth=bandwidth)
-        resp = self.http.open("GET", path)
+        holes = sparse and _is_regular(sink)
+        resp = self.http.open("GET", path, headers={"Accept": SPARSE} if holes else None)
         if resp.status >= 400:
             data = resp.read()
             raise_for(resp.status, data, resp.reason)
-        holes = sparse and _is_regular(sink)
         done = 0
         started = time.time()
         try:
+            if resp.getheader("Content-Type", "") == SPARSE:
+                from virtstore.data.monitor import Monitor
+                from virtstore.data.stream import decode_sparse
+
+                sink.flush()
+                pos = sink.tell()
+                done = decode_sparse(iter(lambda: resp.read(BLOCK), b""), sink.fileno(), pos,
+                                     Monitor())
+                sink.seek(pos + done)
+                holes = False
             while True:
                 chunk = resp.read(BLOCK)
                 if not chunk:
@@ -286,7 +313,7 @@ class RemoteConnection(Connection):
                 else:
                     sink.write(chunk)
                 done += len(chunk)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, InvalidArgument) as exc:
             self.http._drop()
             raise InternalError(f"download of '{name}' interrupted: {exc}") from None
         if holes:

@@ -34,6 +34,7 @@ from virtstore.server.http import (
     StreamWriter,
     error_response,
 )
+from virtstore.server.sparse import SPARSE, SparseDecoder, SparseEncoder
 
 log = logging.getLogger("virtstored")
 audit = logging.getLogger("virtstored.audit")
@@ -562,9 +563,14 @@ class App:
         cl = req.headers.get("content-length")
         if length is None and cl is not None and cl.isdigit():
             length = int(cl)
-        source = req.stream()
-        job = self.conn.volume_upload(p[0], p[1], source, offset=offset,  # type: ignore[arg-type]
-                                      length=length, sparse=sparse, bandwidth=bandwidth)
+        source: Any = req.stream()
+        if req.content_type == SPARSE:
+            # The framing's length is not the volume's: the end record says how much.
+            source = SparseDecoder(source)
+            length = _qint(req, "length")
+            sparse = True
+        job = self.conn.volume_upload(p[0], p[1], source, offset=offset, length=length,
+                                      sparse=sparse, bandwidth=bandwidth)
         if not job.finished:
             job = self.conn.job_wait(job.id)
         return _job_final(job)
@@ -577,9 +583,10 @@ class App:
         bandwidth = _qint(req, "bandwidth")
         pool, name = p
         conn = self.conn
+        framed = SPARSE in req.headers.get("accept", "")
 
         def run(writer: StreamWriter) -> Response | None:
-            sink = _LazySink(writer)
+            sink = _LazySink(writer, SPARSE if framed else OCTETS)
             try:
                 try:
                     job = conn.volume_download(pool, name, sink,  # type: ignore[arg-type]
@@ -599,7 +606,9 @@ class App:
                     return None  # the connection closes without the last chunk
                 return _job_final(job)
             if not writer.started:
-                writer.start(200, OCTETS, [("X-Virtstore-Job", job.id)])
+                writer.start(200, SPARSE if framed else OCTETS, [("X-Virtstore-Job", job.id)])
+            if sink.encoder is not None:
+                sink.encoder.finish()
             writer.finish()
             return None
 
@@ -775,10 +784,12 @@ class _LazySink:
     """The engine's sink for a download: the response starts with the first byte, and
     names the job (which the engine returns just after starting it)."""
 
-    def __init__(self, writer: StreamWriter) -> None:
+    def __init__(self, writer: StreamWriter, content_type: str) -> None:
         self.writer = writer
+        self.content_type = content_type
         self.job_id: str | None = None
         self.job_known = threading.Event()
+        self.encoder = SparseEncoder(self._send) if content_type == SPARSE else None
 
     def writable(self) -> bool:
         return True
@@ -788,8 +799,15 @@ class _LazySink:
             # An engine that copies before returning never sets it: go on without.
             self.job_known.wait(2.0)
             headers = [("X-Virtstore-Job", self.job_id)] if self.job_id else []
-            self.writer.start(200, OCTETS, headers)
+            self.writer.start(200, self.content_type, headers)
+        if self.encoder is not None:
+            return self.encoder.write(data)
         return self.writer.write(data)
+
+    def _send(self, data: bytes) -> None:
+        if not self.writer.started:
+            self.writer.start(200, self.content_type)
+        self.writer.write(data)
 
     def flush(self) -> None:
         pass

@@ -155,7 +155,9 @@ class Request:
         if not path.startswith("/"):
             raise HTTPError(400, "invalid-argument", "request target must be an absolute path")
         try:
-            self.segments = [unquote_to_bytes(s).decode("utf-8") for s in path[1:].split("/")]
+            self.segments = [s if "%" not in s and s.isascii()
+                             else unquote_to_bytes(s.encode("latin-1")).decode("utf-8")
+                             for s in path[1:].split("/")]
         except UnicodeDecodeError:
             raise HTTPError(400, "invalid-argument", "path is not valid UTF-8") from None
         self.query: dict[str, str] = {}

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from virtstore.server.app import ROUTES
+from virtstore.server.sparse import SPARSE
 
 _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
@@ -18,6 +19,7 @@ _BOOL = {"type": "boolean"}
 _NSTR = {"type": ["string", "null"]}
 _NINT = {"type": ["integer", "null"], "minimum": 0}
 _NNUM = {"type": ["number", "null"]}
+_BIN = {"type": "string", "format": "binary"}
 
 
 def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -167,13 +169,16 @@ OPS: dict[str, dict[str, Any]] = {
     "volume_upload": {"parameters": [_q("offset", _INT), _q("length", _INT),
                                      _q("sparse", _BOOL), _q("bandwidth", _INT)],
                       "requestBody": {"required": True, "content": {
-                          "application/octet-stream": {"schema": {"type": "string",
-                                                                  "format": "binary"}}}},
+                          "application/octet-stream": {"schema": _BIN},
+                          SPARSE: {"schema": _BIN}}},
                       "responses": _ok(_ref("Job"), desc="The finished job")},
     "volume_download": {"parameters": [_q("offset", _INT), _q("length", _INT),
                                        _q("bandwidth", _INT)],
-                        "responses": _ok({"type": "string", "format": "binary"},
-                                         ctype="application/octet-stream")},
+                        "responses": {"200": {
+                            "description": "The bytes (Accept: " + SPARSE + " for the "
+                                           "sparse framing)",
+                            "content": {"application/octet-stream": {"schema": _BIN},
+                                        SPARSE: {"schema": _BIN}}}}},
     "snapshots": {"responses": _ok(_arr("Snapshot"))},
     "snapshot_create": {"requestBody": _json_body(_obj({"name": _STR, "external": _BOOL},
                                                        ("name",))),
