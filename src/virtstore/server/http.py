@@ -484,9 +484,10 @@ class Server:
 
     def __init__(self, app: Callable[[Request], Response], listeners: list[Listener], *,
                  max_connections: int = 256) -> None:
-        self.app = app
+        self.app = self._counted(app)
         self.listeners = listeners
         self.max_connections = max_connections
+        self._busy = 0
         self._active = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -566,6 +567,28 @@ class Server:
         finally:
             with self._lock:
                 self._active -= 1
+
+    def _counted(self, app: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        def call(req: Request) -> Response:
+            with self._lock:
+                self._busy += 1
+            try:
+                return app(req)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+
+        return call
+
+    def drain(self, timeout: float) -> int:
+        """After shutdown: wait for requests being handled; how many are left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = self._busy
+            if not busy or time.monotonic() >= deadline:
+                return busy
+            time.sleep(0.05)
 
     def active_connections(self) -> int:
         with self._lock:

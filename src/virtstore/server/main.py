@@ -19,6 +19,9 @@ from virtstore.server.http import Listener, Server
 
 log = logging.getLogger("virtstored")
 
+# On stop, how long requests being handled get to finish (new connections are refused).
+DRAIN_TIMEOUT = 10.0
+
 
 def _setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stdout)
@@ -155,6 +158,11 @@ def serve(opts: Options) -> None:
                 log.info("listening on %s (%s)", lst.label, lst.kind)
             _notify_systemd()
             server.serve_forever()
+            for lst in listeners:
+                lst.sock.close()
+            left = server.drain(DRAIN_TIMEOUT)
+            if left:
+                log.warning("stopping with %d request(s) still running", left)
         finally:
             for lst in listeners:
                 lst.sock.close()
