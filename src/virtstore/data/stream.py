@@ -22,7 +22,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from typing import IO
 
 from virtstore.data.copy import RangeWriter, copy_sparse
 from virtstore.data.extents import data_extents, size_of, zero_runs, zeros
@@ -56,7 +56,7 @@ def _check_range(offset: int, length: int | None) -> None:
         raise InvalidArgument("offset and length must not be negative")
 
 
-def _read_full(src: BinaryIO, view: memoryview) -> int:
+def _read_full(src: IO[bytes], view: memoryview) -> int:
     """Fill ``view`` from ``src`` unless it ends first; return the bytes read."""
     got = 0
     readinto = getattr(src, "readinto", None)
@@ -73,7 +73,7 @@ def _read_full(src: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def upload(src: BinaryIO, dst_fd: int, *, offset: int = 0, length: int | None = None,
+def upload(src: IO[bytes], dst_fd: int, *, offset: int = 0, length: int | None = None,
            sparse: bool = True, monitor: Monitor) -> int:
     """Write the contents of ``src`` (from its current position, ``length`` bytes or up
     to its end) into ``dst_fd`` at ``offset``; return the bytes taken from ``src``.
@@ -127,7 +127,7 @@ def upload(src: BinaryIO, dst_fd: int, *, offset: int = 0, length: int | None = 
     return done
 
 
-def download(src_fd: int, sink: BinaryIO, *, offset: int = 0, length: int | None = None,
+def download(src_fd: int, sink: IO[bytes], *, offset: int = 0, length: int | None = None,
              sparse: bool = True, monitor: Monitor) -> int:
     """Write ``length`` bytes (default: to the end) of ``src_fd`` from ``offset`` to
     ``sink`` at its current position; return the bytes delivered.
@@ -161,7 +161,7 @@ def download(src_fd: int, sink: BinaryIO, *, offset: int = 0, length: int | None
     return length
 
 
-def _write_all(sink: BinaryIO, data: memoryview) -> None:
+def _write_all(sink: IO[bytes], data: memoryview) -> None:
     while len(data):
         n = sink.write(data)
         if n is None:  # a non-blocking raw stream that is full: try again
