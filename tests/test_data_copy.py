@@ -330,3 +330,13 @@ def test_no_space(tmp_path: Path) -> None:
             with pytest.raises(NoSpace):
                 copy_file(str(src), str(mnt / f"dst-{mode}"), reflink=mode, monitor=Monitor())
             (mnt / f"dst-{mode}").unlink()
+
+
+def test_copy_file_into_a_target_it_keeps(sparse_src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "kept.img"
+    make_sparse(dst, GiB, [(0, GiB // 2)])  # old data everywhere in the first half
+    inode = os.stat(dst).st_ino
+    copy_file(str(sparse_src), str(dst), reflink="never", monitor=Monitor(),
+              keep_target=True)
+    assert os.stat(dst).st_ino == inode
+    assert digest(dst) == digest(sparse_src)

@@ -300,3 +300,17 @@ def test_decode_refuses_malformed_streams(tmp_path: Path, stream: bytes, message
             decode_sparse([stream], fd, 0, Monitor())
     finally:
         os.close(fd)
+
+
+def test_download_to_a_file_opened_for_appending(tmp_path: Path) -> None:
+    vol = tmp_path / "vol.img"
+    make_sparse(vol, 8 * MiB, [(2 * MiB, MiB)])
+    dst = tmp_path / "log.img"
+    dst.write_bytes(b"head")
+    src = os.open(vol, os.O_RDONLY)
+    try:
+        with open(dst, "ab") as sink:
+            download(src, sink, monitor=Monitor())
+    finally:
+        os.close(src)
+    assert dst.read_bytes() == b"head" + vol.read_bytes()

@@ -47,7 +47,7 @@ def convert(src: str, src_fmt: str, dst: str, dst_fmt: str, opts: ImageOptions |
     """
     if src_fmt in RAW_FORMATS and dst_fmt in RAW_FORMATS and src_secret is None \
             and dst_secret is None and _plain(opts):
-        copy_file(src, dst, reflink=reflink, monitor=monitor)
+        copy_file(src, dst, reflink=reflink, monitor=monitor, keep_target=target_exists)
         return
     if reflink == "always":
         raise InvalidArgument("a reflink copy is only possible between raw images")

@@ -226,9 +226,12 @@ def _no_reflink_reason(src_path: str, dst_path: str) -> str:
 
 
 def copy_file(src_path: str, dst_path: str, *, reflink: str = "auto", monitor: Monitor,
-              detect_zeroes: bool = False, fsync: bool = True) -> str:
+              detect_zeroes: bool = False, fsync: bool = True,
+              keep_target: bool = False) -> str:
     """Copy the file or device ``src_path`` into ``dst_path`` (created 0600 if missing,
-    emptied if a regular file); return "reflink" or "copy", the way it was done.
+    emptied first if a regular file, unless ``keep_target``: then the copy is written
+    over it and the source's holes are zeroed in it); return "reflink" or "copy", the
+    way it was done.
 
     ``reflink``: "auto" clones the extents when the filesystem can and copies
     otherwise; "always" raises Unsupported when it cannot; "never" writes every byte
@@ -246,7 +249,7 @@ def copy_file(src_path: str, dst_path: str, *, reflink: str = "auto", monitor: M
         dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             how = _copy_fds(src, dst, src_path, dst_path, reflink=reflink, monitor=monitor,
-                            detect_zeroes=detect_zeroes)
+                            detect_zeroes=detect_zeroes, keep_target=keep_target)
             if fsync:
                 os.fsync(dst)
             return how
@@ -257,13 +260,14 @@ def copy_file(src_path: str, dst_path: str, *, reflink: str = "auto", monitor: M
 
 
 def _copy_fds(src: int, dst: int, src_path: str, dst_path: str, *, reflink: str,
-              monitor: Monitor, detect_zeroes: bool) -> str:
+              monitor: Monitor, detect_zeroes: bool, keep_target: bool) -> str:
     size = size_of(src)
     if not monitor.total:
         monitor.set_total(size)
     src_reg = stat.S_ISREG(os.fstat(src).st_mode)
     dst_reg = stat.S_ISREG(os.fstat(dst).st_mode)
-    if dst_reg and os.fstat(dst).st_size:
+    fresh = dst_reg and not keep_target
+    if fresh and os.fstat(dst).st_size:
         os.ftruncate(dst, 0)
     if reflink != "never":
         if src_reg and dst_reg and _ficlone(src, dst):
@@ -277,5 +281,5 @@ def _copy_fds(src: int, dst: int, src_path: str, dst_path: str, *, reflink: str,
                               f"{_no_reflink_reason(src_path, dst_path)}")
     monitor.check()
     copy_sparse(src, dst, length=size, monitor=monitor, detect_zeroes=detect_zeroes,
-                dst_zeroed=dst_reg, allow_clone=reflink != "never")
+                dst_zeroed=fresh, allow_clone=reflink != "never")
     return "copy"

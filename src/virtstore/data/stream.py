@@ -18,6 +18,7 @@ with its holes as records instead of zeros (the format is in docs/data.md):
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import struct
@@ -48,6 +49,8 @@ def _regular_fd(obj: object) -> int | None:
         return None
     if not isinstance(fd, int) or not stat.S_ISREG(os.fstat(fd).st_mode):
         return None
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+        return None  # positioned writes would land at the end: treat it as a stream
     return fd
 
 
