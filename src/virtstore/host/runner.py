@@ -77,6 +77,17 @@ def oserror_message(exc: OSError) -> str:
     return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
 
 
+def _dies_with_us(args: list[str]) -> list[str]:
+    """Long-running tools get SIGKILL when the thread that started them dies (setpriv
+    --pdeathsig, util-linux): a killed virtstore must not leave a qemu-img writing on
+    into a staging file the next start removes. Python's subprocess has no such option,
+    and a preexec_fn is unsafe in a process with threads."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return args
+    return [setpriv, "--pdeathsig", "KILL", "--", *args]
+
+
 def stream(argv: Sequence[str], on_line: Callable[[str], None], *,
            should_stop: Callable[[], bool] | None = None,
            timeout: float | None = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None,
@@ -101,8 +112,8 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None], *,
         full_env.update(env)
     full_env.setdefault("LC_ALL", "C")
     try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=full_env)
+        proc = subprocess.Popen(_dies_with_us(args), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
     except FileNotFoundError as exc:
         raise CommandFailed(f"cannot run '{args[0]}': program not found (is it installed?)",
                             argv=args) from exc
