@@ -83,8 +83,8 @@ def _dies_with_us(args: list[str]) -> list[str]:
     into a staging file the next start removes. Python's subprocess has no such option,
     and a preexec_fn is unsafe in a process with threads."""
     setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return args
+    if setpriv is None or shutil.which(args[0]) is None:
+        return args  # a missing program is reported by Popen itself
     return [setpriv, "--pdeathsig", "KILL", "--", *args]
 
 
