@@ -291,13 +291,16 @@ def test_failed_download_removes_the_file_it_made(cli: Cli, pool: Path,
 # -- --json progress -----------------------------------------------------------
 
 def test_json_progress_lines(cli: Cli, pool: Path, source: Path) -> None:
-    result = cli("vol-clone", "src.img", "j.img", "--pool", "images", "--json")
+    # Throttled so that the 2 MiB of data take a while and progress is seen moving.
+    result = cli("vol-clone", "src.img", "j.img", "--pool", "images", "--json",
+                 "--bandwidth", "4M/s")
     lines = [json.loads(line) for line in result.out.splitlines()]
-    assert len(lines) >= 2  # at least the start and the end
+    assert len(lines) >= 3  # the start, some progress, the end
     ids = {line["id"] for line in lines}
     assert len(ids) == 1
     assert all(line["kind"] == "clone" and line["target_volume"] == "j.img" for line in lines)
-    assert lines[0]["state"] == "running"
+    assert all(line["state"] == "running" for line in lines[:-1])
+    assert all(line["bandwidth"] == 4 * MiB for line in lines)
     final = lines[-1]
     assert final["state"] == "done" and final["error"] is None
     assert final["bytes_done"] >= final["bytes_total"] > 0
