@@ -125,6 +125,17 @@ def test_clone_raw_copies_bytes_and_keeps_holes(cli: Cli, pool: Path, source: Pa
     assert "copy.img" in msg and "exist" in msg
 
 
+def test_clone_print_xml_is_the_source_xml_renamed(cli: Cli, pool: Path,
+                                                   source: Path) -> None:
+    out = cli("vol-clone", "src.img", "x.img", "--pool", "images", "--print-xml").out
+    dump = cli("vol-dumpxml", "src.img", "--pool", "images").out
+    # virsh prints libxml2's serialisation: double quotes, no final newline before its
+    # closing empty line.
+    assert out == dump.rstrip("\n").replace("'", '"').replace(
+        "<name>src.img</name>", "<name>x.img</name>") + "\n"
+    assert not (pool / "x.img").exists()
+
+
 def test_clone_to_another_pool(cli: Cli, tmp_path: Path, pool: Path, source: Path) -> None:
     other = make_pool(cli, tmp_path, "other")
     cli("vol-clone", "src.img", "moved.img", "--pool", "images", "--target-pool", "other")

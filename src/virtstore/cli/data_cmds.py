@@ -79,6 +79,19 @@ def _done(ctx: Context, args: Args, message: str) -> None:
         ctx.extra(message)
 
 
+def clone_xml(xml: str, new_name: str) -> str:
+    """virsh's ``vol-clone --print-xml``: the source's XML with the new name, printed as
+    libxml2 prints a node (double quotes, no declaration, no final newline)."""
+    from lxml import etree
+
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    root = etree.fromstring(xml.encode(), parser)
+    name = root.find("name")
+    if name is not None:
+        name.text = new_name
+    return str(etree.tostring(root, encoding="unicode"))
+
+
 def vol_clone(ctx: Context, args: Args) -> None:
     from virtstore.cli.lookup import pool_name
 
@@ -86,6 +99,9 @@ def vol_clone(ctx: Context, args: Args) -> None:
     conn = ctx.conn
     target = args.get("target-pool")
     new_name = args.req("newname")
+    if args.flag("print-xml"):
+        ctx.out.write(clone_xml(conn.volume_xml(src.pool, src.name), new_name))
+        return
     job = conn.volume_clone(src.pool, src.name, new_name,
                             target_pool=pool_name(conn, target) if target else None,
                             format=args.get("format"), reflink=args.flag("reflink"),
@@ -249,6 +265,7 @@ COMMANDS = (
     Command("vol-clone", GROUP, "clone a volume.",
             "Clone an existing volume within the parent pool, or into --target-pool.",
             (VOL, Opt("newname", "clone name", required=True), POOL_OPT, PREALLOC, REFLINK,
+             Opt("print-xml", "print XML document rather than clone the volume", flag=True),
              Opt("target-pool", "pool name or uuid to create the clone in", positional=False),
              Opt("format", "format of the clone (default: the source's)", positional=False),
              Opt("linked", "make a qcow2 overlay backed by the volume instead of a copy",
