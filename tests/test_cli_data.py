@@ -341,21 +341,27 @@ def pattern_at(path: Path, pattern: int, offset: int, length: int) -> bool:
 
 @needs_qemu_img
 @needs_qemu_io
-def test_snapshots_on_qcow2(cli: Cli, pool: Path) -> None:
+@pytest.mark.parametrize("kind", ["internal", "external"])
+def test_snapshots_on_qcow2(cli: Cli, pool: Path, kind: str) -> None:
     cli("vol-create-as", "images", "s.qcow2", "16M", "--format", "qcow2")
     path = pool / "s.qcow2"
     qemu_io(path, "write -P 0x41 0 1M")
-    assert cli("vol-snapshot-create", "s.qcow2", "before", "--pool", "images").out == (
-        "Volume snapshot before created\n\n")
+    extra = ["--external"] if kind == "external" else []
+    assert cli("vol-snapshot-create", "s.qcow2", "before", "--pool", "images",
+               *extra).out == "Volume snapshot before created\n\n"
     qemu_io(path, "write -P 0x42 0 1M")
     assert pattern_at(path, 0x42, 0, MiB)
 
     out = cli("vol-snapshot-list", "s.qcow2", "--pool", "images").out.split("\n")
     assert out[0].split() == ["Name", "Kind", "Created", "Size"]
-    assert out[2].split()[:2] == ["before", "internal"]
+    assert out[2].split()[:2] == ["before", kind]
     snaps = json.loads(cli("vol-snapshot-list", "s.qcow2", "--pool", "images", "--json").out)
-    assert [(s["name"], s["kind"]) for s in snaps] == [("before", "internal")]
-    assert [s["name"] for s in qemu_info(path).get("snapshots", [])] == ["before"]
+    assert [(s["name"], s["kind"]) for s in snaps] == [("before", kind)]
+    info = qemu_info(path)
+    if kind == "internal":
+        assert [s["name"] for s in info.get("snapshots", [])] == ["before"]
+    else:
+        assert info.get("backing-filename")  # the frozen image under an overlay
 
     assert cli("vol-snapshot-revert", "s.qcow2", "before", "--pool", "images").out == (
         "Vol s.qcow2 reverted to snapshot before\n\n")
@@ -365,6 +371,20 @@ def test_snapshots_on_qcow2(cli: Cli, pool: Path) -> None:
         "Volume snapshot before deleted\n\n")
     assert json.loads(cli("vol-snapshot-list", "s.qcow2", "images", "--json").out) == []
     assert not qemu_info(path).get("snapshots")
+    # The volume keeps the reverted contents, and no snapshot file is left beside it.
+    assert pattern_at(path, 0x41, 0, MiB)
+    assert sorted(p.name for p in pool.iterdir()) == ["s.qcow2"]
     msg = error_of(cli("vol-snapshot-revert", "s.qcow2", "before", "--pool", "images",
                        ok=False))
     assert "before" in msg
+
+
+def test_snapshot_of_raw_needs_reflink(cli: Cli, pool: Path, source: Path) -> None:
+    """ext4 and tmpfs cannot share extents: a clear refusal, and nothing made."""
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(pool)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    if fs in ("xfs", "btrfs"):
+        pytest.skip(f"{fs} can share extents")
+    msg = error_of(cli("vol-snapshot-create", "src.img", "s", "--pool", "images", ok=False))
+    assert "reflink" in msg
+    assert sorted(p.name for p in pool.iterdir()) == ["src.img"]
