@@ -14,7 +14,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -136,12 +136,47 @@ def test_job_list_info_wait_and_cancel_of_finished_jobs(cli: Cli, pool: Path) ->
     assert "nosuch" in error_of(cli("job-info", "nosuch", ok=False))
 
 
-def test_failed_job_is_listed_with_its_error(cli: Cli, pool: Path) -> None:
-    cli("vol-create-as", "images", "a.img", "4M", "--allocation", "0")
-    cli("vol-clone", "a.img", "b.img", "--pool", "images")
-    # A target name taken meanwhile is refused when the job starts.
-    msg = error_of(cli("vol-clone", "a.img", "b.img", "--pool", "images", ok=False))
-    assert "b.img" in msg
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: too small for what is copied into it."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(d)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_failed_job_gives_its_error_and_is_listed(cli: Cli, pool: Path,
+                                                  tiny_fs: Path) -> None:
+    full_volume(cli, pool, "big.img", 4 * MiB)
+    cli("pool-create-as", "tiny", "dir", "--target", str(tiny_fs))
+    result = cli("vol-clone", "big.img", "x.img", "--pool", "images", "--target-pool", "tiny",
+                 ok=False)
+    msg = error_of(result)
+    assert "no space" in msg.lower()
+    assert result.out == ""
+    assert list(tiny_fs.iterdir()) == []
+    assert json.loads(cli("vol-list", "tiny", "--json").out) == []
+
+    jobs = json.loads(cli("job-list", "--all", "--json").out)
+    assert [(j["kind"], j["state"], j["error"], j["error_code"]) for j in jobs] == [
+        ("clone", "failed", msg, "no-space")]
+    row = cli("job-list", "--all").out.split("\n")[2].split()
+    assert row[:5] == [jobs[0]["id"], "clone", "failed", "images/big.img", "->"]
+    assert row[5] == "tiny/x.img"
+    assert f"Error:          {msg}\n" in cli("job-info", jobs[0]["id"]).out
+    assert error_of(cli("job-wait", jobs[0]["id"], ok=False)) == msg
+    # With --json the last line is the failed job, and the error still goes to stderr.
+    result = cli("vol-clone", "big.img", "x.img", "--pool", "images", "--target-pool", "tiny",
+                 "--json", ok=False)
+    assert error_of(result) == msg
+    last = json.loads(result.out.splitlines()[-1])
+    assert last["state"] == "failed" and last["error"] == msg
 
 
 def test_job_cancel_from_another_process(cli: Cli, root: Path, pool: Path) -> None:
