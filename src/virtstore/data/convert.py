@@ -17,9 +17,9 @@ import re
 
 from virtstore.data.copy import copy_file
 from virtstore.data.monitor import Monitor
-from virtstore.errors import InvalidArgument
+from virtstore.errors import CommandFailed, InvalidArgument
 from virtstore.formats import probe_image, qemuimg
-from virtstore.formats.qemuimg import Encryption, ImageOptions
+from virtstore.formats.qemuimg import FLAKY_PBKDF, Encryption, ImageOptions
 from virtstore.host.runner import stream
 
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
@@ -109,6 +109,9 @@ def _argv(src: str, src_fmt: str, dst: str, dst_fmt: str, opts: ImageOptions,
     return argv
 
 
+_PBKDF_RETRIES = 50
+
+
 def _run_with_progress(argv: list[str], monitor: Monitor) -> None:
     base = monitor.done
     span = max(0, monitor.total - base)
@@ -119,5 +122,13 @@ def _run_with_progress(argv: list[str], monitor: Monitor) -> None:
             # qemu-img itself keeps to the bandwidth (-r): count, don't sleep.
             monitor.advance_to(base + int(span * float(m.group(1)) / 100), metered=False)
 
-    stream(argv, on_line, should_stop=monitor.cancelled, timeout=None)
+    for attempt in range(_PBKDF_RETRIES):
+        try:
+            stream(argv, on_line, should_stop=monitor.cancelled, timeout=None)
+            break
+        except CommandFailed as exc:
+            # qemu 7.2's LUKS key-derivation benchmark fails at random before any data is
+            # written (see formats.qemuimg); the same command is simply run again.
+            if FLAKY_PBKDF not in exc.stderr or attempt == _PBKDF_RETRIES - 1:
+                raise
     monitor.advance_to(base + span, metered=False)

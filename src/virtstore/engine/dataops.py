@@ -12,6 +12,8 @@ import os
 import secrets as pysecrets
 import sqlite3
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from virtstore.api import JobInfo
@@ -43,6 +45,16 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Crypt:
+    """LUKS passphrases (and the target's cipher) for a conversion."""
+
+    src_secret: bytes | None = None
+    dst_secret: bytes | None = None
+    cipher: Mapping[str, str] | None = None
+    ivgen: Mapping[str, str] | None = None
 
 
 class DataOps:
@@ -92,22 +104,32 @@ class DataOps:
             vol.capacity = src.capacity
             vol.capacity_given = True
         req = self.volumes._request(tpool, tbe, vol, prealloc_metadata)
-        if req.encryption_secret is not None or vol.target.encryption is not None:
-            raise Unsupported("unsupported configuration: creating an encrypted volume from "
-                              "another volume is not supported yet")
+        enc = vol.target.encryption
+        crypt = _Crypt(src_secret=self._source_secret(src),
+                       dst_secret=req.encryption_secret,
+                       cipher=enc.cipher if enc is not None else None,
+                       ivgen=enc.ivgen if enc is not None else None)
         return self._copy_job("create-from", src, src_pool, pool_name, tpool, tbe, vol.name,
                               req.format, capacity=max(req.capacity, src.capacity),
                               reflink=reflink, linked=False,
                               prealloc_metadata=prealloc_metadata, bandwidth=bandwidth,
                               mode=vol.target.permissions.mode, compat=vol.target.compat,
                               cluster_size=vol.target.cluster_size,
-                              lazy_refcounts=vol.target.lazy_refcounts)
+                              lazy_refcounts=vol.target.lazy_refcounts, crypt=crypt)
+
+    def _source_secret(self, src: VolumeRecord) -> bytes | None:
+        """An encrypted source is opened with the secret whose usage is its path, as
+        libvirt finds a volume's secret."""
+        if not src.encryption:
+            return None
+        uuid = self.volumes.secrets.lookup_by_usage("volume", src.path)
+        return self.volumes.secrets.get_value(uuid, internal=True)
 
     def _copy_job(self, kind: str, src: VolumeRecord, src_pool: str, tpool_name: str,
                   tpool: PoolDef, tbe: Backend, new_name: str, fmt: str, *, capacity: int,
                   reflink: bool, linked: bool, prealloc_metadata: bool, bandwidth: int | None,
                   mode: int | None, compat: str | None = None, cluster_size: int | None = None,
-                  lazy_refcounts: bool = False) -> JobInfo:
+                  lazy_refcounts: bool = False, crypt: _Crypt | None = None) -> JobInfo:
         holder: list[StagedTarget] = []
 
         def prepare(db: sqlite3.Connection, job_id: str) -> None:
@@ -120,7 +142,7 @@ class DataOps:
                 self._fill(src, target.staging, fmt, capacity=capacity, reflink=reflink,
                            linked=linked, prealloc_metadata=prealloc_metadata, monitor=mon,
                            compat=compat, cluster_size=cluster_size,
-                           lazy_refcounts=lazy_refcounts)
+                           lazy_refcounts=lazy_refcounts, crypt=crypt or _Crypt())
                 os.chmod(target.staging, mode if mode is not None else 0o600)
                 _fsync_path(target.staging)
             except BaseException:
@@ -128,7 +150,8 @@ class DataOps:
                 raise
             self.volumes.finish_target(target)
 
-        total = 0 if linked else (src.allocation if fmt == src.format else src.capacity)
+        # Progress counts holes too (they are skipped, not copied): the total is the size.
+        total = 0 if linked else (src.physical if fmt == src.format else src.capacity)
         return self.jobs.start(kind, work, pool=src_pool, volume=src.name,
                                target_pool=tpool_name, target_volume=new_name, total=total,
                                bandwidth=bandwidth,
@@ -137,7 +160,7 @@ class DataOps:
 
     def _fill(self, src: VolumeRecord, dst: str, fmt: str, *, capacity: int, reflink: bool,
               linked: bool, prealloc_metadata: bool, monitor: Monitor, compat: str | None,
-              cluster_size: int | None, lazy_refcounts: bool) -> None:
+              cluster_size: int | None, lazy_refcounts: bool, crypt: _Crypt) -> None:
         if linked:
             from virtstore.formats.qcow2 import create_qcow2
 
@@ -150,7 +173,7 @@ class DataOps:
             return
         plain = (fmt == src.format and fmt in _BYTE_COPYABLE and not src.backing_path
                  and not prealloc_metadata and compat is None and cluster_size is None
-                 and not lazy_refcounts)
+                 and not lazy_refcounts and crypt.dst_secret is None)
         if plain:
             from virtstore.data.copy import copy_file
 
@@ -159,13 +182,17 @@ class DataOps:
                 os.truncate(dst, capacity)
             return
         from virtstore.data.convert import convert
-        from virtstore.formats.qemuimg import ImageOptions
+        from virtstore.formats.qemuimg import Encryption, ImageOptions
 
         opts = ImageOptions(format=fmt,
                             compat=(compat or "0.10") if fmt == "qcow2" else None,
                             cluster_size=cluster_size, lazy_refcounts=lazy_refcounts,
                             preallocation="metadata" if prealloc_metadata else None)
-        convert(src.path, src.format or "raw", dst, fmt, opts, monitor=monitor)
+        if crypt.dst_secret is not None:
+            opts.encryption = Encryption(format="luks", cipher=crypt.cipher, ivgen=crypt.ivgen)
+        src_fmt = src.format or "raw"
+        convert(src.path, src_fmt, dst, fmt, opts, monitor=monitor,
+                src_secret=crypt.src_secret, dst_secret=crypt.dst_secret)
         if capacity > src.capacity:
             from virtstore.formats.qemuimg import resize
 
@@ -179,14 +206,17 @@ class DataOps:
         if capacity < 0:
             raise InvalidArgument("capacity must not be negative")
         if delta:
-            new = rec.capacity - capacity if shrink else rec.capacity + capacity
+            # As libvirt: a delta shrink past zero stops at zero.
+            new = max(0, rec.capacity - capacity) if shrink else rec.capacity + capacity
         else:
             new = capacity
-        if new < 0 or new > MAX_SIZE:
+        if new > MAX_SIZE:
             raise InvalidArgument(f"invalid capacity {new}: must be 0 to {MAX_SIZE} bytes")
         if new < rec.capacity and not shrink:
             raise InvalidArgument("Can't shrink capacity below current capacity unless shrink "
                                   "flag explicitly specified")
+        if new < rec.allocation and (rec.format or "raw") == "raw":
+            raise InvalidArgument("can't shrink capacity below existing allocation")
         fmt = rec.format or "raw"
         if fmt not in ("raw", "qcow2"):
             raise Unsupported(f"unsupported configuration: resizing a '{fmt}' volume is not "
