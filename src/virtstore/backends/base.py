@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from virtstore.errors import Unsupported
-from virtstore.xml import PoolDef, VolDef
+from virtstore.xml import PoolDef, VolDef, VolSource
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,10 @@ class Backend(abc.ABC):
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         raise self.unsupported("volume deletion")
+
+    def volume_source(self, pool: PoolDef, name: str) -> VolSource | list[VolSource] | None:
+        """Where a volume lies on the pool's devices (partitions, LVs), for its XML."""
+        return None
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         """Read one volume's current state (after create), or None if it is not there."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from virtstore.api import VolumeCreateArgs
 from virtstore.backends import backend_for
 from virtstore.backends.base import Backend, CreateRequest, VolumeRecord
-from virtstore.engine import journal, locks
+from virtstore.engine import journal, locks, nesting
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_name
 from virtstore.engine.secrets import SecretStore
@@ -226,6 +226,8 @@ class VolumeManager:
         rec = self.index.get(pool_name, name)
         if not backend.caps.vol_delete:
             raise backend.unsupported("volume deletion")
+        # A volume that is the source device of a running pool stays.
+        nesting.check_volume_unused(self.state, self.index, pool_name, rec)
         with self.state.store.write() as db:
             locks.check_free(db, pool_name, name)
             cur = db.execute("UPDATE volumes SET state='deleting' WHERE pool=? AND name=? AND "
@@ -246,9 +248,14 @@ class VolumeManager:
 
     # -- XML -------------------------------------------------------------------
     def xml(self, pool_name: str, name: str) -> str:
-        pool, _ = self._active_pool(pool_name)
+        pool, backend = self._active_pool(pool_name)
         rec = self.index.get(pool_name, name)
-        return format_volume_xml(self.to_def(rec), pool)
+        vol = self.to_def(rec)
+        source = backend.volume_source(pool, name)
+        if isinstance(source, list):
+            source = source[0] if source else None
+        vol.source = source
+        return format_volume_xml(vol, pool)
 
     @staticmethod
     def to_def(rec: VolumeRecord) -> VolDef:

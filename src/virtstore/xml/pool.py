@@ -96,7 +96,7 @@ def _check_source(pool: PoolDef, ptype: PoolType) -> None:
         src.name = pool.name  # the source name defaults to the pool name
     if ptype.flags & Src.ADAPTER:
         validate_adapter(src.adapter)
-    if ptype.flags == Src.DEVICE and not src.devices:
+    if ptype.flags == Src.DEVICE and not src.devices and not ptype.device_optional:
         raise XMLError("missing storage pool source device name")
     check_source_name(src, ptype)
 

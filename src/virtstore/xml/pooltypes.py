@@ -47,6 +47,7 @@ class PoolType:
     default_vol_format: str | None = None
     default_vol_type: str = "file"
     namespace: tuple[str, str] | None = None  # (prefix, href) of the backend options
+    device_optional: bool = False
 
     @property
     def has_target(self) -> bool:
@@ -81,6 +82,9 @@ POOL_TYPES: dict[str, PoolType] = {t.name: t for t in (
              default_vol_type="network"),
     PoolType("zfs", Src.NAME | Src.DEVICE, default_vol_type="block"),
     PoolType("vstorage", Src.NAME, vol_formats=FILE_VOL_FORMATS, default_vol_format="raw"),
+    # Ours, not libvirt's: files on btrfs, with an optional source device to mount.
+    PoolType("btrfs", Src.DEVICE, vol_formats=FILE_VOL_FORMATS, default_vol_format="raw",
+             device_optional=True),
 )}
 
 VOL_TYPES = ("file", "block", "dir", "network", "netdir", "ploop")
