@@ -391,6 +391,25 @@ class Connection(abc.ABC):
         self.pool_info(name)
         return Pool(self, name)
 
+    def volume_disk_xml(self, pool: str, name: str, *, target_dev: str = "vda",
+                        bus: str = "virtio", source: str = "path") -> str:
+        """libvirt's domain ``<disk>`` element for the volume, to put in a guest's
+        ``<devices>``: by its file or device (``source="path"``) or by pool and volume
+        name (``source="volume"``), with the driver type from its format. An encrypted
+        volume's passphrase secret is the one its XML names, else the secret whose usage
+        is its path."""
+        from virtstore.errors import VirtstoreError
+        from virtstore.xml.disk import disk_xml
+
+        def secret_for(path: str) -> str | None:
+            try:
+                return self.secret_lookup_by_usage("volume", path)
+            except VirtstoreError:
+                return None
+
+        return disk_xml(self.volume_info(pool, name), self.volume_xml(pool, name),
+                        target_dev=target_dev, bus=bus, source=source, secret_for=secret_for)
+
     def volume_by_path_or_key(self, ident: str) -> VolumeInfo:
         """virsh's rule for a volume given without --pool: a path or a key."""
         try:

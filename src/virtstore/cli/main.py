@@ -36,10 +36,19 @@ USAGE = f"""\
 
 
 def commands() -> dict[str, Command]:
-    from virtstore.cli import data_cmds, host_cmds, job_cmds, pool_cmds, secret_cmds, vol_cmds
+    from virtstore.cli import (
+        data_cmds,
+        guest_cmds,
+        host_cmds,
+        job_cmds,
+        pool_cmds,
+        secret_cmds,
+        vol_cmds,
+    )
 
     table = {}
-    for module in (pool_cmds, vol_cmds, data_cmds, secret_cmds, job_cmds, host_cmds):
+    for module in (pool_cmds, vol_cmds, data_cmds, guest_cmds, secret_cmds, job_cmds,
+                   host_cmds):
         for cmd in module.COMMANDS:
             table[cmd.name] = cmd
     return table
