@@ -156,3 +156,14 @@ def test_hostile_pool_xml_changes_nothing(conn: EmbeddedConnection, root: Path) 
             conn.pool_define_xml(doc)
         assert "\n" not in str(ei.value)
     assert sorted(os.listdir(root / "pools")) == before
+
+
+def test_pool_type_features_tell_what_works_here(conn: EmbeddedConnection) -> None:
+    features = {f["type"]: f for f in conn.pool_type_features()}
+    d = features["dir"]
+    assert d["supported"] and d["reason"] is None and not d["shared"]
+    assert d["clone"] and d["resize"] and d["upload"] and "internal" in d["snapshots"]["qcow2"]
+    # A type this host cannot run says why, in words.
+    for f in features.values():
+        assert f["supported"] == (f["reason"] is None)
+    assert features.keys() >= {"dir", "fs", "logical", "disk", "netfs", "rbd", "zfs"}

@@ -365,6 +365,11 @@ class Connection(abc.ABC):
         raise self._missing("events")
 
     # -- host ------------------------------------------------------------------
+    def pool_type_features(self) -> list[dict[str, Any]]:
+        """Per pool type, on this host: supported (and why not), shared, and which
+        operations and snapshot kinds (per volume format) it offers."""
+        raise self._missing("pool type features")
+
     def host_devices(self) -> list[dict[str, Any]]:
         """The host's block devices (path, size, sector sizes, model, vendor, serial,
         WWN, transport, rotational, removable, read-only, partition table, partitions,

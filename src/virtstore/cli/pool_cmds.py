@@ -125,8 +125,33 @@ def pool_name(ctx: Context, args: Args) -> None:
 
 
 def pool_capabilities(ctx: Context, args: Args) -> None:
+    if args.flag("features") or args.flag("json"):
+        _pool_features(ctx, args)
+        return
     xml = ctx.conn.pool_capabilities_xml()
     ctx.out.write(xml if xml.endswith("\n") else xml + "\n")
+
+
+def _pool_features(ctx: Context, args: Args) -> None:
+    """Ours: per pool type, what works on this host, as a table or JSON."""
+    features = ctx.conn.pool_type_features()
+    if args.flag("json"):
+        import json
+
+        ctx.print(json.dumps(features, indent=2))
+        return
+    ops = ("build", "resize", "clone", "wipe", "upload")
+    rows = []
+    for f in features:
+        snaps = "; ".join(f"{fmt}: {', '.join(kinds)}" for fmt, kinds in f["snapshots"].items())
+        rows.append([f["type"], "yes" if f["supported"] else "no",
+                     "yes" if f["shared"] else "no",
+                     " ".join(op for op in ops if f[op]) or "-", snaps or "-",
+                     f["reason"] or ""])
+    from virtstore.cli.output import table
+
+    ctx.print(table(["Type", "Supported", "Shared", "Operations", "Snapshots", "Why not"],
+                    rows))
 
 
 # -- definition ------------------------------------------------------------------------
@@ -326,7 +351,9 @@ COMMANDS = (
     Command("pool-uuid", GROUP, "convert a pool name to pool UUID", "", (POOL,), pool_uuid),
     Command("pool-name", GROUP, "convert a pool UUID to pool name", "", (POOL,), pool_name),
     Command("pool-capabilities", GROUP, "storage pool capabilities",
-            "Returns capabilities of storage pool support.", (), pool_capabilities),
+            "Returns capabilities of storage pool support.",
+            (Opt("features", "per pool type: what works on this host (ours)", flag=True),
+             Opt("json", "the same features as JSON", flag=True)), pool_capabilities),
     Command("pool-import-libvirt", GROUP,
             "import libvirt's pool definitions and autostart marks",
             "Define every pool found in libvirt's storage configuration directory, with "

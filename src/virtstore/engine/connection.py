@@ -18,6 +18,7 @@ from virtstore.api import (
     VolumeInfo,
 )
 from virtstore.backends import POOL_TYPES, backend_for
+from virtstore.backends._net_utils import register_secrets
 from virtstore.engine import journal
 from virtstore.engine.dataops import DataOps
 from virtstore.engine.events import EventLog
@@ -44,6 +45,7 @@ class EmbeddedConnection(Connection):
         self.index = VolumeIndex(store)
         self.events = EventLog(store)
         self.secrets = SecretStore(self.state.secrets_dir, store)
+        register_secrets(self.secrets)  # network pools read their auth secrets from it
         self.pools = PoolManager(self.state, self.index, self.events)
         self.volumes = VolumeManager(self.state, self.index, self.secrets, self.events)
         self.jobs = JobManager(store, self.events)
@@ -147,6 +149,29 @@ class EmbeddedConnection(Connection):
                 caps.supported = backend_for(caps.type).host_problem() is None
             entries.append(caps)
         return pool_capabilities_xml(entries)
+
+    def pool_type_features(self) -> list[dict[str, Any]]:
+        from virtstore.xml import POOL_TYPES as XML_POOL_TYPES
+
+        out = []
+        for ptype in XML_POOL_TYPES:
+            backend = backend_for(ptype)
+            caps = backend.caps
+            problem = backend.host_problem()
+            files = caps.file_based
+            snapshots: dict[str, list[str]] = (
+                {"qcow2": ["internal", "external"], "raw": ["reflink (on xfs or btrfs)"]}
+                if files else dict(getattr(backend, "snapshot_kinds", {})))
+            out.append({
+                "type": ptype, "supported": problem is None, "reason": problem,
+                "shared": caps.shared, "file_based": files, "build": caps.build,
+                "delete": caps.delete, "volume_create": caps.vol_create,
+                "volume_delete": caps.vol_delete, "volume_formats": list(caps.vol_formats),
+                "resize": files or hasattr(backend, "resize_volume"),
+                "clone": files, "create_from": files, "wipe": files, "upload": files,
+                "download": files, "snapshots": snapshots,
+            })
+        return out
 
     def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
         if not os.path.isdir(config_dir):
