@@ -16,49 +16,15 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
-from virtstore.cli.main import main
+from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
 
 MiB = 1024**2
 # Upper bounds for waiting on other processes; never asserted as durations.
 PATIENCE = 60.0
-
-
-class Result(NamedTuple):
-    rc: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def cli(root: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
-    def run(*args: str, ok: bool = True) -> Result:
-        rc = main(["--root", str(root), *args])
-        captured = capsys.readouterr()
-        result = Result(rc, captured.out, captured.err)
-        if ok:
-            assert rc == 0, result
-            assert captured.err == "", result
-        return result
-
-    return run
-
-
-def error_of(result: Result) -> str:
-    assert result.rc == 1, result
-    assert result.err.startswith("error: ") and result.err.count("\n") == 1, result
-    return result.err[len("error: "):-1]
 
 
 @pytest.fixture

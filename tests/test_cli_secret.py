@@ -5,49 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
-import pytest
-
-from virtstore.cli.main import main
+from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
 
 VIRSH = Path(__file__).parent / "data" / "virsh"
-
-
-class Result(NamedTuple):
-    rc: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def cli(root: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
-    def run(*args: str, ok: bool = True) -> Result:
-        rc = main(["--root", str(root), *args])
-        captured = capsys.readouterr()
-        result = Result(rc, captured.out, captured.err)
-        if ok:
-            assert rc == 0, result
-            assert captured.err == "", result
-        return result
-
-    return run
-
-
-def error_of(result: Result) -> str:
-    assert result.rc == 1, result
-    assert result.err.startswith("error: ") and result.err.count("\n") == 1, result
-    return result.err[len("error: "):-1]
 
 
 def define(cli: Cli, tmp_path: Path, xml: str) -> str:

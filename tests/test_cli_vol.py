@@ -7,13 +7,12 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
-from virtstore.cli.main import main
+from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
 
 VIRSH = Path(__file__).parent / "data" / "virsh"
 MiB = 1024**2
@@ -21,37 +20,6 @@ GiB = 1024**3
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                     reason="qemu-img is not installed")
-
-
-class Result(NamedTuple):
-    rc: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
-    root = tmp_path / "state"
-
-    def run(*args: str, ok: bool = True) -> Result:
-        rc = main(["--root", str(root), *args])
-        captured = capsys.readouterr()
-        result = Result(rc, captured.out, captured.err)
-        if ok:
-            assert rc == 0, result
-            assert captured.err == "", result
-        return result
-
-    return run
-
-
-def error_of(result: Result) -> str:
-    assert result.rc == 1, result
-    assert result.err.startswith("error: ") and result.err.count("\n") == 1, result
-    return result.err[len("error: "):-1]
 
 
 @pytest.fixture

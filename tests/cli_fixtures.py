@@ -1,0 +1,44 @@
+"""Running the real CLI in process on a temporary state root, for the CLI tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from virtstore.cli.main import main
+
+
+class Result(NamedTuple):
+    rc: int
+    out: str
+    err: str
+
+
+Cli = Callable[..., Result]
+
+
+@pytest.fixture(name="cli")
+def cli_fixture(root: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run one command line in process, as ``virtstore --root ROOT ARGS``."""
+
+    def run(*args: str, ok: bool = True) -> Result:
+        rc = main(["--root", str(root), *args])
+        captured = capsys.readouterr()
+        result = Result(rc, captured.out, captured.err)
+        if ok:
+            assert rc == 0, result
+            assert captured.err == "", result
+        return result
+
+    return run
+
+
+def error_of(result: Result) -> str:
+    """The one line on stderr of a failed command."""
+    assert result.rc == 1, result
+    assert result.err.startswith("error: "), result
+    assert result.err.count("\n") == 1, result
+    return result.err[len("error: "):-1]
