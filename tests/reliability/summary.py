@@ -11,6 +11,7 @@ LOST: list[str] = []
 LABELS = (
     ("inputs", "XML inputs tried"),
     ("engine_inputs", "  of them through the engine"),
+    ("lenient", "  accepted, not schema-valid"),
     ("kills", "kills survived"),
     ("kills_mid_op", "  landing mid-operation"),
     ("ops", "operations raced"),
