@@ -29,8 +29,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
+from virtstore.api import Connection
 from virtstore.engine.connection import EmbeddedConnection
 from virtstore.xml import parse_pool_xml, validate
 
@@ -469,3 +471,84 @@ def random_kill(rng: random.Random, *, after: str, span: float,
     if progress_total and rng.random() < 0.5:
         return Kill(after="job", progress=rng.randrange(1, progress_total))
     return Kill(after=after, delay=rng.uniform(0, span))
+
+
+# -- racing processes ----------------------------------------------------------------------
+
+RACE_OPS = ("create", "clone", "resize", "delete")
+RACE_WEIGHTS = (4, 2, 2, 3)
+RACE_SIZES = (MiB, 2 * MiB)
+
+
+def _open(target: str) -> Connection:
+    import virtstore
+
+    if target.startswith("unix:"):
+        return virtstore.connect(target)
+    return EmbeddedConnection(target)
+
+
+def race_worker(target: str, pool: str, seed: int, n_ops: int,
+                names: list[str]) -> list[tuple[str, str, str, str]]:
+    """``n_ops`` random operations on overlapping names; (op, name, outcome, detail)
+    each, outcome "ok" or an error code ("unexpected" for anything not a
+    VirtstoreError)."""
+    from virtstore.api import VolumeCreateArgs
+    from virtstore.errors import VirtstoreError
+
+    conn = _open(target)
+    rng = random.Random(seed)
+    done: list[tuple[str, str, str, str]] = []
+    try:
+        for _ in range(n_ops):
+            op = rng.choices(RACE_OPS, RACE_WEIGHTS)[0]
+            name = rng.choice(names)
+            detail = ""
+            try:
+                if op == "create":
+                    conn.volume_create(pool, VolumeCreateArgs(
+                        name, rng.choice(RACE_SIZES), allocation=0))
+                elif op == "clone":
+                    detail = rng.choice(names)
+                    job = conn.volume_clone(pool, detail, name)
+                    info = conn.job_wait(job.id, timeout=60)
+                    if info.state != "done":
+                        done.append((op, name, f"job-{info.error_code}", str(info.error)))
+                        continue
+                elif op == "resize":
+                    size = rng.choice(RACE_SIZES)
+                    job = conn.volume_resize(pool, name, size,
+                                             shrink=True)
+                    info = conn.job_wait(job.id, timeout=60)
+                    if info.state != "done":
+                        done.append((op, name, f"job-{info.error_code}", str(info.error)))
+                        continue
+                    detail = str(size)
+                else:
+                    conn.volume_delete(pool, name)
+                done.append((op, name, "ok", detail))
+            except VirtstoreError as exc:
+                done.append((op, name, exc.code, str(exc)))
+            except Exception as exc:
+                done.append((op, name, "unexpected", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+    return done
+
+
+def race_lister(target: str, pool: str, stop: EventType) -> tuple[int, list[str]]:
+    """Refresh and list until ``stop`` (a multiprocessing Event) is set: (listings,
+    failures)."""
+    conn = _open(target)
+    count, failures = 0, []
+    try:
+        while not stop.is_set():
+            try:
+                conn.pool_refresh(pool)
+                conn.list_volumes(pool)
+                count += 1
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+    return count, failures
