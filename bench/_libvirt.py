@@ -135,6 +135,12 @@ class Libvirt:
         return pool
 
     # -- cleaning up -----------------------------------------------------------
+    def drop_pool(self, pool: Any) -> list[str]:
+        """Destroy and undefine one of our pools now (before its storage goes away)."""
+        if pool in self._pools:
+            self._pools.remove(pool)
+        return self._remove_pool(pool)
+
     def close(self) -> list[str]:
         """Destroy and undefine our pools, close, stop the daemon we started; problems met."""
         problems: list[str] = []

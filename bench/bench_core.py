@@ -54,7 +54,8 @@ QCOW2_CHECK_SAMPLE = 20
 # -- results -------------------------------------------------------------------------
 @dataclass
 class Row:
-    """One workload: both measurements, and the goal on virtstore / libvirt."""
+    """One workload: both measurements, and the goal on virtstore / libvirt (or, when
+    ``absolute``, on virtstore's own value)."""
 
     workload: str
     unit: str  # "s" (lower is better), "/s" (higher is better) or "check" (count passed)
@@ -64,6 +65,7 @@ class Row:
     libvirt: float | None = None
     virtstore_note: str = ""
     libvirt_note: str = ""
+    absolute: bool = False  # target is a time or rate for virtstore, not a ratio
 
     @property
     def higher_is_better(self) -> bool:
@@ -79,6 +81,11 @@ class Row:
     def met(self) -> bool | None:
         if self.unit == "check":  # target: how many must pass
             return None if self.virtstore is None else self.virtstore == self.target
+        if self.absolute:
+            if self.virtstore is None or self.target is None:
+                return None
+            return (self.virtstore >= self.target if self.higher_is_better
+                    else self.virtstore <= self.target)
         ratio = self.ratio
         if ratio is None or self.target is None:
             return None
@@ -449,7 +456,7 @@ def table_cells(row: Row) -> list[str]:
 HEADERS = ["workload", "virtstore", "libvirt", "ratio", "goal", "met?"]
 
 
-def print_table(report: Report) -> None:
+def print_table(report: Report, title: str = "virtstore vs libvirt: core benchmarks") -> None:
     cells = [table_cells(r) for r in report.rows]
     try:
         from rich.console import Console
@@ -457,7 +464,7 @@ def print_table(report: Report) -> None:
     except ImportError:
         print_plain(cells)
     else:
-        table = Table(title="virtstore vs libvirt: core benchmarks")
+        table = Table(title=title)
         for i, head in enumerate(HEADERS):
             table.add_column(head, justify="left" if i in (0, 4) else "right",
                              overflow="fold")
@@ -505,7 +512,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def describe(report: Report, s: Settings, lv: Libvirt | str) -> None:
+def describe(report: Report, s: object, lv: Libvirt | str) -> None:
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=False).stdout.strip()
     report.meta.update({
@@ -514,7 +521,7 @@ def describe(report: Report, s: Settings, lv: Libvirt | str) -> None:
         "python": platform.python_version(), "virtstore": virtstore.__version__,
         "commit": commit or None,
         "libvirt": lv.version() if isinstance(lv, Libvirt) else f"not available: {lv}",
-        "settings": s.__dict__,
+        "settings": vars(s),
     })
 
 
