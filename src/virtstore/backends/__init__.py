@@ -9,6 +9,11 @@ POOL_TYPES = ("dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", 
 
 _cache: dict[str, Backend] = {}
 
+# Network and SAN pool types: module and class, imported on first use.
+_NETWORK = {
+    "rbd": ("virtstore.backends.rbd", "RbdBackend"),
+}
+
 
 def backend_for(pool_type: str) -> Backend:
     """The backend of a pool type; types without one yet get an 'unsupported' stand-in."""
@@ -38,6 +43,11 @@ def backend_for(pool_type: str) -> Backend:
             from virtstore.backends.btrfs import BtrfsBackend
 
             be = BtrfsBackend()
+        elif pool_type in _NETWORK:
+            import importlib
+
+            module, cls = _NETWORK[pool_type]
+            be = getattr(importlib.import_module(module), cls)()
         else:
             be = UnavailableBackend(pool_type)
         _cache[pool_type] = be

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from virtstore.api import JobInfo
+from virtstore.backends._net_utils import VolumeDataOps
 from virtstore.backends.base import Backend, VolumeRecord
 from virtstore.engine import journal
 from virtstore.engine.events import EventLog
@@ -75,6 +76,10 @@ class DataOps:
               format: str | None, reflink: bool, linked: bool, prealloc_metadata: bool,
               bandwidth: int | None) -> JobInfo:
         _, src_be, src = self._source(pool_name, name)
+        if isinstance(src_be, VolumeDataOps):
+            return self._net_clone(pool_name, src_be, src, new_name, target_pool=target_pool,
+                                   format=format, linked=linked or reflink,
+                                   bandwidth=bandwidth)
         _file_only(src_be, "volume clone")
         tpool_name = target_pool or pool_name
         tpool, tbe = self.volumes._active_pool(tpool_name)
@@ -202,6 +207,9 @@ class DataOps:
     def resize(self, pool_name: str, name: str, capacity: int, *, delta: bool, shrink: bool,
                allocate: bool) -> JobInfo:
         pool, backend, rec = self._source(pool_name, name)
+        if isinstance(backend, VolumeDataOps):
+            return self._net_resize(pool_name, pool, backend, rec, capacity, delta=delta,
+                                    shrink=shrink, allocate=allocate)
         _file_only(backend, "volume resize")
         if capacity < 0:
             raise InvalidArgument("capacity must not be negative")
@@ -256,6 +264,9 @@ class DataOps:
     def wipe(self, pool_name: str, name: str, algorithm: str, *,
              bandwidth: int | None) -> JobInfo:
         pool, backend, rec = self._source(pool_name, name)
+        if isinstance(backend, VolumeDataOps):
+            return self._net_wipe(pool_name, pool, backend, rec, algorithm,
+                                  bandwidth=bandwidth)
         _file_only(backend, "volume wipe")
         from virtstore.data.wipe import ALGORITHMS
 
@@ -312,6 +323,9 @@ class DataOps:
     def upload(self, pool_name: str, name: str, source: BinaryIO, *, offset: int,
                length: int | None, sparse: bool, bandwidth: int | None) -> JobInfo:
         pool, backend, rec = self._source(pool_name, name)
+        if isinstance(backend, VolumeDataOps):
+            return self._net_upload(pool_name, pool, backend, rec, source, offset=offset,
+                                    length=length, sparse=sparse, bandwidth=bandwidth)
         _file_only(backend, "volume upload")
         if offset < 0 or (length is not None and length < 0):
             raise InvalidArgument("offset and length must not be negative")
@@ -359,7 +373,10 @@ class DataOps:
 
     def download(self, pool_name: str, name: str, sink: BinaryIO, *, offset: int,
                  length: int | None, sparse: bool, bandwidth: int | None) -> JobInfo:
-        _, backend, rec = self._source(pool_name, name)
+        pool, backend, rec = self._source(pool_name, name)
+        if isinstance(backend, VolumeDataOps):
+            return self._net_download(pool_name, pool, backend, rec, sink, offset=offset,
+                                      length=length, sparse=sparse, bandwidth=bandwidth)
         _file_only(backend, "volume download")
         if offset < 0 or (length is not None and length < 0):
             raise InvalidArgument("offset and length must not be negative")
@@ -376,6 +393,111 @@ class DataOps:
 
         return self.jobs.start("download", work, pool=pool_name, volume=name, total=total,
                                bandwidth=bandwidth, lock=[(pool_name, name, READ)])
+
+    # -- network backends: the backend moves the data (see backends/_net_utils) --
+    def _net_clone(self, pool_name: str, src_be: VolumeDataOps, src: VolumeRecord,
+                   new_name: str, *, target_pool: str | None, format: str | None,
+                   linked: bool, bandwidth: int | None) -> JobInfo:
+        src_pool, _ = self.volumes._active_pool(pool_name)
+        tpool_name = target_pool or pool_name
+        tpool, tbe = self.volumes._active_pool(tpool_name)
+        if tpool.type != src_pool.type:
+            raise Unsupported(f"unsupported configuration: a '{src_pool.type}' volume can be "
+                              f"cloned only into a '{src_pool.type}' pool")
+        fmt = format or src.format or "raw"
+        if fmt != (src.format or "raw") or fmt not in tbe.caps.vol_formats:
+            raise Unsupported(f"unsupported configuration: format '{fmt}' is not supported "
+                              f"for clones in '{tpool.type}' pools")
+        holder: list[StagedTarget] = []
+
+        def prepare(db: sqlite3.Connection, job_id: str) -> None:
+            holder.append(self.volumes.reserve_target(db, tpool_name, tpool, tbe, new_name,
+                                                      op="clone"))
+
+        def work(mon: Monitor) -> None:
+            target = holder[0]
+            try:
+                src_be.vol_clone(tpool, src_pool, src, target.staging, linked=linked,
+                                 monitor=mon)
+            except BaseException:
+                self.volumes.abort_target(target)
+                raise
+            self.volumes.finish_target(target)
+
+        return self.jobs.start("clone", work, pool=pool_name, volume=src.name,
+                               target_pool=tpool_name, target_volume=new_name,
+                               total=0 if linked else src.capacity, bandwidth=bandwidth,
+                               lock=[(pool_name, src.name, READ), (tpool_name, new_name, WRITE)],
+                               prepare=prepare)
+
+    def _net_resize(self, pool_name: str, pool: PoolDef, backend: Backend,
+                    rec: VolumeRecord, capacity: int, *, delta: bool, shrink: bool,
+                    allocate: bool) -> JobInfo:
+        assert isinstance(backend, VolumeDataOps)
+        if capacity < 0:
+            raise InvalidArgument("capacity must not be negative")
+        if delta:
+            new = max(0, rec.capacity - capacity) if shrink else rec.capacity + capacity
+        else:
+            new = capacity
+        if new > MAX_SIZE:
+            raise InvalidArgument(f"invalid capacity {new}: must be 0 to {MAX_SIZE} bytes")
+        if new < rec.capacity and not shrink:
+            raise InvalidArgument("Can't shrink capacity below current capacity unless shrink "
+                                  "flag explicitly specified")
+
+        def work(mon: Monitor) -> None:
+            backend.vol_resize(pool, rec, new, shrink=shrink, allocate=allocate)
+            self._reread(pool_name, pool, backend, rec.name)
+
+        return self.jobs.start("resize", work, pool=pool_name, volume=rec.name,
+                               lock=[(pool_name, rec.name, WRITE)])
+
+    def _net_wipe(self, pool_name: str, pool: PoolDef, backend: Backend,
+                  rec: VolumeRecord, algorithm: str, *, bandwidth: int | None) -> JobInfo:
+        assert isinstance(backend, VolumeDataOps)
+        def work(mon: Monitor) -> None:
+            backend.vol_wipe(pool, rec, algorithm, mon)
+            self._reread(pool_name, pool, backend, rec.name)
+
+        return self.jobs.start("wipe", work, pool=pool_name, volume=rec.name,
+                               total=rec.capacity, bandwidth=bandwidth,
+                               lock=[(pool_name, rec.name, WRITE)])
+
+    def _net_upload(self, pool_name: str, pool: PoolDef, backend: Backend,
+                    rec: VolumeRecord, source: BinaryIO, *, offset: int, length: int | None,
+                    sparse: bool, bandwidth: int | None) -> JobInfo:
+        assert isinstance(backend, VolumeDataOps)
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidArgument("offset and length must not be negative")
+        src_size = _regular_size(source)
+        total = length if length is not None else (src_size - offset if src_size is not None
+                                                   else 0)
+
+        def work(mon: Monitor) -> None:
+            backend.vol_upload(pool, rec, source, offset=offset, length=length, sparse=sparse,
+                               monitor=mon)
+            self._reread(pool_name, pool, backend, rec.name)
+
+        return self.jobs.start("upload", work, pool=pool_name, volume=rec.name,
+                               total=max(0, total), bandwidth=bandwidth,
+                               lock=[(pool_name, rec.name, WRITE)])
+
+    def _net_download(self, pool_name: str, pool: PoolDef, backend: Backend,
+                      rec: VolumeRecord, sink: BinaryIO, *, offset: int, length: int | None,
+                      sparse: bool, bandwidth: int | None) -> JobInfo:
+        assert isinstance(backend, VolumeDataOps)
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidArgument("offset and length must not be negative")
+        total = length if length is not None else max(0, rec.capacity - offset)
+
+        def work(mon: Monitor) -> None:
+            backend.vol_download(pool, rec, sink, offset=offset, length=length, sparse=sparse,
+                                 monitor=mon)
+
+        return self.jobs.start("download", work, pool=pool_name, volume=rec.name,
+                               total=total, bandwidth=bandwidth,
+                               lock=[(pool_name, rec.name, READ)])
 
 
 def _regular_size(f: BinaryIO) -> int | None:

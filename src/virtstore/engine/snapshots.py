@@ -14,6 +14,7 @@ import secrets as pysecrets
 import time
 
 from virtstore.api import SnapshotInfo
+from virtstore.backends._net_utils import VolumeDataOps
 from virtstore.backends.base import Backend, VolumeRecord
 from virtstore.backends.dir import SNAPSHOT_PREFIX
 from virtstore.engine import journal, locks
@@ -43,7 +44,7 @@ class SnapshotManager:
     # -- helpers ---------------------------------------------------------------
     def _volume(self, pool_name: str, name: str) -> tuple[PoolDef, Backend, VolumeRecord]:
         pool, backend = self.volumes._active_pool(pool_name)
-        if not backend.caps.file_based:
+        if not backend.caps.file_based and not isinstance(backend, VolumeDataOps):
             raise backend.unsupported("storage snapshots")
         return pool, backend, self.index.get(pool_name, name)
 
@@ -81,7 +82,12 @@ class SnapshotManager:
 
     # -- verbs -----------------------------------------------------------------
     def list(self, pool_name: str, name: str) -> list[SnapshotInfo]:
-        _, _, rec = self._volume(pool_name, name)
+        pool, backend, rec = self._volume(pool_name, name)
+        if isinstance(backend, VolumeDataOps):
+            return sorted((SnapshotInfo(pool=pool_name, volume=name, name=s.name, kind=s.kind,
+                                        created=s.created, size=s.size)
+                           for s in backend.snap_list(pool, rec)),
+                          key=lambda s: (s.created, s.name))
         found = self._rows(pool_name, name)
         if rec.format == "qcow2":
             found += [SnapshotInfo(pool=pool_name, volume=name, name=s.name, kind=s.kind,
@@ -95,7 +101,12 @@ class SnapshotManager:
             raise AlreadyExists(f"snapshot '{snap}' of volume '{name}' exists already")
         owner = self._locked(pool_name, name)
         try:
-            if rec.format == "qcow2" and not external:
+            if isinstance(backend, VolumeDataOps):
+                if external:
+                    raise Unsupported(f"unsupported configuration: external snapshots are "
+                                      f"not supported by '{pool.type}' pools")
+                backend.snap_create(pool, rec, snap)
+            elif rec.format == "qcow2" and not external:
                 run(["qemu-img", "snapshot", "-c", snap, rec.path])
             elif rec.format == "qcow2":
                 self._create_external(pool_name, pool, backend, rec, snap)
@@ -180,9 +191,11 @@ class SnapshotManager:
         pool, backend, rec = self._volume(pool_name, name)
         owner = self._locked(pool_name, name)
         try:
-            internal = [s for s in (self._internal(rec) if rec.format == "qcow2" else [])
-                        if s.name == snap]
-            if internal:
+            internal = [s for s in (self._internal(rec) if rec.format == "qcow2" and
+                                    backend.caps.file_based else []) if s.name == snap]
+            if isinstance(backend, VolumeDataOps):
+                backend.snap_revert(pool, rec, snap)
+            elif internal:
                 run(["qemu-img", "snapshot", "-a", snap, rec.path])
             else:
                 kind, path = self._row_path(pool_name, name, snap)
@@ -232,6 +245,10 @@ class SnapshotManager:
         pool, backend, rec = self._volume(pool_name, name)
         owner = self._locked(pool_name, name)
         try:
+            if isinstance(backend, VolumeDataOps):
+                backend.snap_delete(pool, rec, snap)
+                self.volumes_reread(pool_name, pool, backend, name)
+                return
             internal = [s for s in (self._internal(rec) if rec.format == "qcow2" else [])
                         if s.name == snap]
             if internal:

@@ -1,0 +1,144 @@
+"""What the network backends share: pool secrets, and the data operations they do in
+place of the engine's file-based ones.
+
+Secrets. A pool's ``<auth>`` names a secret (by UUID or usage); its value lives in the
+engine's SecretStore. Backends are shared by every connection of a process, so the
+engine registers its SecretStore here when a connection opens (``register_secrets``)
+and a backend asks ``auth_secret(pool)`` when it connects to its server. Stores are
+held by weak reference: a closed, forgotten connection drops out by itself.
+
+Data operations. A file-based pool's volumes are files the engine copies, resizes and
+wipes itself. A network pool's volumes (RBD images, LUNs, files behind an NFS or
+Gluster server) are not reachable as local files, so such a backend implements
+``VolumeDataOps`` and the engine hands it the work (see engine/dataops.py and
+engine/snapshots.py, which dispatch on ``isinstance(backend, VolumeDataOps)``).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from virtstore.errors import AuthFailed, InvalidArgument, NoSuchSecret, Unsupported
+from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from virtstore.api import SnapshotInfo
+    from virtstore.backends.base import VolumeRecord
+    from virtstore.data.monitor import Monitor
+
+
+class SecretSource(Protocol):
+    def lookup_by_usage(self, usage_type: str, usage_id: str) -> str: ...
+
+    def get_value(self, uuid: str, *, internal: bool = False) -> bytes: ...
+
+
+_sources: list[weakref.ref[SecretSource]] = []
+_sources_lock = threading.Lock()
+
+
+def register_secrets(store: SecretSource) -> None:
+    """Make ``store``'s secrets available to the backends (newest store asked first)."""
+    with _sources_lock:
+        _sources[:] = [r for r in _sources if r() is not None and r() is not store]
+        _sources.insert(0, weakref.ref(store))
+
+
+def unregister_secrets(store: SecretSource) -> None:
+    with _sources_lock:
+        _sources[:] = [r for r in _sources if r() is not None and r() is not store]
+
+
+def secret_value(uuid: str | None, usage: str | None, usage_type: str) -> bytes:
+    """The value of the secret a pool's auth refers to, from any registered store."""
+    with _sources_lock:
+        stores = [s for s in (r() for r in _sources) if s is not None]
+    if not stores:
+        raise AuthFailed("no secret store is available to read the pool's auth secret")
+    last: Exception | None = None
+    for store in stores:
+        try:
+            key = uuid if uuid else store.lookup_by_usage(usage_type, usage or "")
+            return store.get_value(key, internal=True)
+        except NoSuchSecret as exc:
+            last = exc
+    what = f"uuid '{uuid}'" if uuid else f"usage '{usage}'"
+    raise NoSuchSecret(f"no secret with {what} for the pool's authentication"
+                       + (f": {last}" if last else ""))
+
+
+def auth_secret(pool: PoolDef, auth_type: str) -> tuple[str, bytes] | None:
+    """(username, secret value) of the pool's ``<auth type=auth_type>``, None without auth."""
+    auth = pool.source.auth
+    if auth is None:
+        return None
+    if auth.type != auth_type:
+        raise InvalidArgument(f"unsupported authentication type '{auth.type}' for "
+                              f"'{pool.type}' pools (expected '{auth_type}')")
+    usage_type = "ceph" if auth_type == "ceph" else "iscsi"
+    value = secret_value(auth.secret.uuid, auth.secret.usage, usage_type)
+    return auth.username, value
+
+
+class VolumeDataOps:
+    """Data operations a non-file backend does itself; the engine calls them from its
+    jobs with the volume already locked, and publishes what ``read_volume`` then says.
+
+    Each raises Unsupported by default; a backend overrides what it can do.
+    """
+
+    snapshot_kind = "native"
+
+    def _no(self, what: str) -> Unsupported:
+        pool_type = getattr(getattr(self, "caps", None), "pool_type", "this")
+        return Unsupported(f"this function is not supported by the connection driver: "
+                           f"{what} is not supported by '{pool_type}' pools")
+
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        raise self._no("volume resize")
+
+    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
+                 monitor: Monitor) -> None:
+        raise self._no("volume wipe")
+
+    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
+                   length: int | None, sparse: bool, monitor: Monitor) -> None:
+        raise self._no("volume upload")
+
+    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
+                     length: int | None, sparse: bool, monitor: Monitor) -> None:
+        raise self._no("volume download")
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor) -> None:
+        """Make ``staging`` (from ``staging_path``) a copy of ``src``; the engine then
+        commits or discards it like any created volume."""
+        raise self._no("volume clone")
+
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        raise self._no("storage snapshots")
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise self._no("storage snapshots")
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise self._no("storage snapshots")
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise self._no("storage snapshots")
+
+
+def read_exact(src: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes of ``src``, fewer only at its end."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        data = src.read(n - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)

@@ -1,0 +1,625 @@
+"""The rbd pool: a Ceph RADOS pool (optionally a namespace of it); volumes are RBD images.
+
+Through librados/librbd (Debian's python3-rados, python3-rbd), as libvirt's rbd backend:
+volume paths and keys are ``pool/image`` (``pool/namespace/image``), the format is raw,
+capacity comes from the cluster (``rados_cluster_stat``), allocation of an image from
+its object map when fast-diff is on, else it is the capacity (and it is always the
+capacity with ``<refresh><volume allocation='capacity'/>``).
+
+Beyond libvirt:
+
+* volume creation is staged (an image named ``virtstore-staging-*`` renamed on commit,
+  and rename refuses to replace);
+* a clone is copy-on-write: a hidden snapshot ``virtstore-clone-*`` of the source,
+  protected, cloned. A plain clone is then flattened and the snapshot removed (an
+  independent image, made at librbd's speed); a ``linked`` (or ``reflink``) clone keeps
+  sharing the source's data, as libvirt's vol-clone does. Deleting a volume flattens
+  the clones that still depend on it, so a snapshot never blocks deleting its image;
+  deleting the last clone of a hidden snapshot removes the snapshot;
+* storage snapshots are RBD snapshots (create, list, rollback, delete);
+* wipe (zero or trim), upload and download go through librbd; an upload or a wipe
+  takes a hidden snapshot first and rolls back to it if it fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets as pysecrets
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from virtstore.backends import _rbd_utils as ru
+from virtstore.backends._net_utils import VolumeDataOps
+from virtstore.backends.base import (
+    Backend,
+    BackendCaps,
+    CreateRequest,
+    PoolSizes,
+    ScanResult,
+    Stamp,
+    VolumeRecord,
+)
+from virtstore.errors import (
+    AlreadyExists,
+    Busy,
+    InvalidArgument,
+    NoSpace,
+    NoSuchVolume,
+    OperationInvalid,
+    Unsupported,
+    VirtstoreError,
+)
+from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    import rados  # type: ignore[import-not-found]
+    import rbd  # type: ignore[import-not-found]
+
+    from virtstore.api import SnapshotInfo
+    from virtstore.data.monitor import Monitor
+
+PRIVATE_PREFIX = "virtstore-"
+STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
+CLONE_SNAP_PREFIX = PRIVATE_PREFIX + "clone-"
+TX_SNAP_PREFIX = PRIVATE_PREFIX + "tx-"
+CHUNK = 4 << 20
+WIPE_CHUNK = 64 << 20
+WIPE_ALGORITHMS = ("zero", "trim")
+RBD_FEATURE_FAST_DIFF = 1 << 4
+RBD_FLAG_FAST_DIFF_INVALID = 1 << 1
+
+
+def _rbd() -> Any:
+    import rbd
+
+    return rbd
+
+
+def _errors(*more: type[Exception]) -> tuple[type[Exception], ...]:
+    """librbd's and librados's exception classes (plus ``more``), for except clauses."""
+    import rados
+    import rbd
+
+    return (rbd.Error, rados.Error, *more)
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    return text.split("] ", 1)[-1] if text.startswith("[errno") else text
+
+
+class RbdBackend(VolumeDataOps, Backend):
+    caps = BackendCaps(pool_type="rbd", build=False, delete=False, vol_create=True,
+                       vol_delete=True, vol_formats=("raw",), default_vol_format="raw",
+                       shared=True, file_based=False, volume_type="network")
+
+    def host_problem(self) -> str | None:
+        try:
+            import rados  # noqa: F401
+            import rbd  # noqa: F401
+        except ImportError:
+            return ("rbd pools need librados and librbd for Python (Debian: python3-rados "
+                    "python3-rbd), which are not installed")
+        return None
+
+    # -- helpers ---------------------------------------------------------------
+    @staticmethod
+    def _settings(pool: PoolDef) -> ru.Settings:
+        return ru.settings(pool)
+
+    @contextlib.contextmanager
+    def _io(self, pool: PoolDef) -> Iterator[rados.Ioctx]:
+        io = ru.ioctx(self._settings(pool))
+        try:
+            yield io
+        finally:
+            io.close()
+
+    @contextlib.contextmanager
+    def _image(self, io: rados.Ioctx, name: str, *, read_only: bool = False,
+               snapshot: str | None = None) -> Iterator[rbd.Image]:
+        lib = _rbd()
+        try:
+            img = lib.Image(io, name, snapshot=snapshot, read_only=read_only)
+        except lib.ImageNotFound as exc:
+            raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
+                               f"name '{name}'") from exc
+        try:
+            yield img
+        finally:
+            img.close()
+
+    def _path(self, pool: PoolDef, image: str) -> str:
+        return f"{pool.source.name}/{image}"
+
+    # -- pool lifecycle --------------------------------------------------------
+    def start(self, pool: PoolDef) -> None:
+        s = self._settings(pool)
+        ru.forget(s)  # a restart reconnects: the secret or the monitors may have changed
+        io = ru.ioctx(s)
+        try:
+            if s.namespace:
+                lib = _rbd()
+                with ru.ioctx(s, namespace="") as root:
+                    if not lib.RBD().namespace_exists(root, s.namespace):
+                        raise OperationInvalid(f"RBD namespace '{s.namespace}' does not "
+                                               f"exist in pool '{s.pool}'")
+        finally:
+            io.close()
+
+    def stop(self, pool: PoolDef) -> None:
+        try:
+            ru.forget(self._settings(pool))
+        except VirtstoreError:
+            pass
+
+    def sizes(self, pool: PoolDef) -> PoolSizes:
+        try:
+            s = self._settings(pool)
+            stats = ru.cluster(s).get_cluster_stats()
+            with self._io(pool) as io:
+                used = int(io.get_stats().get("num_bytes", 0))
+        except _errors(VirtstoreError):
+            return PoolSizes()
+        return PoolSizes(capacity=int(stats["kb"]) * 1024, allocation=used,
+                         available=int(stats["kb_avail"]) * 1024)
+
+    # -- volumes: listing ------------------------------------------------------
+    def _record(self, pool: PoolDef, io: rados.Ioctx, name: str) -> VolumeRecord:
+        lib = _rbd()
+        with self._image(io, name, read_only=True) as img:
+            size = int(img.size())
+            snaps = sorted(s["name"] for s in img.list_snaps())
+            try:
+                parent = img.get_parent_image_spec()
+                parent_spec = "{pool_name}/{image_name}@{snap_name}".format(**parent)
+            except lib.ImageNotFound:
+                parent_spec = ""
+            try:
+                mtime = img.modify_timestamp()
+                mtime_ns = int(mtime.timestamp() * 1e9)
+            except _errors(AttributeError):
+                mtime_ns = 0
+            allocation = size
+            if pool.refresh_volume_allocation != "capacity":
+                allocation = self._allocation(img, size)
+            ident = f"{img.id()}/{','.join(snaps)}/{parent_spec}/{allocation}"
+        path = self._path(pool, name)
+        return VolumeRecord(name=name, path=path, key=path, type="network", format="raw",
+                            capacity=size, allocation=allocation, physical=size,
+                            ino=zlib.crc32(ident.encode()), size=size, mtime_ns=mtime_ns)
+
+    @staticmethod
+    def _allocation(img: rbd.Image, size: int) -> int:
+        """Bytes of the image's allocated objects (libvirt's count), when the object map
+        can tell it cheaply; else the capacity, as libvirt reports it."""
+        if not (img.features() & RBD_FEATURE_FAST_DIFF) or \
+                img.flags() & RBD_FLAG_FAST_DIFF_INVALID:
+            return size
+        total = 0
+
+        def cb(offset: int, length: int, exists: bool) -> int:
+            nonlocal total
+            if exists:
+                total += length
+            return 0
+
+        img.diff_iterate(0, size, None, cb, include_parent=False, whole_object=True)
+        return total
+
+    def _names(self, io: rados.Ioctx) -> list[str]:
+        return [n for n in _rbd().RBD().list(io) if not n.startswith(PRIVATE_PREFIX)]
+
+    def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
+        res = ScanResult()
+        lib = _rbd()
+        with self._io(pool) as io:
+            for name in self._names(io):
+                try:
+                    rec = self._record(pool, io, name)
+                except (NoSuchVolume, lib.ImageNotFound):
+                    continue  # deleted meanwhile
+                except _errors() as exc:
+                    res.skipped.append((name, _message(exc)))
+                    continue
+                old = known.get(name)
+                if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, 0):
+                    res.unchanged.append(name)
+                else:
+                    res.changed.append(rec)
+        return res
+
+    def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
+        with self._io(pool) as io:
+            try:
+                return self._record(pool, io, name)
+            except NoSuchVolume:
+                return None
+
+    # -- volumes: create, commit, delete ---------------------------------------
+    def volume_path(self, pool: PoolDef, name: str) -> str:
+        return self._path(pool, name)
+
+    def staging_path(self, pool: PoolDef, token: str) -> str:
+        return ru.encode_staging(pool, STAGING_PREFIX + token)
+
+    @staticmethod
+    def _staging_image(staging: str) -> str:
+        decoded = ru.decode_staging(staging)
+        if decoded is None:
+            raise InvalidArgument(f"not an rbd staging name: {staging!r}")
+        return decoded[1]
+
+    def create_volume(self, pool: PoolDef, staging: str, req: CreateRequest) -> None:
+        if req.vol.target.encryption is not None:
+            raise Unsupported("storage pool does not support encrypted volumes")
+        if req.backing_path:
+            raise Unsupported("unsupported configuration: backing storage not supported "
+                              "for raw volumes")
+        lib = _rbd()
+        with self._io(pool) as io:
+            try:
+                lib.RBD().create(io, self._staging_image(staging), req.capacity,
+                                 old_format=False)
+            except lib.ImageExists as exc:
+                raise AlreadyExists(f"storage volume '{req.vol.name}' exists already") from exc
+            except _errors() as exc:
+                raise OperationInvalid(f"failed to create volume '{req.vol.name}': "
+                                       f"{_message(exc)}") from exc
+
+    def commit_volume(self, pool: PoolDef, staging: str, final: str) -> None:
+        lib = _rbd()
+        new = os.path.basename(final)
+        with self._io(pool) as io:
+            if new in lib.RBD().list(io):
+                raise AlreadyExists(f"storage volume '{new}' exists already")
+            try:
+                lib.RBD().rename(io, self._staging_image(staging), new)
+            except lib.ImageExists as exc:
+                raise AlreadyExists(f"storage volume '{new}' exists already") from exc
+
+    def discard_staging(self, staging: str) -> None:
+        decoded = ru.decode_staging(staging)
+        if decoded is None:
+            return
+        pool, image = decoded
+        with self._io(pool) as io:
+            self._remove_image(io, image)
+
+    def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
+        with self._io(pool) as io:
+            self._remove_image(io, rec.name)
+
+    def _remove_image(self, io: rados.Ioctx, name: str) -> None:
+        """Remove an image with its snapshots; clones of those are flattened first, and a
+        hidden clone snapshot this image depended on goes when its last clone goes."""
+        lib = _rbd()
+        parent: dict[str, str] | None = None
+        try:
+            with self._image(io, name) as img:
+                try:
+                    parent = img.get_parent_image_spec()
+                except lib.ImageNotFound:
+                    parent = None
+                for snap in list(img.list_snaps()):
+                    self._drop_snapshot(io, img, snap["name"], flatten_children=True)
+        except NoSuchVolume:
+            return
+        try:
+            lib.RBD().remove(io, name)
+        except lib.ImageNotFound:
+            return
+        except lib.ImageBusy as exc:
+            raise Busy(f"volume '{name}' is in use (the image has watchers): "
+                       f"{_message(exc)}") from exc
+        except _errors() as exc:
+            raise OperationInvalid(f"failed to remove volume '{name}': "
+                                   f"{_message(exc)}") from exc
+        if parent and parent.get("snap_name", "").startswith(CLONE_SNAP_PREFIX):
+            self._cleanup_clone_snap(io, parent)
+
+    def _children(self, img: rbd.Image) -> list[dict[str, Any]]:
+        return [c for c in img.list_children2() if not c.get("trash")]
+
+    def _drop_snapshot(self, io: rados.Ioctx, img: rbd.Image, snap: str, *,
+                       flatten_children: bool) -> None:
+        lib = _rbd()
+        if img.is_protected_snap(snap):
+            img.set_snap(snap)
+            try:
+                children = self._children(img)
+            finally:
+                img.set_snap(None)
+            if children and not flatten_children:
+                names = ", ".join(f"{c['pool']}/{c['image']}" for c in children)
+                raise Busy(f"snapshot '{snap}' has clones depending on it: {names}")
+            for child in children:
+                self._flatten(io, child)
+            img.unprotect_snap(snap)
+        try:
+            img.remove_snap(snap)
+        except lib.ImageNotFound:
+            pass
+
+    def _flatten(self, io: rados.Ioctx, child: Mapping[str, Any],
+                 monitor: Monitor | None = None) -> None:
+        """Flatten the clone ``child`` (a list_children2 entry) of an image in ``io``."""
+        lib = _rbd()
+        same = (child.get("pool", io.get_pool_name()) == io.get_pool_name()
+                and child.get("pool_namespace", "") == io.get_namespace())
+        if not same:
+            raise Busy(f"clone '{child.get('pool')}/{child['image']}' in another pool "
+                       "depends on this image: flatten or delete it first")
+        with lib.Image(io, child["image"]) as c:
+            if monitor is None:
+                c.flatten()
+                return
+            last = 0
+
+            def progress(offset: int, total: int) -> int:
+                nonlocal last
+                if total and monitor.total != total:
+                    monitor.set_total(total)
+                if offset > last:
+                    monitor.advance(offset - last)
+                    last = offset
+                return 0
+
+            c.flatten(on_progress=progress)
+
+    def _cleanup_clone_snap(self, io: rados.Ioctx, parent: Mapping[str, str]) -> None:
+        """Remove the hidden clone snapshot ``parent`` names if nothing depends on it."""
+        lib = _rbd()
+        if parent["pool_name"] != io.get_pool_name() or \
+                parent.get("pool_namespace", "") != io.get_namespace():
+            return  # another pool's snapshot: that pool's deletes take care of it
+        snap = parent["snap_name"]
+        try:
+            with lib.Image(io, parent["image_name"]) as img:
+                if snap not in {s["name"] for s in img.list_snaps()}:
+                    return
+                img.set_snap(snap)
+                try:
+                    children = self._children(img)
+                finally:
+                    img.set_snap(None)
+                if children:
+                    return
+                if img.is_protected_snap(snap):
+                    img.unprotect_snap(snap)
+                img.remove_snap(snap)
+        except (lib.ImageNotFound, lib.ImageBusy):
+            return
+
+    # -- data operations (VolumeDataOps) ---------------------------------------
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        if allocate:
+            raise Unsupported("unsupported flags (allocate) for rbd volume resize: RBD "
+                              "images are always thin")
+        with self._io(pool) as io, self._image(io, rec.name) as img:
+            if capacity < img.size() and not shrink:
+                raise InvalidArgument("Can't shrink capacity below current capacity unless "
+                                      "shrink flag explicitly specified")
+            try:
+                img.resize(capacity, allow_shrink=shrink)
+            except _errors() as exc:
+                raise OperationInvalid(f"failed to resize volume '{rec.name}': "
+                                       f"{_message(exc)}") from exc
+
+    @contextlib.contextmanager
+    def _undo_on_failure(self, img: rbd.Image) -> Iterator[None]:
+        """Rollback point: a hidden snapshot, rolled back to if the body fails."""
+        snap = TX_SNAP_PREFIX + pysecrets.token_hex(6)
+        img.create_snap(snap)
+        try:
+            yield
+        except BaseException:
+            try:
+                img.rollback_to_snap(snap)
+            finally:
+                img.remove_snap(snap)
+            raise
+        img.remove_snap(snap)
+
+    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
+                 monitor: Monitor) -> None:
+        if algorithm not in WIPE_ALGORITHMS:
+            raise Unsupported(f"unsupported flags ({algorithm}) for wiping an rbd volume: "
+                              f"use one of {', '.join(WIPE_ALGORITHMS)}")
+        with self._io(pool) as io, self._image(io, rec.name) as img:
+            size = int(img.size())
+            monitor.set_total(size)
+            with self._undo_on_failure(img):
+                pos = 0
+                while pos < size:
+                    n = min(WIPE_CHUNK, size - pos)
+                    if algorithm == "trim":
+                        img.discard(pos, n)
+                    else:
+                        # Written zeros, as libvirt's rbd wipe writes them; librbd frees
+                        # whole zeroed objects of a thin image.
+                        img.write_zeroes(pos, n)
+                    pos += n
+                    monitor.advance(n)
+
+    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
+                   length: int | None, sparse: bool, monitor: Monitor) -> None:
+        from virtstore.backends._net_utils import read_exact
+        from virtstore.data.extents import is_zero
+
+        with self._io(pool) as io, self._image(io, rec.name) as img:
+            size = int(img.size())
+            if offset > size or (length is not None and offset + length > size):
+                raise InvalidArgument(f"upload of {length} bytes at offset {offset} goes "
+                                      f"past the end of volume '{rec.name}' ({size} bytes)")
+            limit = size - offset if length is None else length
+            if length is not None:
+                monitor.set_total(length)
+            done = 0
+            with self._undo_on_failure(img):
+                while done < limit:
+                    want = min(CHUNK, limit - done)
+                    data = read_exact(source, want)
+                    if not data:
+                        break
+                    at = offset + done
+                    if sparse and is_zero(data):
+                        img.write_zeroes(at, len(data))
+                    else:
+                        img.write(data, at)
+                    done += len(data)
+                    monitor.advance(len(data))
+                if length is not None and done < length:
+                    raise InvalidArgument(f"the source ended after {done} of {length} bytes")
+                if length is None and read_exact(source, 1):
+                    raise InvalidArgument(f"the upload is larger than volume '{rec.name}' "
+                                          f"({size - offset} bytes from offset {offset})")
+                img.flush()
+
+    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
+                     length: int | None, sparse: bool, monitor: Monitor) -> None:
+        with self._io(pool) as io, self._image(io, rec.name, read_only=True) as img:
+            size = int(img.size())
+            if offset > size:
+                raise InvalidArgument(f"offset {offset} is past the end of volume "
+                                      f"'{rec.name}' ({size} bytes)")
+            end = size if length is None else min(size, offset + length)
+            monitor.set_total(end - offset)
+            extents: list[tuple[int, int]] = []
+
+            def cb(at: int, n: int, exists: bool) -> int:
+                if exists:
+                    extents.append((at, n))
+                return 0
+
+            img.diff_iterate(offset, end - offset, None, cb, include_parent=True,
+                             whole_object=False)
+            fd = _regular_fd(sink)
+            if fd is not None:
+                sink.flush()
+            base = sink.tell() if fd is not None else 0
+            pos = offset
+            for at, n in [*sorted(extents), (end, 0)]:
+                at, stop = max(at, pos), min(at + n, end)
+                if at > pos:  # a hole
+                    self._emit_hole(sink, fd, base + pos - offset, at - pos, sparse, monitor)
+                    pos = at
+                while pos < stop:
+                    k = min(CHUNK, stop - pos)
+                    data = img.read(pos, k)
+                    if fd is not None:
+                        os.pwrite(fd, data, base + pos - offset)
+                    else:
+                        sink.write(data)
+                    pos += k
+                    monitor.advance(k)
+            if fd is not None:
+                if os.fstat(fd).st_size < base + end - offset:
+                    os.ftruncate(fd, base + end - offset)
+                sink.seek(base + end - offset)
+            sink.flush()
+
+    @staticmethod
+    def _emit_hole(sink: BinaryIO, fd: int | None, at: int, n: int, sparse: bool,
+                   monitor: Monitor) -> None:
+        if fd is not None and sparse:
+            monitor.skip(n)
+            return
+        zero = bytes(min(CHUNK, n))
+        left = n
+        while left:
+            k = min(len(zero), left)
+            if fd is not None:
+                os.pwrite(fd, zero[:k], at + n - left)
+            else:
+                sink.write(zero[:k])
+            left -= k
+            monitor.advance(k)
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor) -> None:
+        lib = _rbd()
+        target = self._staging_image(staging)
+        if ru.settings(src_pool).mon_host != ru.settings(pool).mon_host:
+            raise Unsupported("a clone between rbd pools of different clusters is not "
+                              "supported")
+        snap = CLONE_SNAP_PREFIX + pysecrets.token_hex(6)
+        with self._io(src_pool) as s_io, self._io(pool) as d_io:
+            with self._image(s_io, src.name) as img:
+                features = int(img.features())
+                img.create_snap(snap)
+                img.protect_snap(snap)
+            try:
+                lib.RBD().clone(s_io, src.name, snap, d_io, target, features=features)
+            except BaseException:
+                with self._image(s_io, src.name) as img:
+                    img.unprotect_snap(snap)
+                    img.remove_snap(snap)
+                raise
+            if linked:
+                return
+            self._flatten(d_io, {"pool": d_io.get_pool_name(),
+                                 "pool_namespace": d_io.get_namespace(),
+                                 "image": target}, monitor)
+            self._cleanup_clone_snap(s_io, {"pool_name": s_io.get_pool_name(),
+                                            "pool_namespace": s_io.get_namespace(),
+                                            "image_name": src.name, "snap_name": snap})
+
+    # -- storage snapshots -----------------------------------------------------
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        from virtstore.api import SnapshotInfo
+
+        out = []
+        with self._io(pool) as io, self._image(io, rec.name, read_only=True) as img:
+            for s in img.list_snaps():
+                if s["name"].startswith(PRIVATE_PREFIX):
+                    continue
+                try:
+                    created = img.get_snap_timestamp(s["id"]).timestamp()
+                except _errors(AttributeError):
+                    created = 0.0
+                out.append(SnapshotInfo(pool="", volume=rec.name, name=s["name"],
+                                        kind=self.snapshot_kind, created=created,
+                                        size=int(s.get("size", 0))))
+        return out
+
+    def _check_snap_name(self, snap: str) -> None:
+        if snap.startswith(PRIVATE_PREFIX):
+            raise InvalidArgument(f"snapshot names starting with '{PRIVATE_PREFIX}' are "
+                                  "reserved")
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self._check_snap_name(snap)
+        lib = _rbd()
+        with self._io(pool) as io, self._image(io, rec.name) as img:
+            try:
+                img.create_snap(snap)
+            except lib.ImageExists as exc:
+                raise AlreadyExists(f"snapshot '{snap}' of volume '{rec.name}' exists "
+                                    "already") from exc
+            except lib.NoSpace as exc:
+                raise NoSpace(f"no space for snapshot '{snap}': {_message(exc)}") from exc
+
+    def _need_snap(self, img: rbd.Image, rec: VolumeRecord, snap: str) -> None:
+        if snap.startswith(PRIVATE_PREFIX) or \
+                snap not in {s["name"] for s in img.list_snaps()}:
+            raise NoSuchVolume(f"no snapshot '{snap}' of volume '{rec.name}'")
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        with self._io(pool) as io, self._image(io, rec.name) as img:
+            self._need_snap(img, rec, snap)
+            img.rollback_to_snap(snap)
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        with self._io(pool) as io, self._image(io, rec.name) as img:
+            self._need_snap(img, rec, snap)
+            self._drop_snapshot(io, img, snap, flatten_children=False)
+
+
+def _regular_fd(obj: object) -> int | None:
+    from virtstore.data.stream import _regular_fd as regular
+
+    return regular(obj)

@@ -1,0 +1,273 @@
+"""Real network storage servers on loopback, started once per test session.
+
+Each server (a one-node Ceph cluster, tgtd, nfs-ganesha, glusterd) is started the first
+time a test asks for it and stopped when the session ends; a server that cannot start
+makes its tests skip with the reason. Test modules import the fixtures they use; the
+servers are cached here, at module level, so importing a fixture into several modules
+still starts its server once. Ports are picked free, so runs side by side do not clash;
+servers that must own a host-wide resource (rpcbind registrations, glusterd's socket)
+take a lock for the session instead.
+
+Start-up times are printed with ``-s`` and kept in ``STARTUP`` (seconds per server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STARTUP: dict[str, float] = {}
+_servers: dict[str, Any] = {}
+_failed: dict[str, str] = {}
+LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def sh(*argv: str, check: bool = True, env: dict[str, str] | None = None,
+       input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check,
+                          env={**os.environ, "LC_ALL": "C", **(env or {})}, input=input,
+                          timeout=timeout)
+
+
+def wait_for(what: str, ok: Callable[[], bool], timeout: float, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(interval)
+    raise RuntimeError(f"{what} did not come up within {timeout:g}s")
+
+
+def stop_pid(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM one process we started, SIGKILL it after ``grace`` seconds."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid if not Path(f"/proc/{pid}").exists() else 0
+        if done:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    fh = open(log, "wb")
+    try:
+        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "LC_ALL": "C", **(env or {})})
+    finally:
+        fh.close()
+
+
+@dataclass
+class Server:
+    name: str
+    dir: Path
+    pids: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    lock_fd: int | None = None
+
+    def stop(self) -> None:
+        for fn in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                fn()
+        for pid in reversed(self.pids):
+            stop_pid(pid)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _session_server(name: str, start: Callable[[Server], None], *,
+                    needs: tuple[str, ...] = (), lock: str | None = None,
+                    lock_wait: float = 600) -> Server:
+    """The running server ``name``, started by ``start`` at its first use; skips the
+    calling test with the reason when it cannot start."""
+    if name in _servers:
+        return _servers[name]  # type: ignore[no-any-return]
+    if name in _failed:
+        pytest.skip(_failed[name])
+    missing = [p for p in needs if shutil.which(p) is None and not Path(p).exists()]
+    if missing:
+        _failed[name] = f"{name} server cannot start: {', '.join(missing)} not installed"
+        pytest.skip(_failed[name])
+    if os.geteuid() != 0:
+        _failed[name] = f"{name} server needs root"
+        pytest.skip(_failed[name])
+    srv = Server(name=name, dir=Path(tempfile.mkdtemp(prefix=f"virtstore-{name}-")))
+    try:
+        if lock is not None:
+            fd = os.open(LOCK_DIR / f"virtstore-test-{lock}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            srv.lock_fd = fd
+            deadline = time.monotonic() + lock_wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"another test run holds the {lock} lock") from None
+                    time.sleep(1)
+        t0 = time.monotonic()
+        start(srv)
+        STARTUP[name] = time.monotonic() - t0
+        print(f"\n[{name} server up in {STARTUP[name]:.1f}s]", flush=True)
+    except Exception as exc:
+        srv.stop()
+        _failed[name] = f"{name} server could not start on this host: {exc}"
+        pytest.skip(_failed[name])
+    _servers[name] = srv
+    return srv
+
+
+def _stop_all() -> None:
+    for name in list(_servers):
+        _servers.pop(name).stop()
+
+
+# -- Ceph: one monitor, one OSD (memstore), one manager, on 127.0.0.1 ------------------------
+CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mgr", "ceph", "ceph-authtool", "monmaptool")
+
+
+def _start_ceph(srv: Server) -> None:
+    d = srv.dir
+    for sub in ("run", "log", "mon", "osd", "mgr", "crash"):
+        (d / sub).mkdir()
+    # The standard ports when they are free: over a monitor on another port librados
+    # speaks msgr2, where a refused cephx key shows only as a timeout.
+    v2, v1 = 3300, 6789
+    if port_open(v2) or port_open(v1):
+        v2, v1 = free_port(), free_port()
+    fsid = str(uuid.uuid4())
+    mon_addr = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
+    conf = d / "ceph.conf"
+    conf.write_text(f"""[global]
+fsid = {fsid}
+mon initial members = a
+mon host = {mon_addr}
+public network = 127.0.0.0/8
+public addr = 127.0.0.1
+ms bind ipv6 = false
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+auth allow insecure global id reclaim = false
+mon warn on insecure global id reclaim allowed = false
+mon warn on pool no redundancy = false
+mon allow pool size one = true
+mon allow pool delete = true
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+run dir = {d}/run
+admin socket = {d}/run/$name.asok
+pid file = {d}/run/$name.pid
+log file = {d}/log/$name.log
+keyring = {d}/$name.keyring
+mon data = {d}/mon/$cluster-$id
+osd data = {d}/osd/$cluster-$id
+mgr data = {d}/mgr/$cluster-$id
+crash dir = {d}/crash
+[mon]
+mon data avail warn = 1
+mon data avail crit = 0
+[osd]
+osd objectstore = memstore
+memstore device bytes = 1073741824
+osd memory target = 939524096
+osd op num shards = 1
+osd op num threads per shard = 2
+""")
+    env = {"CEPH_CONF": str(conf)}
+    srv.info.update(conf=str(conf), env=env, mon_host=f"127.0.0.1:{v2}", v2=v2, v1=v1)
+
+    def ceph(*args: str, input: str | None = None) -> str:
+        return sh("ceph", "--connect-timeout", "10", *args, env=env, input=input).stdout
+
+    sh("ceph-authtool", "--create-keyring", str(d / "mon.keyring"), "--gen-key", "-n", "mon.",
+       "--cap", "mon", "allow *")
+    sh("ceph-authtool", "--create-keyring", str(d / "client.admin.keyring"), "--gen-key", "-n",
+       "client.admin", "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr",
+       "allow *", "--cap", "mds", "allow *")
+    sh("ceph-authtool", str(d / "mon.keyring"), "--import-keyring",
+       str(d / "client.admin.keyring"))
+    sh("monmaptool", "--create", "--fsid", fsid, "--addv", "a", mon_addr, str(d / "monmap"))
+    sh("ceph-mon", "--mkfs", "-i", "a", "--monmap", str(d / "monmap"), "--keyring",
+       str(d / "mon.keyring"), env=env)
+    srv.pids.append(spawn(["ceph-mon", "-i", "a", "-f"], d / "log/mon.out", env).pid)
+    wait_for("ceph-mon", lambda: sh("ceph", "--connect-timeout", "2", "mon", "stat",
+                                     env=env, check=False).returncode == 0, 30, 0.3)
+    osd_uuid = str(uuid.uuid4())
+    osd_key = sh("ceph-authtool", "--gen-print-key").stdout.strip()
+    osd_id = ceph("osd", "new", osd_uuid, "-i", "-",
+                  input=f'{{"cephx_secret": "{osd_key}"}}').strip()
+    (d / f"osd/ceph-{osd_id}").mkdir()
+    sh("ceph-authtool", "--create-keyring", str(d / f"osd.{osd_id}.keyring"), "--name",
+       f"osd.{osd_id}", "--add-key", osd_key)
+    sh("ceph-osd", "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid, env=env)
+    srv.pids.append(spawn(["ceph-osd", "-i", osd_id, "-f"], d / "log/osd.out", env).pid)
+    (d / "mgr/ceph-x").mkdir()
+    (d / "mgr.x.keyring").write_text(ceph("auth", "get-or-create", "mgr.x", "mon",
+                                          "allow profile mgr", "osd", "allow *", "mds",
+                                          "allow *"))
+    srv.pids.append(spawn(["ceph-mgr", "-i", "x", "-f"], d / "log/mgr.out", env).pid)
+    wait_for("ceph-osd", lambda: " 1 up" in ceph("osd", "stat"), 60, 0.3)
+    ceph("osd", "pool", "create", "rbd", "8", "8")
+    ceph("osd", "pool", "application", "enable", "rbd", "rbd")
+    sh("rbd", "pool", "init", "rbd", env=env)
+    key = ""
+    for line in (d / "client.admin.keyring").read_text().splitlines():
+        if line.strip().startswith("key ="):
+            key = line.split("=", 1)[1].strip()
+    srv.info["admin_key"] = key
+
+
+@pytest.fixture(scope="session")
+def ceph_fixture(request: pytest.FixtureRequest) -> Server:
+    """A one-node Ceph cluster: ``info`` has conf, env, mon_host, admin_key; pool 'rbd'."""
+    request.addfinalizer(_stop_all)
+    return _session_server("ceph", _start_ceph, needs=CEPH_TOOLS)
+
+
+def ceph_cmd(srv: Server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh(*args, env=srv.info["env"], check=check)
