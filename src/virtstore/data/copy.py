@@ -21,6 +21,7 @@ from virtstore.data.extents import (
     data_extents,
     nospace,
     size_of,
+    start_writeback,
     zero_out,
     zero_runs,
 )
@@ -29,6 +30,7 @@ from virtstore.errors import InvalidArgument, Unsupported
 
 CHUNK = 8 << 20  # bytes per system call: the unit of progress, throttle and cancel
 ZERO_BLOCK = 4096  # the granularity of detect_zeroes
+WRITEBACK_EVERY = 32 << 20  # start writing a copy to disk after this much new data
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 REFLINK_MODES = ("auto", "always", "never")
 # copy_file_range(2) cannot copy between these two files (cross-device on some
@@ -48,6 +50,8 @@ class RangeWriter:
         self.size = st.st_size if self.regular else size_of(dst_fd)
         self.zeroed = dst_zeroed
         self.written = 0
+        self._unflushed = 0
+        self._flush_from = 0
 
     def hole(self, offset: int, length: int) -> None:
         if self.zeroed or length <= 0:
@@ -65,6 +69,12 @@ class RangeWriter:
         self.written += n
         if self.regular and end > self.size:
             self.size = end
+        if not self._unflushed:
+            self._flush_from = end - n
+        self._unflushed += n
+        if self._unflushed >= WRITEBACK_EVERY and self.regular:
+            start_writeback(self.fd, self._flush_from, end - self._flush_from)
+            self._unflushed = 0
 
     def pwrite(self, buf: memoryview, offset: int) -> None:
         while len(buf):
