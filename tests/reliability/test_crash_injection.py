@@ -103,7 +103,7 @@ def test_kill_during_create(trial: Trial, fmt: str) -> None:
                 trial.forget(c, n)
         return out
 
-    until_killed(kills(18), attempt)
+    until_killed(kills(24), attempt)
 
 
 def _source(trial: Trial) -> bytes:
@@ -138,7 +138,7 @@ def test_kill_during_clone(trial: Trial) -> None:
             _source_is_free(trial)
         return out
 
-    until_killed(kills(18), attempt)
+    until_killed(kills(24), attempt)
 
 
 @needs_qemu_img
@@ -165,7 +165,7 @@ def test_kill_during_convert(trial: Trial) -> None:
                 trial.forget(c, dst)
         return out
 
-    until_killed(kills(14), attempt)
+    until_killed(kills(18), attempt)
 
 
 def test_kill_during_upload(trial: Trial, area: Path) -> None:
@@ -190,7 +190,7 @@ def test_kill_during_upload(trial: Trial, area: Path) -> None:
             assert_clean(trial.check(c, out), out, kill)
         return out
 
-    until_killed(kills(16), attempt)
+    until_killed(kills(20), attempt)
 
 
 def test_kill_during_wipe(trial: Trial) -> None:
@@ -210,7 +210,7 @@ def test_kill_during_wipe(trial: Trial) -> None:
             assert_clean(trial.check(c, out), out, kill)
         return out
 
-    until_killed(kills(12), attempt)
+    until_killed(kills(16), attempt)
 
 
 @needs_qemu_img
@@ -250,4 +250,4 @@ def test_kill_during_resize(trial: Trial) -> None:
             assert_clean(trial.check(c, out), out, kill)
         return out
 
-    until_killed(kills(14), attempt, limit=10)
+    until_killed(kills(18), attempt, limit=10)
