@@ -77,8 +77,12 @@ def route(method: str, path: str, access: str = "read",
     return deco
 
 
+# One encoder for every answer: json.dumps with separators builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _json(value: Any, status: int = 200) -> Response:
-    return Response(status, json.dumps(value, separators=(",", ":")).encode())
+    return Response(status, _ENCODER.encode(value).encode())
 
 
 def _xml(text: str) -> Response:

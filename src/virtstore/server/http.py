@@ -24,6 +24,7 @@ import logging
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import deque
@@ -43,7 +44,10 @@ MAX_HEADERS = 100
 IDLE_TIMEOUT = 120.0
 IO_TIMEOUT = 60.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 256 * 1024  # reads of a request body
+# Reads of a request's head: below malloc's mmap threshold (128 KiB), so a read's buffer
+# comes from the heap instead of an mmap, mremap and munmap for every request.
+HEAD_RECV_SIZE = 64 * 1024
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -312,13 +316,33 @@ class HTTPConnection:
         self.proto.parser = self.parser
         self._continue_sent: _Message | None = None
         self._keep = True
+        # Plain sockets block, with timeouts kept by the kernel: a recv or a send is then
+        # one system call, where Python's own timeouts poll before each. TLS sockets keep
+        # Python's timeouts, which the ssl module expects.
+        self._kernel_timeouts = not isinstance(sock, ssl.SSLSocket)
+        self._timeout: float | None = None
+        if self._kernel_timeouts:
+            sock.settimeout(None)
+        self._set_timeout(IO_TIMEOUT)
+
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout == self._timeout:
+            return
+        self._timeout = timeout
+        if self._kernel_timeouts:
+            sec = int(timeout)
+            tv = struct.pack("ll", sec, int((timeout - sec) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        else:
+            self.sock.settimeout(timeout)
 
     # -- reading ---------------------------------------------------------------
-    def _fill(self, timeout: float) -> int:
+    def _fill(self, timeout: float, size: int = HEAD_RECV_SIZE) -> int:
         """Read and parse what the peer sent; the number of bytes, 0 at its end."""
-        self.sock.settimeout(timeout)
+        self._set_timeout(timeout)
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = self.sock.recv(size)
         except (TimeoutError, ssl.SSLError, OSError) as exc:
             raise ClientGone(str(exc)) from None
         if not data:
@@ -364,7 +388,7 @@ class HTTPConnection:
                 self._continue_sent = msg
                 if msg.headers.get("expect", "").lower() == "100-continue":
                     self.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if not self._fill(IO_TIMEOUT):
+            if not self._fill(IO_TIMEOUT, RECV_SIZE):
                 raise ClientGone("connection closed in the middle of a request body")
         if msg.body:
             return msg.body.popleft()
@@ -469,8 +493,6 @@ class Listener:
 
 def _peer_for(listener: Listener, sock: socket.socket, addr: Any) -> Peer:
     if listener.kind.startswith("unix"):
-        import struct
-
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
         return Peer(listener.kind, uid=uid, gid=gid, pid=pid)
