@@ -163,6 +163,8 @@ def copy_sparse(src_fd: int, dst_fd: int, *, src_offset: int = 0, dst_offset: in
             if buf is None:
                 buf = bytearray(monitor.chunk_size(CHUNK))
             view = memoryview(buf)[:min(step, len(buf))]
+            # Have the next chunk read from disk while this one is written.
+            _read_ahead(src_fd, pos + len(view), min(len(view), stop - pos - len(view)))
             got = os.preadv(src_fd, [view], pos)
             if got == 0:  # the source ended early: the rest reads as zeros
                 writer.hole(pos + shift, stop - pos)
@@ -185,6 +187,14 @@ def copy_sparse(src_fd: int, dst_fd: int, *, src_offset: int = 0, dst_offset: in
         monitor.skip(end - pos)
     writer.finish(dst_offset + length)
     return writer.written
+
+
+def _read_ahead(fd: int, offset: int, length: int) -> None:
+    if length > 0:
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # advisory (a pipe or an odd device): reading still works
 
 
 def reflink(src_fd: int, dst_fd: int) -> bool:
