@@ -12,7 +12,9 @@ outcomes are counted, not failed, so that anything new still fails the race:
 - a clone or resize whose volume is deleted between its lookup and its lock starts and
   then fails with an internal error (No such file or directory);
 - through virtstored, a create whose volume another client deletes right after is
-  answered with no-such-volume although it was made.
+  answered with no-such-volume although it was made;
+- a refresh applying a stale scan frees a name a running clone holds, so another
+  create takes it and the clone fails at the end with already-exists.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def _known_bug(r: tuple[str, str, str, str], remote: bool) -> bool:
     op, _, code, detail = r
     if op in ("clone", "resize") and code == "job-internal-error" \
             and "No such file or directory" in detail:
+        return True
+    if op == "clone" and code == "job-already-exists":
         return True
     return remote and op == "create" and code == "no-such-volume"
 
