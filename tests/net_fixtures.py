@@ -271,3 +271,57 @@ def ceph_fixture(request: pytest.FixtureRequest) -> Server:
 
 def ceph_cmd(srv: Server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return sh(*args, env=srv.info["env"], check=check)
+
+
+# -- NFS: nfs-ganesha (FSAL VFS) exporting a directory over NFSv3/v4, with rpcbind ---------
+def _start_nfs(srv: Server) -> None:
+    d = srv.dir
+    export = d / "export"
+    export.mkdir()
+    Path("/run/rpcbind").mkdir(exist_ok=True)
+    if sh("rpcinfo", "-p", "127.0.0.1", check=False).returncode != 0:
+        # rpcbind listens on all addresses (its -h crashes on Debian 12); only local
+        # clients talk to it. A running one is shared: there is one per host.
+        srv.pids.append(spawn(["/usr/sbin/rpcbind", "-f", "-w"], d / "rpcbind.log").pid)
+        wait_for("rpcbind", lambda: sh("rpcinfo", "-p", "127.0.0.1",
+                                       check=False).returncode == 0, 10, 0.1)
+    nfs_port, mnt_port = free_port(), free_port()
+    (d / "ganesha.conf").write_text(f"""NFS_CORE_PARAM {{
+    Bind_addr = 127.0.0.1;
+    NFS_Port = {nfs_port};
+    MNT_Port = {mnt_port};
+    Protocols = 3, 4;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+}}
+NFS_KRB5 {{ Active_krb5 = false; }}
+NFSV4 {{ Graceless = true; RecoveryBackend = fs; Lease_Lifetime = 10; }}
+EXPORT {{
+    Export_Id = 1;
+    Path = {export};
+    Pseudo = /export;
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    Protocols = 3, 4;
+    Transports = TCP;
+    SecType = sys;
+    FSAL {{ Name = VFS; }}
+}}
+LOG {{ Default_Log_Level = EVENT; }}
+""")
+    srv.pids.append(spawn(["/usr/bin/ganesha.nfsd", "-F", "-f", str(d / "ganesha.conf"), "-L",
+                           str(d / "ganesha.log"), "-p", str(d / "ganesha.pid"), "-N",
+                           "NIV_EVENT"], d / "ganesha.out").pid)
+    url = f"nfs://127.0.0.1{export}"
+    wait_for("nfs-ganesha", lambda: sh("nfs-ls", url, check=False).returncode == 0, 30, 0.2)
+    srv.info.update(export=str(export), url=url, nfs_port=nfs_port)
+
+
+@pytest.fixture(scope="session")
+def nfs_fixture(request: pytest.FixtureRequest) -> Server:
+    """nfs-ganesha on 127.0.0.1: ``info`` has export (its local directory) and url."""
+    request.addfinalizer(_stop_all)
+    return _session_server("nfs", _start_nfs, needs=("/usr/bin/ganesha.nfsd",
+                                                     "/usr/sbin/rpcbind", "nfs-ls"),
+                           lock="nfs")

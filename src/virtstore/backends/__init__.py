@@ -12,6 +12,7 @@ _cache: dict[str, Backend] = {}
 # Network and SAN pool types: module and class, imported on first use.
 _NETWORK = {
     "rbd": ("virtstore.backends.rbd", "RbdBackend"),
+    "netfs": ("virtstore.backends.netfs", "NetfsBackend"),
 }
 
 

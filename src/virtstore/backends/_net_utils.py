@@ -91,6 +91,11 @@ class VolumeDataOps:
 
     snapshot_kind = "native"
 
+    def handles_data(self, pool: PoolDef) -> bool:
+        """Whether this pool's data goes through these methods (else the engine's file
+        operations serve it: a netfs pool mounted by the kernel is a directory)."""
+        return True
+
     def _no(self, what: str) -> Unsupported:
         pool_type = getattr(getattr(self, "caps", None), "pool_type", "this")
         return Unsupported(f"this function is not supported by the connection driver: "

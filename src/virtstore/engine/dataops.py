@@ -40,6 +40,11 @@ def _file_only(backend: Backend, what: str) -> None:
         raise backend.unsupported(what)
 
 
+def _net(backend: Backend, pool: PoolDef) -> bool:
+    """Whether the backend moves this pool's data itself (a network pool)."""
+    return isinstance(backend, VolumeDataOps) and backend.handles_data(pool)
+
+
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -75,8 +80,8 @@ class DataOps:
     def clone(self, pool_name: str, name: str, new_name: str, *, target_pool: str | None,
               format: str | None, reflink: bool, linked: bool, prealloc_metadata: bool,
               bandwidth: int | None) -> JobInfo:
-        _, src_be, src = self._source(pool_name, name)
-        if isinstance(src_be, VolumeDataOps):
+        src_pool, src_be, src = self._source(pool_name, name)
+        if isinstance(src_be, VolumeDataOps) and src_be.handles_data(src_pool):
             return self._net_clone(pool_name, src_be, src, new_name, target_pool=target_pool,
                                    format=format, linked=linked or reflink,
                                    bandwidth=bandwidth)
@@ -207,7 +212,7 @@ class DataOps:
     def resize(self, pool_name: str, name: str, capacity: int, *, delta: bool, shrink: bool,
                allocate: bool) -> JobInfo:
         pool, backend, rec = self._source(pool_name, name)
-        if isinstance(backend, VolumeDataOps):
+        if _net(backend, pool):
             return self._net_resize(pool_name, pool, backend, rec, capacity, delta=delta,
                                     shrink=shrink, allocate=allocate)
         _file_only(backend, "volume resize")
@@ -264,7 +269,7 @@ class DataOps:
     def wipe(self, pool_name: str, name: str, algorithm: str, *,
              bandwidth: int | None) -> JobInfo:
         pool, backend, rec = self._source(pool_name, name)
-        if isinstance(backend, VolumeDataOps):
+        if _net(backend, pool):
             return self._net_wipe(pool_name, pool, backend, rec, algorithm,
                                   bandwidth=bandwidth)
         _file_only(backend, "volume wipe")
@@ -323,7 +328,7 @@ class DataOps:
     def upload(self, pool_name: str, name: str, source: BinaryIO, *, offset: int,
                length: int | None, sparse: bool, bandwidth: int | None) -> JobInfo:
         pool, backend, rec = self._source(pool_name, name)
-        if isinstance(backend, VolumeDataOps):
+        if _net(backend, pool):
             return self._net_upload(pool_name, pool, backend, rec, source, offset=offset,
                                     length=length, sparse=sparse, bandwidth=bandwidth)
         _file_only(backend, "volume upload")
@@ -374,7 +379,7 @@ class DataOps:
     def download(self, pool_name: str, name: str, sink: BinaryIO, *, offset: int,
                  length: int | None, sparse: bool, bandwidth: int | None) -> JobInfo:
         pool, backend, rec = self._source(pool_name, name)
-        if isinstance(backend, VolumeDataOps):
+        if _net(backend, pool):
             return self._net_download(pool_name, pool, backend, rec, sink, offset=offset,
                                       length=length, sparse=sparse, bandwidth=bandwidth)
         _file_only(backend, "volume download")

@@ -83,7 +83,7 @@ class SnapshotManager:
     # -- verbs -----------------------------------------------------------------
     def list(self, pool_name: str, name: str) -> list[SnapshotInfo]:
         pool, backend, rec = self._volume(pool_name, name)
-        if isinstance(backend, VolumeDataOps):
+        if isinstance(backend, VolumeDataOps) and backend.handles_data(pool):
             return sorted((SnapshotInfo(pool=pool_name, volume=name, name=s.name, kind=s.kind,
                                         created=s.created, size=s.size)
                            for s in backend.snap_list(pool, rec)),
@@ -101,7 +101,7 @@ class SnapshotManager:
             raise AlreadyExists(f"snapshot '{snap}' of volume '{name}' exists already")
         owner = self._locked(pool_name, name)
         try:
-            if isinstance(backend, VolumeDataOps):
+            if isinstance(backend, VolumeDataOps) and backend.handles_data(pool):
                 if external:
                     raise Unsupported(f"unsupported configuration: external snapshots are "
                                       f"not supported by '{pool.type}' pools")
@@ -193,7 +193,7 @@ class SnapshotManager:
         try:
             internal = [s for s in (self._internal(rec) if rec.format == "qcow2" and
                                     backend.caps.file_based else []) if s.name == snap]
-            if isinstance(backend, VolumeDataOps):
+            if isinstance(backend, VolumeDataOps) and backend.handles_data(pool):
                 backend.snap_revert(pool, rec, snap)
             elif internal:
                 run(["qemu-img", "snapshot", "-a", snap, rec.path])
@@ -245,7 +245,7 @@ class SnapshotManager:
         pool, backend, rec = self._volume(pool_name, name)
         owner = self._locked(pool_name, name)
         try:
-            if isinstance(backend, VolumeDataOps):
+            if isinstance(backend, VolumeDataOps) and backend.handles_data(pool):
                 backend.snap_delete(pool, rec, snap)
                 self.volumes_reread(pool_name, pool, backend, name)
                 return
