@@ -35,6 +35,7 @@ class PoolInfo:
     allocation: int
     available: int
     target_path: str | None
+    shared: bool = False  # the pool's storage is reachable from other hosts too
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -49,14 +49,16 @@ class PoolManager:
 
     def _info(self, row: PoolRow) -> PoolInfo:
         sizes = PoolSizes()
+        backend = backend_for(row.type)
         if row.active:
-            sizes = backend_for(row.type).sizes(self.state.definition(row))
+            sizes = backend.sizes(self.state.definition(row))
         return PoolInfo(name=row.name, uuid=row.uuid, type=row.type,
                         state=POOL_RUNNING if row.active else POOL_INACTIVE,
                         persistent=row.persistent,
                         autostart=row.persistent and self.state.is_autostart(row.name),
                         capacity=sizes.capacity, allocation=sizes.allocation,
-                        available=sizes.available, target_path=row.target_path)
+                        available=sizes.available, target_path=row.target_path,
+                        shared=backend.caps.shared)
 
     def list(self) -> list[PoolInfo]:
         return [self._info(r) for r in self.state.rows()]
