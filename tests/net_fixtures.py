@@ -325,3 +325,50 @@ def nfs_fixture(request: pytest.FixtureRequest) -> Server:
     return _session_server("nfs", _start_nfs, needs=("/usr/bin/ganesha.nfsd",
                                                      "/usr/sbin/rpcbind", "nfs-ls"),
                            lock="nfs")
+
+
+# -- GlusterFS: glusterd and a one-brick volume on 127.0.0.1 ---------------------------------
+def _start_gluster(srv: Server) -> None:
+    d = srv.dir
+    for sub in ("lib", "brick", "log"):
+        (d / sub).mkdir()
+    Path("/var/run/gluster").mkdir(parents=True, exist_ok=True)
+    (d / "glusterd.vol").write_text(f"""volume management
+    type mgmt/glusterd
+    option working-directory {d}/lib
+    option transport-type socket
+    option transport.address-family inet
+    option transport.socket.bind-address 127.0.0.1
+    option transport.socket.listen-port 24007
+    option transport.socket.read-fail-log off
+    option ping-timeout 0
+    option event-threads 1
+    option max-port 60999
+end-volume
+""")
+    if port_open(24007):
+        raise RuntimeError("port 24007 (glusterd) is taken by another glusterd")
+    proc = spawn(["/usr/sbin/glusterd", "-N", "-f", str(d / "glusterd.vol"), "-l",
+                  str(d / "log/glusterd.log"), "-p", str(d / "glusterd.pidfile")],
+                 d / "glusterd.out")
+    srv.pids.append(proc.pid)
+    wait_for("glusterd", lambda: sh("gluster", "--mode=script", "pool", "list",
+                                     check=False).returncode == 0, 20, 0.1)
+    vol = "vs" + uuid.uuid4().hex[:6]
+    # The CLI refuses 127.0.0.1 as a brick host; the host name (resolving to it) passes.
+    sh("gluster", "--mode=script", "volume", "create", vol,
+       f"{socket.gethostname()}:{d / 'brick'}", "force")
+    srv.cleanups.append(lambda: sh("gluster", "--mode=script", "volume", "delete", vol,
+                                   check=False) and None)
+    sh("gluster", "--mode=script", "volume", "start", vol)
+    srv.cleanups.append(lambda: sh("gluster", "--mode=script", "volume", "stop", vol,
+                                   "force", check=False) and None)
+    srv.info.update(volume=vol, brick=str(d / "brick"), host="127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def gluster_fixture(request: pytest.FixtureRequest) -> Server:
+    """glusterd with one started volume: ``info`` has volume, brick (its local dir), host."""
+    request.addfinalizer(_stop_all)
+    return _session_server("gluster", _start_gluster, needs=("/usr/sbin/glusterd", "gluster"),
+                           lock="gluster")

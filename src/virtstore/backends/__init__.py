@@ -13,6 +13,7 @@ _cache: dict[str, Backend] = {}
 _NETWORK = {
     "rbd": ("virtstore.backends.rbd", "RbdBackend"),
     "netfs": ("virtstore.backends.netfs", "NetfsBackend"),
+    "gluster": ("virtstore.backends.gluster", "GlusterBackend"),
 }
 
 

@@ -136,6 +136,12 @@ class VolumeDataOps:
         raise self._no("storage snapshots")
 
 
+def fold_ino(ino: int) -> int:
+    """An inode number as the index stores it (SQLite integers are signed 64-bit; FUSE and
+    NFS servers hand out unsigned 64-bit inode numbers)."""
+    return ino & ((1 << 63) - 1)
+
+
 def read_exact(src: BinaryIO, n: int) -> bytes:
     """Up to ``n`` bytes of ``src``, fewer only at its end."""
     parts: list[bytes] = []

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, BinaryIO
 
-from virtstore.backends._net_utils import VolumeDataOps, read_exact
+from virtstore.backends._net_utils import VolumeDataOps, fold_ino, read_exact
 from virtstore.backends.base import (
     BackendCaps,
     CreateRequest,
@@ -216,7 +216,21 @@ class NetfsBackend(VolumeDataOps, DirBackend):
     # -- volumes ---------------------------------------------------------------
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         if not userspace(pool):
-            return DirBackend.scan(self, pool, known)
+            # Network filesystems hand out 64-bit inode numbers: fold them for the index.
+            folded = {n: Stamp(s.ino, s.size, s.mtime_ns, s.ctime_ns)
+                      for n, s in known.items()}
+            res = DirBackend.scan(self, pool, {})
+            keep: list[VolumeRecord] = []
+            for rec in res.changed:
+                rec.ino = fold_ino(rec.ino)
+                old = folded.get(rec.name)
+                if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns,
+                                                    rec.ctime_ns):
+                    res.unchanged.append(rec.name)
+                else:
+                    keep.append(rec)
+            res.changed = keep
+            return res
         res = ScanResult()
         with _client(*_server_export(pool)) as c:
             for name in c.listdir("/"):
@@ -229,7 +243,8 @@ class NetfsBackend(VolumeDataOps, DirBackend):
                     res.skipped.append((name, "not a regular file"))
                     continue
                 old = known.get(name)
-                if old is not None and old == Stamp(st.ino, st.size, st.mtime_ns, st.ctime_ns):
+                if old is not None and old == Stamp(fold_ino(st.ino), st.size, st.mtime_ns,
+                                                    st.ctime_ns):
                     res.unchanged.append(name)
                     continue
                 res.changed.append(self._nfs_record(pool, c, name))
@@ -249,13 +264,17 @@ class NetfsBackend(VolumeDataOps, DirBackend):
         url = _url(pool, name)
         return VolumeRecord(name=name, path=url, key=url, type="network", format=fmt,
                             capacity=capacity, allocation=st.blocks * 512, physical=st.size,
-                            mode=st.mode & 0o7777, uid=st.uid, gid=st.gid, ino=st.ino,
+                            mode=st.mode & 0o7777, uid=st.uid, gid=st.gid,
+                            ino=fold_ino(st.ino),
                             size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
                             atime_ns=st.atime_ns)
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         if not userspace(pool):
-            return DirBackend.read_volume(self, pool, name)
+            rec = DirBackend.read_volume(self, pool, name)
+            if rec is not None:
+                rec.ino = fold_ino(rec.ino)
+            return rec
         with _client(*_server_export(pool)) as c:
             try:
                 return self._nfs_record(pool, c, name)

@@ -1,0 +1,361 @@
+"""The gluster pool: a GlusterFS volume (optionally a directory of it); volumes are its files.
+
+As libvirt shows them, volumes are network volumes: path ``gluster://host/vol/dir/name``
+(the URL qemu opens with its own gluster client), key ``vol/dir/name``, directories are
+``netdir`` volumes. libvirt reaches the files through libgfapi; virtstore reaches them
+through a private FUSE mount of the volume under ``/run/virtstore/gluster/`` made when
+the pool starts and removed when it stops (the mount is not the pool's interface: guests
+use the URLs). So everything a file pool does works here too: create in every file
+format (staged and linked into place), delete, resize, wipe, upload, download, clone
+(a sparse copy), and qcow2 internal snapshots. A kernel without FUSE makes start fail
+with an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, BinaryIO
+
+from virtstore.backends._net_utils import VolumeDataOps, fold_ino
+from virtstore.backends.base import (
+    Backend,
+    BackendCaps,
+    CreateRequest,
+    PoolSizes,
+    ScanResult,
+    Stamp,
+    VolumeRecord,
+)
+from virtstore.backends.dir import (
+    FILE_FORMATS,
+    PRIVATE_PREFIX,
+    STAGING_PREFIX,
+    DirBackend,
+    record_from_stat,
+)
+from virtstore.backends.fs import kernel_filesystems
+from virtstore.errors import InvalidArgument, OperationInvalid, Unsupported
+from virtstore.host import mounts
+from virtstore.host.runner import run, which
+from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from virtstore.api import SnapshotInfo
+    from virtstore.data.monitor import Monitor
+
+RUN_DIR = "/run/virtstore/gluster"
+
+
+def volume_name(pool: PoolDef) -> str:
+    if not pool.source.name:
+        raise InvalidArgument("missing source volume name for gluster pool")
+    return pool.source.name
+
+
+def subdir(pool: PoolDef) -> str:
+    return (pool.source.dir or "/").strip("/")
+
+
+def url_base(pool: PoolDef) -> str:
+    if not pool.source.hosts:
+        raise InvalidArgument("missing source host for gluster pool")
+    h = pool.source.hosts[0]
+    host = f"[{h.name}]" if ":" in h.name else h.name
+    if h.port:
+        host += f":{h.port}"
+    sub = subdir(pool)
+    return f"gluster://{host}/{volume_name(pool)}" + (f"/{sub}" if sub else "")
+
+
+def key_base(pool: PoolDef) -> str:
+    sub = subdir(pool)
+    return volume_name(pool) + (f"/{sub}" if sub else "")
+
+
+def mount_point(pool: PoolDef) -> str:
+    ident = hashlib.sha256(f"{pool.uuid or pool.name}".encode()).hexdigest()[:12]
+    return os.path.join(RUN_DIR, f"{pool.name}-{ident}")
+
+
+class GlusterBackend(VolumeDataOps, Backend):
+    caps = BackendCaps(pool_type="gluster", build=False, delete=False, vol_create=True,
+                       vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
+                       shared=True, file_based=False, volume_type="network")
+
+    def __init__(self) -> None:
+        self._files = DirBackend()
+
+    def host_problem(self) -> str | None:
+        if which("mount.glusterfs") is None and not os.path.exists("/sbin/mount.glusterfs"):
+            return "gluster pools need the GlusterFS client: 'mount.glusterfs' is not " \
+                   "installed (Debian glusterfs-client)"
+        return None
+
+    # -- where things are ------------------------------------------------------
+    def _base(self, pool: PoolDef) -> str:
+        sub = subdir(pool)
+        mp = mount_point(pool)
+        return os.path.join(mp, sub) if sub else mp
+
+    def _local(self, pool: PoolDef, name: str) -> str:
+        if "/" in name:
+            raise InvalidArgument(f"invalid volume name '{name}'")
+        return os.path.join(self._base(pool), name)
+
+    def _mounted(self, pool: PoolDef) -> bool:
+        return mounts.mounted_at(mount_point(pool)) is not None
+
+    def _need_mount(self, pool: PoolDef) -> None:
+        if not self._mounted(pool):
+            raise OperationInvalid(f"gluster volume '{volume_name(pool)}' of pool "
+                                   f"'{pool.name}' is not mounted: restart the pool")
+
+    # -- pool lifecycle --------------------------------------------------------
+    def start(self, pool: PoolDef) -> None:
+        url_base(pool)
+        if "fuse" not in kernel_filesystems():
+            raise Unsupported("this kernel has no FUSE support ('fuse' is not in "
+                              "/proc/filesystems): the gluster volume cannot be reached")
+        mp = mount_point(pool)
+        os.makedirs(mp, mode=0o700, exist_ok=True)
+        if not self._mounted(pool):
+            host = pool.source.hosts[0]
+            opts = [f"log-file=/var/log/glusterfs/virtstore-{os.path.basename(mp)}.log"]
+            if host.port:
+                opts.append(f"server-port={host.port}")
+            run(["mount", "-t", "glusterfs", "-o", ",".join(opts),
+                 f"{host.name}:/{volume_name(pool)}", mp], timeout=120)
+        base = self._base(pool)
+        if not os.path.isdir(base):
+            self.stop(pool)
+            raise OperationInvalid(f"directory '{subdir(pool)}' does not exist in gluster "
+                                   f"volume '{volume_name(pool)}'")
+
+    def stop(self, pool: PoolDef) -> None:
+        mp = mount_point(pool)
+        if self._mounted(pool):
+            mounts.umount(mp)
+        with contextlib.suppress(OSError):
+            os.rmdir(mp)
+
+    def sizes(self, pool: PoolDef) -> PoolSizes:
+        if not self._mounted(pool):
+            return PoolSizes()
+        sv = os.statvfs(self._base(pool))
+        capacity = sv.f_frsize * sv.f_blocks
+        available = sv.f_frsize * sv.f_bavail
+        return PoolSizes(capacity=capacity, allocation=capacity - sv.f_frsize * sv.f_bfree,
+                         available=available)
+
+    # -- volumes ---------------------------------------------------------------
+    def _network(self, pool: PoolDef, rec: VolumeRecord) -> VolumeRecord:
+        rec.path = f"{url_base(pool)}/{rec.name}"
+        rec.key = f"{key_base(pool)}/{rec.name}"
+        rec.type = "netdir" if rec.type == "dir" else "network"
+        rec.ino = fold_ino(rec.ino)
+        if rec.backing_path and rec.backing_path.startswith(self._base(pool) + "/"):
+            rec.backing_path = f"{url_base(pool)}/{os.path.basename(rec.backing_path)}"
+        return rec
+
+    def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
+        self._need_mount(pool)
+        res = ScanResult()
+        with os.scandir(self._base(pool)) as entries:
+            for de in entries:
+                if de.name.startswith(PRIVATE_PREFIX):
+                    continue
+                try:
+                    st = os.stat(de.path)
+                except OSError as exc:
+                    res.skipped.append((de.name, exc.strerror or str(exc)))
+                    continue
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                    continue
+                old = known.get(de.name)
+                if old is not None and old == Stamp(fold_ino(st.st_ino), st.st_size, st.st_mtime_ns,
+                                                    st.st_ctime_ns):
+                    res.unchanged.append(de.name)
+                    continue
+                try:
+                    res.changed.append(self._network(pool, record_from_stat(de.name, de.path,
+                                                                            st)))
+                except Exception as exc:  # an unreadable image is listed as skipped
+                    res.skipped.append((de.name, str(exc)))
+        return res
+
+    def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
+        path = self._local(pool, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return self._network(pool, record_from_stat(name, path, st))
+
+    def volume_path(self, pool: PoolDef, name: str) -> str:
+        return f"{url_base(pool)}/{name}"
+
+    def staging_path(self, pool: PoolDef, token: str) -> str:
+        self._need_mount(pool)
+        return os.path.join(self._base(pool), STAGING_PREFIX + token)
+
+    def create_volume(self, pool: PoolDef, staging: str, req: CreateRequest) -> None:
+        if req.backing_path and req.backing_path.startswith(url_base(pool) + "/"):
+            # A backing volume of this pool, named by its URL: the image records the
+            # relative name, which qemu resolves beside the overlay (URL or mount).
+            from dataclasses import replace
+
+            req = replace(req, backing_path=os.path.basename(req.backing_path))
+        self._files.create_volume(pool, staging, req)
+
+    def commit_volume(self, pool: PoolDef, staging: str, final: str) -> None:
+        self._files.commit_volume(pool, staging, self._local(pool, os.path.basename(final)))
+
+    def discard_staging(self, staging: str) -> None:
+        with contextlib.suppress(OSError):
+            self._files.discard_staging(staging)
+
+    def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
+        local = self._local(pool, rec.name)
+        self._files.delete_volume(pool, VolumeRecord(name=rec.name, path=local, key=local,
+                                                     type="dir" if rec.type == "netdir"
+                                                     else "file"))
+
+    # -- data operations (VolumeDataOps), on the private mount -----------------
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        local = self._local(pool, rec.name)
+        fmt = rec.format or "raw"
+        if fmt == "raw":
+            with open(local, "r+b") as fh:
+                os.ftruncate(fh.fileno(), capacity)
+                if allocate and capacity > rec.capacity:
+                    os.posix_fallocate(fh.fileno(), rec.capacity, capacity - rec.capacity)
+                os.fsync(fh.fileno())
+        elif fmt == "qcow2":
+            from virtstore.formats.qemuimg import resize
+
+            resize(local, capacity, fmt, shrink=shrink,
+                   preallocation="falloc" if allocate else None)
+        else:
+            raise Unsupported(f"unsupported configuration: resizing a '{fmt}' volume is not "
+                              "supported")
+
+    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
+                 monitor: Monitor) -> None:
+        from virtstore.data.wipe import ALGORITHMS, wipe
+
+        if algorithm not in ALGORITHMS:
+            raise InvalidArgument(f"unknown wipe algorithm '{algorithm}'")
+        local = self._local(pool, rec.name)
+        wipe(local, algorithm, monitor=monitor)
+        if rec.format not in (None, "raw"):
+            from virtstore.formats.qemuimg import ImageOptions, create
+
+            tmp = self.staging_path(pool, "wipe-" + os.urandom(6).hex())
+            try:
+                create(tmp, ImageOptions(format=rec.format, capacity=rec.capacity))
+                os.replace(tmp, local)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
+                   length: int | None, sparse: bool, monitor: Monitor) -> None:
+        from virtstore.data.copy import copy_file
+        from virtstore.data.monitor import Monitor as PlainMonitor
+        from virtstore.data.stream import upload
+
+        local = self._local(pool, rec.name)
+        staging = self.staging_path(pool, "upload-" + os.urandom(6).hex())
+        try:
+            if offset == 0 and length is None:
+                fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            else:
+                copy_file(local, staging, reflink="auto", monitor=PlainMonitor())
+                fd = os.open(staging, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                upload(source, fd, offset=offset, length=length, sparse=sparse, monitor=monitor)
+                if os.fstat(fd).st_size < rec.physical:
+                    os.ftruncate(fd, rec.physical)
+                os.fchmod(fd, rec.mode if rec.mode is not None else 0o600)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(staging, local)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+
+    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
+                     length: int | None, sparse: bool, monitor: Monitor) -> None:
+        from virtstore.data.stream import download
+
+        fd = os.open(self._local(pool, rec.name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            download(fd, sink, offset=offset, length=length, sparse=sparse, monitor=monitor)
+        finally:
+            os.close(fd)
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor) -> None:
+        if linked:
+            from virtstore.formats.qcow2 import create_qcow2
+
+            if src_pool.uuid != pool.uuid:
+                raise Unsupported("a linked clone of a gluster volume must be in its pool")
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                create_qcow2(fd, src.capacity, compat="1.1", backing_file=src.name,
+                             backing_format=src.format or "raw")
+            finally:
+                os.close(fd)
+            return
+        from virtstore.data.copy import copy_file
+
+        copy_file(self._local(src_pool, src.name), staging, reflink="auto", monitor=monitor)
+
+    # -- storage snapshots: qcow2 internal snapshots ---------------------------
+    @contextlib.contextmanager
+    def _qcow2(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[str]:
+        if rec.format != "qcow2":
+            raise Unsupported(f"unsupported configuration: snapshots of '{rec.format}' "
+                              "volumes of gluster pools are not supported (qcow2 only)")
+        yield self._local(pool, rec.name)
+
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        if rec.format != "qcow2":
+            return []
+        from virtstore.api import SnapshotInfo
+        from virtstore.formats.qemuimg import info
+
+        data = info(self._local(pool, rec.name), "qcow2")
+        return [SnapshotInfo(pool="", volume=rec.name, name=str(s.get("name")),
+                             kind="internal",
+                             created=float(s.get("date-sec", 0))
+                             + float(s.get("date-nsec", 0)) / 1e9,
+                             size=int(s.get("vm-state-size", 0)))
+                for s in data.get("snapshots", []) or []]
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        with self._qcow2(pool, rec) as path:
+            run(["qemu-img", "snapshot", "-c", snap, path])
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        with self._qcow2(pool, rec) as path:
+            self._need_snap(pool, rec, snap)
+            run(["qemu-img", "snapshot", "-a", snap, path])
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        with self._qcow2(pool, rec) as path:
+            self._need_snap(pool, rec, snap)
+            run(["qemu-img", "snapshot", "-d", snap, path])
+
+    def _need_snap(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        from virtstore.errors import NoSuchVolume
+
+        if snap not in {s.name for s in self.snap_list(pool, rec)}:
+            raise NoSuchVolume(f"no snapshot '{snap}' of volume '{rec.name}'")
