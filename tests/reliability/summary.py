@@ -16,7 +16,6 @@ LABELS = (
     ("kills_mid_op", "  landing mid-operation"),
     ("ops", "operations raced"),
     ("listings", "  listings taken meanwhile"),
-    ("race_known_bugs", "  hit a known engine bug"),
     ("faults", "faults injected"),
 )
 

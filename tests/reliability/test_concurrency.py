@@ -6,15 +6,6 @@ Legitimate failures (docs/reliability.md): ``already-exists`` (create or clone o
 name that is taken or being made), ``no-such-volume`` (the volume is not there, or is
 still being made or being deleted), ``busy`` (a job holds the volume). Anything else,
 or a job that starts and then fails, is a bug.
-
-Two engine bugs show up here and are pinned by strict xfails in test_faults.py; their
-outcomes are counted, not failed, so that anything new still fails the race:
-- a clone or resize whose volume is deleted between its lookup and its lock starts and
-  then fails with an internal error (No such file or directory);
-- through virtstored, a create whose volume another client deletes right after is
-  answered with no-such-volume although it was made;
-- a refresh applying a stale scan frees a name a running clone holds, so another
-  create takes it and the clone fails at the end with already-exists.
 """
 
 from __future__ import annotations
@@ -60,39 +51,24 @@ def race(target: str, pool: str, seed: int) -> tuple[list[tuple[str, str, str, s
     return results, listings
 
 
-def _known_bug(r: tuple[str, str, str, str], remote: bool) -> bool:
-    op, _, code, detail = r
-    if op in ("clone", "resize") and code == "job-internal-error" \
-            and "No such file or directory" in detail:
-        return True
-    if op == "clone" and code == "job-already-exists":
-        return True
-    return remote and op == "create" and code == "no-such-volume"
-
-
 def check_outcome(conn: Connection, pool: str, pooldir: Path,
-                  results: list[tuple[str, str, str, str]], *, remote: bool = False) -> None:
-    known = [r for r in results if _known_bug(r, remote)]
-    summary.add("race_known_bugs", len(known))
-    bad = [r for r in results if r[2] != "ok" and r[2] not in LEGITIMATE[r[0]]
-           and r not in known]
+                  results: list[tuple[str, str, str, str]]) -> None:
+    bad = [r for r in results if r[2] != "ok" and r[2] not in LEGITIMATE[r[0]]]
     assert not bad, f"illegitimate failures: {bad[:10]}"
     # Every name: successful creations (create or clone onto it) minus successful
     # deletions is 0 or 1, and 1 exactly when it exists now.
-    # (A create answered no-such-volume by the known server bug may have made it.)
     made = Counter(r[1] for r in results if r[2] == "ok" and r[0] in ("create", "clone"))
-    maybe = Counter(r[1] for r in known if r[0] == "create")
     gone = Counter(r[1] for r in results if r[2] == "ok" and r[0] == "delete")
     conn.pool_refresh(pool)
     listed = {v.name: v for v in conn.list_volumes(pool)}
     for name in NAMES:
         want = 1 if name in listed else 0
-        fits = any(made[name] + k - gone[name] == want for k in range(maybe[name] + 1))
+        fits = made[name] - gone[name] == want
         if not fits:
             summary.lost(f"'{name}': {made[name]} made, {gone[name]} deleted, "
                          f"{'listed' if want else 'absent'}")
-        assert fits, (f"'{name}': made {made[name]} (+{maybe[name]} unsure), deleted "
-                      f"{gone[name]}, listed: {bool(want)}")
+        assert fits, (f"'{name}': made {made[name]}, deleted {gone[name]}, "
+                      f"listed: {bool(want)}")
     files = sorted(os.listdir(pooldir))
     assert not [f for f in files if f.startswith(STAGING_PREFIX)], files
     assert files == sorted(listed), f"directory {files} vs listing {sorted(listed)}"
@@ -136,7 +112,7 @@ def test_race_clients_of_one_daemon(area: Path) -> None:
         try:
             pool = _pool(conn, area / "pool")
             results, _ = race(daemon.rw_uri, pool, seed=2)
-            check_outcome(conn, pool, area / "pool", results, remote=True)
+            check_outcome(conn, pool, area / "pool", results)
         finally:
             conn.close()
     finally:

@@ -3,7 +3,7 @@ read-only filesystem, qemu-img missing, a pool directory removed behind our back
 corrupt qcow2 header, a truncated definition file. Each gives one clear line (a
 VirtstoreError) and loses nothing else.
 
-At the end, the engine bugs these tests found, pinned as strict xfails.
+At the end, the engine bugs these tests found, each now a regression test.
 """
 
 from __future__ import annotations
@@ -360,9 +360,6 @@ def test_corrupt_qcow2_headers(conn: EmbeddedConnection, area: Path,
     assert qcow2_header(area / "pool" / "good") == (2, 4 * MiB)
 
 
-@pytest.mark.xfail(strict=True, reason="a qcow2 header claiming a virtual size of 2^63 or "
-                   "more makes pool refresh fail with OverflowError (the size does not fit "
-                   "an SQLite INTEGER) instead of listing the volume as corrupt or skipping it")
 def test_refresh_survives_qcow2_size_beyond_int64(conn: EmbeddedConnection,
                                                   area: Path) -> None:
     pool = dir_pool(conn, "p", area / "pool")
@@ -437,9 +434,6 @@ def test_truncated_definition(area: Path, known: bool) -> None:
 # -- engine bugs found here, pinned until fixed ------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a job whose volume is deleted between its lookup and "
-                   "its lock starts anyway and fails with an internal error (No such file "
-                   "or directory) instead of refusing with no-such-volume")
 @pytest.mark.parametrize("op", ["resize", "clone"])
 def test_volume_deleted_between_lookup_and_lock(conn: EmbeddedConnection, area: Path,
                                                 op: str) -> None:
@@ -480,9 +474,6 @@ EmbeddedConnection.volume_create = volume_create
 """
 
 
-@pytest.mark.xfail(strict=True, reason="virtstored answers a volume create with "
-                   "no-such-volume when another client deletes the new volume before the "
-                   "response (it looks the volume up again after making it)")
 def test_daemon_create_answered_after_concurrent_delete(area: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import virtstore
@@ -506,11 +497,10 @@ def test_daemon_create_answered_after_concurrent_delete(area: Path,
 
 
 @needs_qemu_img
-@pytest.mark.xfail(strict=True, reason="a cancelled (or killed) wipe of a qcow2 volume has "
-                   "already overwritten the image in place: the volume is left neither as it "
-                   "was nor wiped, a raw file of the old physical size")
-def test_cancelled_qcow2_wipe_leaves_volume_as_it_was(conn: EmbeddedConnection,
-                                                      area: Path) -> None:
+def test_cancelled_qcow2_wipe_leaves_a_valid_volume(conn: EmbeddedConnection,
+                                                    area: Path) -> None:
+    """A wipe of an image swaps a fresh empty image in first: once it has started, the
+    volume is that empty image, never a half-overwritten one."""
     pool = dir_pool(conn, "p", area / "pool")
     path = area / "pool" / "img"
     conn.volume_create(pool, VolumeCreateArgs("img", 8 * MiB, format="qcow2"))
@@ -526,13 +516,15 @@ def test_cancelled_qcow2_wipe_leaves_volume_as_it_was(conn: EmbeddedConnection,
     assert info.state == "cancelled"
     conn.pool_refresh(pool)
     assert conn.volume_info(pool, "img").format == "qcow2"
-    assert file_sha(path) == before
+    assert conn.volume_info(pool, "img").capacity == 8 * MiB
+    if file_sha(path) != before:  # past the swap: the fresh image reads as zeros
+        out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0 0 4M", str(path)],
+                             capture_output=True, text=True).stdout
+        assert "Pattern verification failed" not in out
+    assert not [n for n in os.listdir(area / "pool") if n.startswith(".virtstore-")]
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="making a volume on a read-only filesystem fails with "
-                   "a raw OSError (EROFS from removing the staging file that was never "
-                   "made) instead of a one-line VirtstoreError")
 @pytest.mark.parametrize("op", ["create", "clone"])
 def test_new_volume_on_read_only_fs(conn: EmbeddedConnection, area: Path,
                                     ro_pool: tuple[str, Path, str], op: str) -> None:
@@ -546,9 +538,6 @@ def test_new_volume_on_read_only_fs(conn: EmbeddedConnection, area: Path,
     assert sorted(os.listdir(ro)) == ["v"] and file_sha(ro / "v") == v_sha
 
 
-@pytest.mark.xfail(strict=True, reason="a dir pool with a relative target path is defined, "
-                   "and building it makes the directory (and its volumes) relative to the "
-                   "calling process's working directory, outside the state root")
 def test_relative_pool_target_path_is_refused(conn: EmbeddedConnection, area: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     cwd = area / "cwd"
@@ -564,10 +553,6 @@ def test_relative_pool_target_path_is_refused(conn: EmbeddedConnection, area: Pa
     assert os.listdir(cwd) == [], "files were made relative to the working directory"
 
 
-@pytest.mark.xfail(strict=True, reason="a refresh whose scan saw a changed volume before it was "
-                   "deleted overwrites the row of a volume being made under that name "
-                   "(INSERT OR REPLACE on names not in its snapshot); the next refresh drops "
-                   "that row and frees a name a running clone still holds")
 def test_stale_refresh_keeps_a_reserved_name(conn: EmbeddedConnection, area: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from virtstore.backends.dir import DirBackend

@@ -36,6 +36,7 @@ DEFAULT_VOL_MODE = 0o600
 # Larger than any data a filesystem keeps inline in the inode (ext4 inline_data, btrfs
 # max_inline are well under a page).
 _INLINE_MAX = 4096
+_MAX_SIZE = (1 << 63) - 1
 
 FILE_FORMATS = ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "luks", "iso")
 
@@ -69,7 +70,8 @@ def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
         return rec
     info = _probe(path, st)
     rec.format = info.format
-    rec.capacity = info.virtual_size
+    # A header claiming more than any file can hold is a damaged header.
+    rec.capacity = info.virtual_size if info.virtual_size <= _MAX_SIZE else 0
     if info.backing_file:
         backing = info.backing_file
         if "://" not in backing and not os.path.isabs(backing):
@@ -248,12 +250,16 @@ class DirBackend(Backend):
         fsync_dir(os.path.dirname(final))
 
     def discard_staging(self, staging: str) -> None:
+        if not os.path.lexists(staging):
+            return  # never made (a read-only filesystem reports EROFS, not ENOENT)
         try:
             os.unlink(staging)
         except FileNotFoundError:
             pass
         except IsADirectoryError:
             os.rmdir(staging)
+        except OSError as exc:
+            raise OperationInvalid(f"cannot remove '{staging}': {_os_message(exc)}") from exc
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         try:

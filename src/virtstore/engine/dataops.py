@@ -166,7 +166,7 @@ class DataOps:
                                target_pool=tpool_name, target_volume=new_name, total=total,
                                bandwidth=bandwidth,
                                lock=[(src_pool, src.name, READ), (tpool_name, new_name, WRITE)],
-                               prepare=prepare)
+                               prepare=prepare, must_exist=[(src_pool, src.name)])
 
     def _fill(self, src: VolumeRecord, dst: str, fmt: str, *, capacity: int, reflink: bool,
               linked: bool, prealloc_metadata: bool, monitor: Monitor, compat: str | None,
@@ -258,7 +258,8 @@ class DataOps:
             self._reread(pool_name, pool, backend, name)
 
         return self.jobs.start("resize", work, pool=pool_name, volume=name,
-                               lock=[(pool_name, name, WRITE)])
+                               lock=[(pool_name, name, WRITE)],
+                               must_exist=[(pool_name, name)])
 
     def _reread(self, pool_name: str, pool: PoolDef, backend: Backend, name: str) -> None:
         rec = backend.read_volume(pool, name)
@@ -291,31 +292,43 @@ class DataOps:
 
         return self.jobs.start("wipe", work, pool=pool_name, volume=name,
                                total=rec.physical, bandwidth=bandwidth,
-                               lock=[(pool_name, name, WRITE)])
+                               lock=[(pool_name, name, WRITE)],
+                               must_exist=[(pool_name, name)])
 
     def _wipe_image(self, pool_name: str, pool: PoolDef, backend: Backend, rec: VolumeRecord,
                     algorithm: str, mon: Monitor) -> None:
-        """An image format keeps its format: the old bytes are destroyed, then an empty
-        image of the same format and capacity takes the volume's name."""
+        """An image format keeps its format. A fresh empty image of the same format and
+        capacity takes the volume's name first, in one rename; then the old image,
+        kept under a hidden name, is wiped and removed. Until the rename the volume is
+        as it was; after it, the volume is the empty image, whatever happens next."""
         from virtstore.data.wipe import wipe
         from virtstore.formats.qemuimg import ImageOptions, create
 
-        staging = self._staging(pool_name, pool, backend, rec.name, "wipe")
+        fresh, fresh_entry = self._staging(pool_name, pool, backend, rec.name, "wipe")
+        old, old_entry = self._staging(pool_name, pool, backend, rec.name, "wipe")
         try:
-            create(staging[0], ImageOptions(format=rec.format or "raw", capacity=rec.capacity,
-                                            compat=rec.compat if rec.format == "qcow2" else None,
-                                            backing_file=rec.backing_path,
-                                            backing_format=rec.backing_format))
-            if rec.mode is not None:
-                os.chmod(staging[0], rec.mode)
-            wipe(rec.path, algorithm, monitor=mon)
-            _fsync_path(staging[0])
-            os.replace(staging[0], rec.path)
-        except BaseException:
-            backend.discard_staging(staging[0])
-            raise
+            try:
+                create(fresh, ImageOptions(format=rec.format or "raw", capacity=rec.capacity,
+                                           compat=rec.compat if rec.format == "qcow2" else None,
+                                           backing_file=rec.backing_path,
+                                           backing_format=rec.backing_format))
+                if rec.mode is not None:
+                    os.chmod(fresh, rec.mode)
+                _fsync_path(fresh)
+                mon.check()
+                os.link(rec.path, old)
+                os.replace(fresh, rec.path)
+            except BaseException:
+                backend.discard_staging(fresh)
+                backend.discard_staging(old)
+                raise
+            try:
+                wipe(old, algorithm, monitor=mon)
+            finally:
+                backend.discard_staging(old)
         finally:
-            journal.end(self.store, staging[1])
+            journal.end(self.store, fresh_entry)
+            journal.end(self.store, old_entry)
 
     def _staging(self, pool_name: str, pool: PoolDef, backend: Backend, name: str,
                  op: str) -> tuple[str, int]:
@@ -374,7 +387,8 @@ class DataOps:
             self._reread(pool_name, pool, backend, name)
 
         return self.jobs.start("upload", work, pool=pool_name, volume=name, total=total,
-                               bandwidth=bandwidth, lock=[(pool_name, name, WRITE)])
+                               bandwidth=bandwidth, lock=[(pool_name, name, WRITE)],
+                               must_exist=[(pool_name, name)])
 
     def download(self, pool_name: str, name: str, sink: BinaryIO, *, offset: int,
                  length: int | None, sparse: bool, bandwidth: int | None) -> JobInfo:
@@ -397,7 +411,8 @@ class DataOps:
                 os.close(fd)
 
         return self.jobs.start("download", work, pool=pool_name, volume=name, total=total,
-                               bandwidth=bandwidth, lock=[(pool_name, name, READ)])
+                               bandwidth=bandwidth, lock=[(pool_name, name, READ)],
+                               must_exist=[(pool_name, name)])
 
     # -- network backends: the backend moves the data (see backends/_net_utils) --
     def _net_clone(self, pool_name: str, src_be: VolumeDataOps, src: VolumeRecord,

@@ -29,6 +29,12 @@ _COLS = ("pool, name, type, format, capacity, allocation, physical, ino, size, m
 _INSERT = f"INSERT OR REPLACE INTO volumes({_COLS}) VALUES({', '.join('?' * 15)})"
 # A fresh index (first scan of a pool) needs no conflict handling.
 _INSERT_NEW = _INSERT.replace("INSERT OR REPLACE", "INSERT")
+# A refresh updates rows of ready volumes only: a name reserved by an operation in
+# flight ('creating', 'deleting') is not the scan's to change.
+_UPSERT_SCANNED = (
+    _INSERT_NEW + " ON CONFLICT(pool, name) DO UPDATE SET "
+    + ", ".join(f"{c.strip()}=excluded.{c.strip()}" for c in _COLS.split(",")[2:])
+    + " WHERE volumes.state='ready'")
 _PATH = "COALESCE(v.path, p.target_path || '/' || v.name)"
 _SELECT_INFO = (f"SELECT v.pool, v.name, {_PATH} AS path, v.key, v.type, v.format, "
                 "v.capacity, v.allocation, v.physical FROM volumes v "
@@ -177,7 +183,7 @@ class VolumeIndex:
         with self.store.write() as db:
             fresh = not known and db.execute("SELECT 1 FROM volumes WHERE pool=? LIMIT 1",
                                              (pool,)).fetchone() is None
-            db.executemany(_INSERT_NEW if fresh else _INSERT, rows)
+            db.executemany(_INSERT_NEW if fresh else _UPSERT_SCANNED, rows)
             # Only rows that were there when the scan began, and are unchanged since, are
             # removed: a volume created while the scan ran keeps its row.
             for name in gone:

@@ -8,6 +8,7 @@ job failed and the journal removes what it left.
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import sqlite3
@@ -29,7 +30,13 @@ from virtstore.engine import locks
 from virtstore.engine.events import EventLog
 from virtstore.engine.files import process_alive, process_start_time
 from virtstore.engine.store import Store
-from virtstore.errors import Cancelled, NoSuchJob, OperationInvalid, VirtstoreError
+from virtstore.errors import (
+    Cancelled,
+    NoSuchJob,
+    NoSuchVolume,
+    OperationInvalid,
+    VirtstoreError,
+)
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
@@ -92,7 +99,8 @@ class JobManager:
               target_pool: str | None = None, target_volume: str | None = None,
               total: int = 0, bandwidth: int | None = None,
               lock: Iterable[tuple[str, str, str]] = (),
-              prepare: Callable[[sqlite3.Connection, str], None] | None = None) -> JobInfo:
+              prepare: Callable[[sqlite3.Connection, str], None] | None = None,
+              must_exist: Iterable[tuple[str, str]] = ()) -> JobInfo:
         """Record the job, take its volume locks (all or none) and start its worker.
 
         ``prepare(db, job_id)`` runs in the same transaction (to reserve a target name
@@ -105,6 +113,13 @@ class JobManager:
         job_id = secrets.token_hex(6)
         start = process_start_time(_pid()) or "?"
         with self.store.write() as db:
+            # Checked under the write lock: a volume deleted since the caller looked it
+            # up is refused here rather than failing inside the job.
+            for pool_name, vol_name in must_exist:
+                if db.execute("SELECT 1 FROM volumes WHERE pool=? AND name=? AND "
+                              "state='ready'", (pool_name, vol_name)).fetchone() is None:
+                    raise NoSuchVolume(f"Storage volume not found: no storage vol with "
+                                       f"matching name '{vol_name}'")
             locks.acquire(db, lock, job_id)
             if prepare is not None:
                 prepare(db, job_id)
@@ -163,6 +178,12 @@ class JobManager:
             state, error, code = JOB_CANCELLED, "cancelled", Cancelled.code
         except VirtstoreError as exc:
             state, error, code = JOB_FAILED, str(exc), exc.code
+        except OSError as exc:
+            # The storage said no (read-only, gone, full): the job's error, in one line.
+            where = f" '{exc.filename}'" if exc.filename else ""
+            nospace = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            state, error = JOB_FAILED, f"{exc.strerror or exc}{where}"
+            code = "no-space" if nospace else "operation-invalid"
         except Exception as exc:  # the job records it; the thread must not die silently
             log.exception("job %s failed", job_id)
             state, error, code = JOB_FAILED, f"internal error: {exc}", "internal-error"

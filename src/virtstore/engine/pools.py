@@ -104,6 +104,10 @@ class PoolManager:
         pool.target.path = _clean_path(pool.target.path)
         if pool.type == "dir" and not pool.target.path:
             raise InvalidArgument("missing storage pool target path")
+        if pool.target.path and not pool.target.path.startswith("/"):
+            # Relative to what? Not to whichever directory the caller runs in.
+            raise InvalidArgument(f"storage pool target path '{pool.target.path}' must be "
+                                  "absolute")
         return pool
 
     def _check_conflicts(self, pool: PoolDef) -> PoolRow | None:

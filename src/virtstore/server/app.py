@@ -24,7 +24,7 @@ from virtstore.api import (
     PoolFilter,
     VolumeCreateArgs,
 )
-from virtstore.errors import InvalidArgument, VirtstoreError
+from virtstore.errors import InvalidArgument, NoSuchVolume, VirtstoreError
 from virtstore.server.auth import Authenticator
 from virtstore.server.http import (
     ClientGone,
@@ -508,7 +508,12 @@ class App:
                 prealloc_metadata=prealloc)
             args.done()
             name = self.conn.volume_create(pool, cargs)
-        resp = _json(_flat(self.conn.volume_info(pool, name)), 201)
+        try:
+            body: Any = _flat(self.conn.volume_info(pool, name))
+        except NoSuchVolume:
+            # Made, then deleted by another client before this answer: still a success.
+            body = {"pool": pool, "name": name}
+        resp = _json(body, 201)
         resp.headers.append(("Location", f"/v1/pools/{_q(pool)}/volumes/{_q(name)}"))
         return resp
 
