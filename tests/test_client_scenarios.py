@@ -164,3 +164,14 @@ def test_capabilities(setup: Setup) -> None:
     xml = setup.conn.pool_capabilities_xml()
     assert xml.lstrip().startswith("<storagepoolCapabilities")
     assert "<pool type='dir' supported='yes'>" in xml
+
+
+def test_host_features_devices_and_sources(setup: Setup) -> None:
+    """What the host can do and has, the same through either transport."""
+    features = {f["type"]: f for f in setup.conn.pool_type_features()}
+    assert features["dir"]["supported"] and features["dir"]["clone"]
+    devices = setup.conn.host_devices()
+    assert isinstance(devices, list)
+    assert all("path" in d for d in devices)
+    sources = setup.conn.find_pool_sources("logical")
+    assert sources.lstrip().startswith("<sources")

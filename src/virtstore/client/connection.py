@@ -138,6 +138,17 @@ class RemoteConnection(Connection):
     def pool_capabilities_xml(self) -> str:
         return self.http.get_text("/v1/capabilities")
 
+    def pool_type_features(self) -> list[dict[str, Any]]:
+        features: list[dict[str, Any]] = self.http.get_json("/v1/pool-types")
+        return features
+
+    def host_devices(self) -> list[dict[str, Any]]:
+        devices: list[dict[str, Any]] = self.http.get_json("/v1/host/devices")
+        return devices
+
+    def find_pool_sources(self, pool_type: str, source_xml: str | None = None) -> str:
+        return self.http.get_text("/v1/pool-sources" + _qs(type=pool_type, source=source_xml))
+
     def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
         got = self.http.send_json("POST", "/v1/import-libvirt", {"config_dir": config_dir})
         return [str(n) for n in got.json()["imported"]]

@@ -339,6 +339,22 @@ class App:
     def capabilities(self, req: Request, p: list[str]) -> Response:
         return _xml(self.conn.pool_capabilities_xml())
 
+    @route("GET", "/v1/pool-types", summary="Per pool type: what works on this host")
+    def pool_types(self, req: Request, p: list[str]) -> Response:
+        return _json(self.conn.pool_type_features())
+
+    @route("GET", "/v1/host/devices", summary="The host's block devices")
+    def host_devices(self, req: Request, p: list[str]) -> Response:
+        return _json(self.conn.host_devices())
+
+    @route("GET", "/v1/pool-sources", summary="Storage pool sources found on the host "
+           "(libvirt's <sources> XML); query: type, source (a <source> XML hint)")
+    def pool_sources(self, req: Request, p: list[str]) -> Response:
+        ptype = req.query.get("type")
+        if not ptype:
+            raise InvalidArgument("missing query parameter 'type'")
+        return _xml(self.conn.find_pool_sources(ptype, req.query.get("source")))
+
     @route("POST", "/v1/import-libvirt", "write",
            summary="Define the pools found in libvirt's configuration directory")
     def import_libvirt(self, req: Request, p: list[str]) -> Response:
