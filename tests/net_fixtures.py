@@ -372,3 +372,64 @@ def gluster_fixture(request: pytest.FixtureRequest) -> Server:
     request.addfinalizer(_stop_all)
     return _session_server("gluster", _start_gluster, needs=("/usr/sbin/glusterd", "gluster"),
                            lock="gluster")
+
+
+# -- iSCSI: tgtd (userspace target) with two targets, one behind CHAP ------------------------
+ISCSI_STORAGE = "iqn.2024-01.test.local:storage1"
+ISCSI_SECURE = "iqn.2024-01.test.local:secure"
+ISCSI_CHAP = ("chapuser", "chapsecret123")
+
+
+def _start_tgtd(srv: Server) -> None:
+    d = srv.dir
+    port = free_port()
+    ctl = 100 + int.from_bytes(os.urandom(2), "big") % 30000  # tgtd takes up to 32767
+    while Path(f"/var/run/tgtd/socket.{ctl}").exists():
+        ctl += 1
+    for name, size in (("lun1.img", 64), ("lun2.img", 128), ("lun3.img", 32)):
+        with open(d / name, "wb") as fh:
+            fh.truncate(size << 20)
+    proc = spawn(["/usr/sbin/tgtd", "-f", "--control-port", str(ctl), "--iscsi",
+                  f"portal=127.0.0.1:{port}"], d / "tgtd.log")
+    srv.pids.append(proc.pid)
+
+    def tgtadm(*args: str) -> str:
+        return sh("tgtadm", "-C", str(ctl), "--lld", "iscsi", *args).stdout
+
+    def teardown() -> None:
+        out = sh("tgtadm", "-C", str(ctl), "--lld", "iscsi", "--op", "show", "--mode",
+                 "target", check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Target ") and ":" in line:
+                tid = line.split()[1].rstrip(":")
+                sh("tgtadm", "-C", str(ctl), "--lld", "iscsi", "--op", "delete", "--mode",
+                   "target", "--tid", tid, "--force", check=False)
+        sh("tgtadm", "-C", str(ctl), "--op", "delete", "--mode", "system", check=False)
+
+    srv.cleanups.append(teardown)
+    wait_for("tgtd", lambda: sh("tgtadm", "-C", str(ctl), "--lld", "iscsi", "--op", "show",
+                                "--mode", "target", check=False).returncode == 0, 10, 0.1)
+    tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", ISCSI_STORAGE)
+    tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b",
+           str(d / "lun1.img"))
+    tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "2", "-b",
+           str(d / "lun2.img"))
+    tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+    tgtadm("--op", "new", "--mode", "target", "--tid", "2", "-T", ISCSI_SECURE)
+    tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "2", "--lun", "1", "-b",
+           str(d / "lun3.img"))
+    tgtadm("--op", "bind", "--mode", "target", "--tid", "2", "-I", "ALL")
+    tgtadm("--op", "new", "--mode", "account", "--user", ISCSI_CHAP[0], "--password",
+           ISCSI_CHAP[1])
+    tgtadm("--op", "bind", "--mode", "account", "--tid", "2", "--user", ISCSI_CHAP[0])
+    wait_for("tgtd portal", lambda: port_open(port), 10, 0.1)
+    srv.info.update(port=port, control=ctl, luns=[str(d / "lun1.img"), str(d / "lun2.img"),
+                                                  str(d / "lun3.img")])
+
+
+@pytest.fixture(scope="session")
+def iscsi_fixture(request: pytest.FixtureRequest) -> Server:
+    """tgtd on 127.0.0.1: ``info`` has port and the LUNs' backing files (lun1 64M and lun2
+    128M of ISCSI_STORAGE, lun3 32M of ISCSI_SECURE behind ISCSI_CHAP)."""
+    request.addfinalizer(_stop_all)
+    return _session_server("iscsi", _start_tgtd, needs=("/usr/sbin/tgtd", "tgtadm"))

@@ -14,6 +14,8 @@ _NETWORK = {
     "rbd": ("virtstore.backends.rbd", "RbdBackend"),
     "netfs": ("virtstore.backends.netfs", "NetfsBackend"),
     "gluster": ("virtstore.backends.gluster", "GlusterBackend"),
+    "iscsi-direct": ("virtstore.backends.iscsi_direct", "IscsiDirectBackend"),
+    "iscsi": ("virtstore.backends.iscsi", "IscsiBackend"),
 }
 
 

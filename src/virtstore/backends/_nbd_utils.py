@@ -1,0 +1,100 @@
+"""Volume data through NBD: for volumes only qemu can open (an iSCSI LUN seen through
+libiscsi), qemu-nbd serves the volume on a private socket and these methods read and
+write it with the NBD client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, BinaryIO
+
+from virtstore.backends._net_utils import VolumeDataOps, read_exact
+from virtstore.errors import InvalidArgument, Unsupported
+from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from virtstore.backends.base import VolumeRecord
+    from virtstore.data.monitor import Monitor
+    from virtstore.host.nbd import NbdClient
+
+CHUNK = 4 << 20
+WIPE_ALGORITHMS = ("zero", "trim")
+
+
+class NbdDataOps(VolumeDataOps):
+    def nbd_open(self, pool: PoolDef, rec: VolumeRecord, *,
+                 read_only: bool) -> contextlib.AbstractContextManager[NbdClient]:
+        raise self._no("volume data access")
+
+    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
+                   length: int | None, sparse: bool, monitor: Monitor) -> None:
+        from virtstore.data.extents import is_zero
+
+        with self.nbd_open(pool, rec, read_only=False) as c:
+            size = c.size
+            if offset > size or (length is not None and offset + length > size):
+                raise InvalidArgument(f"upload of {length} bytes at offset {offset} goes past "
+                                      f"the end of volume '{rec.name}' ({size} bytes)")
+            limit = size - offset if length is None else length
+            if length is not None:
+                monitor.set_total(length)
+            done = 0
+            while done < limit:
+                data = read_exact(source, min(CHUNK, limit - done))
+                if not data:
+                    break
+                if sparse and is_zero(data):
+                    c.zero(offset + done, len(data))
+                else:
+                    c.pwrite(data, offset + done)
+                done += len(data)
+                monitor.advance(len(data))
+            if length is not None and done < length:
+                raise InvalidArgument(f"the source ended after {done} of {length} bytes")
+            if length is None and read_exact(source, 1):
+                raise InvalidArgument(f"the upload is larger than volume '{rec.name}'")
+            c.flush()
+
+    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
+                     length: int | None, sparse: bool, monitor: Monitor) -> None:
+        with self.nbd_open(pool, rec, read_only=True) as c:
+            end = c.size if length is None else min(c.size, offset + length)
+            if offset > c.size:
+                raise InvalidArgument(f"offset {offset} is past the end of volume "
+                                      f"'{rec.name}'")
+            monitor.set_total(end - offset)
+            pos = offset
+            while pos < end:
+                data = c.pread(pos, min(CHUNK, end - pos))
+                sink.write(data)
+                pos += len(data)
+                monitor.advance(len(data))
+            sink.flush()
+
+    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
+                 monitor: Monitor) -> None:
+        if algorithm not in WIPE_ALGORITHMS:
+            raise Unsupported(f"unsupported flags ({algorithm}) for wiping a "
+                              f"'{pool.type}' volume: use one of {', '.join(WIPE_ALGORITHMS)}")
+        with self.nbd_open(pool, rec, read_only=False) as c:
+            monitor.set_total(c.size)
+            pos = 0
+            while pos < c.size:
+                n = min(64 << 20, c.size - pos)
+                if algorithm == "trim":
+                    c.trim(pos, n)
+                else:
+                    c.zero(pos, n)
+                pos += n
+                monitor.advance(n)
+            c.flush()
+
+
+@contextlib.contextmanager
+def served(image_opts: str, objects: list[str], *, read_only: bool) -> Iterator[NbdClient]:
+    """A qemu-nbd on a private socket for these image options, and a client of it."""
+    from virtstore.host.nbd import NbdServer
+
+    with NbdServer(image_opts=image_opts, objects=objects, read_only=read_only) as srv, \
+            srv.client() as c:
+        yield c

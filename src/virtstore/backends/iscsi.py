@@ -1,0 +1,139 @@
+"""The iscsi pool: a target logged in with the kernel initiator (open-iscsi's iscsiadm);
+volumes are the block devices of its LUNs.
+
+As libvirt's: start discovers the portal (sendtargets), sets CHAP on the node record
+when the pool has ``<auth type='chap'>``, logs in (and, with an initiator IQN, uses an
+iface of that name); refresh rescans the session and lists its disks as volumes
+``unit:0:0:N`` (path ``/dev/disk/by-path/ip-HOST:PORT-iscsi-IQN-lun-N`` when udev made
+it, else ``/dev/sdX``); stop logs out. A kernel without the iSCSI TCP transport makes
+start fail with an error naming it; ``iscsi-direct`` pools need no kernel support.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+
+from virtstore.backends import _iscsi_utils as iu
+from virtstore.backends.base import (
+    Backend,
+    BackendCaps,
+    PoolSizes,
+    ScanResult,
+    Stamp,
+    VolumeRecord,
+)
+from virtstore.errors import AuthFailed, CommandFailed, OperationInvalid, Unsupported
+from virtstore.host import iscsi
+from virtstore.host.runner import run, which
+from virtstore.xml import PoolDef
+
+
+def _iscsiadm(args: list[str], *, check: bool = True, secret: str | None = None) -> str:
+    try:
+        return run(["iscsiadm", *args], timeout=120, check=check).stdout
+    except CommandFailed as exc:
+        text = str(exc)
+        if secret:
+            text = text.replace(secret, "***")
+        if "authorization failure" in text.lower() or "(24)" in text:
+            raise AuthFailed(f"iSCSI login failed: authentication failure ({text})") from exc
+        raise CommandFailed(text) from exc
+
+
+def _size(dev: str) -> int:
+    try:
+        with open(f"/sys/class/block/{dev}/size", encoding="ascii") as fh:
+            return int(fh.read().strip()) * 512
+    except (OSError, ValueError):
+        return 0
+
+
+class IscsiBackend(Backend):
+    caps = BackendCaps(pool_type="iscsi", build=False, delete=False, vol_create=False,
+                       vol_delete=False, vol_formats=("raw",), default_vol_format="raw",
+                       shared=True, file_based=False, volume_type="block")
+
+    def host_problem(self) -> str | None:
+        if which("iscsiadm") is None:
+            return "iscsi pools need 'iscsiadm' (Debian open-iscsi), which is not installed"
+        return None
+
+    def _node(self, pool: PoolDef) -> list[str]:
+        return ["-m", "node", "-T", iu.target(pool), "-p", str(iu.portal(pool))]
+
+    def start(self, pool: PoolDef) -> None:
+        problem = iscsi.kernel_transport_problem()
+        if problem:
+            raise Unsupported(problem)
+        portal = str(iu.portal(pool))
+        found = iscsi.parse_sendtargets(_iscsiadm(["-m", "discovery", "-t", "sendtargets",
+                                                   "-p", portal]))
+        if not any(t.iqn == iu.target(pool) for t in found):
+            raise OperationInvalid(f"target '{iu.target(pool)}' was not found on portal "
+                                   f"{portal}")
+        creds = iu.credentials(pool)
+        secret = None
+        if creds is not None:
+            secret = creds.password.decode("utf-8", "surrogateescape")
+            for name, value in (("node.session.auth.authmethod", "CHAP"),
+                                ("node.session.auth.username", creds.username),
+                                ("node.session.auth.password", secret)):
+                _iscsiadm([*self._node(pool), "-o", "update", "-n", name, "-v", value],
+                          secret=secret)
+        if self._session(pool) is None:
+            _iscsiadm([*self._node(pool), "--login"], secret=secret)
+
+    def _session(self, pool: PoolDef) -> iscsi.Session | None:
+        out = _iscsiadm(["-m", "session"], check=False)
+        for s in iscsi.parse_sessions(out):
+            if s.iqn == iu.target(pool):
+                return s
+        return None
+
+    def stop(self, pool: PoolDef) -> None:
+        if iscsi.kernel_transport_problem() is None and self._session(pool) is not None:
+            _iscsiadm([*self._node(pool), "--logout"])
+
+    def _disks(self, pool: PoolDef) -> dict[int, str]:
+        s = self._session(pool)
+        if s is None:
+            return {}
+        _iscsiadm(["-m", "session", "-r", str(s.id), "--rescan"], check=False)
+        detail = iscsi.parse_session_disks(_iscsiadm(["-m", "session", "-r", str(s.id), "-P",
+                                                      "3"]))
+        found = detail.get(iu.target(pool))
+        return dict(found.disks) if found is not None else {}
+
+    def _record(self, pool: PoolDef, lun: int, dev: str) -> VolumeRecord:
+        by_path = f"/dev/disk/by-path/{iu.volume_path(pool, lun)}"
+        path = by_path if os.path.exists(by_path) else f"/dev/{dev}"
+        size = _size(dev)
+        return VolumeRecord(name=f"{iu.VOL_NAME_PREFIX}{lun}", path=path,
+                            key=iu.volume_path(pool, lun), type="block", format="raw",
+                            capacity=size, allocation=size, physical=size,
+                            ino=zlib.crc32(dev.encode()), size=size)
+
+    def sizes(self, pool: PoolDef) -> PoolSizes:
+        total = sum(_size(dev) for dev in self._disks(pool).values())
+        return PoolSizes(capacity=total, allocation=total, available=0)
+
+    def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
+        res = ScanResult()
+        for lun, dev in sorted(self._disks(pool).items()):
+            rec = self._record(pool, lun, dev)
+            old = known.get(rec.name)
+            if old is not None and old == Stamp(rec.ino, rec.size, 0, 0):
+                res.unchanged.append(rec.name)
+            else:
+                res.changed.append(rec)
+        return res
+
+    def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
+        lun = iu.lun_of(name)
+        dev = self._disks(pool).get(lun)
+        return None if dev is None else self._record(pool, lun, dev)
+
+    def volume_path(self, pool: PoolDef, name: str) -> str:
+        return f"/dev/disk/by-path/{iu.volume_path(pool, iu.lun_of(name))}"

@@ -1,0 +1,282 @@
+"""iSCSI from userspace (libiscsi) and from the kernel initiator (iscsiadm).
+
+Userspace: the LUNs of one target come from REPORT LUNS (libiscsi through ctypes: the
+``iscsi-ls`` tool only discovers every target of a portal and stops at the first one it
+cannot log in to); each LUN's inquiry data, serial number and capacity come from the
+libiscsi tools (``iscsi-inq``, ``iscsi-readcapacity16``, Debian libiscsi-bin) through
+the runner. A CHAP password never appears on a command line: libiscsi reads it from
+``LIBISCSI_CHAP_PASSWORD``.
+
+Kernel: parsers of ``iscsiadm`` output (discovery, sessions, the disks of a session)
+and the check for the kernel's iSCSI TCP transport.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+
+from virtstore.errors import AuthFailed, CommandFailed, OperationInvalid, Unsupported
+from virtstore.host.runner import run
+
+ISCSI_SESSION_NORMAL = 2
+DIRECT_ACCESS = 0  # SCSI peripheral device type of a disk
+
+
+@dataclass(frozen=True)
+class Portal:
+    host: str
+    port: int = 3260
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: bytes
+
+
+@dataclass
+class Lun:
+    lun: int
+    capacity: int = 0
+    block_size: int = 512
+    device_type: str = ""
+    vendor: str = ""
+    product: str = ""
+    revision: str = ""
+    serial: str = ""
+
+
+def lun_url(portal: Portal, target: str, lun: int, creds: Credentials | None = None) -> str:
+    user = f"{creds.username}@" if creds else ""
+    return f"iscsi://{user}{portal}/{target}/{lun}"
+
+
+def _env(creds: Credentials | None) -> dict[str, str]:
+    if creds is None:
+        return {}
+    return {"LIBISCSI_CHAP_PASSWORD": creds.password.decode("utf-8", "surrogateescape")}
+
+
+def _failure(exc: CommandFailed, what: str) -> Exception:
+    text = f"{exc} {getattr(exc, 'stderr', '')}"
+    if "Authentication failure" in text:
+        return AuthFailed(f"iSCSI login failed for {what}: authentication failure "
+                          "(wrong CHAP user or secret?)")
+    return OperationInvalid(f"iSCSI {what}: {exc}")
+
+
+# -- REPORT LUNS through libiscsi -------------------------------------------------------------
+_lib: ctypes.CDLL | None = None
+_lock = threading.Lock()
+
+
+def _library() -> ctypes.CDLL:
+    global _lib
+    with _lock:
+        if _lib is None:
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("iscsi") or "libiscsi.so.7")
+            except OSError as exc:
+                raise Unsupported("iscsi-direct pools need libiscsi (Debian libiscsi7), "
+                                  "which is not installed") from exc
+            vp, cp, ci = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+            lib.iscsi_create_context.restype = vp
+            lib.iscsi_create_context.argtypes = [cp]
+            lib.iscsi_destroy_context.argtypes = [vp]
+            lib.iscsi_set_targetname.argtypes = [vp, cp]
+            lib.iscsi_set_session_type.argtypes = [vp, ci]
+            lib.iscsi_set_initiator_username_pwd.argtypes = [vp, cp, cp]
+            lib.iscsi_full_connect_sync.argtypes = [vp, cp, ci]
+            lib.iscsi_get_error.restype = cp
+            lib.iscsi_get_error.argtypes = [vp]
+            lib.iscsi_reportluns_sync.restype = vp
+            lib.iscsi_reportluns_sync.argtypes = [vp, ci, ci]
+            lib.scsi_datain_unmarshall.restype = vp
+            lib.scsi_datain_unmarshall.argtypes = [vp]
+            lib.scsi_free_scsi_task.argtypes = [vp]
+            lib.iscsi_logout_sync.argtypes = [vp]
+            _lib = lib
+        return _lib
+
+
+def report_luns(portal: Portal, target: str, initiator: str,
+                creds: Credentials | None = None) -> list[int]:
+    """The LUN numbers target ``target`` reports, sorted."""
+    lib = _library()
+    ctx = lib.iscsi_create_context(initiator.encode())
+    if not ctx:
+        raise CommandFailed("libiscsi: cannot create a context")
+    try:
+        lib.iscsi_set_targetname(ctx, target.encode())
+        lib.iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL)
+        if creds is not None:
+            lib.iscsi_set_initiator_username_pwd(ctx, creds.username.encode(), creds.password)
+        if lib.iscsi_full_connect_sync(ctx, str(portal).encode(), 0) != 0:
+            why = (lib.iscsi_get_error(ctx) or b"").decode("utf-8", "replace")
+            where = f"target '{target}' on {portal}"
+            if "Authentication failure" in why:
+                raise AuthFailed(f"iSCSI login failed for {where}: authentication failure "
+                                 "(wrong CHAP user or secret?)")
+            raise OperationInvalid(f"cannot log in to iSCSI {where}: {why}")
+        try:
+            task = lib.iscsi_reportluns_sync(ctx, 0, 16384)
+            if not task:
+                why = (lib.iscsi_get_error(ctx) or b"").decode("utf-8", "replace")
+                raise OperationInvalid(f"REPORT LUNS failed on '{target}': {why}")
+            try:
+                if ctypes.c_int.from_address(task).value != 0:  # task->status
+                    raise OperationInvalid(f"REPORT LUNS failed on '{target}'")
+                data = lib.scsi_datain_unmarshall(task)
+                if not data:
+                    raise OperationInvalid(f"REPORT LUNS of '{target}' returned no list")
+                # struct scsi_reportluns_list { uint32_t num; uint16_t luns[]; }
+                num = ctypes.c_uint32.from_address(data).value
+                arr = (ctypes.c_uint16 * num).from_address(data + 4)
+                return sorted(int(x) for x in arr)
+            finally:
+                lib.scsi_free_scsi_task(task)
+        finally:
+            lib.iscsi_logout_sync(ctx)
+    finally:
+        lib.iscsi_destroy_context(ctx)
+
+
+# -- per-LUN details through the libiscsi tools ----------------------------------------------
+_FIELD = re.compile(r"^([A-Za-z][A-Za-z _/-]*?):(.*)$")
+
+
+def parse_inquiry(text: str) -> dict[str, str]:
+    """``iscsi-inq`` standard inquiry output: ``Field:value`` lines (the first of each)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _FIELD.match(line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def parse_serial(text: str) -> str:
+    """``iscsi-inq -e 1 -c 0x80``: ``Unit Serial Number:[  beaf11]``."""
+    m = re.search(r"Unit Serial Number:\[([^\]]*)\]", text)
+    return m.group(1).strip() if m else ""
+
+
+def parse_readcapacity16(text: str) -> tuple[int, int]:
+    """(capacity in bytes, logical block size) from ``iscsi-readcapacity16`` output."""
+    lba = re.search(r"RETURNED LOGICAL BLOCK ADDRESS:(\d+)", text)
+    size = re.search(r"LOGICAL BLOCK LENGTH IN BYTES:(\d+)", text)
+    if not lba or not size:
+        raise CommandFailed(f"cannot parse iscsi-readcapacity16 output: {text[:200]!r}")
+    return (int(lba.group(1)) + 1) * int(size.group(1)), int(size.group(1))
+
+
+def lun_details(portal: Portal, target: str, lun: int, initiator: str,
+                creds: Credentials | None = None) -> Lun:
+    url = lun_url(portal, target, lun, creds)
+    env = _env(creds)
+    what = f"LUN {lun} of '{target}'"
+    try:
+        inq = parse_inquiry(run(["iscsi-inq", "-i", initiator, url], env=env,
+                                timeout=60).stdout)
+        out = Lun(lun=lun, device_type=inq.get("Peripheral Device Type", ""),
+                  vendor=inq.get("Vendor", ""), product=inq.get("Product", ""),
+                  revision=inq.get("Revision", ""))
+        if out.device_type != "DIRECT_ACCESS":
+            return out
+        out.serial = parse_serial(run(["iscsi-inq", "-i", initiator, "-e", "1", "-c", "128",
+                                       url], env=env, timeout=60, check=False).stdout)
+        out.capacity, out.block_size = parse_readcapacity16(
+            run(["iscsi-readcapacity16", "-i", initiator, url], env=env, timeout=60).stdout)
+    except CommandFailed as exc:
+        raise _failure(exc, what) from exc
+    return out
+
+
+# -- the kernel initiator (iscsiadm) ---------------------------------------------------------
+def kernel_transport_problem() -> str | None:
+    """Why the kernel initiator cannot work here, or None."""
+    if os.path.isdir("/sys/class/iscsi_transport/tcp") or os.path.isdir("/sys/module/iscsi_tcp"):
+        return None
+    if os.path.exists("/proc/modules") and run(["modprobe", "-n", "-q", "iscsi_tcp"],
+                                               check=False).returncode == 0:
+        return None
+    return ("this kernel has no iSCSI initiator: the 'tcp' iSCSI transport (iscsi_tcp "
+            "module, /sys/class/iscsi_transport/tcp) is missing; use an 'iscsi-direct' "
+            "pool, which needs no kernel support")
+
+
+@dataclass(frozen=True)
+class DiscoveredTarget:
+    portal: str
+    tpgt: int
+    iqn: str
+
+
+def parse_sendtargets(text: str) -> list[DiscoveredTarget]:
+    """``iscsiadm -m discovery -t sendtargets -p HOST``: ``ip:port,tpgt iqn`` lines."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\S+):(\d+),(-?\d+)\s+(\S+)\s*$", line)
+        if m:
+            out.append(DiscoveredTarget(portal=f"{m.group(1)}:{m.group(2)}",
+                                        tpgt=int(m.group(3)), iqn=m.group(4)))
+    return out
+
+
+@dataclass
+class Session:
+    id: int
+    portal: str
+    tpgt: int
+    iqn: str
+    disks: dict[int, str] = field(default_factory=dict)  # LUN -> block device name
+
+
+def parse_sessions(text: str) -> list[Session]:
+    """``iscsiadm -m session``: ``tcp: [1] 10.0.0.1:3260,1 iqn... (non-flash)``."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*\w+:\s+\[(\d+)\]\s+(\S+?),(-?\d+)\s+(\S+)", line)
+        if m:
+            out.append(Session(id=int(m.group(1)), portal=m.group(2), tpgt=int(m.group(3)),
+                               iqn=m.group(4)))
+    return out
+
+
+def parse_session_disks(text: str) -> dict[str, Session]:
+    """``iscsiadm -m session -P 3``: the attached disk of each LUN, per target IQN."""
+    out: dict[str, Session] = {}
+    cur: Session | None = None
+    lun: int | None = None
+    for line in text.splitlines():
+        s = line.strip()
+        m = re.match(r"^Target:\s+(\S+)", s)
+        if m:
+            cur = Session(id=0, portal="", tpgt=0, iqn=m.group(1))
+            out[cur.iqn] = cur
+            continue
+        if cur is None:
+            continue
+        m = re.match(r"^Current Portal:\s+(\S+?),(-?\d+)", s)
+        if m:
+            cur.portal, cur.tpgt = m.group(1), int(m.group(2))
+        m = re.match(r"^SID:\s+(\d+)", s)
+        if m:
+            cur.id = int(m.group(1))
+        m = re.match(r"^scsi\d+ Channel \d+ Id \d+ Lun: (\d+)", s)
+        if m:
+            lun = int(m.group(1))
+        m = re.match(r"^Attached scsi disk (\S+)", s)
+        if m and lun is not None:
+            cur.disks[lun] = m.group(1)
+            lun = None
+    return out
