@@ -157,3 +157,18 @@ def test_parsers_on_recorded_output() -> None:
         (DATA / "iscsi-readcapacity16-128M.txt").read_text()) == (128 * MiB, 512)
     assert "iSCSI driver not found" in (DATA / "iscsiadm-discovery-no-transport.stderr") \
         .read_text()
+
+
+def test_nbd_export_of_a_lun(conn: EmbeddedConnection, dpool: str, tgt: Server,
+                             tmp_path: Path) -> None:
+    from virtstore.engine.nbd import export_volume
+
+    with open(tgt.info["luns"][1], "r+b") as fh:
+        fh.write(b"LUN2" * 256)
+    with export_volume(conn, dpool, "unit:0:0:2", host="127.0.0.1", read_only=True) as exp:
+        out = tmp_path / "lun2.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", exp.url, str(out)],
+                       check=True, capture_output=True)
+        assert out.stat().st_size == 128 * MiB
+        with open(out, "rb") as fh:
+            assert fh.read(1024) == b"LUN2" * 256

@@ -341,3 +341,21 @@ def test_cli_vol_list(rconn: EmbeddedConnection, rpool: str, root: Path) -> None
                              capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert "clivol" in out.stdout and "rbd/clivol" in out.stdout
+
+
+def test_nbd_export_of_an_rbd_image(rconn: EmbeddedConnection, rpool: str,
+                                    tmp_path: Path) -> None:
+    import subprocess
+
+    from virtstore.engine.nbd import export_volume
+
+    rconn.volume_create_xml(rpool, "<volume><name>nb</name><capacity unit='M'>2</capacity>"
+                                   "</volume>")
+    data = os.urandom(2 * MiB)
+    upload(rconn, rpool, "nb", data)
+    with export_volume(rconn, rpool, "nb", socket_path=str(tmp_path / "s"),
+                       read_only=True) as exp:
+        out = tmp_path / "nb.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", exp.url, str(out)],
+                       check=True, capture_output=True)
+        assert out.read_bytes() == data

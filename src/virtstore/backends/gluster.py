@@ -46,6 +46,7 @@ from virtstore.xml import PoolDef
 if TYPE_CHECKING:
     from virtstore.api import SnapshotInfo
     from virtstore.data.monitor import Monitor
+    from virtstore.engine.nbd import QemuSource
 
 RUN_DIR = "/run/virtstore/gluster"
 
@@ -317,6 +318,12 @@ class GlusterBackend(VolumeDataOps, Backend):
         from virtstore.data.copy import copy_file
 
         copy_file(self._local(src_pool, src.name), staging, reflink="auto", monitor=monitor)
+
+    @contextlib.contextmanager
+    def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
+        from virtstore.engine.nbd import QemuSource
+
+        yield QemuSource(image=self._local(pool, rec.name), fmt=rec.format or "raw")
 
     # -- storage snapshots: qcow2 internal snapshots ---------------------------
     @contextlib.contextmanager

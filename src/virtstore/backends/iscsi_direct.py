@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from virtstore.backends import _iscsi_utils as iu
 from virtstore.backends._nbd_utils import NbdDataOps, served
@@ -31,6 +32,9 @@ from virtstore.host import iscsi
 from virtstore.host.nbd import NbdClient
 from virtstore.host.runner import which
 from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from virtstore.engine.nbd import QemuSource
 
 
 class IscsiDirectBackend(NbdDataOps, Backend):
@@ -105,6 +109,13 @@ class IscsiDirectBackend(NbdDataOps, Backend):
             raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
                                f"name '{name}'")
         return lun
+
+    @contextlib.contextmanager
+    def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
+        from virtstore.engine.nbd import QemuSource
+
+        with iu.qemu_image_opts(pool, iu.lun_of(rec.name)) as (opts, objects):
+            yield QemuSource(image_opts=opts, objects=objects)
 
     @contextlib.contextmanager
     def nbd_open(self, pool: PoolDef, rec: VolumeRecord, *,

@@ -16,13 +16,14 @@ create (raw, qcow2), delete, resize (raw), wipe (zero), upload, download and clo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets as pysecrets
 import stat
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, BinaryIO
 
 from virtstore.backends._net_utils import VolumeDataOps, fold_ino, read_exact
@@ -49,6 +50,7 @@ from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
+    from virtstore.engine.nbd import QemuSource
     from virtstore.host.nfs import NfsClient
 
 USERSPACE_OPT = "x-virtstore-userspace"
@@ -354,6 +356,13 @@ class NetfsBackend(VolumeDataOps, DirBackend):
         with _client(*_server_export(pool)) as c:
             if c.stat(rec.name) is not None:
                 c.unlink(rec.name)
+
+    @contextlib.contextmanager
+    def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
+        """qemu opens a userspace-mode volume with its own NFS client, at its URL."""
+        from virtstore.engine.nbd import QemuSource
+
+        yield QemuSource(image=rec.path, fmt=rec.format or "raw")
 
     # -- data operations in userspace mode (VolumeDataOps) ---------------------
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,

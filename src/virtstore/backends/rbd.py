@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
     from virtstore.api import SnapshotInfo
     from virtstore.data.monitor import Monitor
+    from virtstore.engine.nbd import QemuSource
 
 PRIVATE_PREFIX = "virtstore-"
 STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
@@ -567,6 +568,39 @@ class RbdBackend(VolumeDataOps, Backend):
             self._cleanup_clone_snap(s_io, {"pool_name": s_io.get_pool_name(),
                                             "pool_namespace": s_io.get_namespace(),
                                             "image_name": src.name, "snap_name": snap})
+
+    @contextlib.contextmanager
+    def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
+        """How qemu opens this image (its rbd driver); the cephx key goes through a file
+        readable by root only, removed when the caller is done."""
+        import shutil
+        import tempfile
+
+        from virtstore.engine.nbd import QemuSource
+
+        s = self._settings(pool)
+        opts = ["driver=raw", "file.driver=rbd", f"file.pool={s.pool}",
+                f"file.image={rec.name}"]
+        if s.namespace:
+            opts.append(f"file.namespace={s.namespace}")
+        for i, h in enumerate(pool.source.hosts):
+            opts.append(f"file.server.{i}.host={h.name}")
+            opts.append(f"file.server.{i}.port={h.port or 6789}")
+        objects: list[str] = []
+        tmp = None
+        try:
+            if s.key is not None:
+                tmp = tempfile.mkdtemp(prefix="virtstore-rbd-")
+                path = os.path.join(tmp, "key")
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(s.key)
+                objects.append(f"secret,id=rbdkey0,file={path},format=base64")
+                opts += [f"file.user={s.user}", "file.key-secret=rbdkey0"]
+            yield QemuSource(image_opts=",".join(opts), objects=objects)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     # -- storage snapshots -----------------------------------------------------
     def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:

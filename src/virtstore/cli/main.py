@@ -41,6 +41,7 @@ def commands() -> dict[str, Command]:
         guest_cmds,
         host_cmds,
         job_cmds,
+        nbd_cmds,
         pool_cmds,
         secret_cmds,
         vol_cmds,
@@ -48,7 +49,7 @@ def commands() -> dict[str, Command]:
 
     table = {}
     for module in (pool_cmds, vol_cmds, data_cmds, guest_cmds, secret_cmds, job_cmds,
-                   host_cmds):
+                   host_cmds, nbd_cmds):
         for cmd in module.COMMANDS:
             table[cmd.name] = cmd
     return table

@@ -284,6 +284,10 @@ class NbdServer:
         self.stop()
         raise NbdError(f"qemu-nbd did not start serving within {timeout:g}s")
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def _ready(self) -> bool:
         a = self.address
         try:
