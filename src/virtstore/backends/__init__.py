@@ -16,6 +16,8 @@ _NETWORK = {
     "gluster": ("virtstore.backends.gluster", "GlusterBackend"),
     "iscsi-direct": ("virtstore.backends.iscsi_direct", "IscsiDirectBackend"),
     "iscsi": ("virtstore.backends.iscsi", "IscsiBackend"),
+    "scsi": ("virtstore.backends.scsi", "ScsiBackend"),
+    "mpath": ("virtstore.backends.mpath", "MpathBackend"),
 }
 
 
