@@ -254,8 +254,12 @@ def raw_request(sock_path: Path, data: bytes, timeout: float = 10.0) -> Raw:
         s.close()
 
 
+# Bytes read past one response (pipelined answers can arrive in one recv), per socket.
+_unread: dict[int, bytes] = {}
+
+
 def read_response(s: socket.socket) -> Raw:
-    buf = b""
+    buf = _unread.pop(s.fileno(), b"")
     while b"\r\n\r\n" not in buf:
         chunk = s.recv(65536)
         if not chunk:
@@ -274,6 +278,8 @@ def read_response(s: socket.socket) -> Raw:
         if not chunk:
             break
         rest += chunk
+    if len(rest) > length:
+        _unread[s.fileno()] = rest[length:]
     return Raw(status, headers, rest[:length])
 
 
