@@ -86,6 +86,10 @@ def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
 
 
 class DirBackend(Backend):
+    # Staging files that hold no data yet. Their names are unique, so one set serves
+    # every instance and subclass; set operations are atomic across threads.
+    _metadata_only: set[str] = set()  # noqa: RUF012
+
     caps = BackendCaps(pool_type="dir", build=True, delete=True, vol_create=True,
                        vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=False, file_based=True, volume_type="file")
@@ -208,11 +212,16 @@ class DirBackend(Backend):
                                  compat=t.compat or "0.10", lazy_refcounts=t.lazy_refcounts,
                                  backing_file=req.backing_path,
                                  backing_format=req.backing_format)
+                    os.fsync(fd)
                 else:
                     from virtstore.formats.raw import create_raw
 
                     create_raw(fd, req.capacity, req.allocation, nocow=t.nocow)
-                os.fsync(fd)
+                    # No data written, only size and allocation: metadata, which the
+                    # filesystem's journal keeps in order with the link that publishes
+                    # it. After a crash the volume is there whole or not at all, so no
+                    # fsync is needed (libvirt makes raw volumes without one too).
+                    self._metadata_only.add(path)
             finally:
                 os.close(fd)
             return
@@ -247,9 +256,13 @@ class DirBackend(Backend):
             raise AlreadyExists(f"storage volume '{os.path.basename(final)}' "
                                 "exists already") from None
         os.unlink(staging)
-        fsync_dir(os.path.dirname(final))
+        if staging in self._metadata_only:
+            self._metadata_only.discard(staging)
+        else:
+            fsync_dir(os.path.dirname(final))
 
     def discard_staging(self, staging: str) -> None:
+        self._metadata_only.discard(staging)
         if not os.path.lexists(staging):
             return  # never made (a read-only filesystem reports EROFS, not ENOENT)
         try:

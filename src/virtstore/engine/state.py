@@ -10,6 +10,8 @@ Layout under the root (``--root`` / VIRTSTORE_ROOT):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import sqlite3
@@ -37,6 +39,12 @@ class PoolRow:
     def from_row(cls, row: sqlite3.Row) -> PoolRow:
         return cls(row["name"], row["uuid"], row["type"], bool(row["persistent"]),
                    bool(row["active"]), row["live_xml"], row["target_path"])
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_live(xml: str) -> PoolDef:
+    # Every volume operation needs its pool's live definition: parse each text once.
+    return parse_pool_xml(xml)
 
 
 class StateRoot:
@@ -117,7 +125,8 @@ class StateRoot:
     def definition(self, row: PoolRow, *, inactive: bool = False) -> PoolDef:
         """The definition in effect (live while active), or the persistent one if asked."""
         if row.active and row.live_xml and not (inactive and row.persistent):
-            return parse_pool_xml(row.live_xml)
+            # A copy: callers may fill in sizes; the parse itself is cached.
+            return dataclasses.replace(_parse_live(row.live_xml))
         if row.persistent:
             return self.read_def_file(row.name)
         if row.live_xml:

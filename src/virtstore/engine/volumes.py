@@ -207,11 +207,12 @@ class VolumeManager:
             self.abort_target(t)
             raise
         rec = t.backend.read_volume(t.pool, t.name)
-        if rec is not None:
-            self.index.publish(t.pool_name, rec)
-        journal.end(self.state.store, t.entry)
-        if self.events is not None:
-            self.events.emit("volume", "created", pool=t.pool_name, name=t.name)
+        with self.state.store.write():  # one commit for the row, the journal and the event
+            if rec is not None:
+                self.index.publish(t.pool_name, rec)
+            journal.end(self.state.store, t.entry)
+            if self.events is not None:
+                self.events.emit("volume", "created", pool=t.pool_name, name=t.name)
 
     def abort_target(self, t: StagedTarget) -> None:
         try:
