@@ -108,6 +108,11 @@ def test_what_needs_device_mapper_says_so(lab: BlockLab, conn: EmbeddedConnectio
     pool = parse_pool_xml(conn.pool_xml(vg))
     with pytest.raises(Unsupported, match="device-mapper"):
         be.create_snapshot(vg, "snap", f"/dev/{vg}/base", 4 * MiB)
+    # The same through the Connection: a volume with a backing store is a snapshot.
+    with pytest.raises(Unsupported, match="device-mapper"):
+        conn.volume_create_xml(vg, "<volume><name>snap</name><capacity unit='M'>4</capacity>"
+                                   f"<target><format type='none'/></target><backingStore>"
+                                   f"<path>/dev/{vg}/base</path></backingStore></volume>")
     with pytest.raises(Unsupported, match="device-mapper"):
         be.create_thin_pool(vg, "thin", 8 * MiB)
     with pytest.raises(Unsupported, match="device-mapper"):

@@ -115,7 +115,13 @@ class VolumeManager:
             raise Unsupported(f"unsupported configuration: format '{fmt}' is not supported "
                               f"by '{pool.type}' pools")
         backing_path = backing_format = None
-        if vol.backing_store is not None and vol.backing_store.path:
+        if vol.backing_store is not None and vol.backing_store.path \
+                and not backend.caps.file_based:
+            # Block backends give a backing store their own meaning (an LVM snapshot's
+            # origin): theirs to check.
+            backing_path = vol.backing_store.path
+            backing_format = vol.backing_store.format
+        elif vol.backing_store is not None and vol.backing_store.path:
             if fmt in ("raw", "iso"):
                 raise Unsupported("unsupported configuration: backing storage not supported "
                                   "for raw volumes")
@@ -129,7 +135,7 @@ class VolumeManager:
                 backing_format = probe_image(backing_path).format
         capacity = vol.capacity
         if capacity is None or not vol.capacity_given:
-            if backing_path is None or "://" in backing_path:
+            if backing_path is None or "://" in backing_path or not backend.caps.file_based:
                 raise InvalidArgument("missing capacity for storage volume")
             from virtstore.formats.probe import probe_image
 
