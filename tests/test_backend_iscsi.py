@@ -133,6 +133,9 @@ def test_kernel_iscsi_pool_names_missing_transport(conn: EmbeddedConnection,
                          "<target><path>/dev/disk/by-path</path></target></pool>")
     with pytest.raises(Unsupported, match="no iSCSI initiator: the 'tcp' iSCSI transport"):
         conn.pool_start("k")
+    caps = conn.pool_capabilities_xml()
+    assert "<pool type='iscsi' supported='no'>" in caps
+    assert "<pool type='iscsi-direct' supported='yes'>" in caps
 
 
 def test_parsers_on_recorded_output() -> None:

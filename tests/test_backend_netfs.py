@@ -107,7 +107,9 @@ def _wait(conn: EmbeddedConnection, job_id: str) -> None:
 def test_userspace_nfs_volumes(conn: EmbeddedConnection, upool: str, nfs: Server) -> None:
     export = Path(nfs.info["export"])
     info = conn.pool_info(upool)
-    assert info.state == "running" and getattr(info, "shared", True)
+    assert info.state == "running" and info.shared
+    st = os.statvfs(export)
+    assert info.capacity == st.f_frsize * st.f_blocks and 0 < info.available <= info.capacity
     conn.volume_create_xml(upool, "<volume><name>a.raw</name><capacity unit='M'>4</capacity>"
                                   "</volume>")
     conn.volume_create_xml(upool, "<volume><name>b.qcow2</name><capacity unit='M'>64"

@@ -92,7 +92,7 @@ def test_pool_start_info_and_capabilities(rconn: EmbeddedConnection, rpool: str)
         info = rconn.pool_info(rpool)
     assert info.state == "running"
     assert info.capacity > 0 and info.available > 0
-    assert getattr(info, "shared", True) is True
+    assert info.shared is True
     caps = rconn.pool_capabilities_xml()
     assert "<pool type='rbd' supported='yes'>" in caps
     xml = rconn.pool_xml(rpool)

@@ -58,7 +58,7 @@ class IscsiBackend(Backend):
     def host_problem(self) -> str | None:
         if which("iscsiadm") is None:
             return "iscsi pools need 'iscsiadm' (Debian open-iscsi), which is not installed"
-        return None
+        return iscsi.kernel_transport_problem()
 
     def _node(self, pool: PoolDef) -> list[str]:
         return ["-m", "node", "-T", iu.target(pool), "-p", str(iu.portal(pool))]

@@ -213,7 +213,15 @@ class NetfsBackend(VolumeDataOps, DirBackend):
     def sizes(self, pool: PoolDef) -> PoolSizes:
         if not userspace(pool):
             return DirBackend.sizes(self, pool)
-        return PoolSizes()
+        from virtstore.errors import VirtstoreError
+
+        try:
+            with _client(*_server_export(pool)) as c:
+                capacity, free, _ = c.statvfs()
+        except VirtstoreError:
+            return PoolSizes()
+        # As libvirt counts a mounted pool: free blocks including root's reserve.
+        return PoolSizes(capacity=capacity, allocation=capacity - free, available=free)
 
     # -- volumes ---------------------------------------------------------------
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:

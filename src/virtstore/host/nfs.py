@@ -51,6 +51,7 @@ def _library() -> ctypes.CDLL:
             lib.nfs_unlink.argtypes = [vp, cp]
             lib.nfs_link.argtypes = [vp, cp, cp]
             lib.nfs_rename.argtypes = [vp, cp, cp]
+            lib.nfs_statvfs.argtypes = [vp, cp, vp]
             lib.nfs_mkdir.argtypes = [vp, cp]
             lib.nfs_rmdir.argtypes = [vp, cp]
             _lib = lib
@@ -145,6 +146,15 @@ class NfsClient:
                        mtime_ns=v[11] * 1_000_000_000 + v[14],
                        ctime_ns=v[12] * 1_000_000_000 + v[15],
                        atime_ns=v[10] * 1_000_000_000 + v[13], uid=v[4], gid=v[5])
+
+    def statvfs(self, path: str = "/") -> tuple[int, int, int]:
+        """(capacity, free, available to us) of the export, in bytes."""
+        buf = (ctypes.c_uint64 * 16)()
+        self._check(self.lib.nfs_statvfs(self.ctx, self._p(path), ctypes.byref(buf)),
+                    f"statvfs of '{path}'")
+        # struct statvfs: bsize frsize blocks bfree bavail files ffree favail fsid flag ...
+        frsize = buf[1] or buf[0]
+        return buf[2] * frsize, buf[3] * frsize, buf[4] * frsize
 
     def listdir(self, path: str) -> list[str]:
         handle = ctypes.c_void_p()
