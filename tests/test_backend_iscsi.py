@@ -71,7 +71,8 @@ def test_iscsi_direct_lists_luns_as_libvirt(conn: EmbeddedConnection, dpool: str
         conn.volume_create_xml(dpool, "<volume><name>x</name><capacity>1</capacity></volume>")
 
 
-def test_iscsi_direct_data(conn: EmbeddedConnection, dpool: str, tgt: Server) -> None:
+def test_iscsi_direct_data(conn: EmbeddedConnection, dpool: str, tgt: Server,
+                           tmp_path: Path) -> None:
     backing = Path(tgt.info["luns"][0])
     payload = os.urandom(MiB) + bytes(MiB) + b"lun"
     _wait(conn, conn.volume_upload(dpool, "unit:0:0:1", io.BytesIO(payload)).id)
@@ -86,6 +87,11 @@ def test_iscsi_direct_data(conn: EmbeddedConnection, dpool: str, tgt: Server) ->
                           url], capture_output=True, text=True, check=False)
     if out.returncode == 0:
         assert "read 1048576/1048576 bytes" in out.stdout
+    whole = tmp_path / "lun1.raw"
+    with open(whole, "wb") as fh:
+        _wait(conn, conn.volume_download(dpool, "unit:0:0:1", fh).id)
+    assert whole.stat().st_size == 64 * MiB and whole.stat().st_blocks * 512 < 8 * MiB
+    assert whole.read_bytes()[:len(payload)] == payload
     _wait(conn, conn.volume_wipe(dpool, "unit:0:0:1", "zero").id)
     with open(backing, "rb") as fh:
         assert fh.read(4 * MiB) == bytes(4 * MiB)

@@ -359,3 +359,34 @@ def test_nbd_export_of_an_rbd_image(rconn: EmbeddedConnection, rpool: str,
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", exp.url, str(out)],
                        check=True, capture_output=True)
         assert out.read_bytes() == data
+
+
+def test_cli_data_commands(rconn: EmbeddedConnection, rpool: str, root: Path,
+                           tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "virtstore"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(exe), "--root", str(root), *args], capture_output=True,
+                              text=True, check=False)
+
+    r = cli("vol-create-as", rpool, "cv", "3M")
+    assert r.returncode == 0, r.stderr
+    src = tmp_path / "in.raw"
+    data = os.urandom(MiB)
+    src.write_bytes(data)
+    r = cli("vol-upload", "cv", str(src), "--pool", rpool)
+    assert r.returncode == 0, r.stderr
+    r = cli("vol-clone", "cv", "cv2", "--pool", rpool)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out.raw"
+    r = cli("vol-download", "cv2", str(out), "--pool", rpool)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data + bytes(2 * MiB)
+    r = cli("vol-wipe", "cv", "--pool", rpool, "--algorithm", "nnsa")
+    assert r.returncode != 0 and "use one of zero, trim" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("vol-info", "cv", "--pool", rpool)
+    assert r.returncode == 0 and "network" in r.stdout

@@ -5,6 +5,7 @@ write it with the NBD client."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -63,12 +64,27 @@ class NbdDataOps(VolumeDataOps):
                 raise InvalidArgument(f"offset {offset} is past the end of volume "
                                       f"'{rec.name}'")
             monitor.set_total(end - offset)
+            from virtstore.data.extents import is_zero
+            from virtstore.data.stream import _regular_fd
+
+            # Into a regular file, all-zero chunks stay holes.
+            fd = _regular_fd(sink) if sparse else None
+            if fd is not None:
+                sink.flush()
+            base = sink.tell() if fd is not None else 0
             pos = offset
             while pos < end:
                 data = c.pread(pos, min(CHUNK, end - pos))
-                sink.write(data)
+                if fd is None:
+                    sink.write(data)
+                elif not is_zero(data):
+                    os.pwrite(fd, data, base + pos - offset)
                 pos += len(data)
                 monitor.advance(len(data))
+            if fd is not None:
+                if os.fstat(fd).st_size < base + end - offset:
+                    os.ftruncate(fd, base + end - offset)
+                sink.seek(base + end - offset)
             sink.flush()
 
     def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
