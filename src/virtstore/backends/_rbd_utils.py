@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,12 +60,24 @@ def mon_host(hosts: list[SourceHost]) -> str:
     return ",".join(parts)
 
 
+def valid_cephx_key(raw: bytes) -> bool:
+    """A cephx secret: type (u16, 1 = AES), created (u32 s, u32 ns), length (u16) and
+    that many bytes, little-endian (what ``ceph-authtool --gen-print-key`` encodes)."""
+    if len(raw) < 12:
+        return False
+    ktype, length = struct.unpack_from("<H", raw, 0)[0], struct.unpack_from("<H", raw, 10)[0]
+    return ktype == 1 and length == len(raw) - 12 and length in (16, 32)
+
+
 def settings(pool: PoolDef) -> Settings:
     rados_pool, namespace = split_source_name(pool.source.name)
     creds = auth_secret(pool, "ceph")
     user = key = None
     if creds is not None:
         user = creds[0]
+        if not valid_cephx_key(creds[1]):
+            raise AuthFailed(f"the secret of ceph user '{user}' is not a valid cephx key "
+                             "(set it to the key of the user's keyring, base64-decoded)")
         key = base64.b64encode(creds[1]).decode("ascii")
     return Settings(mon_host=mon_host(pool.source.hosts), user=user, key=key,
                     options=tuple(pool.rbd_config_opts), pool=rados_pool,
@@ -125,7 +138,10 @@ def cluster(s: Settings) -> rados.Rados:
         handle = _clusters.get(k)
         if handle is not None and handle.state == "connected":
             return handle
-        conf: dict[str, str] = {"mon_host": s.mon_host}
+        # Failures come back as errors, not as chatter on our stderr (set first: they
+        # apply from the next option on).
+        conf: dict[str, str] = {"err_to_stderr": "false", "log_to_stderr": "false",
+                                "mon_host": s.mon_host}
         if s.key is not None:
             conf["key"] = s.key
             conf["auth_supported"] = "cephx"
@@ -134,8 +150,6 @@ def cluster(s: Settings) -> rados.Rados:
         # Default features for new images, and timeouts, as libvirt sets them; the pool's
         # own options come last and win.
         conf["rbd_default_format"] = "2"
-        conf["err_to_stderr"] = "false"  # failures come back as errors, not as chatter
-        conf["log_to_stderr"] = "false"
         for name, value in DEFAULT_TIMEOUTS:
             conf[name] = value
         for name, value in s.options:
