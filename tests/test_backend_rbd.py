@@ -390,3 +390,23 @@ def test_cli_data_commands(rconn: EmbeddedConnection, rpool: str, root: Path,
     assert len(r.stderr.strip().splitlines()) == 1
     r = cli("vol-info", "cv", "--pool", rpool)
     assert r.returncode == 0 and "network" in r.stdout
+
+
+def test_namespace_pool(rconn: EmbeddedConnection, ceph: Server) -> None:
+    ns = "ns" + secrets.token_hex(3)
+    rconn.pool_define_xml(pool_xml("nsp", ceph, source=f"rbd/{ns}"))
+    with pytest.raises(Exception, match=f"namespace '{ns}' does not exist"):
+        rconn.pool_start("nsp")
+    ceph_cmd(ceph, "rbd", "namespace", "create", f"rbd/{ns}")
+    rconn.pool_start("nsp")
+    try:
+        rconn.volume_create_xml("nsp", "<volume><name>inns</name><capacity>1048576</capacity>"
+                                       "</volume>")
+        assert rconn.volume_info("nsp", "inns").path == f"rbd/{ns}/inns"
+        assert ceph_cmd(ceph, "rbd", "ls", f"rbd/{ns}").stdout.split() == ["inns"]
+        assert "inns" not in rbd_ls(ceph)
+        wait_job(rconn, rconn.volume_clone("nsp", "inns", "inns2", linked=True).id)
+        rconn.volume_delete("nsp", "inns")
+        rconn.volume_delete("nsp", "inns2")
+    finally:
+        rconn.pool_stop("nsp")
