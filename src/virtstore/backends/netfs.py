@@ -17,16 +17,12 @@ create (raw, qcow2), delete, resize (raw), wipe (zero), upload, download and clo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import secrets as pysecrets
-import stat
-import struct
-import tempfile
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from virtstore.backends._net_utils import VolumeDataOps, fold_ino, read_exact
+from virtstore.backends._net_utils import fold_ino
+from virtstore.backends._remotefs_utils import RemoteFiles, RemoteFS
 from virtstore.backends.base import (
     BackendCaps,
     CreateRequest,
@@ -35,28 +31,17 @@ from virtstore.backends.base import (
     Stamp,
     VolumeRecord,
 )
-from virtstore.backends.dir import FILE_FORMATS, PRIVATE_PREFIX, DirBackend
+from virtstore.backends.dir import FILE_FORMATS, DirBackend
 from virtstore.backends.fs import DEFAULT_MOUNT_OPTS, kernel_filesystems
-from virtstore.errors import (
-    AlreadyExists,
-    InvalidArgument,
-    NoSuchVolume,
-    OperationInvalid,
-    Unsupported,
-)
+from virtstore.errors import InvalidArgument, OperationInvalid, Unsupported
 from virtstore.host import mounts
 from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
-    from virtstore.data.monitor import Monitor
     from virtstore.engine.nbd import QemuSource
-    from virtstore.host.nfs import NfsClient
 
 USERSPACE_OPT = "x-virtstore-userspace"
-STAGING_TAG = "nfs-staging:"
-STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
-CHUNK = 4 << 20
 # The kernel filesystem each netfs format needs, and the Debian package of its helper.
 KERNEL_FS = {"nfs": ("nfs", "nfs-common"), "cifs": ("cifs", "cifs-utils"),
              "glusterfs": ("fuse", "glusterfs-client")}
@@ -147,22 +132,17 @@ def _url(pool: PoolDef, name: str) -> str:
     return f"nfs://{host}{export.rstrip('/')}/{name}"
 
 
-def _client(server: str, export: str) -> NfsClient:
+def _client(server: str, export: str) -> RemoteFS:
     from virtstore.host.nfs import NfsClient
 
     return NfsClient(server, export)
 
 
-def _qcow2_size(header: bytes) -> int | None:
-    if len(header) >= 32 and header[:4] == b"QFI\xfb":
-        return int(struct.unpack(">Q", header[24:32])[0])
-    return None
-
-
-class NetfsBackend(VolumeDataOps, DirBackend):
+class NetfsBackend(RemoteFiles, DirBackend):
     caps = BackendCaps(pool_type="netfs", build=True, delete=True, vol_create=True,
                        vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=True, file_based=True, volume_type="file")
+    staging_tag = "nfs-staging:"
 
     def host_problem(self) -> str | None:
         if which("mount") is None:
@@ -171,6 +151,20 @@ class NetfsBackend(VolumeDataOps, DirBackend):
 
     def handles_data(self, pool: PoolDef) -> bool:
         return userspace(pool)
+
+    # -- RemoteFiles hooks (userspace mode) ------------------------------------
+    def rf_connect(self, pool: PoolDef) -> RemoteFS:
+        return _client(*_server_export(pool))
+
+    def rf_where(self, pool: PoolDef) -> dict[str, Any]:
+        server, export = _server_export(pool)
+        return {"server": server, "export": export}
+
+    def rf_connect_where(self, where: Mapping[str, Any]) -> RemoteFS:
+        return _client(str(where["server"]), str(where["export"]))
+
+    def rf_url(self, pool: PoolDef, name: str) -> str:
+        return _url(pool, name)
 
     # -- pool lifecycle --------------------------------------------------------
     def build(self, pool: PoolDef, overwrite: bool | None) -> None:
@@ -182,7 +176,7 @@ class NetfsBackend(VolumeDataOps, DirBackend):
             if fmt not in ("nfs", "auto"):
                 raise Unsupported(f"the userspace mode ('{USERSPACE_OPT}') is for NFS "
                                   f"pools, not '{fmt}'")
-            with _client(*_server_export(pool)):
+            with self.rf_connect(pool):
                 return
         target = self._target(pool)
         if not os.path.isdir(target):
@@ -211,159 +205,64 @@ class NetfsBackend(VolumeDataOps, DirBackend):
         DirBackend.delete(self, pool)
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
-        if not userspace(pool):
-            return DirBackend.sizes(self, pool)
-        from virtstore.errors import VirtstoreError
-
-        try:
-            with _client(*_server_export(pool)) as c:
-                capacity, free, _ = c.statvfs()
-        except VirtstoreError:
-            return PoolSizes()
-        # As libvirt counts a mounted pool: free blocks including root's reserve.
-        return PoolSizes(capacity=capacity, allocation=capacity - free, available=free)
+        return self.rf_sizes(pool) if userspace(pool) else DirBackend.sizes(self, pool)
 
     # -- volumes ---------------------------------------------------------------
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
-        if not userspace(pool):
-            # Network filesystems hand out 64-bit inode numbers: fold them for the index.
-            folded = {n: Stamp(s.ino, s.size, s.mtime_ns, s.ctime_ns)
-                      for n, s in known.items()}
-            res = DirBackend.scan(self, pool, {})
-            keep: list[VolumeRecord] = []
-            for rec in res.changed:
-                rec.ino = fold_ino(rec.ino)
-                old = folded.get(rec.name)
-                if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns,
-                                                    rec.ctime_ns):
-                    res.unchanged.append(rec.name)
-                else:
-                    keep.append(rec)
-            res.changed = keep
-            return res
-        res = ScanResult()
-        with _client(*_server_export(pool)) as c:
-            for name in c.listdir("/"):
-                if name.startswith(PRIVATE_PREFIX):
-                    continue
-                st = c.stat(name)
-                if st is None:
-                    continue
-                if not stat.S_ISREG(st.mode):
-                    res.skipped.append((name, "not a regular file"))
-                    continue
-                old = known.get(name)
-                if old is not None and old == Stamp(fold_ino(st.ino), st.size, st.mtime_ns,
-                                                    st.ctime_ns):
-                    res.unchanged.append(name)
-                    continue
-                res.changed.append(self._nfs_record(pool, c, name))
+        if userspace(pool):
+            return self.rf_scan(pool, known)
+        # Network filesystems hand out 64-bit inode numbers: fold them for the index.
+        res = DirBackend.scan(self, pool, {})
+        keep: list[VolumeRecord] = []
+        for rec in res.changed:
+            rec.ino = fold_ino(rec.ino)
+            old = known.get(rec.name)
+            if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns):
+                res.unchanged.append(rec.name)
+            else:
+                keep.append(rec)
+        res.changed = keep
         return res
 
-    def _nfs_record(self, pool: PoolDef, c: NfsClient, name: str) -> VolumeRecord:
-        st = c.stat(name)
-        if st is None:
-            raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
-                               f"name '{name}'")
-        fmt, capacity = "raw", st.size
-        if st.size >= 32:
-            with c.open(name) as f:
-                size = _qcow2_size(f.pread(0, 32))
-            if size is not None:
-                fmt, capacity = "qcow2", size
-        url = _url(pool, name)
-        return VolumeRecord(name=name, path=url, key=url, type="network", format=fmt,
-                            capacity=capacity, allocation=st.blocks * 512, physical=st.size,
-                            mode=st.mode & 0o7777, uid=st.uid, gid=st.gid,
-                            ino=fold_ino(st.ino),
-                            size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
-                            atime_ns=st.atime_ns)
-
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
-        if not userspace(pool):
-            rec = DirBackend.read_volume(self, pool, name)
-            if rec is not None:
-                rec.ino = fold_ino(rec.ino)
-            return rec
-        with _client(*_server_export(pool)) as c:
-            try:
-                return self._nfs_record(pool, c, name)
-            except NoSuchVolume:
-                return None
+        if userspace(pool):
+            return self.rf_read_volume(pool, name)
+        rec = DirBackend.read_volume(self, pool, name)
+        if rec is not None:
+            rec.ino = fold_ino(rec.ino)
+        return rec
 
     def volume_path(self, pool: PoolDef, name: str) -> str:
         return _url(pool, name) if userspace(pool) else DirBackend.volume_path(self, pool, name)
 
     def staging_path(self, pool: PoolDef, token: str) -> str:
-        if not userspace(pool):
-            return DirBackend.staging_path(self, pool, token)
-        server, export = _server_export(pool)
-        return STAGING_TAG + json.dumps({"server": server, "export": export,
-                                         "name": STAGING_PREFIX + token})
-
-    @staticmethod
-    def _staging(staging: str) -> tuple[str, str, str]:
-        data = json.loads(staging[len(STAGING_TAG):])
-        return str(data["server"]), str(data["export"]), str(data["name"])
+        if userspace(pool):
+            return self.rf_staging_path(pool, token)
+        return DirBackend.staging_path(self, pool, token)
 
     def create_volume(self, pool: PoolDef, staging: str, req: CreateRequest) -> None:
-        if not userspace(pool):
+        if userspace(pool):
+            self.rf_create(pool, staging, req)
+        else:
             DirBackend.create_volume(self, pool, staging, req)
-            return
-        if req.format not in ("raw", "qcow2") or req.vol.target.encryption is not None \
-                or req.backing_path:
-            raise Unsupported(f"unsupported configuration: the userspace NFS mode creates "
-                              f"plain raw and qcow2 volumes, not '{req.format}'"
-                              + (" with a backing file" if req.backing_path else "")
-                              + (" encrypted" if req.vol.target.encryption else ""))
-        server, export, name = self._staging(staging)
-        mode = req.vol.target.permissions.mode or 0o600
-        with _client(server, export) as c, c.open(name, create=True, mode=mode) as f:
-            if req.format == "qcow2":
-                from virtstore.formats.qcow2 import create_qcow2
-
-                with tempfile.TemporaryFile() as tmp:
-                    create_qcow2(tmp.fileno(), req.capacity, compat=req.vol.target.compat
-                                 or "0.10", cluster_size=req.vol.target.cluster_size or 65536)
-                    tmp.seek(0)
-                    f.pwrite(tmp.read(), 0)
-            else:
-                f.truncate(req.capacity)
-            f.fsync()
 
     def commit_volume(self, pool: PoolDef, staging: str, final: str) -> None:
-        if not staging.startswith(STAGING_TAG):
+        if staging.startswith(self.staging_tag):
+            self.rf_commit(pool, staging, final.rsplit("/", 1)[-1])
+        else:
             DirBackend.commit_volume(self, pool, staging, final)
-            return
-        server, export, name = self._staging(staging)
-        new = final.rsplit("/", 1)[-1]
-        from virtstore.host.nfs import NfsError
-
-        with _client(server, export) as c:
-            try:
-                c.link(name, new)  # a link never replaces an existing name
-            except NfsError as exc:
-                if exc.errno == 17 or c.stat(new) is not None:
-                    raise AlreadyExists(f"storage volume '{new}' exists already") from exc
-                raise
-            c.unlink(name)
 
     def discard_staging(self, staging: str) -> None:
-        if not staging.startswith(STAGING_TAG):
+        if staging.startswith(self.staging_tag):
+            self.rf_discard(staging)
+        else:
             DirBackend.discard_staging(self, staging)
-            return
-        server, export, name = self._staging(staging)
-        with _client(server, export) as c:
-            if c.stat(name) is not None:
-                c.unlink(name)
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
-        if not userspace(pool):
+        if userspace(pool):
+            self.rf_delete(pool, rec)
+        else:
             DirBackend.delete_volume(self, pool, rec)
-            return
-        with _client(*_server_export(pool)) as c:
-            if c.stat(rec.name) is not None:
-                c.unlink(rec.name)
 
     @contextlib.contextmanager
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
@@ -371,118 +270,3 @@ class NetfsBackend(VolumeDataOps, DirBackend):
         from virtstore.engine.nbd import QemuSource
 
         yield QemuSource(image=rec.path, fmt=rec.format or "raw")
-
-    # -- data operations in userspace mode (VolumeDataOps) ---------------------
-    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
-                   shrink: bool, allocate: bool) -> None:
-        if rec.format != "raw" or allocate:
-            raise Unsupported("unsupported configuration: the userspace NFS mode resizes "
-                              "raw volumes, without allocation")
-        with _client(*_server_export(pool)) as c, c.open(rec.name, write=True) as f:
-            f.truncate(capacity)
-
-    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
-                 monitor: Monitor) -> None:
-        if algorithm != "zero":
-            raise Unsupported(f"unsupported configuration: the userspace NFS mode wipes "
-                              f"with 'zero' only, not '{algorithm}'")
-        zero = bytes(CHUNK)
-        with _client(*_server_export(pool)) as c, c.open(rec.name, write=True) as f:
-            size = rec.physical
-            monitor.set_total(size)
-            pos = 0
-            while pos < size:
-                n = min(CHUNK, size - pos)
-                f.pwrite(zero[:n], pos)
-                pos += n
-                monitor.advance(n)
-            f.fsync()
-            if rec.format == "qcow2":
-                from virtstore.formats.qcow2 import create_qcow2
-
-                with tempfile.TemporaryFile() as tmp:  # an empty image, as wipe leaves it
-                    create_qcow2(tmp.fileno(), rec.capacity, compat=rec.compat or "0.10")
-                    tmp.seek(0)
-                    f.pwrite(tmp.read(), 0)
-
-    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
-                   length: int | None, sparse: bool, monitor: Monitor) -> None:
-        from virtstore.data.extents import is_zero
-
-        server, export = _server_export(pool)
-        covers = offset == 0 and length is None
-        with _client(server, export) as c:
-            # A whole upload goes to a new file that then takes the name (rename is atomic
-            # on the server); a partial one writes in place.
-            name = STAGING_PREFIX + pysecrets.token_hex(8) if covers else rec.name
-            try:
-                with c.open(name, write=not covers, create=covers,
-                            mode=rec.mode or 0o600) as f:
-                    done = 0
-                    while length is None or done < length:
-                        want = CHUNK if length is None else min(CHUNK, length - done)
-                        data = read_exact(source, want)
-                        if not data:
-                            break
-                        if not (sparse and covers and is_zero(data)):
-                            f.pwrite(data, offset + done)
-                        done += len(data)
-                        monitor.advance(len(data))
-                    if length is not None and done < length:
-                        raise InvalidArgument(f"the source ended after {done} of {length} "
-                                              "bytes")
-                    if covers:
-                        f.truncate(max(done, rec.physical))
-                    f.fsync()
-                if covers:
-                    c.rename(name, rec.name)
-            except BaseException:
-                if covers and c.stat(name) is not None:
-                    c.unlink(name)
-                raise
-
-    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
-                     length: int | None, sparse: bool, monitor: Monitor) -> None:
-        with _client(*_server_export(pool)) as c, c.open(rec.name) as f:
-            size = rec.physical
-            st = c.stat(rec.name)
-            if st is not None:
-                size = st.size
-            end = size if length is None else min(size, offset + length)
-            monitor.set_total(max(0, end - offset))
-            pos = offset
-            while pos < end:
-                data = f.pread(pos, min(CHUNK, end - pos))
-                if not data:
-                    break
-                sink.write(data)
-                pos += len(data)
-                monitor.advance(len(data))
-            sink.flush()
-
-    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
-                  linked: bool, monitor: Monitor) -> None:
-        if linked:
-            raise Unsupported("unsupported configuration: linked clones are not supported "
-                              "in the userspace NFS mode")
-        from virtstore.data.extents import is_zero
-
-        server, export, name = self._staging(staging)
-        with _client(*_server_export(src_pool)) as sc, sc.open(src.name) as sf, \
-                _client(server, export) as dc, \
-                dc.open(name, create=True, mode=src.mode or 0o600) as df:
-            size = src.physical
-            monitor.set_total(size)
-            pos = 0
-            while pos < size:
-                data = sf.pread(pos, min(CHUNK, size - pos))
-                if not data:
-                    break
-                if is_zero(data):
-                    monitor.skip(len(data))
-                else:
-                    df.pwrite(data, pos)
-                    monitor.advance(len(data))
-                pos += len(data)
-            df.truncate(size)
-            df.fsync()
