@@ -216,18 +216,7 @@ class DataOps:
             return self._net_resize(pool_name, pool, backend, rec, capacity, delta=delta,
                                     shrink=shrink, allocate=allocate)
         _file_only(backend, "volume resize")
-        if capacity < 0:
-            raise InvalidArgument("capacity must not be negative")
-        if delta:
-            # As libvirt: a delta shrink past zero stops at zero.
-            new = max(0, rec.capacity - capacity) if shrink else rec.capacity + capacity
-        else:
-            new = capacity
-        if new > MAX_SIZE:
-            raise InvalidArgument(f"invalid capacity {new}: must be 0 to {MAX_SIZE} bytes")
-        if new < rec.capacity and not shrink:
-            raise InvalidArgument("Can't shrink capacity below current capacity unless shrink "
-                                  "flag explicitly specified")
+        new = _new_capacity(rec, capacity, delta=delta, shrink=shrink)
         if new < rec.allocation and (rec.format or "raw") == "raw":
             raise InvalidArgument("can't shrink capacity below existing allocation")
         fmt = rec.format or "raw"
@@ -454,17 +443,7 @@ class DataOps:
                     rec: VolumeRecord, capacity: int, *, delta: bool, shrink: bool,
                     allocate: bool) -> JobInfo:
         assert isinstance(backend, VolumeDataOps)
-        if capacity < 0:
-            raise InvalidArgument("capacity must not be negative")
-        if delta:
-            new = max(0, rec.capacity - capacity) if shrink else rec.capacity + capacity
-        else:
-            new = capacity
-        if new > MAX_SIZE:
-            raise InvalidArgument(f"invalid capacity {new}: must be 0 to {MAX_SIZE} bytes")
-        if new < rec.capacity and not shrink:
-            raise InvalidArgument("Can't shrink capacity below current capacity unless shrink "
-                                  "flag explicitly specified")
+        new = _new_capacity(rec, capacity, delta=delta, shrink=shrink)
 
         def work(mon: Monitor) -> None:
             backend.vol_resize(pool, rec, new, shrink=shrink, allocate=allocate)
@@ -518,6 +497,23 @@ class DataOps:
         return self.jobs.start("download", work, pool=pool_name, volume=rec.name,
                                total=total, bandwidth=bandwidth,
                                lock=[(pool_name, rec.name, READ)])
+
+
+def _new_capacity(rec: VolumeRecord, capacity: int, *, delta: bool, shrink: bool) -> int:
+    """The size a resize asks for, checked with libvirt's rules and messages."""
+    if capacity < 0:
+        raise InvalidArgument("capacity must not be negative")
+    if delta:
+        # As libvirt: a delta shrink past zero stops at zero.
+        new = max(0, rec.capacity - capacity) if shrink else rec.capacity + capacity
+    else:
+        new = capacity
+    if new > MAX_SIZE:
+        raise InvalidArgument(f"invalid capacity {new}: must be 0 to {MAX_SIZE} bytes")
+    if new < rec.capacity and not shrink:
+        raise InvalidArgument("Can't shrink capacity below current capacity unless shrink "
+                              "flag explicitly specified")
+    return new
 
 
 def _regular_size(f: BinaryIO) -> int | None:
