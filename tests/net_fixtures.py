@@ -86,13 +86,21 @@ def stop_pid(pid: int, grace: float = 10.0) -> None:
 
 
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a server process in the foreground of its own session; it gets SIGKILL when
+    this test process dies (setpriv --pdeathsig), so a killed run leaves no server."""
+    if shutil.which("setpriv"):
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
     fh = open(log, "wb")
     try:
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "LC_ALL": "C", **(env or {})})
     finally:
         fh.close()
+    home = next((p for p in log.parents if p.name.startswith("virtstore-")), log.parent)
+    with open(home / "pids", "a", encoding="ascii") as rec:  # for _reap_stale
+        rec.write(f"{proc.pid} {_start_time(proc.pid)}\n")
+    return proc
 
 
 @dataclass
@@ -132,6 +140,7 @@ def _session_server(name: str, start: Callable[[Server], None], *,
         _failed[name] = f"{name} server needs root"
         pytest.skip(_failed[name])
     srv = Server(name=name, dir=Path(tempfile.mkdtemp(prefix=f"virtstore-{name}-")))
+    (srv.dir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
     try:
         if lock is not None:
             fd = os.open(LOCK_DIR / f"virtstore-test-{lock}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -145,6 +154,7 @@ def _session_server(name: str, start: Callable[[Server], None], *,
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"another test run holds the {lock} lock") from None
                     time.sleep(1)
+        _reap_stale(name)  # under the lock: a live run's servers are never touched
         t0 = time.monotonic()
         start(srv)
         STARTUP[name] = time.monotonic() - t0
@@ -155,6 +165,44 @@ def _session_server(name: str, start: Callable[[Server], None], *,
         pytest.skip(_failed[name])
     _servers[name] = srv
     return srv
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _reap_stale(name: str) -> None:
+    """Stop what a killed earlier run left of server ``name``: the processes whose command
+    line names that run's private server directory (its daemons fork children that
+    outlive a SIGKILL of the run), FUSE mounts below it, then the directory."""
+    for d in Path(tempfile.gettempdir()).glob(f"virtstore-{name}-*"):
+        try:
+            pid_s, start = (d / "owner").read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _start_time(int(pid_s)) == start:
+            continue  # its run is alive
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if str(d).encode() in cmd or str(d).replace("/", "-").encode() in cmd:
+                stop_pid(int(proc.name), grace=5)
+        for rec in (d / "pids").read_text().splitlines() if (d / "pids").exists() else []:
+            pid, _, started = rec.partition(" ")
+            if pid.isdigit() and _start_time(int(pid)) == started:
+                stop_pid(int(pid), grace=5)
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            mnt = line.split()[1]
+            if mnt.startswith(str(d) + "/"):
+                sh("umount", "-l", mnt, check=False)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _stop_all() -> None:

@@ -85,8 +85,8 @@ def test_iscsi_direct_data(conn: EmbeddedConnection, dpool: str, tgt: Server,
     url = f"iscsi://127.0.0.1:{tgt.info['port']}/{ISCSI_STORAGE}/1"
     out = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0 1048576 1048576",
                           url], capture_output=True, text=True, check=False)
-    if out.returncode == 0:
-        assert "read 1048576/1048576 bytes" in out.stdout
+    assert out.returncode == 0, out.stderr
+    assert "read 1048576/1048576 bytes" in out.stdout
     whole = tmp_path / "lun1.raw"
     with open(whole, "wb") as fh:
         _wait(conn, conn.volume_download(dpool, "unit:0:0:1", fh).id)

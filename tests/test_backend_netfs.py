@@ -125,8 +125,8 @@ def test_userspace_nfs_volumes(conn: EmbeddedConnection, upool: str, nfs: Server
     if shutil.which("qemu-img"):
         out = subprocess.run(["qemu-img", "info", "--output=json", vols["b.qcow2"].path],
                              capture_output=True, text=True, check=False)
-        if out.returncode == 0:
-            assert '"format": "qcow2"' in out.stdout
+        assert out.returncode == 0, out.stderr
+        assert '"format": "qcow2"' in out.stdout
     with pytest.raises(AlreadyExists):
         conn.volume_create_xml(upool, "<volume><name>a.raw</name><capacity>1</capacity>"
                                       "</volume>")

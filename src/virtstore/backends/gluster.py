@@ -2,13 +2,16 @@
 
 As libvirt shows them, volumes are network volumes: path ``gluster://host/vol/dir/name``
 (the URL qemu opens with its own gluster client), key ``vol/dir/name``, directories are
-``netdir`` volumes. libvirt reaches the files through libgfapi; virtstore reaches them
-through a private FUSE mount of the volume under ``/run/virtstore/gluster/`` made when
-the pool starts and removed when it stops (the mount is not the pool's interface: guests
-use the URLs). So everything a file pool does works here too: create in every file
-format (staged and linked into place), delete, resize, wipe, upload, download, clone
-(a sparse copy), and qcow2 internal snapshots. A kernel without FUSE makes start fail
-with an error naming it.
+``netdir`` volumes. Two ways to the files, the same volumes either way:
+
+* FUSE mode (when the kernel has FUSE and the GlusterFS client is installed): a private
+  FUSE mount of the volume under ``/run/virtstore/gluster/``, made when the pool starts
+  and removed when it stops (the mount is not the pool's interface: guests use the
+  URLs). Everything a file pool does works: every file format, staged create, delete,
+  resize, wipe (all algorithms), upload, download, clone, qcow2 internal snapshots.
+* libgfapi mode (no FUSE, as libvirt does it): the files through libgfapi from this
+  process (``_gluster_utils``): raw and qcow2 create, delete, resize (raw), wipe (zero),
+  upload, download, clone, and qcow2 internal snapshots through qemu-img at the URL.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from virtstore.backends._net_utils import VolumeDataOps, fold_ino
+from virtstore.backends._remotefs_utils import RemoteFiles, RemoteFS
 from virtstore.backends.base import (
     Backend,
     BackendCaps,
@@ -77,9 +81,59 @@ def key_base(pool: PoolDef) -> str:
     return volume_name(pool) + (f"/{sub}" if sub else "")
 
 
+def _host(pool: PoolDef) -> tuple[str, int | None]:
+    if not pool.source.hosts:
+        raise InvalidArgument("missing source host for gluster pool")
+    return pool.source.hosts[0].name, pool.source.hosts[0].port
+
+
+class _Gfapi(RemoteFiles):
+    """The libgfapi mode's file operations (RemoteFiles over a GfapiClient)."""
+
+    staging_tag = "gluster-staging:"
+    caps = BackendCaps(pool_type="gluster")  # for the wording of its errors
+
+    def rf_connect(self, pool: PoolDef) -> RemoteFS:
+        host, port = _host(pool)
+        return self.rf_connect_where({"host": host, "port": port,
+                                      "volume": volume_name(pool)})
+
+    def rf_where(self, pool: PoolDef) -> dict[str, Any]:
+        host, port = _host(pool)
+        return {"host": host, "port": port, "volume": volume_name(pool)}
+
+    def rf_connect_where(self, where: Mapping[str, Any]) -> RemoteFS:
+        from virtstore.backends._gluster_utils import client
+
+        return client(str(where["host"]), str(where["volume"]), where.get("port"))
+
+    def rf_dir(self, pool: PoolDef) -> str:
+        return subdir(pool)
+
+    def rf_url(self, pool: PoolDef, name: str) -> str:
+        return f"{url_base(pool)}/{name}"
+
+    def rf_key(self, pool: PoolDef, name: str) -> str:
+        return f"{key_base(pool)}/{name}"
+
+
 def mount_point(pool: PoolDef) -> str:
     ident = hashlib.sha256(f"{pool.uuid or pool.name}".encode()).hexdigest()[:12]
     return os.path.join(RUN_DIR, f"{pool.name}-{ident}")
+
+
+def _pad_qcow2(path: str) -> None:
+    """Extend a new qcow2 image to whole clusters, as qemu-img makes them: qemu's gluster
+    driver reads metadata in aligned blocks and takes a read past the end as an error."""
+    with open(path, "r+b") as fh:
+        header = fh.read(24)
+        if len(header) < 24 or header[:4] != b"QFI\xfb":
+            return
+        cluster = 1 << int.from_bytes(header[20:24], "big")
+        size = os.fstat(fh.fileno()).st_size
+        if size % cluster:
+            os.ftruncate(fh.fileno(), size + (-size % cluster))
+            os.fsync(fh.fileno())
 
 
 class GlusterBackend(VolumeDataOps, Backend):
@@ -87,13 +141,31 @@ class GlusterBackend(VolumeDataOps, Backend):
                        vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=True, file_based=False, volume_type="network")
 
+    mode = "auto"  # "fuse", "gfapi", or "auto": FUSE where the kernel has it
+
     def __init__(self) -> None:
         self._files = DirBackend()
+        self._gf = _Gfapi()
+
+    def _fuse_problem(self) -> str | None:
+        if which("mount.glusterfs") is None and not os.path.exists("/sbin/mount.glusterfs"):
+            return "'mount.glusterfs' is not installed (Debian glusterfs-client)"
+        if "fuse" not in kernel_filesystems():
+            return "this kernel has no FUSE support ('fuse' is not in /proc/filesystems)"
+        return None
+
+    def gfapi(self) -> bool:
+        """Whether pools go through libgfapi (else through a private FUSE mount)."""
+        if self.mode == "auto":
+            return self._fuse_problem() is not None
+        return self.mode == "gfapi"
 
     def host_problem(self) -> str | None:
-        if which("mount.glusterfs") is None and not os.path.exists("/sbin/mount.glusterfs"):
-            return "gluster pools need the GlusterFS client: 'mount.glusterfs' is not " \
-                   "installed (Debian glusterfs-client)"
+        from virtstore.backends import _gluster_utils as gu
+
+        if self.gfapi() and not gu.available():
+            return (f"gluster pools need FUSE or libgfapi: {self._fuse_problem()}, and "
+                    "libgfapi (Debian libgfapi0) is not installed")
         return None
 
     # -- where things are ------------------------------------------------------
@@ -118,6 +190,13 @@ class GlusterBackend(VolumeDataOps, Backend):
     # -- pool lifecycle --------------------------------------------------------
     def start(self, pool: PoolDef) -> None:
         url_base(pool)
+        if self.gfapi():
+            with self._gf.rf_connect(pool) as c:
+                st = c.stat("/" + subdir(pool))
+                if st is None or not stat.S_ISDIR(st.mode):
+                    raise OperationInvalid(f"directory '{subdir(pool)}' does not exist in "
+                                           f"gluster volume '{volume_name(pool)}'")
+            return
         if "fuse" not in kernel_filesystems():
             raise Unsupported("this kernel has no FUSE support ('fuse' is not in "
                               "/proc/filesystems): the gluster volume cannot be reached")
@@ -137,6 +216,12 @@ class GlusterBackend(VolumeDataOps, Backend):
                                    f"volume '{volume_name(pool)}'")
 
     def stop(self, pool: PoolDef) -> None:
+        if self.gfapi():
+            from virtstore.backends._gluster_utils import forget
+
+            host, port = _host(pool)
+            forget(host, volume_name(pool), port)
+            return
         mp = mount_point(pool)
         if self._mounted(pool):
             mounts.umount(mp)
@@ -144,6 +229,8 @@ class GlusterBackend(VolumeDataOps, Backend):
             os.rmdir(mp)
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
+        if self.gfapi():
+            return self._gf.rf_sizes(pool)
         if not self._mounted(pool):
             return PoolSizes()
         sv = os.statvfs(self._base(pool))
@@ -163,6 +250,8 @@ class GlusterBackend(VolumeDataOps, Backend):
         return rec
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
+        if self.gfapi():
+            return self._gf.rf_scan(pool, known)
         self._need_mount(pool)
         res = ScanResult()
         with os.scandir(self._base(pool)) as entries:
@@ -189,6 +278,8 @@ class GlusterBackend(VolumeDataOps, Backend):
         return res
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
+        if self.gfapi():
+            return self._gf.rf_read_volume(pool, name)
         path = self._local(pool, name)
         try:
             st = os.stat(path)
@@ -200,10 +291,15 @@ class GlusterBackend(VolumeDataOps, Backend):
         return f"{url_base(pool)}/{name}"
 
     def staging_path(self, pool: PoolDef, token: str) -> str:
+        if self.gfapi():
+            return self._gf.rf_staging_path(pool, token)
         self._need_mount(pool)
         return os.path.join(self._base(pool), STAGING_PREFIX + token)
 
     def create_volume(self, pool: PoolDef, staging: str, req: CreateRequest) -> None:
+        if staging.startswith(self._gf.staging_tag):
+            self._gf.rf_create(pool, staging, req)
+            return
         if req.backing_path and req.backing_path.startswith(url_base(pool) + "/"):
             # A backing volume of this pool, named by its URL: the image records the
             # relative name, which qemu resolves beside the overlay (URL or mount).
@@ -211,15 +307,26 @@ class GlusterBackend(VolumeDataOps, Backend):
 
             req = replace(req, backing_path=os.path.basename(req.backing_path))
         self._files.create_volume(pool, staging, req)
+        if req.format == "qcow2":
+            _pad_qcow2(staging)
 
     def commit_volume(self, pool: PoolDef, staging: str, final: str) -> None:
+        if staging.startswith(self._gf.staging_tag):
+            self._gf.rf_commit(pool, staging, os.path.basename(final))
+            return
         self._files.commit_volume(pool, staging, self._local(pool, os.path.basename(final)))
 
     def discard_staging(self, staging: str) -> None:
+        if staging.startswith(self._gf.staging_tag):
+            self._gf.rf_discard(staging)
+            return
         with contextlib.suppress(OSError):
             self._files.discard_staging(staging)
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
+        if self.gfapi():
+            self._gf.rf_delete(pool, rec)
+            return
         local = self._local(pool, rec.name)
         self._files.delete_volume(pool, VolumeRecord(name=rec.name, path=local, key=local,
                                                      type="dir" if rec.type == "netdir"
@@ -228,6 +335,9 @@ class GlusterBackend(VolumeDataOps, Backend):
     # -- data operations (VolumeDataOps), on the private mount -----------------
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                    shrink: bool, allocate: bool) -> None:
+        if self.gfapi():
+            self._gf.vol_resize(pool, rec, capacity, shrink=shrink, allocate=allocate)
+            return
         local = self._local(pool, rec.name)
         fmt = rec.format or "raw"
         if fmt == "raw":
@@ -247,6 +357,9 @@ class GlusterBackend(VolumeDataOps, Backend):
 
     def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
                  monitor: Monitor) -> None:
+        if self.gfapi():
+            self._gf.vol_wipe(pool, rec, algorithm, monitor)
+            return
         from virtstore.data.wipe import ALGORITHMS, wipe
 
         if algorithm not in ALGORITHMS:
@@ -266,6 +379,10 @@ class GlusterBackend(VolumeDataOps, Backend):
 
     def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
                    length: int | None, sparse: bool, monitor: Monitor) -> None:
+        if self.gfapi():
+            self._gf.vol_upload(pool, rec, source, offset=offset, length=length,
+                                sparse=sparse, monitor=monitor)
+            return
         from virtstore.data.copy import copy_file
         from virtstore.data.monitor import Monitor as PlainMonitor
         from virtstore.data.stream import upload
@@ -293,6 +410,10 @@ class GlusterBackend(VolumeDataOps, Backend):
 
     def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
                      length: int | None, sparse: bool, monitor: Monitor) -> None:
+        if self.gfapi():
+            self._gf.vol_download(pool, rec, sink, offset=offset, length=length,
+                                  sparse=sparse, monitor=monitor)
+            return
         from virtstore.data.stream import download
 
         fd = os.open(self._local(pool, rec.name), os.O_RDONLY | os.O_CLOEXEC)
@@ -303,6 +424,9 @@ class GlusterBackend(VolumeDataOps, Backend):
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
                   linked: bool, monitor: Monitor) -> None:
+        if self.gfapi():
+            self._gf.vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor)
+            return
         if linked:
             from virtstore.formats.qcow2 import create_qcow2
 
@@ -323,7 +447,8 @@ class GlusterBackend(VolumeDataOps, Backend):
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
         from virtstore.engine.nbd import QemuSource
 
-        yield QemuSource(image=self._local(pool, rec.name), fmt=rec.format or "raw")
+        image = rec.path if self.gfapi() else self._local(pool, rec.name)
+        yield QemuSource(image=image, fmt=rec.format or "raw")
 
     # -- storage snapshots: qcow2 internal snapshots ---------------------------
     @contextlib.contextmanager
@@ -331,7 +456,8 @@ class GlusterBackend(VolumeDataOps, Backend):
         if rec.format != "qcow2":
             raise Unsupported(f"unsupported configuration: snapshots of '{rec.format}' "
                               "volumes of gluster pools are not supported (qcow2 only)")
-        yield self._local(pool, rec.name)
+        # qemu-img reaches the image at its URL with its own gluster client without FUSE.
+        yield rec.path if self.gfapi() else self._local(pool, rec.name)
 
     def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
         if rec.format != "qcow2":
@@ -339,7 +465,16 @@ class GlusterBackend(VolumeDataOps, Backend):
         from virtstore.api import SnapshotInfo
         from virtstore.formats.qemuimg import info
 
-        data = info(self._local(pool, rec.name), "qcow2")
+        if self.gfapi():
+            # Read from the image's snapshot table: every qemu-img run on a gluster URL
+            # spends seconds in libgfapi's shutdown.
+            from virtstore.backends._remotefs_utils import qcow2_snapshots
+
+            with self._gf.rf_connect(pool) as c, c.open(self._gf._p(pool, rec.name)) as f:
+                return [SnapshotInfo(pool="", volume=rec.name, name=n, kind="internal",
+                                     created=t, size=vm) for n, t, vm in qcow2_snapshots(f)]
+        else:
+            data = info(self._local(pool, rec.name), "qcow2")
         return [SnapshotInfo(pool="", volume=rec.name, name=str(s.get("name")),
                              kind="internal",
                              created=float(s.get("date-sec", 0))
