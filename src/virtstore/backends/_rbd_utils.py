@@ -11,15 +11,22 @@ to the monitors and a cephx handshake) and closed when the pool stops.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
+import os
 import struct
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from virtstore.backends._net_utils import auth_secret
 from virtstore.errors import AuthFailed, InvalidArgument, OperationInvalid
 from virtstore.xml import AuthSecret, PoolDef, SourceHost
+
+log = logging.getLogger("virtstore")
 
 if TYPE_CHECKING:
     import rados  # type: ignore[import-not-found]
@@ -129,6 +136,26 @@ def _key(s: Settings) -> tuple[str, str | None, str | None, tuple[tuple[str, str
     return (s.mon_host, s.user, s.key, s.options)
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """librados's messenger prints some complaints straight to file descriptor 2 while
+    it connects, whatever its log options say (e.g. a monitor port that speaks the
+    other protocol version); our stderr carries one-line errors only. What it prints
+    goes to our log instead."""
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            chatter = sink.read().decode(errors="replace").strip()
+            if chatter:
+                log.debug("librados: %s", chatter)
+
+
 def cluster(s: Settings) -> rados.Rados:
     """A connected cluster handle for these settings (cached)."""
     import rados
@@ -159,7 +186,8 @@ def cluster(s: Settings) -> rados.Rados:
         except rados.Error as exc:
             raise InvalidArgument(f"failed to configure the RADOS client: {exc}") from exc
         try:
-            handle.connect()
+            with _quiet_stderr():
+                handle.connect()
         except rados.PermissionDeniedError as exc:
             handle.shutdown()
             raise AuthFailed(f"failed to connect to the RADOS monitor on: {s.where}: "
