@@ -267,7 +267,10 @@ osd op num shards = 1
 osd op num threads per shard = 2
 """)
     env = {"CEPH_CONF": str(conf)}
-    srv.info.update(conf=str(conf), env=env, mon_host=f"127.0.0.1:{v2}", v2=v2, v1=v1)
+    # The port pools name: librados speaks msgr1 to 6789 and msgr2 to any other port.
+    mon_port = v1 if v1 == 6789 else v2
+    srv.info.update(conf=str(conf), env=env, mon_host=f"127.0.0.1:{mon_port}", v2=v2, v1=v1,
+                    mon_port=mon_port)
 
     def ceph(*args: str, input: str | None = None) -> str:
         return sh("ceph", "--connect-timeout", "10", *args, env=env, input=input).stdout

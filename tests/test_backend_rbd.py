@@ -27,7 +27,7 @@ def secret_xml(usage: str) -> str:
 def pool_xml(name: str, srv: Server, *, usage: str = "client.admin secret",
              source: str = "rbd", user: str = "admin", extra: str = "") -> str:
     return (f"<pool type='rbd'><name>{name}</name><source><name>{source}</name>"
-            f"<host name='127.0.0.1' port='{srv.info['v1']}'/>"
+            f"<host name='127.0.0.1' port='{srv.info['mon_port']}'/>"
             f"<auth username='{user}' type='ceph'><secret usage='{usage}'/></auth>"
             f"</source>{extra}</pool>")
 
