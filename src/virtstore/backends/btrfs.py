@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from virtstore.backends.base import BackendCaps, ScanResult, Stamp, VolumeRecord
 from virtstore.backends.dir import FILE_FORMATS, STAGING_PREFIX
 from virtstore.backends.fs import FsBackend
-from virtstore.engine.files import fsync_dir
 from virtstore.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -37,6 +36,7 @@ from virtstore.errors import (
     OperationInvalid,
     Unsupported,
 )
+from virtstore.host.files import fsync_dir
 from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
 

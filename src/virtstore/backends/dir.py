@@ -17,8 +17,8 @@ from virtstore.backends.base import (
     Stamp,
     VolumeRecord,
 )
-from virtstore.engine.files import fsync_dir
 from virtstore.errors import AlreadyExists, NoSpace, OperationInvalid, VirtstoreError
+from virtstore.host.files import fsync_dir
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:

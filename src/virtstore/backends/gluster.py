@@ -50,7 +50,7 @@ from virtstore.xml import PoolDef
 if TYPE_CHECKING:
     from virtstore.api import SnapshotInfo
     from virtstore.data.monitor import Monitor
-    from virtstore.engine.nbd import QemuSource
+    from virtstore.host.nbd import QemuSource
 
 RUN_DIR = "/run/virtstore/gluster"
 
@@ -445,7 +445,7 @@ class GlusterBackend(VolumeDataOps, Backend):
 
     @contextlib.contextmanager
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
-        from virtstore.engine.nbd import QemuSource
+        from virtstore.host.nbd import QemuSource
 
         image = rec.path if self.gfapi() else self._local(pool, rec.name)
         yield QemuSource(image=image, fmt=rec.format or "raw")

@@ -34,7 +34,7 @@ from virtstore.host.runner import which
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
-    from virtstore.engine.nbd import QemuSource
+    from virtstore.host.nbd import QemuSource
 
 
 class IscsiDirectBackend(NbdDataOps, Backend):
@@ -112,7 +112,7 @@ class IscsiDirectBackend(NbdDataOps, Backend):
 
     @contextlib.contextmanager
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
-        from virtstore.engine.nbd import QemuSource
+        from virtstore.host.nbd import QemuSource
 
         with iu.qemu_image_opts(pool, iu.lun_of(rec.name)) as (opts, objects):
             yield QemuSource(image_opts=opts, objects=objects)

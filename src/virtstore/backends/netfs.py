@@ -39,7 +39,7 @@ from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
-    from virtstore.engine.nbd import QemuSource
+    from virtstore.host.nbd import QemuSource
 
 USERSPACE_OPT = "x-virtstore-userspace"
 # The kernel filesystem each netfs format needs, and the Debian package of its helper.
@@ -267,6 +267,6 @@ class NetfsBackend(RemoteFiles, DirBackend):
     @contextlib.contextmanager
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
         """qemu opens a userspace-mode volume with its own NFS client, at its URL."""
-        from virtstore.engine.nbd import QemuSource
+        from virtstore.host.nbd import QemuSource
 
         yield QemuSource(image=rec.path, fmt=rec.format or "raw")

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
     from virtstore.api import SnapshotInfo
     from virtstore.data.monitor import Monitor
-    from virtstore.engine.nbd import QemuSource
+    from virtstore.host.nbd import QemuSource
 
 PRIVATE_PREFIX = "virtstore-"
 STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
@@ -576,7 +576,7 @@ class RbdBackend(VolumeDataOps, Backend):
         import shutil
         import tempfile
 
-        from virtstore.engine.nbd import QemuSource
+        from virtstore.host.nbd import QemuSource
 
         s = self._settings(pool)
         opts = ["driver=raw", "file.driver=rbd", f"file.pool={s.pool}",

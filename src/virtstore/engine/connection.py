@@ -22,7 +22,6 @@ from virtstore.backends._net_utils import register_secrets
 from virtstore.engine import journal
 from virtstore.engine.dataops import DataOps
 from virtstore.engine.events import EventLog
-from virtstore.engine.files import boot_id
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.jobs import JobManager
 from virtstore.engine.pools import PoolManager
@@ -31,6 +30,7 @@ from virtstore.engine.snapshots import SnapshotManager
 from virtstore.engine.state import StateRoot
 from virtstore.engine.volumes import VolumeManager
 from virtstore.errors import InvalidArgument, NoSuchPool, VirtstoreError
+from virtstore.host.files import boot_id
 
 log = logging.getLogger("virtstore")
 

@@ -28,7 +28,6 @@ from virtstore.api import (
 )
 from virtstore.engine import locks
 from virtstore.engine.events import EventLog
-from virtstore.engine.files import process_alive, process_start_time
 from virtstore.engine.store import Store
 from virtstore.errors import (
     Cancelled,
@@ -37,6 +36,7 @@ from virtstore.errors import (
     OperationInvalid,
     VirtstoreError,
 )
+from virtstore.host.files import process_alive, process_start_time
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor

@@ -13,8 +13,8 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-from virtstore.engine.files import process_alive, process_start_time
 from virtstore.engine.store import Store
+from virtstore.host.files import process_alive, process_start_time
 
 log = logging.getLogger("virtstore")
 

@@ -12,9 +12,9 @@ import os
 import sqlite3
 from collections.abc import Iterable
 
-from virtstore.engine.files import process_alive, process_start_time
 from virtstore.engine.store import Store
 from virtstore.errors import Busy
+from virtstore.host.files import process_alive, process_start_time
 
 READ = "r"
 WRITE = "w"

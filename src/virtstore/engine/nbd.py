@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import secrets as pysecrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from virtstore.engine import locks
 from virtstore.errors import InvalidArgument, Unsupported
-from virtstore.host.nbd import NbdAddress, NbdServer
+from virtstore.host.nbd import NbdAddress, NbdServer, QemuSource
 
 if TYPE_CHECKING:
     from virtstore.engine.connection import EmbeddedConnection
-
-
-@dataclass
-class QemuSource:
-    """How qemu opens a volume: a filename (with its format) or ``--image-opts``."""
-
-    image: str | None = None
-    fmt: str | None = "raw"
-    image_opts: str | None = None
-    objects: list[str] = field(default_factory=list)
 
 
 @dataclass

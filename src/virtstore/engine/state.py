@@ -17,9 +17,9 @@ import os
 import sqlite3
 from dataclasses import dataclass
 
-from virtstore.engine.files import atomic_write
 from virtstore.engine.store import Store
 from virtstore.errors import InternalError, NoSuchPool, VirtstoreError
+from virtstore.host.files import atomic_write
 from virtstore.xml import PoolDef, format_pool_xml, parse_pool_xml
 
 log = logging.getLogger("virtstore")

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from virtstore.errors import CommandFailed, InvalidArgument, OperationInvalid
 
@@ -333,3 +333,13 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class QemuSource:
+    """How qemu opens a volume: a filename (with its format) or ``--image-opts``."""
+
+    image: str | None = None
+    fmt: str | None = "raw"
+    image_opts: str | None = None
+    objects: list[str] = field(default_factory=list)
