@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from virtstore.errors import InvalidArgument, Unsupported
 
@@ -135,6 +135,22 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class NbdExport(Protocol):
+    """A volume served over NBD; a context manager that stops serving on exit."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> NbdExport: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -354,6 +370,13 @@ class Connection(abc.ABC):
 
     def volume_snapshot_delete(self, pool: str, name: str, snapshot: str) -> None:
         raise self._missing("storage snapshots")
+
+    def volume_export_nbd(self, pool: str, name: str, *, socket_path: str | None = None,
+                          host: str | None = None, port: int | None = None,
+                          read_only: bool = False,
+                          export_name: str | None = None) -> NbdExport:
+        """Serve the volume's guest-visible content over NBD from the storage host."""
+        raise self._missing("NBD export (it runs beside the volume: use the embedded engine)")
 
     def events_since(self, last_id: int = 0, *, timeout: float = 0.0,
                      limit: int = 1000) -> list[Event]:

@@ -18,14 +18,9 @@ def nbd_export(ctx: Context, args: Args) -> None:
     import threading
 
     from virtstore.cli.lookup import volume
-    from virtstore.engine.connection import EmbeddedConnection
-    from virtstore.engine.nbd import export_volume
     from virtstore.errors import InvalidArgument
 
     conn = ctx.conn
-    if not isinstance(conn, EmbeddedConnection):
-        raise InvalidArgument("nbd-export runs on the storage host: use the embedded engine "
-                              "(no --connect URI)")
     vol = volume(conn, args.req("vol"), args.get("pool"))
     port = args.get("port")
     host = args.get("host")
@@ -38,13 +33,13 @@ def nbd_export(ctx: Context, args: Args) -> None:
     done = threading.Event()
     old = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with export_volume(conn, vol.pool, vol.name, socket_path=args.get("socket"),
-                           host=host, port=port_no, read_only=args.flag("read-only"),
-                           export_name=args.get("name")) as exp:
+        with conn.volume_export_nbd(vol.pool, vol.name, socket_path=args.get("socket"),
+                                    host=host, port=port_no, read_only=args.flag("read-only"),
+                                    export_name=args.get("name")) as exp:
             ctx.print(exp.url)
             ctx.out.flush()
             while not done.wait(0.5):
-                if not exp.server.running:
+                if not exp.running:
                     raise InvalidArgument("qemu-nbd stopped serving")
     finally:
         for s, h in old.items():

@@ -10,6 +10,7 @@ from virtstore.api import (
     Connection,
     Event,
     JobInfo,
+    NbdExport,
     PoolFilter,
     PoolInfo,
     SecretInfo,
@@ -292,6 +293,15 @@ class EmbeddedConnection(Connection):
 
     def volume_snapshot_delete(self, pool: str, name: str, snapshot: str) -> None:
         self.snapshots.delete(pool, name, snapshot)
+
+    def volume_export_nbd(self, pool: str, name: str, *, socket_path: str | None = None,
+                          host: str | None = None, port: int | None = None,
+                          read_only: bool = False,
+                          export_name: str | None = None) -> NbdExport:
+        from virtstore.engine.nbd import export_volume
+
+        return export_volume(self, pool, name, socket_path=socket_path, host=host, port=port,
+                             read_only=read_only, export_name=export_name)
 
     def events_since(self, last_id: int = 0, *, timeout: float = 0.0,
                      limit: int = 1000) -> list[Event]:

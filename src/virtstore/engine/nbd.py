@@ -44,6 +44,10 @@ class VolumeExport:
     def url(self) -> str:
         return self.server.address.url
 
+    @property
+    def running(self) -> bool:
+        return self.server.running
+
     def stop(self) -> None:
         try:
             self._stack.close()
