@@ -214,7 +214,8 @@ def _stop_all() -> None:
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mgr", "ceph", "ceph-authtool", "monmaptool")
 
 
-def _start_ceph(srv: Server) -> None:
+def _start_ceph(srv: Server, memstore_bytes: int = 1 << 30) -> None:
+    """The OSD keeps its data in memory: ``memstore_bytes`` is its whole capacity."""
     d = srv.dir
     for sub in ("run", "log", "mon", "osd", "mgr", "crash"):
         (d / sub).mkdir()
@@ -261,7 +262,7 @@ mon data avail warn = 1
 mon data avail crit = 0
 [osd]
 osd objectstore = memstore
-memstore device bytes = 1073741824
+memstore device bytes = {memstore_bytes}
 osd memory target = 939524096
 osd op num shards = 1
 osd op num threads per shard = 2

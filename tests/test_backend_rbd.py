@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import secrets
 import time
@@ -227,6 +228,40 @@ def test_clones(rconn: EmbeddedConnection, rpool: str, ceph: Server) -> None:
     rconn.volume_snapshot_create(rpool, "b2", "keep")
     with pytest.raises(Unsupported):
         rconn.volume_clone(rpool, "b2", "c3", format="qcow2")
+
+
+def clone_snaps(ceph: Server, image: str) -> list[str]:
+    out = ceph_cmd(ceph, "rbd", "snap", "ls", "--format", "json", f"rbd/{image}").stdout
+    return [s["name"] for s in json.loads(out) if s["name"].startswith("virtstore-clone-")]
+
+
+def parent_of(ceph: Server, image: str) -> str:
+    return str(json.loads(ceph_cmd(ceph, "rbd", "info", "--format", "json",
+                                   f"rbd/{image}").stdout)["parent"]["snapshot"])
+
+
+def test_clones_share_a_snapshot_while_the_source_is_unchanged(
+        rconn: EmbeddedConnection, rpool: str, ceph: Server) -> None:
+    rconn.volume_create_xml(rpool, "<volume><name>src</name><capacity unit='M'>8</capacity>"
+                                   "</volume>")
+    old, new = os.urandom(MiB), os.urandom(MiB)
+    upload(rconn, rpool, "src", old, length=MiB)
+    wait_job(rconn, rconn.volume_clone(rpool, "src", "l1", linked=True).id)
+    wait_job(rconn, rconn.volume_clone(rpool, "src", "l2", linked=True).id)
+    [first] = clone_snaps(ceph, "src")
+    assert parent_of(ceph, "l1") == parent_of(ceph, "l2") == first
+    # written since: the next clone needs a snapshot of its own
+    upload(rconn, rpool, "src", new, length=MiB)
+    wait_job(rconn, rconn.volume_clone(rpool, "src", "l3", linked=True).id)
+    assert len(clone_snaps(ceph, "src")) == 2 and parent_of(ceph, "l3") != first
+    assert download(rconn, rpool, "l1", length=MiB) == old
+    assert download(rconn, rpool, "l3", length=MiB) == new
+    # the shared snapshot goes with the last clone on it
+    rconn.volume_delete(rpool, "l1")
+    assert first in clone_snaps(ceph, "src")
+    rconn.volume_delete(rpool, "l2")
+    assert first not in clone_snaps(ceph, "src")
+    assert download(rconn, rpool, "l3", length=MiB) == new
 
 
 def test_snapshot_with_libvirt_clone_is_busy(rconn: EmbeddedConnection, rpool: str,

@@ -11,8 +11,9 @@ Beyond libvirt:
 * volume creation is staged (an image named ``virtstore-staging-*`` renamed on commit,
   and rename refuses to replace);
 * a clone is copy-on-write: a hidden snapshot ``virtstore-clone-*`` of the source,
-  protected, cloned. A plain clone is then flattened and the snapshot removed (an
-  independent image, made at librbd's speed); a ``linked`` (or ``reflink``) clone keeps
+  protected, cloned (the last one is reused while the source has not changed). A
+  plain clone is then flattened and the snapshot removed (an independent image, made
+  at librbd's speed); a ``linked`` (or ``reflink``) clone keeps
   sharing the source's data, as libvirt's vol-clone does. Deleting a volume flattens
   the clones that still depend on it, so a snapshot never blocks deleting its image;
   deleting the last clone of a hidden snapshot removes the snapshot;
@@ -547,19 +548,24 @@ class RbdBackend(VolumeDataOps, Backend):
         if ru.settings(src_pool).mon_host != ru.settings(pool).mon_host:
             raise Unsupported("a clone between rbd pools of different clusters is not "
                               "supported")
-        snap = CLONE_SNAP_PREFIX + pysecrets.token_hex(6)
         with self._io(src_pool) as s_io, self._io(pool) as d_io:
-            with self._image(s_io, src.name) as img:
-                features = int(img.features())
-                img.create_snap(snap)
-                img.protect_snap(snap)
-            try:
-                lib.RBD().clone(s_io, src.name, snap, d_io, target, features=features)
-            except BaseException:
+            for attempt in range(2):
                 with self._image(s_io, src.name) as img:
-                    img.unprotect_snap(snap)
-                    img.remove_snap(snap)
-                raise
+                    features = int(img.features())
+                    snap, made = self._clone_snap(img)
+                try:
+                    lib.RBD().clone(s_io, src.name, snap, d_io, target, features=features)
+                    break
+                except lib.ImageNotFound:
+                    # the reused snapshot went with the last clone of it, deleted meanwhile
+                    if made or attempt:
+                        raise
+                except BaseException:
+                    if made:
+                        with self._image(s_io, src.name) as img:
+                            img.unprotect_snap(snap)
+                            img.remove_snap(snap)
+                    raise
             if linked:
                 return
             self._flatten(d_io, {"pool": d_io.get_pool_name(),
@@ -568,6 +574,24 @@ class RbdBackend(VolumeDataOps, Backend):
             self._cleanup_clone_snap(s_io, {"pool_name": s_io.get_pool_name(),
                                             "pool_namespace": s_io.get_namespace(),
                                             "image_name": src.name, "snap_name": snap})
+
+    @staticmethod
+    def _clone_snap(img: rbd.Image) -> tuple[str, bool]:
+        """A protected hidden snapshot of the image as it is now, to clone from, and
+        whether it was made here. The newest one an earlier clone left serves when the
+        image has not changed since (libvirt reuses its snapshots so too): making or
+        removing a snapshot waits for a monitor commit, about a second on Ceph's
+        defaults, while a clone takes milliseconds."""
+        hidden = [s for s in img.list_snaps() if s["name"].startswith(CLONE_SNAP_PREFIX)]
+        if hidden:
+            last = max(hidden, key=lambda s: s["id"])
+            if last["size"] == img.size() and img.is_protected_snap(last["name"]) \
+                    and not _changed_since(img, last["name"]):
+                return str(last["name"]), False
+        snap = CLONE_SNAP_PREFIX + pysecrets.token_hex(6)
+        img.create_snap(snap)
+        img.protect_snap(snap)
+        return snap, True
 
     @contextlib.contextmanager
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
@@ -651,6 +675,23 @@ class RbdBackend(VolumeDataOps, Backend):
         with self._io(pool) as io, self._image(io, rec.name) as img:
             self._need_snap(img, rec, snap)
             self._drop_snapshot(io, img, snap, flatten_children=False)
+
+
+class _Changed(Exception):
+    pass
+
+
+def _changed_since(img: rbd.Image, snap: str) -> bool:
+    """Whether any data of ``img`` was written since its snapshot ``snap`` (the object
+    map answers at once where fast-diff is on; else librbd compares object lists)."""
+    def cb(offset: int, length: int, exists: bool) -> int:
+        raise _Changed
+
+    try:
+        img.diff_iterate(0, img.size(), snap, cb, include_parent=False, whole_object=True)
+    except _Changed:
+        return True
+    return False
 
 
 def _regular_fd(obj: object) -> int | None:
