@@ -48,6 +48,7 @@ def test_dir_pool_lifecycle(cli: Cli, pool_dir: Path) -> None:
     assert info[2:5] == ["State:          inactive", "Persistent:     yes",
                          "Autostart:      no"]
     assert not any(line.startswith("Capacity") for line in info)
+    assert info[5] == "Shared:         no"  # ours, after virsh's lines
 
     assert cli("pool-start", "images").out == "Pool images started\n\n"
     assert cli("pool-list").out == (

@@ -101,6 +101,9 @@ def pool_info(ctx: Context, args: Args) -> None:
         size = str if args.flag("bytes") else pretty_size
         pairs += [("Capacity", size(info.capacity)), ("Allocation", size(info.allocation)),
                   ("Available", size(info.available))]
+    # Beyond virsh, after its lines so that scripts reading them by position still work:
+    # whether the pool's volumes are visible from other hosts.
+    pairs.append(("Shared", yes_no(info.shared)))
     ctx.print(info_block(pairs))
 
 
