@@ -185,12 +185,14 @@ def child_env(path: str | None = None) -> dict[str, str]:
     return env
 
 
-def _read_lines(proc: subprocess.Popen[str], out: Outcome, until: str,
+def _read_lines(proc: subprocess.Popen[bytes], out: Outcome, until: str,
                 deadline: float) -> bool:
-    """Read the child's lines until one starts with ``until``; False if it ended first."""
+    """Read the child's lines until one starts with ``until``; False if it ended first.
+    The pipe is unbuffered (a raw file reads a line byte by byte): nothing is read ahead
+    of that line, so communicate() later gets every byte after it."""
     assert proc.stdout is not None
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+        line = proc.stdout.readline().decode()
         if not line:
             return False
         out.lines.append(line.strip())
@@ -203,7 +205,7 @@ def run_and_kill(spec: dict[str, object], kill: Kill, *, timeout: float = 20.0) 
     """Run CHILD with ``spec``, SIGKILL it as ``kill`` says, reap it, return what it said."""
     out = Outcome()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                             env=child_env())
     deadline = time.monotonic() + timeout
     try:
@@ -220,9 +222,9 @@ def run_and_kill(spec: dict[str, object], kill: Kill, *, timeout: float = 20.0) 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
         rest, err = proc.communicate(timeout=timeout)
-    out.lines.extend(x.strip() for x in rest.splitlines() if x.strip())
+    out.lines.extend(x.strip() for x in rest.decode().splitlines() if x.strip())
     out.returncode = proc.returncode
-    out.stderr = err
+    out.stderr = err.decode()
     out.killed = proc.returncode == -signal.SIGKILL
     if not out.killed and proc.returncode != 0:
         raise AssertionError(f"child failed on its own ({proc.returncode}): {err.strip()}")
@@ -232,7 +234,7 @@ def run_and_kill(spec: dict[str, object], kill: Kill, *, timeout: float = 20.0) 
     return out
 
 
-def _wait_progress(root: str, job_id: str, want: int, proc: subprocess.Popen[str],
+def _wait_progress(root: str, job_id: str, want: int, proc: subprocess.Popen[bytes],
                    deadline: float) -> None:
     import sqlite3
 
