@@ -102,7 +102,10 @@ from virtstore.engine.connection import EmbeddedConnection
 
 spec = json.loads(sys.argv[1])
 def say(*words):
-    print(*words, flush=True)
+    # One write per line, whole: under PYTHONUNBUFFERED, print() writes each word and
+    # separator by itself, and a kill between them leaves a torn line.
+    sys.stdout.write(" ".join(map(str, words)) + "\n")
+    sys.stdout.flush()
 
 c = EmbeddedConnection(spec["root"])
 pool, op = spec["pool"], spec["op"]
