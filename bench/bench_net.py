@@ -55,6 +55,8 @@ SECRET_USAGE = "bench client.admin"
 INITIATOR = "iqn.2024-01.bench.local:virtstore"
 LUN_TARGET = "iqn.2024-01.bench.local:luns"
 BIG = 2 * GiB
+LV_RBD = f"vsbench-{os.getpid()}-rbd"
+LV_LUNS = f"vsbench-{os.getpid()}-luns"
 # The OSD holds everything in memory: the 2 GiB source, its independent copy, headroom.
 MEMSTORE = 6 * GiB
 
@@ -235,7 +237,7 @@ def bench_rbd(report: Report, s: Settings, ceph: nf.Server, vs: VirtstoreSide,
             for w in ("create", "clone (copy-on-write)", "resize to 2 GiB", "delete")}
     sides: list[tuple[str, Side, str]] = [("virtstore", vs, "vs-rbd")]
     if lvs is not None:
-        sides.append(("libvirt", lvs, "lv-rbd"))
+        sides.append(("libvirt", lvs, LV_RBD))
     for side, impl, pool in sides:
         rbd_rates(rows, side, impl, pool, n)
     rows["delete"].workload = f"rbd delete ({2 * n} images: {n} clones, then {n} of 2 GiB)"
@@ -265,7 +267,7 @@ def bench_rbd(report: Report, s: Settings, ceph: nf.Server, vs: VirtstoreSide,
     vs.delete("vs-rbd", [*cows, "big-copy"])
     full.libvirt_note = "libvirt clones rbd images copy-on-write only"
     if lvs is not None:
-        measure(cow, "libvirt", lambda: best_clone(lvs, "lv-rbd"))
+        measure(cow, "libvirt", lambda: best_clone(lvs, LV_RBD))
 
 
 def bench_luns(report: Report, s: Settings, vs: VirtstoreSide, lvs: LibvirtSide | None) -> None:
@@ -273,7 +275,7 @@ def bench_luns(report: Report, s: Settings, vs: VirtstoreSide, lvs: LibvirtSide 
                          None))
     sides: list[tuple[str, Side, str]] = [("virtstore", vs, "vs-luns")]
     if lvs is not None:
-        sides.append(("libvirt", lvs, "lv-luns"))
+        sides.append(("libvirt", lvs, LV_LUNS))
     for side, impl, pool in sides:
         measure(row, side, lambda: best_refresh(report, s, side, impl, pool))  # noqa: B023
 
@@ -337,8 +339,8 @@ def run(args: argparse.Namespace, lv: Libvirt | str) -> Report:
         vs.pool(lun_pool_xml("vs-luns", tgt.info["port"]), "vs-luns")
         if isinstance(lv, Libvirt):
             lvs = LibvirtSide(lv, key, uid)
-            lvs.pool(rbd_pool_xml("lv-rbd", ceph.info["mon_port"]), "lv-rbd")
-            lvs.pool(lun_pool_xml("lv-luns", tgt.info["port"]), "lv-luns")
+            lvs.pool(rbd_pool_xml(LV_RBD, ceph.info["mon_port"]), LV_RBD)
+            lvs.pool(lun_pool_xml(LV_LUNS, tgt.info["port"]), LV_LUNS)
         print("rbd ...", file=sys.stderr)
         bench_rbd(report, s, ceph, vs, lvs)
         print("iscsi ...", file=sys.stderr)

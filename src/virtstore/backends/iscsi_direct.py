@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from virtstore.backends import _iscsi_utils as iu
@@ -36,6 +37,8 @@ from virtstore.xml import PoolDef
 if TYPE_CHECKING:
     from virtstore.host.nbd import QemuSource
 
+LUN_WORKERS = 8
+
 
 class IscsiDirectBackend(NbdDataOps, Backend):
     caps = BackendCaps(pool_type="iscsi-direct", build=False, delete=False, vol_create=False,
@@ -55,12 +58,12 @@ class IscsiDirectBackend(NbdDataOps, Backend):
 
     def _luns(self, pool: PoolDef) -> list[iscsi.Lun]:
         p, t, i, c = iu.portal(pool), iu.target(pool), iu.initiator(pool), iu.credentials(pool)
-        out = []
-        for n in iscsi.report_luns(p, t, i, c):
-            lun = iscsi.lun_details(p, t, n, i, c)
-            if lun.device_type == "DIRECT_ACCESS":
-                out.append(lun)
-        return out
+        numbers = iscsi.report_luns(p, t, i, c)
+        # Each LUN's details take three libiscsi tool runs, each its own login: mostly
+        # waiting on the target, so they overlap.
+        with ThreadPoolExecutor(max_workers=min(LUN_WORKERS, max(1, len(numbers)))) as ex:
+            luns = list(ex.map(lambda n: iscsi.lun_details(p, t, n, i, c), numbers))
+        return [lun for lun in luns if lun.device_type == "DIRECT_ACCESS"]
 
     def start(self, pool: PoolDef) -> None:
         iscsi.report_luns(iu.portal(pool), iu.target(pool), iu.initiator(pool),
