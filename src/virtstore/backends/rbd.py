@@ -382,13 +382,8 @@ class RbdBackend(VolumeDataOps, Backend):
             with lib.Image(io, parent["image_name"]) as img:
                 if snap not in {s["name"] for s in img.list_snaps()}:
                     return
-                img.set_snap(snap)
-                try:
-                    children = self._children(img)
-                finally:
-                    img.set_snap(None)
-                if children:
-                    return
+                # Unprotecting refuses (busy) while any clone depends on the snapshot,
+                # in a millisecond; listing the clones first took ~5 ms per clone.
                 if img.is_protected_snap(snap):
                     img.unprotect_snap(snap)
                 img.remove_snap(snap)
@@ -556,8 +551,9 @@ class RbdBackend(VolumeDataOps, Backend):
                 try:
                     lib.RBD().clone(s_io, src.name, snap, d_io, target, features=features)
                     break
-                except lib.ImageNotFound:
-                    # the reused snapshot went with the last clone of it, deleted meanwhile
+                except (lib.ImageNotFound, lib.InvalidArgument):
+                    # the reused snapshot went (or is going: unprotected) with the last
+                    # clone of it, deleted meanwhile
                     if made or attempt:
                         raise
                 except BaseException:
