@@ -536,6 +536,18 @@ def note_busy_host(report: Report) -> None:
                             f"{after:.2f} after, {cpus} CPUs): timings are noisy")
 
 
+def finish_report(report: Report, *, libvirt_ran: bool) -> Report:
+    """The load after the run, a note if the host was busy, and why libvirt's column is
+    empty when it is."""
+    report.meta["load_average_after"] = os.getloadavg()
+    note_busy_host(report)
+    if not libvirt_ran:
+        for row in report.rows:
+            if row.libvirt is None and not row.libvirt_note:
+                row.libvirt_note = "libvirt not available"
+    return report
+
+
 def run(args: argparse.Namespace, work: Path, lv: Libvirt | str) -> Report:
     s = Settings(volumes=args.volumes, creates=args.creates, lookups=args.lookups,
                  repeats=3, startup_runs=10, uri=args.uri)
@@ -561,13 +573,7 @@ def run(args: argparse.Namespace, work: Path, lv: Libvirt | str) -> Report:
             step()
     finally:
         vs.close()
-    report.meta["load_average_after"] = os.getloadavg()
-    note_busy_host(report)
-    if lvs is None:
-        for row in report.rows:
-            if row.libvirt is None and not row.libvirt_note:
-                row.libvirt_note = "libvirt not available"
-    return report
+    return finish_report(report, libvirt_ran=lvs is not None)
 
 
 def open_libvirt(uri: str) -> Libvirt | str:

@@ -54,7 +54,7 @@ from bench_core import (
     Report,
     Row,
     describe,
-    note_busy_host,
+    finish_report,
     open_libvirt,
     print_table,
     run_command,
@@ -682,12 +682,7 @@ def run(s: Settings, work: Path, lv: Libvirt | str) -> Report:
             print(f"{name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
     finally:
         conn.close()
-    report.meta["load_average_after"] = os.getloadavg()
-    note_busy_host(report)
-    for row in report.rows:
-        if b.lv is None and row.libvirt is None and not row.libvirt_note:
-            row.libvirt_note = "libvirt not available"
-    return report
+    return finish_report(report, libvirt_ran=b.lv is not None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

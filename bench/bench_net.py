@@ -39,8 +39,8 @@ from bench_core import (  # noqa: E402
     Report,
     Row,
     describe,
+    finish_report,
     measure,
-    note_busy_host,
     open_libvirt,
     print_table,
     timed,
@@ -356,13 +356,7 @@ def run(args: argparse.Namespace, lv: Libvirt | str) -> Report:
         for srv in reversed(servers):
             srv.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report.meta["load_average_after"] = os.getloadavg()
-    note_busy_host(report)
-    if lvs is None:
-        for row in report.rows:
-            if row.libvirt is None and not row.libvirt_note:
-                row.libvirt_note = "libvirt not available"
-    return report
+    return finish_report(report, libvirt_ran=lvs is not None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
