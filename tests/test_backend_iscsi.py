@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+import virtstore
+from cli_fixtures import Cli, cli_fixture  # noqa: F401
 from net_fixtures import ISCSI_CHAP, ISCSI_SECURE, ISCSI_STORAGE, Server, iscsi_fixture  # noqa: F401
-from virtstore.backends import backend_for
+from server_fixtures import start_daemon
 from virtstore.engine.connection import EmbeddedConnection
-from virtstore.errors import AuthFailed, Unsupported
+from virtstore.errors import AuthFailed, NoSuchVolume, Unsupported
 from virtstore.host import iscsi
 
 DATA = Path(__file__).parent / "data" / "net"
@@ -64,11 +67,39 @@ def test_iscsi_direct_lists_luns_as_libvirt(conn: EmbeddedConnection, dpool: str
     assert v.key == v.path
     info = conn.pool_info(dpool)
     assert info.capacity == 192 * MiB and info.shared
-    be = backend_for("iscsi-direct")
-    lun = be.lun_info(conn.state.definition(conn.state.row(dpool)), "unit:0:0:1")  # type: ignore[attr-defined]
-    assert (lun.vendor, lun.product) == ("IET", "VIRTUAL-DISK") and lun.serial
     with pytest.raises(Unsupported):
         conn.volume_create_xml(dpool, "<volume><name>x</name><capacity>1</capacity></volume>")
+
+
+def test_iscsi_direct_lun_identity(conn: EmbeddedConnection, dpool: str, cli: Cli,
+                                   pooldir: Path, root: Path) -> None:
+    dev = conn.volume_device(dpool, "unit:0:0:2")
+    assert (dev["vendor"], dev["product"], dev["lun"]) == ("IET", "VIRTUAL-DISK", 2)
+    assert dev["serial"] and dev["capacity"] == 128 * MiB and dev["block_size"] == 512
+    d = start_daemon(root)
+    try:
+        with virtstore.connect(d.rw_uri) as remote:
+            assert remote.volume_device(dpool, "unit:0:0:2") == dev
+    finally:
+        d.stop()
+    # vol-info: virsh's lines, then the LUN's identity
+    lines = cli("vol-info", "unit:0:0:2", "--pool", dpool).out.splitlines()
+    assert lines[:2] == ["Name:           unit:0:0:2", "Type:           network"]
+    assert lines[4:6] == ["Vendor:         IET", "Product:        VIRTUAL-DISK"]
+    assert lines[7] == f"Serial:         {dev['serial']}"
+    assert json.loads(cli("vol-info", "unit:0:0:1", "--pool", dpool, "--json").out)[
+        "device"]["lun"] == 1
+    with pytest.raises(NoSuchVolume):
+        conn.volume_device(dpool, "unit:0:0:9")
+    # a volume that is not a LUN has no identity, and vol-info stays virsh's
+    conn.pool_define_xml(f"<pool type='dir'><name>files</name><target><path>{pooldir}"
+                         "</path></target></pool>")
+    conn.pool_start("files")
+    conn.volume_create_xml("files", "<volume><name>f</name><capacity>1</capacity></volume>")
+    with pytest.raises(Unsupported, match="not a SCSI LUN"):
+        conn.volume_device("files", "f")
+    lines = cli("vol-info", "f", "--pool", "files").out.split("\n")
+    assert lines[3].startswith("Allocation:") and lines[4:] == ["", ""]
 
 
 def test_iscsi_direct_data(conn: EmbeddedConnection, dpool: str, tgt: Server,

@@ -394,6 +394,12 @@ class Connection(abc.ABC):
         operations and snapshot kinds (per volume format) it offers."""
         raise self._missing("pool type features")
 
+    def volume_device(self, pool: str, name: str) -> dict[str, Any]:
+        """The SCSI identity of a LUN volume, read from its target: lun, device_type,
+        vendor, product, revision, serial, block_size, capacity. Unsupported for
+        volumes that are not LUNs."""
+        raise self._missing("volume device identity")
+
     def host_devices(self) -> list[dict[str, Any]]:
         """The host's block devices (path, size, sector sizes, model, vendor, serial,
         WWN, transport, rotational, removable, read-only, partition table, partitions,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from virtstore.errors import Unsupported
 from virtstore.xml import PoolDef, VolDef, VolSource
@@ -158,6 +159,11 @@ class Backend(abc.ABC):
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         """Read one volume's current state (after create), or None if it is not there."""
         raise self.unsupported("volume lookup")
+
+    def device_identity(self, pool: PoolDef, name: str) -> dict[str, Any] | None:
+        """A LUN volume's SCSI identity (vendor, product, revision, serial, ...), read
+        live from the target; None where volumes are not LUNs."""
+        return None
 
 
 class UnavailableBackend(Backend):

@@ -13,10 +13,11 @@ CHAP secret fails the pool's start with an authentication error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from virtstore.backends import _iscsi_utils as iu
 from virtstore.backends._nbd_utils import NbdDataOps, served
@@ -103,6 +104,9 @@ class IscsiDirectBackend(NbdDataOps, Backend):
 
     def volume_path(self, pool: PoolDef, name: str) -> str:
         return iu.volume_path(pool, iu.lun_of(name))
+
+    def device_identity(self, pool: PoolDef, name: str) -> dict[str, Any] | None:
+        return dataclasses.asdict(self.lun_info(pool, name))
 
     def lun_info(self, pool: PoolDef, name: str) -> iscsi.Lun:
         """The SCSI identity of a LUN volume: vendor, product, revision, serial, size."""

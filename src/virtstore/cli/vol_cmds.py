@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
+from virtstore.errors import Unsupported
 
 if TYPE_CHECKING:
     from virtstore.api import VolumeInfo
@@ -47,8 +48,9 @@ def vol_info(ctx: Context, args: Args) -> None:
     from virtstore.cli.output import info_block, pretty_size
 
     vol = _vol(ctx, args)
+    device = _lun_identity(ctx, vol)
     if args.flag("json"):
-        ctx.json(vol.to_dict())
+        ctx.json({**vol.to_dict(), **({"device": device} if device else {})})
         return
 
     def size(n: int) -> str:
@@ -56,8 +58,22 @@ def vol_info(ctx: Context, args: Args) -> None:
 
     last = (("Physical", size(vol.physical)) if args.flag("physical")
             else ("Allocation", size(vol.allocation)))
-    ctx.print(info_block([("Name", vol.name), ("Type", vol.type),
-                          ("Capacity", size(vol.capacity)), last]))
+    pairs = [("Name", vol.name), ("Type", vol.type), ("Capacity", size(vol.capacity)), last]
+    if device:  # beyond virsh, after its lines: what the LUN says it is
+        pairs += [(label, str(device.get(key) or "-")) for label, key in
+                  (("Vendor", "vendor"), ("Product", "product"), ("Revision", "revision"),
+                   ("Serial", "serial"))]
+    ctx.print(info_block(pairs))
+
+
+def _lun_identity(ctx: Context, vol: VolumeInfo) -> dict[str, Any] | None:
+    """A network LUN's SCSI identity (iscsi-direct), or None for any other volume."""
+    if vol.type != "network":
+        return None
+    try:
+        return ctx.conn.volume_device(vol.pool, vol.name)
+    except Unsupported:
+        return None
 
 
 def vol_dumpxml(ctx: Context, args: Args) -> None:

@@ -142,6 +142,10 @@ class RemoteConnection(Connection):
         features: list[dict[str, Any]] = self.http.get_json("/v1/pool-types")
         return features
 
+    def volume_device(self, pool: str, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.http.get_json(f"/v1/pools/{q(pool)}/volumes/{q(name)}/device")
+        return found
+
     def host_devices(self) -> list[dict[str, Any]]:
         devices: list[dict[str, Any]] = self.http.get_json("/v1/host/devices")
         return devices

@@ -30,7 +30,7 @@ from virtstore.engine.secrets import SecretStore
 from virtstore.engine.snapshots import SnapshotManager
 from virtstore.engine.state import StateRoot
 from virtstore.engine.volumes import VolumeManager
-from virtstore.errors import InvalidArgument, NoSuchPool, VirtstoreError
+from virtstore.errors import InvalidArgument, NoSuchPool, Unsupported, VirtstoreError
 from virtstore.host.files import boot_id
 
 log = logging.getLogger("virtstore")
@@ -309,6 +309,16 @@ class EmbeddedConnection(Connection):
 
     def latest_event_id(self) -> int:
         return self.events.latest_id()
+
+    def volume_device(self, pool: str, name: str) -> dict[str, Any]:
+        self._require_active(pool)
+        self.index.info(pool, name)  # NoSuchVolume as any lookup
+        row = self.state.row(pool)
+        found = backend_for(row.type).device_identity(self.state.definition(row), name)
+        if found is None:
+            raise Unsupported(f"volume '{name}' of pool '{pool}' is not a SCSI LUN: "
+                              "it has no device identity")
+        return found
 
     # -- host ------------------------------------------------------------------
     def host_devices(self) -> list[dict[str, Any]]:

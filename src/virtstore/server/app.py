@@ -546,6 +546,11 @@ class App:
     def volume_xml(self, req: Request, p: list[str]) -> Response:
         return _xml(self.conn.volume_xml(p[0], p[1]))
 
+    @route("GET", "/v1/pools/{pool}/volumes/{volume}/device",
+           summary="A LUN volume's SCSI identity (vendor, product, revision, serial)")
+    def volume_device(self, req: Request, p: list[str]) -> Response:
+        return _json(self.conn.volume_device(p[0], p[1]))
+
     @route("POST", "/v1/pools/{pool}/volumes/{volume}/clone", "write",
            summary="Clone the volume (a job)")
     def volume_clone(self, req: Request, p: list[str]) -> Response:

@@ -120,6 +120,9 @@ OPS: dict[str, dict[str, Any]] = {
     "capabilities": {"responses": _XML_OK},
     "pool_types": {"responses": _ok({"type": "array", "items": {"type": "object"}},
                                     desc="Per pool type: supported, why not, operations")},
+    "volume_device": {"responses": _ok({"type": "object"},
+                                       desc="lun, device_type, vendor, product, revision, "
+                                            "serial, block_size, capacity")},
     "host_devices": {"responses": _ok({"type": "array", "items": {"type": "object"}},
                                       desc="The host's block devices")},
     "pool_sources": {"parameters": [{**_q("type", _STR, "pool type"), "required": True},
