@@ -13,6 +13,7 @@ from lxml import etree
 
 from conftest import qemu_info, requires_qemu_img
 from virtstore.api import VolumeCreateArgs
+from virtstore.backends import backend_for
 from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import (
     AlreadyExists,
@@ -123,6 +124,26 @@ def test_refresh_finds_foreign_files_and_skips_others(conn: EmbeddedConnection, 
     conn.pool_refresh(pool)
     vols = {v.name: v for v in conn.list_volumes(pool)}
     assert set(vols) == {"plain.raw"} and vols["plain.raw"].capacity == 20 * MiB
+
+
+def test_refresh_racing_a_delete_brings_no_ghost_back(conn: EmbeddedConnection, pool: str,
+                                                      pooldir: Path) -> None:
+    # The scan sees a volume that another process deletes (file and row) before the scan's
+    # result is written: the volume must stay deleted, not come back as a row with no file.
+    conn.volume_create(pool, VolumeCreateArgs("doomed.img", MiB))
+    conn.volume_create(pool, VolumeCreateArgs("kept.img", MiB))
+    definition = conn.state.definition(conn.state.row(pool))
+    known = {n: s for n, s in conn.index.stamps(pool).items() if n != "kept.img"}
+    result = backend_for("dir").scan(definition, known)
+    assert "doomed.img" in result.unchanged
+    result.changed += [r for r in backend_for("dir").scan(definition, {}).changed
+                       if r.name == "doomed.img"]  # as if its stamp had changed too
+    conn.volume_delete(pool, "doomed.img")
+    (pooldir / "outside.img").write_bytes(b"x")  # appears meanwhile: the next scan's
+    conn.index.apply_scan(pool, known, result, exists=os.path.lexists)
+    assert [v.name for v in conn.list_volumes(pool)] == ["kept.img"]
+    conn.pool_refresh(pool)
+    assert [v.name for v in conn.list_volumes(pool)] == ["kept.img", "outside.img"]
 
 
 def test_lookup_by_key_and_path(conn: EmbeddedConnection, pool: str, pooldir: Path) -> None:

@@ -24,7 +24,7 @@ from virtstore.api import Connection
 from virtstore.engine.connection import EmbeddedConnection
 
 WORKERS = 4
-OPS = int(os.environ.get("VIRTSTORE_RELIABILITY_OPS", "150"))
+OPS = int(os.environ.get("VIRTSTORE_RELIABILITY_OPS", "600"))
 NAMES = [f"v{i}" for i in range(8)]
 LEGITIMATE = {
     "create": {"already-exists"},

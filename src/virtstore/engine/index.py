@@ -17,7 +17,7 @@ import json
 import os
 import sqlite3
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from virtstore.api import VolumeInfo
 from virtstore.backends.base import ScanResult, Stamp, VolumeRecord
@@ -174,16 +174,26 @@ class VolumeIndex:
                                  r["ctime_ns"] or 0) for r in rows}
 
     # -- writes ----------------------------------------------------------------
-    def apply_scan(self, pool: str, known: Mapping[str, Stamp], result: ScanResult) -> None:
+    def apply_scan(self, pool: str, known: Mapping[str, Stamp], result: ScanResult, *,
+                   exists: Callable[[str], bool] | None = None) -> None:
+        """Write a scan's result. ``exists(path)``, where the backend can tell cheaply,
+        is asked again under the write lock about volumes that have no row by then."""
         seen = set(result.unchanged)
         seen.update(r.name for r in result.changed)
         gone = [n for n in known if n not in seen]
         prefix = self._prefix(pool)
-        rows = [_row(pool, prefix, r) for r in result.changed]
         with self.store.write() as db:
             fresh = not known and db.execute("SELECT 1 FROM volumes WHERE pool=? LIMIT 1",
                                              (pool,)).fetchone() is None
-            db.executemany(_INSERT_NEW if fresh else _UPSERT_SCANNED, rows)
+            changed = result.changed
+            if not fresh and exists is not None and changed:
+                # A volume the scan saw may have been deleted (row and file) before this
+                # transaction: without this look it would come back as a ghost row.
+                rowed = {r[0] for r in db.execute("SELECT name FROM volumes WHERE pool=?",
+                                                  (pool,))}
+                changed = [r for r in changed if r.name in rowed or exists(r.path)]
+            db.executemany(_INSERT_NEW if fresh else _UPSERT_SCANNED,
+                           [_row(pool, prefix, r) for r in changed])
             # Only rows that were there when the scan began, and are unchanged since, are
             # removed: a volume created while the scan ran keeps its row.
             for name in gone:

@@ -275,10 +275,12 @@ class PoolManager:
 
     def _scan_into_index(self, pool: PoolDef) -> None:
         known: dict[str, Stamp] = self.index.stamps(pool.name)
-        result = backend_for(pool.type).scan(pool, known)
+        backend = backend_for(pool.type)
+        result = backend.scan(pool, known)
         for name, why in result.skipped:
             log.debug("pool %s: skipped '%s': %s", pool.name, name, why)
-        self.index.apply_scan(pool.name, known, result)
+        self.index.apply_scan(pool.name, known, result,
+                              exists=os.path.lexists if backend.caps.file_based else None)
 
     # -- host start ------------------------------------------------------------
     def on_host_start(self) -> None:
