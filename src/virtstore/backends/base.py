@@ -87,6 +87,13 @@ class ScanResult:
     unchanged: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def add(self, rec: VolumeRecord, known: Mapping[str, Stamp]) -> None:
+        """File a record just read: unchanged when the index holds its very stamp."""
+        if known.get(rec.name) == Stamp(rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns):
+            self.unchanged.append(rec.name)
+        else:
+            self.changed.append(rec)
+
 
 @dataclass(frozen=True)
 class CreateRequest:

@@ -164,11 +164,7 @@ class DiskBackend(Backend):
             if part.name.startswith(STAGING_PREFIX):
                 continue
             rec = self._record(part)
-            old = known.get(rec.name)
-            if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns):
-                res.unchanged.append(rec.name)
-            else:
-                res.changed.append(rec)
+            res.add(rec, known)
         return res
 
     @staticmethod

@@ -123,11 +123,7 @@ class IscsiBackend(Backend):
         res = ScanResult()
         for lun, dev in sorted(self._disks(pool).items()):
             rec = self._record(pool, lun, dev)
-            old = known.get(rec.name)
-            if old is not None and old == Stamp(rec.ino, rec.size, 0, 0):
-                res.unchanged.append(rec.name)
-            else:
-                res.changed.append(rec)
+            res.add(rec, known)
         return res
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:

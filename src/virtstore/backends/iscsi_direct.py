@@ -89,11 +89,7 @@ class IscsiDirectBackend(NbdDataOps, Backend):
         res = ScanResult()
         for lun in self._luns(pool):
             rec = self._record(pool, lun)
-            old = known.get(rec.name)
-            if old is not None and old == Stamp(rec.ino, rec.size, 0, 0):
-                res.unchanged.append(rec.name)
-            else:
-                res.changed.append(rec)
+            res.add(rec, known)
         return res
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:

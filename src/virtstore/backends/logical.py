@@ -184,11 +184,7 @@ class LogicalBackend(Backend):
             if not self._visible(lv):
                 continue
             rec = self._record(pool, lv)
-            old = known.get(rec.name)
-            if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns):
-                res.unchanged.append(rec.name)
-            else:
-                res.changed.append(rec)
+            res.add(rec, known)
         return res
 
     def _lv(self, pool: PoolDef, name: str) -> lvm.LogicalVolume | None:

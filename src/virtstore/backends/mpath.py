@@ -55,11 +55,7 @@ class MpathBackend(Backend):
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         res = ScanResult()
         for rec in self._records():
-            old = known.get(rec.name)
-            if old is not None and old == Stamp(rec.ino, rec.size, 0, 0):
-                res.unchanged.append(rec.name)
-            else:
-                res.changed.append(rec)
+            res.add(rec, known)
         return res
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:

@@ -226,11 +226,7 @@ class RbdBackend(VolumeDataOps, Backend):
                 except _errors() as exc:
                     res.skipped.append((name, _message(exc)))
                     continue
-                old = known.get(name)
-                if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, 0):
-                    res.unchanged.append(name)
-                else:
-                    res.changed.append(rec)
+                res.add(rec, known)
         return res
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:

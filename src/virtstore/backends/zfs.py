@@ -143,11 +143,7 @@ class ZfsBackend(Backend):
             rec = self._record(ds, root)
             if rec.name.startswith(STAGING_PREFIX):
                 continue
-            old = known.get(rec.name)
-            if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns):
-                res.unchanged.append(rec.name)
-            else:
-                res.changed.append(rec)
+            res.add(rec, known)
         return res
 
     def volume_path(self, pool: PoolDef, name: str) -> str:
