@@ -102,6 +102,23 @@ def test_iscsi_direct_lun_identity(conn: EmbeddedConnection, dpool: str, cli: Cl
     assert lines[3].startswith("Allocation:") and lines[4:] == ["", ""]
 
 
+def test_one_session_scan_reads_what_the_tools_read(tgt: Server) -> None:
+    # The refresh reads LUNs through libiscsi in one session; the libiscsi tools are the
+    # reference for what each LUN says.
+    portal = iscsi.Portal("127.0.0.1", tgt.info["port"])
+    scanned = iscsi.scan_luns(portal, ISCSI_STORAGE, INITIATOR)
+    assert [lun.lun for lun in scanned] == [1, 2]  # LUN 0, the controller, is no disk
+    for lun in scanned:
+        tools = iscsi.lun_details(portal, ISCSI_STORAGE, lun.lun, INITIATOR)
+        assert (lun.capacity, lun.block_size, lun.serial) == (
+            tools.capacity, tools.block_size, tools.serial)
+        assert lun.serial and lun.device_type == tools.device_type == "DIRECT_ACCESS"
+    assert [lun.capacity for lun in scanned] == [64 * MiB, 128 * MiB]
+    creds = iscsi.Credentials(ISCSI_CHAP[0], ISCSI_CHAP[1].encode())
+    [secure] = iscsi.scan_luns(portal, ISCSI_SECURE, INITIATOR, creds)
+    assert secure.capacity == 32 * MiB
+
+
 def test_iscsi_direct_data(conn: EmbeddedConnection, dpool: str, tgt: Server,
                            tmp_path: Path) -> None:
     backing = Path(tgt.info["luns"][0])

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import zlib
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from virtstore.backends import _iscsi_utils as iu
@@ -38,8 +37,6 @@ from virtstore.xml import PoolDef
 if TYPE_CHECKING:
     from virtstore.host.nbd import QemuSource
 
-LUN_WORKERS = 8
-
 
 class IscsiDirectBackend(NbdDataOps, Backend):
     caps = BackendCaps(pool_type="iscsi-direct", build=False, delete=False, vol_create=False,
@@ -59,12 +56,7 @@ class IscsiDirectBackend(NbdDataOps, Backend):
 
     def _luns(self, pool: PoolDef) -> list[iscsi.Lun]:
         p, t, i, c = iu.portal(pool), iu.target(pool), iu.initiator(pool), iu.credentials(pool)
-        numbers = iscsi.report_luns(p, t, i, c)
-        # Each LUN's details take three libiscsi tool runs, each its own login: mostly
-        # waiting on the target, so they overlap.
-        with ThreadPoolExecutor(max_workers=min(LUN_WORKERS, max(1, len(numbers)))) as ex:
-            luns = list(ex.map(lambda n: iscsi.lun_details(p, t, n, i, c), numbers))
-        return [lun for lun in luns if lun.device_type == "DIRECT_ACCESS"]
+        return iscsi.scan_luns(p, t, i, c)
 
     def start(self, pool: PoolDef) -> None:
         iscsi.report_luns(iu.portal(pool), iu.target(pool), iu.initiator(pool),
@@ -79,7 +71,7 @@ class IscsiDirectBackend(NbdDataOps, Backend):
 
     def _record(self, pool: PoolDef, lun: iscsi.Lun) -> VolumeRecord:
         path = iu.volume_path(pool, lun.lun)
-        ident = f"{lun.serial}/{lun.vendor}/{lun.product}/{lun.block_size}"
+        ident = f"{lun.serial}/{lun.block_size}"  # what a scan and a lookup both read
         return VolumeRecord(name=f"{iu.VOL_NAME_PREFIX}{lun.lun}", path=path, key=path,
                             type="network", format="raw", capacity=lun.capacity,
                             allocation=lun.capacity, physical=lun.capacity,

@@ -1,10 +1,11 @@
 """iSCSI from userspace (libiscsi) and from the kernel initiator (iscsiadm).
 
-Userspace: the LUNs of one target come from REPORT LUNS (libiscsi through ctypes: the
-``iscsi-ls`` tool only discovers every target of a portal and stops at the first one it
-cannot log in to); each LUN's inquiry data, serial number and capacity come from the
-libiscsi tools (``iscsi-inq``, ``iscsi-readcapacity16``, Debian libiscsi-bin) through
-the runner. A CHAP password never appears on a command line: libiscsi reads it from
+Userspace: the LUNs of one target, with their capacity and serial number, come from one
+libiscsi session through ctypes (the ``iscsi-ls`` tool only discovers every target of a
+portal and stops at the first one it cannot log in to, and the other tools log in once
+per command); a LUN's whole inquiry data, when asked for, comes from the libiscsi
+tools (``iscsi-inq``, ``iscsi-readcapacity16``, Debian libiscsi-bin) through the runner.
+A CHAP password never appears on a command line: libiscsi reads it from
 ``LIBISCSI_CHAP_PASSWORD``.
 
 Kernel: parsers of ``iscsiadm`` output (discovery, sessions, the disks of a session)
@@ -13,11 +14,13 @@ and the check for the kernel's iSCSI TCP transport.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from virtstore.errors import AuthFailed, CommandFailed, OperationInvalid, Unsupported
@@ -25,6 +28,7 @@ from virtstore.host.runner import run
 
 ISCSI_SESSION_NORMAL = 2
 DIRECT_ACCESS = 0  # SCSI peripheral device type of a disk
+UNIT_ATTENTION_TRIES = 4
 
 
 @dataclass(frozen=True)
@@ -103,14 +107,21 @@ def _library() -> ctypes.CDLL:
             lib.scsi_datain_unmarshall.restype = vp
             lib.scsi_datain_unmarshall.argtypes = [vp]
             lib.scsi_free_scsi_task.argtypes = [vp]
+            lib.scsi_task_get_status.restype = ci
+            lib.scsi_task_get_status.argtypes = [vp, vp]
+            lib.iscsi_inquiry_sync.restype = vp
+            lib.iscsi_inquiry_sync.argtypes = [vp, ci, ci, ci, ci]
+            lib.iscsi_readcapacity16_sync.restype = vp
+            lib.iscsi_readcapacity16_sync.argtypes = [vp, ci]
             lib.iscsi_logout_sync.argtypes = [vp]
             _lib = lib
         return _lib
 
 
-def report_luns(portal: Portal, target: str, initiator: str,
-                creds: Credentials | None = None) -> list[int]:
-    """The LUN numbers target ``target`` reports, sorted."""
+@contextlib.contextmanager
+def _session(portal: Portal, target: str, initiator: str,
+             creds: Credentials | None) -> Iterator[tuple[ctypes.CDLL, int]]:
+    """A logged-in libiscsi context on ``target``, logged out and freed after."""
     lib = _library()
     ctx = lib.iscsi_create_context(initiator.encode())
     if not ctx:
@@ -128,26 +139,83 @@ def report_luns(portal: Portal, target: str, initiator: str,
                                  "(wrong CHAP user or secret?)")
             raise OperationInvalid(f"cannot log in to iSCSI {where}: {why}")
         try:
-            task = lib.iscsi_reportluns_sync(ctx, 0, 16384)
-            if not task:
-                why = (lib.iscsi_get_error(ctx) or b"").decode("utf-8", "replace")
-                raise OperationInvalid(f"REPORT LUNS failed on '{target}': {why}")
-            try:
-                if ctypes.c_int.from_address(task).value != 0:  # task->status
-                    raise OperationInvalid(f"REPORT LUNS failed on '{target}'")
-                data = lib.scsi_datain_unmarshall(task)
-                if not data:
-                    raise OperationInvalid(f"REPORT LUNS of '{target}' returned no list")
-                # struct scsi_reportluns_list { uint32_t num; uint16_t luns[]; }
-                num = ctypes.c_uint32.from_address(data).value
-                arr = (ctypes.c_uint16 * num).from_address(data + 4)
-                return sorted(int(x) for x in arr)
-            finally:
-                lib.scsi_free_scsi_task(task)
+            yield lib, ctx
         finally:
             lib.iscsi_logout_sync(ctx)
     finally:
         lib.iscsi_destroy_context(ctx)
+
+
+@contextlib.contextmanager
+def _command(lib: ctypes.CDLL, ctx: int, task: int | None,
+             what: str) -> Iterator[int | None]:
+    """The unmarshalled data-in of a finished SCSI task (None if the command failed
+    with a SCSI status); the task is freed after."""
+    if not task:
+        why = (lib.iscsi_get_error(ctx) or b"").decode("utf-8", "replace")
+        raise OperationInvalid(f"{what} failed: {why}")
+    try:
+        if lib.scsi_task_get_status(task, None) != 0:
+            yield None
+        else:
+            yield lib.scsi_datain_unmarshall(task) or None
+    finally:
+        lib.scsi_free_scsi_task(task)
+
+
+def _report_luns(lib: ctypes.CDLL, ctx: int, target: str) -> list[int]:
+    with _command(lib, ctx, lib.iscsi_reportluns_sync(ctx, 0, 16384),
+                  f"REPORT LUNS on '{target}'") as data:
+        if data is None:
+            raise OperationInvalid(f"REPORT LUNS of '{target}' returned no list")
+        # struct scsi_reportluns_list { uint32_t num; uint16_t luns[]; }
+        num = ctypes.c_uint32.from_address(data).value
+        return sorted(int(x) for x in (ctypes.c_uint16 * num).from_address(data + 4))
+
+
+def report_luns(portal: Portal, target: str, initiator: str,
+                creds: Credentials | None = None) -> list[int]:
+    """The LUN numbers target ``target`` reports, sorted."""
+    with _session(portal, target, initiator, creds) as (lib, ctx):
+        return _report_luns(lib, ctx, target)
+
+
+def scan_luns(portal: Portal, target: str, initiator: str,
+              creds: Credentials | None = None) -> list[Lun]:
+    """Every disk LUN of ``target`` with its capacity, block size and serial number, in
+    one session (the tools below log in once per command). Only the leading members
+    of libiscsi's unmarshalled structs are read, whose layout is fixed by the SCSI
+    fields they carry: the peripheral device type (the second enum of both inquiry
+    structs), the unit serial number (a char* after three enums), and the last LBA
+    and block length (uint64, uint32) of READ CAPACITY (16)."""
+    out: list[Lun] = []
+    with _session(portal, target, initiator, creds) as (lib, ctx):
+        for n in _report_luns(lib, ctx, target):
+            what = f"LUN {n} of '{target}'"
+            with _command(lib, ctx, lib.iscsi_inquiry_sync(ctx, n, 0, 0, 255),
+                          f"INQUIRY of {what}") as inq:
+                if inq is None or ctypes.c_int.from_address(inq + 4).value != DIRECT_ACCESS:
+                    continue
+            lun = Lun(lun=n, device_type="DIRECT_ACCESS")
+            with _command(lib, ctx, lib.iscsi_inquiry_sync(ctx, n, 1, 0x80, 255),
+                          f"INQUIRY (unit serial number) of {what}") as vpd:
+                if vpd is not None:
+                    usn = ctypes.c_char_p.from_address(vpd + 16).value
+                    lun.serial = (usn or b"").decode("ascii", "replace").strip()
+            # The first media command of a new session meets a unit attention (the
+            # target's "reset" notice): asked again, it answers.
+            for _ in range(UNIT_ATTENTION_TRIES):
+                with _command(lib, ctx, lib.iscsi_readcapacity16_sync(ctx, n),
+                              f"READ CAPACITY of {what}") as cap:
+                    if cap is not None:
+                        last = ctypes.c_uint64.from_address(cap).value
+                        lun.block_size = ctypes.c_uint32.from_address(cap + 8).value
+                        lun.capacity = (last + 1) * lun.block_size
+                        break
+            else:
+                raise OperationInvalid(f"READ CAPACITY of {what} failed")
+            out.append(lun)
+    return out
 
 
 # -- per-LUN details through the libiscsi tools ----------------------------------------------
