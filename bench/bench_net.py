@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,18 +93,6 @@ def vol_xml(name: str, capacity: int) -> str:
 
 
 # -- servers ---------------------------------------------------------------------------
-def start_server(name: str, start: Callable[[nf.Server], None]) -> nf.Server:
-    srv = nf.Server(name=name, dir=Path(tempfile.mkdtemp(prefix=f"virtstore-{name}-")))
-    (srv.dir / "owner").write_text(f"{os.getpid()} {nf._start_time(os.getpid())}\n")
-    try:
-        nf._reap_stale(name)
-        start(srv)
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
-
-
 def add_lun_target(tgt: nf.Server, luns: int) -> None:
     """A third target with ``luns`` sparse 64 MiB LUNs, for the refresh timing."""
     def tgtadm(*args: str) -> None:
@@ -327,9 +315,9 @@ def run(args: argparse.Namespace, lv: Libvirt | str) -> Report:
     lvs: LibvirtSide | None = None
     try:
         print("starting Ceph and tgtd on 127.0.0.1 ...", file=sys.stderr)
-        ceph = start_server("ceph", lambda srv: nf._start_ceph(srv, MEMSTORE))
+        ceph = nf.start_server("ceph", lambda srv: nf._start_ceph(srv, MEMSTORE))
         servers.append(ceph)
-        tgt = start_server("iscsi", nf._start_tgtd)
+        tgt = nf.start_server("iscsi", nf._start_tgtd)
         servers.append(tgt)
         add_lun_target(tgt, s.luns)
         key = base64.b64decode(ceph.info["admin_key"])

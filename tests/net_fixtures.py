@@ -139,6 +139,21 @@ def _session_server(name: str, start: Callable[[Server], None], *,
     if os.geteuid() != 0:
         _failed[name] = f"{name} server needs root"
         pytest.skip(_failed[name])
+    try:
+        srv = start_server(name, start, lock=lock, lock_wait=lock_wait)
+    except Exception as exc:
+        _failed[name] = f"{name} server could not start on this host: {exc}"
+        pytest.skip(_failed[name])
+    print(f"\n[{name} server up in {STARTUP[name]:.1f}s]", flush=True)
+    _servers[name] = srv
+    return srv
+
+
+def start_server(name: str, start: Callable[[Server], None], *, lock: str | None = None,
+                 lock_wait: float = 600) -> Server:
+    """Server ``name`` started by ``start`` in a private directory (what a killed earlier
+    run left of it is stopped first); on failure nothing is left and the error raised.
+    The benchmarks start their servers here too."""
     srv = Server(name=name, dir=Path(tempfile.mkdtemp(prefix=f"virtstore-{name}-")))
     (srv.dir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
     try:
@@ -158,12 +173,9 @@ def _session_server(name: str, start: Callable[[Server], None], *,
         t0 = time.monotonic()
         start(srv)
         STARTUP[name] = time.monotonic() - t0
-        print(f"\n[{name} server up in {STARTUP[name]:.1f}s]", flush=True)
-    except Exception as exc:
+    except BaseException:
         srv.stop()
-        _failed[name] = f"{name} server could not start on this host: {exc}"
-        pytest.skip(_failed[name])
-    _servers[name] = srv
+        raise
     return srv
 
 

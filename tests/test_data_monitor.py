@@ -120,35 +120,32 @@ def test_progress_is_reported_at_most_ten_times_a_second_and_at_the_end() -> Non
     assert len(calls) == 3
 
 
-def test_cancel_is_asked_every_64_mib_without_time_passing() -> None:
-    clock = FakeClock()
-    asked = 0
+class NeverCancel:
+    """A should_cancel that counts how often it was asked."""
 
-    def should_cancel() -> bool:
-        nonlocal asked
-        asked += 1
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
         return False
 
-    m = monitor(clock, should_cancel=should_cancel)
+
+def test_cancel_is_asked_every_64_mib_without_time_passing() -> None:
+    clock, cancel = FakeClock(), NeverCancel()
+    m = monitor(clock, should_cancel=cancel)
     for _ in range(640):
         m.advance(MiB)
-    assert asked == 640 * MiB // CHECK_BYTES
+    assert cancel.asked == 640 * MiB // CHECK_BYTES
 
 
 def test_cancel_is_asked_every_200_ms() -> None:
-    clock = FakeClock()
-    asked = 0
-
-    def should_cancel() -> bool:
-        nonlocal asked
-        asked += 1
-        return False
-
-    m = monitor(clock, should_cancel=should_cancel)
+    clock, cancel = FakeClock(), NeverCancel()
+    m = monitor(clock, should_cancel=cancel)
     for _ in range(10):
         clock.now += 0.25
         m.advance(1)
-    assert asked == 10
+    assert cancel.asked == 10
 
 
 def test_cancel_raises() -> None:

@@ -140,7 +140,8 @@ def test_refresh_racing_a_delete_brings_no_ghost_back(conn: EmbeddedConnection, 
                        if r.name == "doomed.img"]  # as if its stamp had changed too
     conn.volume_delete(pool, "doomed.img")
     (pooldir / "outside.img").write_bytes(b"x")  # appears meanwhile: the next scan's
-    conn.index.apply_scan(pool, known, result, exists=os.path.lexists)
+    conn.index.apply_scan(pool, known, result,
+                          still_there=lambda rec: backend_for("dir").still_there(definition, rec))
     assert [v.name for v in conn.list_volumes(pool)] == ["kept.img"]
     conn.pool_refresh(pool)
     assert [v.name for v in conn.list_volumes(pool)] == ["kept.img", "outside.img"]

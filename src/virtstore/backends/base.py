@@ -167,6 +167,11 @@ class Backend(abc.ABC):
         """Read one volume's current state (after create), or None if it is not there."""
         raise self.unsupported("volume lookup")
 
+    def still_there(self, pool: PoolDef, rec: VolumeRecord) -> bool:
+        """Whether a volume a scan saw is still there, where that is cheap to ask (a
+        refresh asks under the index's write lock); True where it is not."""
+        return True
+
     def device_identity(self, pool: PoolDef, name: str) -> dict[str, Any] | None:
         """A LUN volume's SCSI identity (vendor, product, revision, serial, ...), read
         live from the target; None where volumes are not LUNs."""

@@ -175,6 +175,9 @@ class DirBackend(Backend):
                     res.skipped.append((name, str(exc)))
         return res
 
+    def still_there(self, pool: PoolDef, rec: VolumeRecord) -> bool:
+        return os.path.lexists(rec.path)
+
     # -- volumes ---------------------------------------------------------------
     def volume_path(self, pool: PoolDef, name: str) -> str:
         return os.path.join(self._target(pool), name)

@@ -54,9 +54,9 @@ class IscsiDirectBackend(NbdDataOps, Backend):
             return str(exc)
         return None
 
-    def _luns(self, pool: PoolDef) -> list[iscsi.Lun]:
-        p, t, i, c = iu.portal(pool), iu.target(pool), iu.initiator(pool), iu.credentials(pool)
-        return iscsi.scan_luns(p, t, i, c)
+    def _luns(self, pool: PoolDef, only: int | None = None) -> list[iscsi.Lun]:
+        return iscsi.scan_luns(iu.portal(pool), iu.target(pool), iu.initiator(pool),
+                               iu.credentials(pool), only=only)
 
     def start(self, pool: PoolDef) -> None:
         iscsi.report_luns(iu.portal(pool), iu.target(pool), iu.initiator(pool),
@@ -85,10 +85,8 @@ class IscsiDirectBackend(NbdDataOps, Backend):
         return res
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
-        n = iu.lun_of(name)
-        lun = iscsi.lun_details(iu.portal(pool), iu.target(pool), n, iu.initiator(pool),
-                                iu.credentials(pool))
-        return self._record(pool, lun) if lun.device_type == "DIRECT_ACCESS" else None
+        found = self._luns(pool, only=iu.lun_of(name))
+        return self._record(pool, found[0]) if found else None
 
     def volume_path(self, pool: PoolDef, name: str) -> str:
         return iu.volume_path(pool, iu.lun_of(name))

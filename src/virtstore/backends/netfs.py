@@ -212,17 +212,16 @@ class NetfsBackend(RemoteFiles, DirBackend):
         if userspace(pool):
             return self.rf_scan(pool, known)
         # Network filesystems hand out 64-bit inode numbers: fold them for the index.
-        res = DirBackend.scan(self, pool, {})
-        keep: list[VolumeRecord] = []
-        for rec in res.changed:
+        read = DirBackend.scan(self, pool, {})
+        res = ScanResult(skipped=read.skipped)
+        for rec in read.changed:
             rec.ino = fold_ino(rec.ino)
-            old = known.get(rec.name)
-            if old is not None and old == Stamp(rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns):
-                res.unchanged.append(rec.name)
-            else:
-                keep.append(rec)
-        res.changed = keep
+            res.add(rec, known)
         return res
+
+    def still_there(self, pool: PoolDef, rec: VolumeRecord) -> bool:
+        # A userspace pool's files are on the server: asking is not cheap.
+        return True if userspace(pool) else DirBackend.still_there(self, pool, rec)
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         if userspace(pool):

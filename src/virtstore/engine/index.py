@@ -175,9 +175,9 @@ class VolumeIndex:
 
     # -- writes ----------------------------------------------------------------
     def apply_scan(self, pool: str, known: Mapping[str, Stamp], result: ScanResult, *,
-                   exists: Callable[[str], bool] | None = None) -> None:
-        """Write a scan's result. ``exists(path)``, where the backend can tell cheaply,
-        is asked again under the write lock about volumes that have no row by then."""
+                   still_there: Callable[[VolumeRecord], bool] | None = None) -> None:
+        """Write a scan's result. ``still_there(rec)`` is asked again, under the write
+        lock, about the volumes that have no row by then."""
         seen = set(result.unchanged)
         seen.update(r.name for r in result.changed)
         gone = [n for n in known if n not in seen]
@@ -186,12 +186,12 @@ class VolumeIndex:
             fresh = not known and db.execute("SELECT 1 FROM volumes WHERE pool=? LIMIT 1",
                                              (pool,)).fetchone() is None
             changed = result.changed
-            if not fresh and exists is not None and changed:
+            if not fresh and still_there is not None and changed:
                 # A volume the scan saw may have been deleted (row and file) before this
                 # transaction: without this look it would come back as a ghost row.
                 rowed = {r[0] for r in db.execute("SELECT name FROM volumes WHERE pool=?",
                                                   (pool,))}
-                changed = [r for r in changed if r.name in rowed or exists(r.path)]
+                changed = [r for r in changed if r.name in rowed or still_there(r)]
             db.executemany(_INSERT_NEW if fresh else _UPSERT_SCANNED,
                            [_row(pool, prefix, r) for r in changed])
             # Only rows that were there when the scan began, and are unchanged since, are

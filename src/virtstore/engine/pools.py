@@ -32,12 +32,6 @@ def _clean_path(path: str | None) -> str | None:
     return os.path.normpath(path) if path.startswith("/") else path
 
 
-def _local_file_exists(path: str) -> bool:
-    """Whether a file volume is still there; a URL (a userspace NFS pool's) cannot be
-    asked cheaply and counts as there."""
-    return "://" in path or os.path.lexists(path)
-
-
 class PoolManager:
     def __init__(self, state: StateRoot, index: VolumeIndex,
                  events: EventLog | None = None) -> None:
@@ -286,7 +280,7 @@ class PoolManager:
         for name, why in result.skipped:
             log.debug("pool %s: skipped '%s': %s", pool.name, name, why)
         self.index.apply_scan(pool.name, known, result,
-                              exists=_local_file_exists if backend.caps.file_based else None)
+                              still_there=lambda rec: backend.still_there(pool, rec))
 
     # -- host start ------------------------------------------------------------
     def on_host_start(self) -> None:

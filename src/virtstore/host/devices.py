@@ -221,25 +221,18 @@ _PTTYPES = {"dos": "dos", "gpt": "gpt", "PMBR": "gpt", "sun": "sun", "sgi": "dvh
             "mac": "mac", "bsd": "bsd", "atari": "atari"}
 
 
+# blkid's names -> HostDevice's fields (a partition table's type goes through _PTTYPES)
+_PROBE_FIELDS = (("TYPE", "fs_type"), ("UUID", "fs_uuid"), ("LABEL", "fs_label"),
+                 ("VERSION", "fs_version"), ("PTTYPE", "partition_table"),
+                 ("PTUUID", "partition_table_uuid"), ("PART_ENTRY_TYPE", "part_type"),
+                 ("PART_ENTRY_NAME", "part_name"), ("PART_ENTRY_UUID", "part_uuid"))
+
+
 def _apply_probe(dev: HostDevice, info: dict[str, str]) -> None:
-    if info.get("TYPE"):
-        dev.fs_type = info["TYPE"]
-    if info.get("UUID"):
-        dev.fs_uuid = info["UUID"]
-    if info.get("LABEL"):
-        dev.fs_label = info["LABEL"]
-    if info.get("VERSION"):
-        dev.fs_version = info["VERSION"]
-    if info.get("PTTYPE"):
-        dev.partition_table = _PTTYPES.get(info["PTTYPE"], info["PTTYPE"])
-    if info.get("PTUUID"):
-        dev.partition_table_uuid = info["PTUUID"]
-    if info.get("PART_ENTRY_TYPE"):
-        dev.part_type = info["PART_ENTRY_TYPE"]
-    if info.get("PART_ENTRY_NAME"):
-        dev.part_name = info["PART_ENTRY_NAME"]
-    if info.get("PART_ENTRY_UUID"):
-        dev.part_uuid = info["PART_ENTRY_UUID"]
+    for key, attr in _PROBE_FIELDS:
+        value = info.get(key)
+        if value:
+            setattr(dev, attr, _PTTYPES.get(value, value) if key == "PTTYPE" else value)
 
 
 def host_devices(*, probe_contents: bool = True) -> list[HostDevice]:

@@ -181,16 +181,19 @@ def report_luns(portal: Portal, target: str, initiator: str,
 
 
 def scan_luns(portal: Portal, target: str, initiator: str,
-              creds: Credentials | None = None) -> list[Lun]:
-    """Every disk LUN of ``target`` with its capacity, block size and serial number, in
-    one session (the tools below log in once per command). Only the leading members
-    of libiscsi's unmarshalled structs are read, whose layout is fixed by the SCSI
-    fields they carry: the peripheral device type (the second enum of both inquiry
-    structs), the unit serial number (a char* after three enums), and the last LBA
-    and block length (uint64, uint32) of READ CAPACITY (16)."""
+              creds: Credentials | None = None, *, only: int | None = None) -> list[Lun]:
+    """Every disk LUN of ``target`` (or LUN ``only``, if the target reports it) with its
+    capacity, block size and serial number, in one session (the tools below log in once
+    per command). Only the leading members of libiscsi's unmarshalled structs are read,
+    whose layout is fixed by the SCSI fields they carry: the peripheral device type
+    (the second enum of both inquiry structs), the unit serial number (a char* after
+    three enums), and the last LBA and block length (uint64, uint32) of READ CAPACITY
+    (16)."""
     out: list[Lun] = []
     with _session(portal, target, initiator, creds) as (lib, ctx):
         for n in _report_luns(lib, ctx, target):
+            if only is not None and n != only:
+                continue
             what = f"LUN {n} of '{target}'"
             with _command(lib, ctx, lib.iscsi_inquiry_sync(ctx, n, 0, 0, 255),
                           f"INQUIRY of {what}") as inq:
