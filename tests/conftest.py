@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 
 REPO = Path(__file__).resolve().parent.parent
 CONFORMANCE = Path(os.environ.get("VIRTSTORE_CONFORMANCE",

@@ -11,10 +11,10 @@ import pytest
 
 from block_fixtures import BlockLab, lab_fixture, sh  # noqa: F401
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
 from virtstore.backends.disk import DiskBackend
 from virtstore.cli.main import main
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import Busy, InvalidArgument, OperationInvalid
 from virtstore.host import partitions
 from virtstore.xml import parse_pool_xml

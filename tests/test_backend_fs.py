@@ -10,9 +10,9 @@ import pytest
 
 from block_fixtures import CONFORMANCE_DIR, BlockLab, lab_fixture, sh  # noqa: F401
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends.fs import mount_argv
 from virtstore.cli.main import main
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import OperationInvalid
 from virtstore.host import devices, mounts
 from virtstore.xml import parse_pool_xml

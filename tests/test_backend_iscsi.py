@@ -18,7 +18,7 @@ import virtstore
 from cli_fixtures import Cli, cli_fixture  # noqa: F401
 from net_fixtures import ISCSI_CHAP, ISCSI_SECURE, ISCSI_STORAGE, Server, iscsi_fixture  # noqa: F401
 from server_fixtures import start_daemon
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AuthFailed, NoSuchVolume, Unsupported
 from virtstore.host import iscsi
 

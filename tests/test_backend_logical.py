@@ -12,10 +12,10 @@ import pytest
 
 from block_fixtures import CONFORMANCE_DIR, BlockLab, lab_fixture, lvm  # noqa: F401
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
 from virtstore.backends.logical import LogicalBackend
 from virtstore.cli.main import main
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import InvalidArgument, OperationInvalid, Unsupported
 from virtstore.host import lvm as lvmmod
 from virtstore.xml import parse_pool_xml

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from net_fixtures import Server, nfs_fixture  # noqa: F401
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends.fs import kernel_filesystems
 from virtstore.backends.netfs import USERSPACE_OPT, kernel_problem, mount_argv
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import AlreadyExists, Unsupported
 from virtstore.xml import parse_pool_xml
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AuthFailed, Busy, InvalidArgument, NoSuchVolume, Unsupported
 
 MiB = 1 << 20

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
 from virtstore.backends.mpath import MpathBackend
 from virtstore.backends.scsi import ScsiBackend
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import OperationInvalid, Unsupported
 from virtstore.host import sysfs_scsi as ss
 

@@ -8,9 +8,9 @@ import pytest
 
 from block_fixtures import BlockLab, lab_fixture, sh, zfs_daemon_fixture  # noqa: F401
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
 from virtstore.backends.zfs import ZfsBackend
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import AlreadyExists, Unsupported
 from virtstore.host import zfs
 from virtstore.xml import parse_pool_xml

@@ -13,7 +13,7 @@ import pytest
 from lxml import etree
 
 from conftest import CONFORMANCE, dir_pool_xml, qemu_info, requires_qemu_img
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import VirtstoreError
 from virtstore.xml import parse_pool_xml, parse_size
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import dir_pool_xml, qemu_info
 from data_fixtures import chunks_layout, digest, loop_fs, make_sparse
 from virtstore.api import VolumeCreateArgs
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import Busy, InvalidArgument, NoSuchVolume, Unsupported
 
 MiB = 1024 * 1024
@@ -294,7 +294,7 @@ def test_full_disk_leaves_nothing(conn: EmbeddedConnection, tmp_path: Path) -> N
 
 KILL_CHILD = textwrap.dedent("""
     import io, os, sys, time
-    from virtstore.engine.connection import EmbeddedConnection
+    from virtstore.api.embedded import EmbeddedConnection
     root, pool, op = sys.argv[1:4]
     c = EmbeddedConnection(root)
     if op == "clone":

@@ -11,7 +11,7 @@ from lxml import etree
 
 from conftest import dir_pool_xml
 from virtstore.api import PoolFilter
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AlreadyExists, InvalidArgument, NoSuchPool, OperationInvalid, XMLError
 
 

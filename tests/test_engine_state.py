@@ -15,7 +15,7 @@ import pytest
 
 from conftest import dir_pool_xml
 from virtstore.api import VolumeCreateArgs
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AlreadyExists, Forbidden, NoSuchSecret
 
 MiB = 1024 * 1024
@@ -107,7 +107,7 @@ def test_concurrent_processes_create_each_name_once(conn: EmbeddedConnection, po
 KILL_CHILD = textwrap.dedent("""
     import os, signal, sys
     from virtstore.backends.dir import DirBackend
-    from virtstore.engine.connection import EmbeddedConnection
+    from virtstore.api.embedded import EmbeddedConnection
     from virtstore.api import VolumeCreateArgs
 
     real = DirBackend.create_volume

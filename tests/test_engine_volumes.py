@@ -13,8 +13,8 @@ from lxml import etree
 
 from conftest import qemu_info, requires_qemu_img
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.errors import (
     AlreadyExists,
     InvalidArgument,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from block_fixtures import BlockLab, lab_fixture, sh  # noqa: F401
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.cli.main import main
-from virtstore.engine.connection import EmbeddedConnection
 from virtstore.host import devices, mounts
 
 MiB = 1 << 20

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.engine.nbd import export_volume
 from virtstore.errors import Busy
 from virtstore.host.nbd import NbdClient, NbdServer, parse_url

@@ -10,7 +10,7 @@ import pytest
 
 from block_fixtures import BlockLab, lab_fixture  # noqa: F401
 from virtstore.api import VolumeCreateArgs
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import Busy
 from virtstore.host import loop, lvm
 

@@ -1,7 +1,13 @@
-"""virtstore: storage pools and volumes for virtualization hosts, libvirt-compatible."""
+"""virtstore: storage pools and volumes for virtualization hosts, libvirt-compatible.
+
+``connect`` picks the transport: the embedded engine (``virtstore.api.embedded``) or a
+client of virtstored (``virtstore.client``). It lives here, above both, so that neither
+layer imports the other.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -15,6 +21,32 @@ def connect(uri: str | None = None, *, root: str | None = None, token: str | Non
     """Open a connection: no URI (or ``embedded://``) gives the in-process engine;
     ``unix:///path/to/socket`` or ``https://host:port`` (with ``token`` and ``ca``) a
     client of virtstored."""
-    from virtstore.api import open_connection
-
     return open_connection(uri, root=root, token=token, ca=ca)
+
+
+def open_connection(uri: str | None = None, *, root: str | None = None,
+                    token: str | None = None, ca: str | None = None) -> Connection:
+    """No URI (or ``embedded://``): the engine in this process. ``unix:///path`` or
+    ``https://host:port``: virtstored, with a bearer ``token`` (default
+    ``VIRTSTORE_TOKEN``) and a CA file to check its certificate (default
+    ``VIRTSTORE_CA``); ``VIRTSTORE_CLIENT_CERT``/``VIRTSTORE_CLIENT_KEY`` name a client
+    certificate for a server that asks for one."""
+    uri = uri or os.environ.get("VIRTSTORE_DEFAULT_URI") or None
+    if uri in (None, "", "embedded://", "embedded:///"):
+        from virtstore.api.embedded import EmbeddedConnection
+        from virtstore.types import default_root
+
+        return EmbeddedConnection(root or default_root())
+    assert uri is not None
+    if uri.startswith(("unix:", "https:")):
+        from virtstore.client import RemoteConnection
+
+        env = os.environ.get
+        return RemoteConnection(uri, token=token or env("VIRTSTORE_TOKEN") or None,
+                                ca=ca or env("VIRTSTORE_CA") or None,
+                                cert=env("VIRTSTORE_CLIENT_CERT") or None,
+                                key=env("VIRTSTORE_CLIENT_KEY") or None)
+    from virtstore.errors import InvalidArgument
+
+    raise InvalidArgument(f"unsupported connection URI '{uri}': use no URI (the embedded "
+                          "engine), unix:///PATH/TO/SOCKET or https://HOST:PORT")

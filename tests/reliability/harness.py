@@ -33,7 +33,7 @@ from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from virtstore.api import Connection
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.xml import parse_pool_xml, validate
 
 from . import summary
@@ -98,7 +98,7 @@ def one_line(message: str) -> bool:
 CHILD = r"""
 import json, os, sys, time
 from virtstore.api import VolumeCreateArgs
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 
 spec = json.loads(sys.argv[1])
 def say(*words):

@@ -21,7 +21,7 @@ import pytest
 from reliability import summary
 from reliability.harness import RACE_SIZES, STAGING_PREFIX, race_lister, race_worker
 from virtstore.api import Connection
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 
 WORKERS = 4
 OPS = int(os.environ.get("VIRTSTORE_RELIABILITY_OPS", "600"))

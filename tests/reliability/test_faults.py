@@ -33,7 +33,7 @@ from reliability.harness import (
     qcow2_header,
 )
 from virtstore.api import VolumeCreateArgs
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import NoSuchVolume, VirtstoreError
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
@@ -219,7 +219,7 @@ def test_read_only_filesystem(conn: EmbeddedConnection, area: Path,
 NO_QEMU_CHILD = r"""
 import json, sys
 from virtstore.api import VolumeCreateArgs
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import VirtstoreError
 c = EmbeddedConnection(sys.argv[1])
 pool = sys.argv[2]
@@ -377,7 +377,7 @@ NEXT_PROCESS = r"""
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 from virtstore.api import VolumeCreateArgs
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import VirtstoreError
 c = EmbeddedConnection(sys.argv[1])
 out = {"pools": sorted(p.name for p in c.list_pools())}
@@ -462,7 +462,7 @@ def test_volume_deleted_between_lookup_and_lock(conn: EmbeddedConnection, area: 
 
 
 SITE_DELETES_AFTER_CREATE = r"""
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 _real = EmbeddedConnection.volume_create
 def volume_create(self, pool, args):
     name = _real(self, pool, args)

@@ -32,7 +32,7 @@ from lxml import etree
 from conftest import CONFORMANCE
 from reliability import summary
 from reliability.harness import work_area
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import InvalidArgument, VirtstoreError, XMLError
 from virtstore.xml import (
     PoolDef,

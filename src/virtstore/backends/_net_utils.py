@@ -24,9 +24,9 @@ from virtstore.errors import AuthFailed, InvalidArgument, NoSuchSecret, Unsuppor
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
-    from virtstore.api import SnapshotInfo
     from virtstore.backends.base import VolumeRecord
     from virtstore.data.monitor import Monitor
+    from virtstore.types import SnapshotInfo
 
 
 class SecretSource(Protocol):

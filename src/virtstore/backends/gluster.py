@@ -48,9 +48,9 @@ from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
-    from virtstore.api import SnapshotInfo
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
+    from virtstore.types import SnapshotInfo
 
 RUN_DIR = "/run/virtstore/gluster"
 
@@ -462,8 +462,8 @@ class GlusterBackend(VolumeDataOps, Backend):
     def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
         if rec.format != "qcow2":
             return []
-        from virtstore.api import SnapshotInfo
         from virtstore.formats.qemuimg import info
+        from virtstore.types import SnapshotInfo
 
         if self.gfapi():
             # Read from the image's snapshot table: every qemu-img run on a gluster URL

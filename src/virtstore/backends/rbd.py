@@ -58,9 +58,9 @@ if TYPE_CHECKING:
     import rados  # type: ignore[import-not-found]
     import rbd  # type: ignore[import-not-found]
 
-    from virtstore.api import SnapshotInfo
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
+    from virtstore.types import SnapshotInfo
 
 PRIVATE_PREFIX = "virtstore-"
 STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
@@ -620,7 +620,7 @@ class RbdBackend(VolumeDataOps, Backend):
 
     # -- storage snapshots -----------------------------------------------------
     def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
-        from virtstore.api import SnapshotInfo
+        from virtstore.types import SnapshotInfo
 
         out = []
         with self._io(pool) as io, self._image(io, rec.name, read_only=True) as img:

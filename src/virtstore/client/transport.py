@@ -222,7 +222,7 @@ class Transport:
         if parts.scheme == "unix":
             path = unquote(parts.path)
             if not path:
-                from virtstore.api import default_root
+                from virtstore.types import default_root
 
                 path = os.path.join(default_root(), "run", "virtstored.sock")
             self._unix_path = path

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from virtstore.api import JobInfo
 from virtstore.backends._net_utils import VolumeDataOps
 from virtstore.backends.base import Backend, VolumeRecord
 from virtstore.engine import journal
@@ -26,6 +25,7 @@ from virtstore.engine.jobs import JobManager
 from virtstore.engine.locks import READ, WRITE
 from virtstore.engine.volumes import MAX_SIZE, StagedTarget, VolumeManager
 from virtstore.errors import InvalidArgument, NoSpace, Unsupported
+from virtstore.types import JobInfo
 from virtstore.xml import PoolDef, parse_volume_xml
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import time
 
-from virtstore.api import Event, JobInfo
 from virtstore.engine.store import Store
+from virtstore.types import Event, JobInfo
 
 # Old events are pruned so the table stays small; a subscriber that falls this far
 # behind has missed them (it can re-list to resynchronise).

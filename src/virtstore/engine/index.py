@@ -19,10 +19,10 @@ import sqlite3
 import stat
 from collections.abc import Callable, Mapping
 
-from virtstore.api import VolumeInfo
 from virtstore.backends.base import ScanResult, Stamp, VolumeRecord
 from virtstore.engine.store import Store
 from virtstore.errors import NoSuchVolume
+from virtstore.types import VolumeInfo
 
 _COLS = ("pool, name, type, format, capacity, allocation, physical, ino, size, mtime_ns, "
          "ctime_ns, state, path, key, extra")

@@ -18,14 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from virtstore.api import (
-    JOB_CANCELLED,
-    JOB_DONE,
-    JOB_FAILED,
-    JOB_FINAL,
-    JOB_RUNNING,
-    JobInfo,
-)
 from virtstore.engine import locks
 from virtstore.engine.events import EventLog
 from virtstore.engine.store import Store
@@ -37,6 +29,14 @@ from virtstore.errors import (
     VirtstoreError,
 )
 from virtstore.host.files import process_alive, process_start_time
+from virtstore.types import (
+    JOB_CANCELLED,
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_FINAL,
+    JOB_RUNNING,
+    JobInfo,
+)
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor

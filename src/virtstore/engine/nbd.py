@@ -16,14 +16,22 @@ from __future__ import annotations
 import contextlib
 import secrets as pysecrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from virtstore.engine import locks
 from virtstore.errors import InvalidArgument, Unsupported
 from virtstore.host.nbd import NbdAddress, NbdServer, QemuSource
 
 if TYPE_CHECKING:
-    from virtstore.engine.connection import EmbeddedConnection
+    from virtstore.engine.index import VolumeIndex
+    from virtstore.engine.state import StateRoot
+
+
+class EngineParts(Protocol):
+    """What an export needs of the engine (an EngineParts has it)."""
+
+    state: StateRoot
+    index: VolumeIndex
 
 
 @dataclass
@@ -33,7 +41,7 @@ class VolumeExport:
     read_only: bool
     server: NbdServer
     _owner: str
-    _conn: EmbeddedConnection
+    _conn: EngineParts
     _stack: contextlib.ExitStack
 
     @property
@@ -61,7 +69,7 @@ class VolumeExport:
         self.stop()
 
 
-def export_volume(conn: EmbeddedConnection, pool: str, name: str, *,
+def export_volume(conn: EngineParts, pool: str, name: str, *,
                   socket_path: str | None = None, host: str | None = None,
                   port: int | None = None, read_only: bool = False,
                   export_name: str | None = None) -> VolumeExport:

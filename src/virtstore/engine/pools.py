@@ -6,7 +6,6 @@ import logging
 import os
 import uuid as uuidlib
 
-from virtstore.api import POOL_INACTIVE, POOL_RUNNING, PoolInfo
 from virtstore.backends import backend_for
 from virtstore.backends.base import PoolSizes, Stamp
 from virtstore.engine import locks, nesting
@@ -21,6 +20,7 @@ from virtstore.errors import (
     OperationInvalid,
     Unsupported,
 )
+from virtstore.types import POOL_INACTIVE, POOL_RUNNING, PoolInfo
 from virtstore.xml import PoolDef, format_pool_xml, parse_pool_xml
 
 log = logging.getLogger("virtstore")

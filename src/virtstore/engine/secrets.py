@@ -13,11 +13,11 @@ import os
 import uuid as uuidlib
 from dataclasses import dataclass
 
-from virtstore.api import SecretInfo
 from virtstore.engine.names import check_uuid
 from virtstore.engine.store import Store
 from virtstore.errors import AlreadyExists, Forbidden, InternalError, NoSuchSecret
 from virtstore.host.files import atomic_write
+from virtstore.types import SecretInfo
 from virtstore.xml import SecretDef, format_secret_xml, parse_secret_xml
 
 

@@ -13,7 +13,6 @@ import os
 import secrets as pysecrets
 import time
 
-from virtstore.api import SnapshotInfo
 from virtstore.backends._net_utils import VolumeDataOps
 from virtstore.backends.base import Backend, VolumeRecord
 from virtstore.backends.dir import SNAPSHOT_PREFIX
@@ -28,6 +27,7 @@ from virtstore.errors import (
     Unsupported,
 )
 from virtstore.host.runner import run
+from virtstore.types import SnapshotInfo
 from virtstore.xml import PoolDef
 
 INTERNAL = "internal"

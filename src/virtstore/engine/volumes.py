@@ -8,7 +8,6 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from virtstore.api import VolumeCreateArgs
 from virtstore.backends import backend_for
 from virtstore.backends.base import Backend, CreateRequest, VolumeRecord
 from virtstore.engine import journal, locks, nesting
@@ -24,6 +23,7 @@ from virtstore.errors import (
     OperationInvalid,
     Unsupported,
 )
+from virtstore.types import VolumeCreateArgs
 
 if TYPE_CHECKING:
     from virtstore.engine.events import EventLog

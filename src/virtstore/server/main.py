@@ -112,10 +112,11 @@ def _notify_systemd() -> None:
 
 
 def serve(opts: Options) -> None:
-    from virtstore.api import default_root, open_connection
+    from virtstore import open_connection
     from virtstore.server.app import App
     from virtstore.server.auth import Authenticator, load_tokens
     from virtstore.server.openapi import document_bytes
+    from virtstore.types import default_root
 
     root = os.path.abspath(opts.root or default_root())
     rw_path, ro_path = opts.socket_paths(root)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from lxml import etree
 
-from virtstore.api import VolumeInfo
 from virtstore.errors import InvalidArgument
+from virtstore.types import VolumeInfo
 from virtstore.xml.safe import parse_document
 
 # libvirt's <target bus=...> values (virDomainDiskBus).

@@ -6,18 +6,7 @@ import logging
 import os
 from typing import Any, BinaryIO
 
-from virtstore.api import (
-    Connection,
-    Event,
-    JobInfo,
-    NbdExport,
-    PoolFilter,
-    PoolInfo,
-    SecretInfo,
-    SnapshotInfo,
-    VolumeCreateArgs,
-    VolumeInfo,
-)
+from virtstore.api import Connection
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.backends._net_utils import register_secrets
 from virtstore.engine import journal
@@ -32,6 +21,17 @@ from virtstore.engine.state import StateRoot
 from virtstore.engine.volumes import VolumeManager
 from virtstore.errors import InvalidArgument, NoSuchPool, Unsupported, VirtstoreError
 from virtstore.host.files import boot_id
+from virtstore.types import (
+    Event,
+    JobInfo,
+    NbdExport,
+    PoolFilter,
+    PoolInfo,
+    SecretInfo,
+    SnapshotInfo,
+    VolumeCreateArgs,
+    VolumeInfo,
+)
 
 log = logging.getLogger("virtstore")
 
