@@ -26,10 +26,10 @@ GiB = 1 << 30
 def scsi_root() -> Iterator[ScsiBackend]:
     be = backend_for("scsi")
     assert isinstance(be, ScsiBackend)
-    old = be.sysfs_root
-    be.sysfs_root = str(HBA)
+    old = ScsiBackend.sysfs_root  # every instance, the engine's included
+    ScsiBackend.sysfs_root = str(HBA)
     yield be
-    be.sysfs_root = old
+    ScsiBackend.sysfs_root = old
 
 
 def pool_xml(name: str, adapter: str, target: str = "/dev/disk/by-path") -> str:
@@ -126,8 +126,8 @@ def test_mpath_pool(conn: EmbeddedConnection) -> None:
             conn.pool_start("m")
         assert "<pool type='mpath' supported='no'>" in conn.pool_capabilities_xml()
         conn.pool_undefine("m")
-    old = be.sysfs_root
-    be.sysfs_root = str(MPATH)
+    old = MpathBackend.sysfs_root
+    MpathBackend.sysfs_root = str(MPATH)
     try:
         conn.pool_define_xml("<pool type='mpath'><name>m2</name><target><path>/dev/mapper"
                              "</path></target></pool>")
@@ -137,4 +137,4 @@ def test_mpath_pool(conn: EmbeddedConnection) -> None:
         assert vols["dm-0"].path == "/dev/mapper/mpatha" and vols["dm-0"].capacity == 10 * GiB
         conn.pool_stop("m2")
     finally:
-        be.sysfs_root = old
+        MpathBackend.sysfs_root = old

@@ -272,6 +272,12 @@ class Connection(abc.ABC):
         operations and snapshot kinds (per volume format) it offers."""
         raise self._missing("pool type features")
 
+    def volume_features(self, pool: str, name: str) -> dict[str, bool]:
+        """Per feature (snapshot, snapshot-external, clone-linked, clone-full, copy,
+        resize-grow, resize-shrink, upload, download, wipe, export), whether this volume
+        offers it in its current state."""
+        raise self._missing("volume features")
+
     def volume_device(self, pool: str, name: str) -> dict[str, Any]:
         """The SCSI identity of a LUN volume, read from its target: lun, device_type,
         vendor, product, revision, serial, block_size, capacity. Unsupported for

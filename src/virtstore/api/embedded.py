@@ -73,7 +73,7 @@ class EmbeddedConnection(Connection):
 
     def _discard_leftover(self, pool: str, name: str, tmp_path: str) -> None:
         row = self.state.row(pool)
-        backend_for(row.type).discard_staging(tmp_path)
+        self.state.backend(row.type).discard_staging(tmp_path)
 
     def _make_default_pool(self) -> None:
         """A `default` dir pool, autostarted, as libvirt installs one."""
@@ -159,18 +159,19 @@ class EmbeddedConnection(Connection):
             backend = backend_for(ptype)
             caps = backend.caps
             problem = backend.host_problem()
-            files = caps.file_based
-            snapshots: dict[str, list[str]] = (
-                {"qcow2": ["internal", "external"], "raw": ["reflink (on xfs or btrfs)"]}
-                if files else dict(getattr(backend, "snapshot_kinds", {})))
+            has = backend.features()
             out.append({
                 "type": ptype, "supported": problem is None, "reason": problem,
-                "shared": caps.shared, "file_based": files, "build": caps.build,
-                "delete": caps.delete, "volume_create": caps.vol_create,
-                "volume_delete": caps.vol_delete, "volume_formats": list(caps.vol_formats),
-                "resize": files or hasattr(backend, "resize_volume"),
-                "clone": files, "create_from": files, "wipe": files, "upload": files,
-                "download": files, "snapshots": snapshots,
+                "shared": caps.shared, "file_based": caps.file_based,
+                "build": backend.supports("build"), "delete": backend.supports("delete"),
+                "volume_create": backend.supports("create_volume"),
+                "volume_delete": backend.supports("delete_volume"),
+                "volume_formats": list(caps.vol_formats),
+                "resize": has["resize-grow"], "clone": has["clone-full"],
+                "create_from": has["copy"], "wipe": has["wipe"], "upload": has["upload"],
+                "download": has["download"], "features": has,
+                "snapshots": {fmt: list(kinds) for fmt, kinds in
+                              backend.snapshot_kinds.items()} if has["snapshot"] else {},
             })
         return out
 
@@ -310,11 +311,18 @@ class EmbeddedConnection(Connection):
     def latest_event_id(self) -> int:
         return self.events.latest_id()
 
+    def volume_features(self, pool: str, name: str) -> dict[str, bool]:
+        from virtstore.backends.base import FEATURES
+
+        pool_def, backend = self.volumes._active_pool(pool)
+        rec = self.index.get(pool, name)
+        return {f: backend.has_feature(f, pool_def, rec) for f in FEATURES}
+
     def volume_device(self, pool: str, name: str) -> dict[str, Any]:
         self._require_active(pool)
         self.index.info(pool, name)  # NoSuchVolume as any lookup
         row = self.state.row(pool)
-        found = backend_for(row.type).device_identity(self.state.definition(row), name)
+        found = self.state.backend(row.type).device_identity(self.state.definition(row), name)
         if found is None:
             raise Unsupported(f"volume '{name}' of pool '{pool}' is not a SCSI LUN: "
                               "it has no device identity")

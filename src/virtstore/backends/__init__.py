@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from virtstore.backends.base import Backend, UnavailableBackend
 
-POOL_TYPES = ("dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi",
-              "mpath", "rbd", "gluster", "zfs", "vstorage")
-
 _cache: dict[str, Backend] = {}
 
-# Network and SAN pool types: module and class, imported on first use.
-_NETWORK = {
+# Each pool type's module and class, imported on first use.
+_MODULES = {
+    "dir": ("virtstore.backends.dir", "DirBackend"),
+    "fs": ("virtstore.backends.fs", "FsBackend"),
+    "disk": ("virtstore.backends.disk", "DiskBackend"),
+    "logical": ("virtstore.backends.logical", "LogicalBackend"),
+    "zfs": ("virtstore.backends.zfs", "ZfsBackend"),
+    "btrfs": ("virtstore.backends.btrfs", "BtrfsBackend"),
     "rbd": ("virtstore.backends.rbd", "RbdBackend"),
     "netfs": ("virtstore.backends.netfs", "NetfsBackend"),
     "gluster": ("virtstore.backends.gluster", "GlusterBackend"),
@@ -20,41 +23,26 @@ _NETWORK = {
     "mpath": ("virtstore.backends.mpath", "MpathBackend"),
 }
 
+# The pool types this build has a backend for.
+POOL_TYPES = tuple(_MODULES)
+
 
 def backend_for(pool_type: str) -> Backend:
-    """The backend of a pool type; types without one yet get an 'unsupported' stand-in."""
+    """A shared instance of a pool type's backend, not bound to an engine: for asking
+    what it can do. The engine makes its own instances (``new_backend``)."""
     be = _cache.get(pool_type)
     if be is None:
-        if pool_type == "dir":
-            from virtstore.backends.dir import DirBackend
-
-            be = DirBackend()
-        elif pool_type == "fs":
-            from virtstore.backends.fs import FsBackend
-
-            be = FsBackend()
-        elif pool_type == "disk":
-            from virtstore.backends.disk import DiskBackend
-
-            be = DiskBackend()
-        elif pool_type == "logical":
-            from virtstore.backends.logical import LogicalBackend
-
-            be = LogicalBackend()
-        elif pool_type == "zfs":
-            from virtstore.backends.zfs import ZfsBackend
-
-            be = ZfsBackend()
-        elif pool_type == "btrfs":
-            from virtstore.backends.btrfs import BtrfsBackend
-
-            be = BtrfsBackend()
-        elif pool_type in _NETWORK:
-            import importlib
-
-            module, cls = _NETWORK[pool_type]
-            be = getattr(importlib.import_module(module), cls)()
-        else:
-            be = UnavailableBackend(pool_type)
-        _cache[pool_type] = be
+        be = _cache[pool_type] = new_backend(pool_type)
     return be
+
+
+def new_backend(pool_type: str) -> Backend:
+    """A new instance of a pool type's backend; types without one get an 'unsupported'
+    stand-in."""
+    spec = _MODULES.get(pool_type)
+    if spec is None:
+        return UnavailableBackend(pool_type)
+    import importlib
+
+    cls: type[Backend] = getattr(importlib.import_module(spec[0]), spec[1])
+    return cls()

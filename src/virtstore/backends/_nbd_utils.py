@@ -9,7 +9,8 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
-from virtstore.backends._net_utils import VolumeDataOps, read_exact
+from virtstore.backends._net_utils import read_exact
+from virtstore.backends.base import Backend
 from virtstore.errors import InvalidArgument, Unsupported
 from virtstore.xml import PoolDef
 
@@ -22,10 +23,12 @@ CHUNK = 4 << 20
 WIPE_ALGORITHMS = ("zero", "trim")
 
 
-class NbdDataOps(VolumeDataOps):
+class NbdDataOps(Backend):
+    """Upload, download and wipe for volumes reached through an NBD client."""
+
     def nbd_open(self, pool: PoolDef, rec: VolumeRecord, *,
                  read_only: bool) -> contextlib.AbstractContextManager[NbdClient]:
-        raise self._no("volume data access")
+        raise self.unsupported("volume data access")
 
     def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
                    length: int | None, sparse: bool, monitor: Monitor) -> None:

@@ -1,32 +1,20 @@
-"""What the network backends share: pool secrets, and the data operations they do in
-place of the engine's file-based ones.
+"""What the network backends share: pool secrets, and small helpers.
 
 Secrets. A pool's ``<auth>`` names a secret (by UUID or usage); its value lives in the
 engine's SecretStore. Backends are shared by every connection of a process, so the
 engine registers its SecretStore here when a connection opens (``register_secrets``)
 and a backend asks ``auth_secret(pool)`` when it connects to its server. Stores are
 held by weak reference: a closed, forgotten connection drops out by itself.
-
-Data operations. A file-based pool's volumes are files the engine copies, resizes and
-wipes itself. A network pool's volumes (RBD images, LUNs, files behind an NFS or
-Gluster server) are not reachable as local files, so such a backend implements
-``VolumeDataOps`` and the engine hands it the work (see engine/dataops.py and
-engine/snapshots.py, which dispatch on ``isinstance(backend, VolumeDataOps)``).
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
-from virtstore.errors import AuthFailed, InvalidArgument, NoSuchSecret, Unsupported
+from virtstore.errors import AuthFailed, InvalidArgument, NoSuchSecret
 from virtstore.xml import PoolDef
-
-if TYPE_CHECKING:
-    from virtstore.backends.base import VolumeRecord
-    from virtstore.data.monitor import Monitor
-    from virtstore.types import SnapshotInfo
 
 
 class SecretSource(Protocol):
@@ -80,60 +68,6 @@ def auth_secret(pool: PoolDef, auth_type: str) -> tuple[str, bytes] | None:
     usage_type = "ceph" if auth_type == "ceph" else "iscsi"
     value = secret_value(auth.secret.uuid, auth.secret.usage, usage_type)
     return auth.username, value
-
-
-class VolumeDataOps:
-    """Data operations a non-file backend does itself; the engine calls them from its
-    jobs with the volume already locked, and publishes what ``read_volume`` then says.
-
-    Each raises Unsupported by default; a backend overrides what it can do.
-    """
-
-    snapshot_kind = "native"
-
-    def handles_data(self, pool: PoolDef) -> bool:
-        """Whether this pool's data goes through these methods (else the engine's file
-        operations serve it: a netfs pool mounted by the kernel is a directory)."""
-        return True
-
-    def _no(self, what: str) -> Unsupported:
-        pool_type = getattr(getattr(self, "caps", None), "pool_type", "this")
-        return Unsupported(f"this function is not supported by the connection driver: "
-                           f"{what} is not supported by '{pool_type}' pools")
-
-    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
-                   shrink: bool, allocate: bool) -> None:
-        raise self._no("volume resize")
-
-    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
-                 monitor: Monitor) -> None:
-        raise self._no("volume wipe")
-
-    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
-                   length: int | None, sparse: bool, monitor: Monitor) -> None:
-        raise self._no("volume upload")
-
-    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
-                     length: int | None, sparse: bool, monitor: Monitor) -> None:
-        raise self._no("volume download")
-
-    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
-                  linked: bool, monitor: Monitor) -> None:
-        """Make ``staging`` (from ``staging_path``) a copy of ``src``; the engine then
-        commits or discards it like any created volume."""
-        raise self._no("volume clone")
-
-    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
-        raise self._no("storage snapshots")
-
-    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        raise self._no("storage snapshots")
-
-    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        raise self._no("storage snapshots")
-
-    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        raise self._no("storage snapshots")
 
 
 def fold_ino(ino: int) -> int:

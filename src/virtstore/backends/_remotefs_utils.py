@@ -18,8 +18,9 @@ import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from virtstore.backends._net_utils import VolumeDataOps, fold_ino, read_exact
+from virtstore.backends._net_utils import fold_ino, read_exact
 from virtstore.backends.base import (
+    CloneOptions,
     CreateRequest,
     PoolSizes,
     ScanResult,
@@ -127,7 +128,7 @@ def _errno(exc: Exception) -> int:
     return int(getattr(exc, "errno", 0) or 0)
 
 
-class RemoteFiles(VolumeDataOps):
+class RemoteFiles:
     """Volume operations over a ``RemoteFS``; a backend supplies the hooks below."""
 
     staging_tag = "remote-staging:"
@@ -288,7 +289,7 @@ class RemoteFiles(VolumeDataOps):
             if c.stat(self._p(pool, rec.name)) is not None:
                 c.unlink(self._p(pool, rec.name))
 
-    # -- data operations (VolumeDataOps) ---------------------------------------
+    # -- data operations (the contract's verbs) --------------------------------
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                    shrink: bool, allocate: bool) -> None:
         if rec.format != "raw" or allocate:
@@ -377,7 +378,8 @@ class RemoteFiles(VolumeDataOps):
             sink.flush()
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
-                  linked: bool, monitor: Monitor) -> None:
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
         where, path = self.rf_staging(staging)
         if linked:
             if src_pool.uuid != pool.uuid:

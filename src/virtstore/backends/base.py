@@ -1,32 +1,39 @@
-"""The small interface every pool backend implements, and its capability table.
+"""The one contract every pool backend implements, and the capabilities derived from it.
 
-The engine owns state, names, locks and the journal; a backend only touches storage.
-Volume creation is staged: the backend makes the volume under a staging name the
-engine chose and journalled, and the engine then asks it to commit (publish under the
-final name, never replacing anything) or discard. That is how a killed process never
-leaves a half-made volume under its final name, whatever the backend.
+The engine owns state, names, locks, jobs and the journal; a backend only touches
+storage. Volume creation is staged: the backend makes the volume under a staging name
+the engine chose and journalled, and the engine then asks it to commit (publish under
+the final name, never replacing anything) or discard. That is how a killed process
+never leaves a half-made volume under its final name, whatever the backend.
+
+Every optional operation is a method of ``Backend`` that raises "unsupported"; a
+backend supports what it overrides (libvirt's NULL entries of ``virStorageBackend``,
+in Python). ``supports()``, ``features()`` and ``has_feature()`` read that, so what
+``pool-capabilities --features`` lists cannot disagree with what the code does.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol
 
-from virtstore.errors import Unsupported
+from virtstore.errors import OperationInvalid, Unsupported
 from virtstore.xml import PoolDef, VolDef, VolSource
+
+if TYPE_CHECKING:
+    from virtstore.data.monitor import Monitor
+    from virtstore.host.nbd import QemuSource
+    from virtstore.types import SnapshotInfo
 
 
 @dataclass(frozen=True)
 class BackendCaps:
-    """What a backend can do, as data: the engine asks before it calls."""
+    """What a backend is, as data (its operations are derived: ``Backend.supports``)."""
 
     pool_type: str
-    build: bool = False
-    delete: bool = False
-    vol_create: bool = False
-    vol_delete: bool = False
     vol_formats: tuple[str, ...] = ()
     default_vol_format: str | None = None
     shared: bool = False
@@ -109,8 +116,122 @@ class CreateRequest:
     encryption_secret: bytes | None = None
 
 
+@dataclass(frozen=True)
+class CloneOptions:
+    """How a clone or create-from fills its target, beyond the plain copy."""
+
+    format: str | None = None  # None: the source's
+    capacity: int | None = None  # None: the source's
+    reflink: bool = False
+    prealloc_metadata: bool = False
+    compat: str | None = None
+    cluster_size: int | None = None
+    lazy_refcounts: bool = False
+    mode: int | None = None
+    src_secret: bytes | None = None  # LUKS passphrase of an encrypted source
+    dst_secret: bytes | None = None  # and of an encrypted target
+    cipher: Mapping[str, str] | None = None
+    ivgen: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRow:
+    """A storage snapshot the engine remembers for a backend (files beside a volume)."""
+
+    volume: str
+    name: str
+    kind: str
+    created: float
+    path: str | None
+
+
+class EngineHooks(Protocol):
+    """What the engine lends a backend: journalled scratch names, and a place to remember
+    snapshots that the storage itself cannot name."""
+
+    def scratch(self, backend: Backend, pool: PoolDef, volume: str,
+                op: str) -> AbstractContextManager[str]:
+        """A staging path of the pool, journalled while the block runs; whatever is
+        still at the path when the block ends (or after a crash, at the next start) is
+        discarded."""
+
+    def snapshot_rows(self, pool: PoolDef, volume: str) -> list[SnapshotRow]: ...
+
+    def add_snapshot_row(self, pool: PoolDef, row: SnapshotRow) -> None: ...
+
+    def drop_snapshot_row(self, pool: PoolDef, volume: str, name: str) -> None: ...
+
+
+# Per-volume features (Proxmox's volume_has_feature): the operation each one needs.
+FEATURES: dict[str, str] = {
+    "snapshot": "snap_create",
+    "snapshot-external": "snap_create_external",
+    "clone-linked": "vol_clone",
+    "clone-full": "vol_clone",
+    "copy": "vol_clone",
+    "resize-grow": "vol_resize",
+    "resize-shrink": "vol_resize",
+    "upload": "vol_upload",
+    "download": "vol_download",
+    "wipe": "vol_wipe",
+    "export": "qemu_source",
+}
+
+# Pool-level operations whose support is derived from the methods a backend overrides.
+OPERATIONS = ("build", "delete", "create_volume", "delete_volume", "vol_clone",
+              "vol_resize", "vol_wipe", "vol_upload", "vol_download", "snap_create",
+              "snap_create_external", "qemu_source")
+
+
 class Backend(abc.ABC):
     caps: BackendCaps
+    hooks: EngineHooks | None = None  # set by the engine that owns this instance
+    # Refinements of what the overridden methods can do, where one method serves both.
+    linked_clones: ClassVar[bool] = False
+    can_shrink: ClassVar[bool] = False
+    copies: ClassVar[bool] = False  # create-from: a new volume from XML, filled by a copy
+    snapshot_kind: ClassVar[str] = "native"
+    # Per volume format, the kinds of snapshot ``snap_create`` (and the external verb)
+    # make: what ``pool-capabilities --features`` shows.
+    snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    # -- what this backend can do, derived from what it overrides ---------------
+    @classmethod
+    def supports(cls, op: str) -> bool:
+        """Whether the backend implements ``op`` (a method name), not the default."""
+        return getattr(cls, op) is not getattr(Backend, op)
+
+    def features(self) -> dict[str, bool]:
+        """Per feature of FEATURES, whether some volume of such a pool can have it."""
+        out = {f: self.supports(op) for f, op in FEATURES.items()}
+        # Files and block devices are exported by path, without an override.
+        out["export"] = out["export"] or self.caps.volume_type in ("file", "block")
+        out["clone-linked"] = out["clone-linked"] and self.linked_clones
+        out["resize-shrink"] = out["resize-shrink"] and self.can_shrink
+        out["copy"] = out["copy"] and self.copies
+        return out
+
+    def has_feature(self, feature: str, pool: PoolDef, rec: VolumeRecord,
+                    snapshot: str | None = None) -> bool:
+        """Whether ``feature`` is available for this volume in its current state."""
+        if feature not in FEATURES:
+            raise OperationInvalid(f"unknown volume feature '{feature}': use one of "
+                                   f"{', '.join(FEATURES)}")
+        return self.features()[feature] and self.pool_has(feature, pool)
+
+    def pool_has(self, feature: str, pool: PoolDef) -> bool:
+        """Whether this pool (its mode, its filesystem) offers a feature the backend
+        implements; True unless a backend knows better."""
+        return True
+
+    def require(self, feature: str, pool: PoolDef, rec: VolumeRecord, what: str) -> None:
+        if not self.has_feature(feature, pool, rec):
+            raise self.unsupported(what)
+
+    def engine(self) -> EngineHooks:
+        if self.hooks is None:
+            raise OperationInvalid(f"'{self.caps.pool_type}' backend used without an engine")
+        return self.hooks
 
     def host_problem(self) -> str | None:
         """Why this host cannot run this pool type (missing tool or kernel feature), or None."""
@@ -176,6 +297,99 @@ class Backend(abc.ABC):
         """A LUN volume's SCSI identity (vendor, product, revision, serial, ...), read
         live from the target; None where volumes are not LUNs."""
         return None
+
+    # -- data operations: the engine calls them from its jobs with the volume locked,
+    # and publishes what ``read_volume`` says afterwards ----------------------
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        raise self.unsupported("volume resize")
+
+    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
+                 monitor: Monitor) -> None:
+        raise self.unsupported("volume wipe")
+
+    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
+                   length: int | None, sparse: bool, monitor: Monitor) -> None:
+        raise self.unsupported("volume upload")
+
+    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
+                     length: int | None, sparse: bool, monitor: Monitor) -> None:
+        raise self.unsupported("volume download")
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:
+        """Make ``staging`` (from ``staging_path``) a copy of ``src`` (a volume of
+        ``src_pool``, of the same pool type); the engine then commits or discards it
+        like any created volume."""
+        raise self.unsupported("volume clone")
+
+    def check_clone(self, pool: PoolDef, src_pool: PoolDef, src_backend: Backend,
+                    src: VolumeRecord, *, linked: bool, options: CloneOptions,
+                    what: str) -> None:
+        """Refuse, before any job starts, a clone into this pool that ``vol_clone``
+        cannot make. By default a backend clones volumes of its own pool type, in the
+        source's format."""
+        if what == "volume create-from" and not self.copies:
+            raise self.unsupported(what)
+        if src_pool.type != pool.type:
+            raise Unsupported(f"unsupported configuration: a '{src_pool.type}' volume can be "
+                              f"cloned only into a '{src_pool.type}' pool")
+        fmt = options.format or src.format or "raw"
+        if fmt != (src.format or "raw") or fmt not in self.caps.vol_formats:
+            raise Unsupported(f"unsupported configuration: format '{fmt}' is not supported "
+                              f"for clones in '{pool.type}' pools")
+        if linked and not self.linked_clones:
+            raise Unsupported(f"unsupported configuration: linked clones are not supported "
+                              f"by '{pool.type}' pools")
+
+    def clone_total(self, src: VolumeRecord, options: CloneOptions, linked: bool) -> int:
+        """The bytes a clone's progress counts up to (holes count: they are skipped)."""
+        return 0 if linked else src.capacity
+
+    def check_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,  # noqa: B027
+                     shrink: bool, allocate: bool) -> None:
+        """Refuse, before any job starts, a resize ``vol_resize`` cannot do."""
+
+    def data_size(self, rec: VolumeRecord) -> int:
+        """The bytes a wipe or a whole download goes through."""
+        return rec.capacity
+
+    def local_files(self, pool: PoolDef) -> bool:
+        """Whether this pool's volumes are files on this host, at their paths."""
+        return False
+
+    # -- storage snapshots -----------------------------------------------------
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        raise self.unsupported("storage snapshots")
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise self.unsupported("storage snapshots")
+
+    def snap_create_external(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise Unsupported(f"unsupported configuration: external snapshots are not "
+                          f"supported by '{self.caps.pool_type}' pools")
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise self.unsupported("storage snapshots")
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise self.unsupported("storage snapshots")
+
+    def forget_snapshots(self, pool: PoolDef, rec: VolumeRecord) -> None:  # noqa: B027
+        """A deleted volume's snapshots go with it (where the storage keeps them apart)."""
+
+    # -- how qemu opens a volume (NBD export) ------------------------------------
+    def qemu_source(self, pool: PoolDef,
+                    rec: VolumeRecord) -> AbstractContextManager[QemuSource]:
+        """How qemu opens the volume. A file or a block device is opened by its path;
+        a backend whose volumes qemu reaches otherwise (a URL, a secret) overrides this."""
+        if rec.type not in ("file", "block") or not rec.path.startswith("/"):
+            raise Unsupported(f"volumes of '{self.caps.pool_type}' pools cannot be "
+                              "exported over NBD")
+        from virtstore.host.nbd import QemuSource
+
+        return nullcontext(QemuSource(image=rec.path, fmt=rec.format or "raw"))
 
 
 class UnavailableBackend(Backend):

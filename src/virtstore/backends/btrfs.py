@@ -25,6 +25,7 @@ import shutil
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends.base import BackendCaps, ScanResult, Stamp, VolumeRecord
 from virtstore.backends.dir import FILE_FORMATS, STAGING_PREFIX
@@ -39,6 +40,9 @@ from virtstore.errors import (
 from virtstore.host.files import fsync_dir
 from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from virtstore.types import SnapshotInfo
 
 FICLONE = 0x40049409
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -101,8 +105,7 @@ def is_subvolume(path: str) -> bool:
 
 
 class BtrfsBackend(FsBackend):
-    caps = BackendCaps(pool_type="btrfs", build=True, delete=True, vol_create=True,
-                       vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
+    caps = BackendCaps(pool_type="btrfs", vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=False, file_based=True, volume_type="file")
 
     def host_problem(self) -> str | None:
@@ -276,6 +279,42 @@ class BtrfsBackend(FsBackend):
             for snap in os.listdir(sdir):
                 self._remove(os.path.join(sdir, snap))
             os.rmdir(sdir)
+
+    # -- the contract's snapshot verbs: btrfs snapshots first, then the file ones ----
+    snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {
+        "any": ("reflink", "subvolume"), "qcow2": ("internal", "external")}
+
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        from virtstore.types import SnapshotInfo
+
+        own = [SnapshotInfo(pool=pool.name, volume=rec.name, name=s.name, kind=s.kind,
+                            created=s.created, size=s.size)
+               for s in self.list_snapshots(pool, rec.name)]
+        return own + ([] if rec.type == "dir" else super().snap_list(pool, rec))
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self.snapshot_volume(pool, rec.name, snap)
+
+    def _own(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> bool:
+        return os.path.lexists(os.path.join(self._snapdir(pool, rec.name), snap))
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        if self._own(pool, rec, snap):
+            self.revert_snapshot(pool, rec.name, snap)
+        else:
+            super().snap_revert(pool, rec, snap)
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        if self._own(pool, rec, snap):
+            self.delete_snapshot(pool, rec.name, snap)
+        else:
+            super().snap_delete(pool, rec, snap)
+
+    def has_feature(self, feature: str, pool: PoolDef, rec: VolumeRecord,
+                    snapshot: str | None = None) -> bool:
+        if feature == "snapshot":  # a reflink or a subvolume snapshot, of any volume
+            return True
+        return super().has_feature(feature, pool, rec, snapshot)
 
     @staticmethod
     def _remove(path: str) -> None:

@@ -8,8 +8,13 @@ import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from virtstore.backends._file_volumes import (
+    PRIVATE_PREFIX,
+    SNAPSHOT_PREFIX,
+    STAGING_PREFIX,
+    FileVolumes,
+)
 from virtstore.backends.base import (
-    Backend,
     BackendCaps,
     CreateRequest,
     PoolSizes,
@@ -21,14 +26,11 @@ from virtstore.errors import AlreadyExists, NoSpace, OperationInvalid, Virtstore
 from virtstore.host.files import fsync_dir
 from virtstore.xml import PoolDef
 
+__all__ = ["PRIVATE_PREFIX", "SNAPSHOT_PREFIX", "STAGING_PREFIX", "DirBackend"]
+
 if TYPE_CHECKING:
     from virtstore.formats.probe import ImageInfo
 
-# Our own files in a pool directory (staging files, snapshot files) are hidden and carry
-# this prefix, so a refresh never lists them as volumes.
-PRIVATE_PREFIX = ".virtstore-"
-STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
-SNAPSHOT_PREFIX = PRIVATE_PREFIX + "snap-"
 # libvirt's default mode for a pool directory it builds, and for a volume it creates.
 DEFAULT_POOL_MODE = 0o711
 DEFAULT_VOL_MODE = 0o600
@@ -85,13 +87,12 @@ def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
     return rec
 
 
-class DirBackend(Backend):
+class DirBackend(FileVolumes):
     # Staging files that hold no data yet. Their names are unique, so one set serves
     # every instance and subclass; set operations are atomic across threads.
     _metadata_only: set[str] = set()  # noqa: RUF012
 
-    caps = BackendCaps(pool_type="dir", build=True, delete=True, vol_create=True,
-                       vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
+    caps = BackendCaps(pool_type="dir", vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=False, file_based=True, volume_type="file")
 
     # -- pool lifecycle --------------------------------------------------------

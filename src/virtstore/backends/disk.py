@@ -52,8 +52,7 @@ def _pool_format(pool: PoolDef) -> str:
 
 
 class DiskBackend(Backend):
-    caps = BackendCaps(pool_type="disk", build=True, delete=True, vol_create=True,
-                       vol_delete=True, vol_formats=DISK_VOL_FORMATS,
+    caps = BackendCaps(pool_type="disk", vol_formats=DISK_VOL_FORMATS,
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
 

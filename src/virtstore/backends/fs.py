@@ -59,8 +59,7 @@ def kernel_filesystems() -> set[str]:
 
 
 class FsBackend(DirBackend):
-    caps = BackendCaps(pool_type="fs", build=True, delete=True, vol_create=True,
-                       vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
+    caps = BackendCaps(pool_type="fs", vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=False, file_based=True, volume_type="file")
 
     def host_problem(self) -> str | None:

@@ -21,13 +21,14 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
-from virtstore.backends._net_utils import VolumeDataOps, fold_ino
+from virtstore.backends._net_utils import fold_ino
 from virtstore.backends._remotefs_utils import RemoteFiles, RemoteFS
 from virtstore.backends.base import (
     Backend,
     BackendCaps,
+    CloneOptions,
     CreateRequest,
     PoolSizes,
     ScanResult,
@@ -136,10 +137,12 @@ def _pad_qcow2(path: str) -> None:
             os.fsync(fh.fileno())
 
 
-class GlusterBackend(VolumeDataOps, Backend):
-    caps = BackendCaps(pool_type="gluster", build=False, delete=False, vol_create=True,
-                       vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
+class GlusterBackend(Backend):
+    caps = BackendCaps(pool_type="gluster", vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=True, file_based=False, volume_type="network")
+    linked_clones = True  # a qcow2 overlay naming its backing volume relatively
+    snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {"qcow2": ("internal",)}
+    can_shrink = True
 
     mode = "auto"  # "fuse", "gfapi", or "auto": FUSE where the kernel has it
 
@@ -332,7 +335,7 @@ class GlusterBackend(VolumeDataOps, Backend):
                                                      type="dir" if rec.type == "netdir"
                                                      else "file"))
 
-    # -- data operations (VolumeDataOps), on the private mount -----------------
+    # -- data operations, on the private mount or through libgfapi -------------
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                    shrink: bool, allocate: bool) -> None:
         if self.gfapi():
@@ -423,7 +426,8 @@ class GlusterBackend(VolumeDataOps, Backend):
             os.close(fd)
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
-                  linked: bool, monitor: Monitor) -> None:
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
         if self.gfapi():
             self._gf.vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor)
             return

@@ -51,8 +51,7 @@ def _size(dev: str) -> int:
 
 
 class IscsiBackend(Backend):
-    caps = BackendCaps(pool_type="iscsi", build=False, delete=False, vol_create=False,
-                       vol_delete=False, vol_formats=("raw",), default_vol_format="raw",
+    caps = BackendCaps(pool_type="iscsi", vol_formats=("raw",), default_vol_format="raw",
                        shared=True, file_based=False, volume_type="block")
 
     def host_problem(self) -> str | None:

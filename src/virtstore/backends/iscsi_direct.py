@@ -39,8 +39,7 @@ if TYPE_CHECKING:
 
 
 class IscsiDirectBackend(NbdDataOps, Backend):
-    caps = BackendCaps(pool_type="iscsi-direct", build=False, delete=False, vol_create=False,
-                       vol_delete=False, vol_formats=("raw",), default_vol_format="raw",
+    caps = BackendCaps(pool_type="iscsi-direct", vol_formats=("raw",), default_vol_format="raw",
                        shared=True, file_based=False, volume_type="network")
 
     def host_problem(self) -> str | None:

@@ -50,8 +50,7 @@ def _vg_name(pool: PoolDef) -> str:
 
 
 class LogicalBackend(Backend):
-    caps = BackendCaps(pool_type="logical", build=True, delete=True, vol_create=True,
-                       vol_delete=True, vol_formats=("none", "raw"),
+    caps = BackendCaps(pool_type="logical", vol_formats=("none", "raw"),
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
 

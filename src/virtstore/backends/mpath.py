@@ -21,8 +21,7 @@ from virtstore.xml import PoolDef
 
 
 class MpathBackend(Backend):
-    caps = BackendCaps(pool_type="mpath", build=False, delete=False, vol_create=False,
-                       vol_delete=False, vol_formats=("raw",), default_vol_format="raw",
+    caps = BackendCaps(pool_type="mpath", vol_formats=("raw",), default_vol_format="raw",
                        shared=False, file_based=False, volume_type="block")
 
     sysfs_root = "/"

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from virtstore.backends._net_utils import fold_ino
 from virtstore.backends._remotefs_utils import RemoteFiles, RemoteFS
 from virtstore.backends.base import (
+    Backend,
     BackendCaps,
+    CloneOptions,
     CreateRequest,
     PoolSizes,
     ScanResult,
@@ -39,7 +41,9 @@ from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
+    from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
+    from virtstore.types import SnapshotInfo
 
 USERSPACE_OPT = "x-virtstore-userspace"
 # The kernel filesystem each netfs format needs, and the Debian package of its helper.
@@ -139,8 +143,7 @@ def _client(server: str, export: str) -> RemoteFS:
 
 
 class NetfsBackend(RemoteFiles, DirBackend):
-    caps = BackendCaps(pool_type="netfs", build=True, delete=True, vol_create=True,
-                       vol_delete=True, vol_formats=FILE_FORMATS, default_vol_format="raw",
+    caps = BackendCaps(pool_type="netfs", vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=True, file_based=True, volume_type="file")
     staging_tag = "nfs-staging:"
 
@@ -149,8 +152,83 @@ class NetfsBackend(RemoteFiles, DirBackend):
             return "'mount' is not installed (Debian util-linux / mount)"
         return None
 
-    def handles_data(self, pool: PoolDef) -> bool:
-        return userspace(pool)
+    # -- data verbs: files on the kernel's mount, or RemoteFiles in userspace ----
+    def _verbs(self, pool: PoolDef) -> type[RemoteFiles] | type[DirBackend]:
+        return RemoteFiles if userspace(pool) else DirBackend
+
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        self._verbs(pool).vol_resize(self, pool, rec, capacity, shrink=shrink,
+                                     allocate=allocate)
+
+    def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
+                 monitor: Monitor) -> None:
+        self._verbs(pool).vol_wipe(self, pool, rec, algorithm, monitor)
+
+    def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
+                   length: int | None, sparse: bool, monitor: Monitor) -> None:
+        self._verbs(pool).vol_upload(self, pool, rec, source, offset=offset, length=length,
+                                     sparse=sparse, monitor=monitor)
+
+    def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
+                     length: int | None, sparse: bool, monitor: Monitor) -> None:
+        self._verbs(pool).vol_download(self, pool, rec, sink, offset=offset, length=length,
+                                       sparse=sparse, monitor=monitor)
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
+        self._verbs(pool).vol_clone(self, pool, src_pool, src, staging, linked=linked,
+                                    monitor=monitor, options=options)
+
+    def check_clone(self, pool: PoolDef, src_pool: PoolDef, src_backend: Backend,
+                    src: VolumeRecord, *, linked: bool, options: CloneOptions,
+                    what: str) -> None:
+        check = Backend.check_clone if userspace(pool) else DirBackend.check_clone
+        check(self, pool, src_pool, src_backend, src, linked=linked, options=options,
+              what=what)
+
+    def check_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                     shrink: bool, allocate: bool) -> None:
+        if not userspace(pool):
+            DirBackend.check_resize(self, pool, rec, capacity, shrink=shrink,
+                                    allocate=allocate)
+
+    def local_files(self, pool: PoolDef) -> bool:
+        return not userspace(pool)
+
+    def data_size(self, rec: VolumeRecord) -> int:
+        # A userspace volume's path is its URL; its index row has no allocation.
+        return rec.capacity if "://" in rec.path else rec.physical
+
+    def pool_has(self, feature: str, pool: PoolDef) -> bool:
+        # In userspace the volumes are files on the server: no snapshots, no export by
+        # path (qemu opens the URL), data verbs through the NFS client.
+        return not (userspace(pool) and feature.startswith("snapshot"))
+
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        self._files_only(pool, "storage snapshots")
+        return DirBackend.snap_list(self, pool, rec)
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self._files_only(pool, "storage snapshots")
+        DirBackend.snap_create(self, pool, rec, snap)
+
+    def snap_create_external(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self._files_only(pool, "storage snapshots")
+        DirBackend.snap_create_external(self, pool, rec, snap)
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self._files_only(pool, "storage snapshots")
+        DirBackend.snap_revert(self, pool, rec, snap)
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self._files_only(pool, "storage snapshots")
+        DirBackend.snap_delete(self, pool, rec, snap)
+
+    def _files_only(self, pool: PoolDef, what: str) -> None:
+        if userspace(pool):
+            raise self.unsupported(what)
 
     # -- RemoteFiles hooks (userspace mode) ------------------------------------
     def rf_connect(self, pool: PoolDef) -> RemoteFS:

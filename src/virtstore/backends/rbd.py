@@ -29,13 +29,13 @@ import os
 import secrets as pysecrets
 import zlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from virtstore.backends import _rbd_utils as ru
-from virtstore.backends._net_utils import VolumeDataOps
 from virtstore.backends.base import (
     Backend,
     BackendCaps,
+    CloneOptions,
     CreateRequest,
     PoolSizes,
     ScanResult,
@@ -92,10 +92,12 @@ def _message(exc: BaseException) -> str:
     return text.split("] ", 1)[-1] if text.startswith("[errno") else text
 
 
-class RbdBackend(VolumeDataOps, Backend):
-    caps = BackendCaps(pool_type="rbd", build=False, delete=False, vol_create=True,
-                       vol_delete=True, vol_formats=("raw",), default_vol_format="raw",
+class RbdBackend(Backend):
+    caps = BackendCaps(pool_type="rbd", vol_formats=("raw",), default_vol_format="raw",
                        shared=True, file_based=False, volume_type="network")
+    linked_clones = True  # COW clones of a protected snapshot
+    snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {"raw": ("native",)}
+    can_shrink = True
 
     def host_problem(self) -> str | None:
         try:
@@ -386,7 +388,7 @@ class RbdBackend(VolumeDataOps, Backend):
         except (lib.ImageNotFound, lib.ImageBusy):
             return
 
-    # -- data operations (VolumeDataOps) ---------------------------------------
+    # -- data operations (the contract's verbs) --------------------------------
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                    shrink: bool, allocate: bool) -> None:
         if allocate:
@@ -533,7 +535,8 @@ class RbdBackend(VolumeDataOps, Backend):
             monitor.advance(k)
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
-                  linked: bool, monitor: Monitor) -> None:
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
         lib = _rbd()
         target = self._staging_image(staging)
         if ru.settings(src_pool).mon_host != ru.settings(pool).mon_host:

@@ -35,8 +35,7 @@ SCSI_TYPE_DISK = 0
 
 
 class ScsiBackend(Backend):
-    caps = BackendCaps(pool_type="scsi", build=False, delete=False, vol_create=False,
-                       vol_delete=False, vol_formats=("raw",), default_vol_format="raw",
+    caps = BackendCaps(pool_type="scsi", vol_formats=("raw",), default_vol_format="raw",
                        shared=False, file_based=False, volume_type="block")
 
     sysfs_root = "/"  # where sysfs and /dev are looked up (tests point it at a recorded tree)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends import _block_utils as bu
 from virtstore.backends.base import (
     Backend,
     BackendCaps,
+    CloneOptions,
     CreateRequest,
     PoolSizes,
     ScanResult,
@@ -35,6 +37,10 @@ from virtstore.errors import (
 from virtstore.host import zfs as zfsmod
 from virtstore.xml import PoolDef
 
+if TYPE_CHECKING:
+    from virtstore.data.monitor import Monitor
+    from virtstore.types import SnapshotInfo
+
 STAGING_PREFIX = "virtstore-staging-"
 NO_ZVOLS = ("zvols need the ZFS kernel module: this host runs zfs-fuse, which cannot "
             "make block devices")
@@ -49,8 +55,7 @@ def _zpool(pool: PoolDef) -> str:
 
 
 class ZfsBackend(Backend):
-    caps = BackendCaps(pool_type="zfs", build=True, delete=True, vol_create=True,
-                       vol_delete=True, vol_formats=("none", "raw"),
+    caps = BackendCaps(pool_type="zfs", vol_formats=("none", "raw"),
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
 
@@ -231,3 +236,36 @@ class ZfsBackend(Backend):
             zfsmod.zfs(["snapshot", f"{src}@{snap}"])
         zfsmod.zfs(["clone", f"{src}@{snap}", target])
         return target
+
+    # -- the contract's verbs, on the zvol's dataset ------------------------------
+    linked_clones = True  # a clone of a snapshot shares its blocks
+    snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {"raw": ("native",)}
+
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        from virtstore.types import SnapshotInfo
+
+        return [SnapshotInfo(pool=pool.name, volume=rec.name, name=d.name.split("@", 1)[1],
+                             kind=self.snapshot_kind, created=0.0)
+                for d in self.list_snapshots(pool, rec.name)]
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self.snapshot_volume(pool, rec.name, snap)
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self.revert_snapshot(pool, rec.name, snap)
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self.delete_snapshot(pool, rec.name, snap)
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
+        """A clone is a ZFS clone of a snapshot taken for it (the staging dataset is the
+        clone; the engine renames it to the final name)."""
+        if src_pool.name != pool.name:
+            raise Unsupported("unsupported configuration: a zfs volume can be cloned only "
+                              "within its pool")
+        src_ds = self._dataset(pool, src.name)
+        snap = f"virtstore-clone-{staging.rsplit('-', 1)[-1]}"
+        zfsmod.zfs(["snapshot", f"{src_ds}@{snap}"])
+        zfsmod.zfs(["clone", f"{src_ds}@{snap}", staging])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from virtstore.engine import locks
-from virtstore.errors import InvalidArgument, Unsupported
+from virtstore.errors import InvalidArgument
 from virtstore.host.nbd import NbdAddress, NbdServer, QemuSource
 
 if TYPE_CHECKING:
@@ -74,28 +74,20 @@ def export_volume(conn: EngineParts, pool: str, name: str, *,
                   port: int | None = None, read_only: bool = False,
                   export_name: str | None = None) -> VolumeExport:
     """Serve volume ``name`` of ``pool`` until ``stop()``; raises if it cannot."""
-    from virtstore.backends import backend_for
-
     if socket_path is not None and host is not None:
         raise InvalidArgument("an NBD export is on a unix socket or a TCP address, not both")
     row = conn.state.row(pool)
     if not row.active:
         raise InvalidArgument(f"storage pool '{pool}' is not active")
     pool_def = conn.state.definition(row)
-    backend = backend_for(row.type)
+    backend = conn.state.backend(row.type)
     rec = conn.index.get(pool, name)
     owner = "nbd-" + pysecrets.token_hex(6)
     with conn.state.store.write() as db:
         locks.acquire(db, [(pool, name, locks.READ if read_only else locks.WRITE)], owner)
     stack = contextlib.ExitStack()
     try:
-        source_of = getattr(backend, "qemu_source", None)
-        if source_of is not None:
-            src: QemuSource = stack.enter_context(source_of(pool_def, rec))
-        elif backend.caps.file_based or rec.type == "block":
-            src = QemuSource(image=rec.path, fmt=rec.format or "raw")
-        else:
-            raise Unsupported(f"volumes of '{row.type}' pools cannot be exported over NBD")
+        src: QemuSource = stack.enter_context(backend.qemu_source(pool_def, rec))
         server = NbdServer(src.image, fmt=src.fmt, image_opts=src.image_opts,
                            objects=src.objects, socket_path=socket_path, host=host,
                            port=port, export=export_name if export_name is not None else name,

@@ -6,7 +6,6 @@ import logging
 import os
 import uuid as uuidlib
 
-from virtstore.backends import backend_for
 from virtstore.backends.base import PoolSizes, Stamp
 from virtstore.engine import locks, nesting
 from virtstore.engine.events import EventLog
@@ -49,7 +48,7 @@ class PoolManager:
 
     def _info(self, row: PoolRow) -> PoolInfo:
         sizes = PoolSizes()
-        backend = backend_for(row.type)
+        backend = self.state.backend(row.type)
         if row.active:
             sizes = backend.sizes(self.state.definition(row))
         return PoolInfo(name=row.name, uuid=row.uuid, type=row.type,
@@ -86,7 +85,7 @@ class PoolManager:
         row = self.state.row(name)
         pool = self.state.definition(row, inactive=inactive)
         if row.active and not inactive:
-            backend = backend_for(row.type)
+            backend = self.state.backend(row.type)
             sizes = backend.sizes(pool)
             pool.capacity, pool.allocation, pool.available = (
                 sizes.capacity, sizes.allocation, sizes.available)
@@ -193,8 +192,8 @@ class PoolManager:
         if row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is already active")
-        backend = backend_for(row.type)
-        if not backend.caps.build:
+        backend = self.state.backend(row.type)
+        if not backend.supports("build"):
             return  # libvirt: building a pool type with nothing to build succeeds
         backend.build(self.state.definition(row), overwrite)
 
@@ -203,7 +202,7 @@ class PoolManager:
         if row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is already active")
-        backend = backend_for(row.type)
+        backend = self.state.backend(row.type)
         problem = backend.host_problem()
         if problem:
             raise Unsupported(problem)
@@ -211,7 +210,7 @@ class PoolManager:
         # A source device that is a file (a volume of another pool) gets a loop device.
         attached = nesting.attach_sources(self.state, pool)
         try:
-            if build and backend.caps.build:
+            if build and backend.supports("build"):
                 backend.build(pool, overwrite)
             backend.start(pool)
             try:
@@ -245,7 +244,7 @@ class PoolManager:
                 raise OperationInvalid(f"Requested operation is not valid: pool '{name}' "
                                        "has asynchronous jobs running")
             pool = self.state.definition(row)
-            backend_for(row.type).stop(pool)
+            self.state.backend(row.type).stop(pool)
             nesting.detach_sources(self.state, pool)
             if row.persistent:
                 db.execute("UPDATE pools SET active=0, live_xml=NULL WHERE name=?", (name,))
@@ -259,8 +258,8 @@ class PoolManager:
         if row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is still active")
-        backend = backend_for(row.type)
-        if not backend.caps.delete:
+        backend = self.state.backend(row.type)
+        if not backend.supports("delete"):
             raise backend.unsupported("pool delete")
         nesting.check_pool_unused(self.state, self.index, name, "delete")
         backend.delete(self.state.definition(row))
@@ -275,7 +274,7 @@ class PoolManager:
 
     def _scan_into_index(self, pool: PoolDef) -> None:
         known: dict[str, Stamp] = self.index.stamps(pool.name)
-        backend = backend_for(pool.type)
+        backend = self.state.backend(pool.type)
         result = backend.scan(pool, known)
         for name, why in result.skipped:
             log.debug("pool %s: skipped '%s': %s", pool.name, name, why)

@@ -17,6 +17,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 
+from virtstore.engine.hooks import Backends
 from virtstore.engine.store import Store
 from virtstore.errors import InternalError, NoSuchPool, VirtstoreError
 from virtstore.host.files import atomic_write
@@ -63,6 +64,8 @@ class StateRoot:
             raise InternalError(f"cannot use state root '{self.root}': "
                                 f"{exc.strerror or exc}") from exc
         self.store = Store(os.path.join(self.root, "state.db"))
+        # This engine's backends, one per pool type, bound to its journal and store.
+        self.backend = Backends(self.store)
 
     # -- pool definitions on disk ----------------------------------------------
     def def_path(self, name: str) -> str:

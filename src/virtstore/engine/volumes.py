@@ -8,7 +8,6 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from virtstore.backends import backend_for
 from virtstore.backends.base import Backend, CreateRequest, VolumeRecord
 from virtstore.engine import journal, locks, nesting
 from virtstore.engine.index import VolumeIndex
@@ -74,7 +73,7 @@ class VolumeManager:
         if not row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is not active")
-        return self.state.definition(row), backend_for(row.type)
+        return self.state.definition(row), self.state.backend(row.type)
 
     # -- create ----------------------------------------------------------------
     def create_xml(self, pool_name: str, xml: str, *, prealloc_metadata: bool) -> str:
@@ -175,7 +174,7 @@ class VolumeManager:
     def _create(self, pool_name: str, vol: VolDef, *, prealloc_metadata: bool) -> str:
         pool, backend = self._active_pool(pool_name)
         check_name(vol.name, "volume")
-        if not backend.caps.vol_create:
+        if not backend.supports("create_volume"):
             raise backend.unsupported("volume creation")
         req = self._request(pool, backend, vol, prealloc_metadata)
         with self.state.store.write() as db:
@@ -231,7 +230,7 @@ class VolumeManager:
     def delete(self, pool_name: str, name: str) -> None:
         pool, backend = self._active_pool(pool_name)
         rec = self.index.get(pool_name, name)
-        if not backend.caps.vol_delete:
+        if not backend.supports("delete_volume"):
             raise backend.unsupported("volume deletion")
         # A volume that is the source device of a running pool stays.
         nesting.check_volume_unused(self.state, self.index, pool_name, rec)

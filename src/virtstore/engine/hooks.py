@@ -1,0 +1,68 @@
+"""The engine's side of the backend contract: backend instances bound to this engine,
+journalled scratch names, and the snapshot rows of snapshots kept as files."""
+
+from __future__ import annotations
+
+import secrets as pysecrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from virtstore.backends import new_backend
+from virtstore.backends.base import Backend, SnapshotRow
+from virtstore.engine import journal
+from virtstore.engine.store import Store
+from virtstore.xml import PoolDef
+
+
+class Hooks:
+    """EngineHooks on this engine's store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @contextmanager
+    def scratch(self, backend: Backend, pool: PoolDef, volume: str,
+                op: str) -> Iterator[str]:
+        staging = backend.staging_path(pool, pysecrets.token_hex(8))
+        with self.store.write() as db:
+            entry = journal.begin(db, op, pool.name, volume, staging, None)
+        try:
+            yield staging
+        finally:
+            try:
+                backend.discard_staging(staging)
+            finally:
+                journal.end(self.store, entry)
+
+    def snapshot_rows(self, pool: PoolDef, volume: str) -> list[SnapshotRow]:
+        rows = self.store.query("SELECT name, kind, created, path FROM snapshots WHERE pool=? "
+                                "AND volume=? ORDER BY created, name", (pool.name, volume))
+        return [SnapshotRow(volume, r["name"], r["kind"], r["created"], r["path"])
+                for r in rows]
+
+    def add_snapshot_row(self, pool: PoolDef, row: SnapshotRow) -> None:
+        with self.store.write() as db:
+            db.execute("INSERT INTO snapshots(pool, volume, name, kind, created, path) "
+                       "VALUES(?,?,?,?,?,?)",
+                       (pool.name, row.volume, row.name, row.kind, row.created, row.path))
+
+    def drop_snapshot_row(self, pool: PoolDef, volume: str, name: str) -> None:
+        with self.store.write() as db:
+            db.execute("DELETE FROM snapshots WHERE pool=? AND volume=? AND name=?",
+                       (pool.name, volume, name))
+
+
+class Backends:
+    """This engine's backend instances, one per pool type, bound to its hooks."""
+
+    def __init__(self, store: Store) -> None:
+        self.hooks = Hooks(store)
+        self._made: dict[str, Backend] = {}
+
+    def __call__(self, pool_type: str) -> Backend:
+        be = self._made.get(pool_type)
+        if be is None:
+            be = new_backend(pool_type)
+            be.hooks = self.hooks
+            self._made[pool_type] = be
+        return be
