@@ -13,7 +13,6 @@ import pytest
 
 from net_fixtures import Server, gluster_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
-from virtstore.backends import backend_for
 from virtstore.backends.fs import kernel_filesystems
 from virtstore.backends.gluster import GlusterBackend, mount_point
 from virtstore.errors import AlreadyExists, NoSuchVolume, OperationInvalid
