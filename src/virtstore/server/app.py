@@ -44,6 +44,8 @@ MAX_BODY = 1024 * 1024
 # Longest a single request blocks waiting for a job or an event; clients loop.
 MAX_WAIT = 60.0
 EVENT_KEEPALIVE = 15.0
+# Largest integer argument: sizes and offsets end up in off_t and SQLite's INTEGER.
+MAX_INT = 2**63 - 1
 
 JSON = "application/json"
 XML = "application/xml"
@@ -131,6 +133,8 @@ def _qint(req: Request, key: str, default: int | None = None) -> int | None:
                               f"not '{raw}'") from None
     if value < 0:
         raise InvalidArgument(f"query parameter '{key}' must not be negative")
+    if value > MAX_INT:
+        raise InvalidArgument(f"query parameter '{key}' must be at most {MAX_INT}")
     return value
 
 
@@ -145,6 +149,15 @@ def _qfloat(req: Request, key: str, default: float) -> float:
     if not value >= 0:  # also refuses NaN
         raise InvalidArgument(f"query parameter '{key}' must not be negative")
     return value
+
+
+def _range(req: Request, default_length: int | None = None) -> tuple[int, int | None]:
+    """``offset`` and ``length`` of an upload or download; their end must be a file offset."""
+    offset = _qint(req, "offset", 0) or 0
+    length = _qint(req, "length", default_length)
+    if offset + (length or 0) > MAX_INT:
+        raise InvalidArgument(f"offset + length must be at most {MAX_INT}")
+    return offset, length
 
 
 class Args:
@@ -189,6 +202,8 @@ class Args:
             return default
         if v < 0:
             raise InvalidArgument(f"field '{key}' must not be negative")
+        if v > MAX_INT:
+            raise InvalidArgument(f"field '{key}' must be at most {MAX_INT}")
         return int(v)
 
     def req_num(self, key: str) -> int:
@@ -218,6 +233,12 @@ def _body_json(req: Request, *, required: bool = True) -> Args:
         raise HTTPError(415, "invalid-argument", f"expected {JSON}, not '{ctype}'")
     try:
         data = json.loads(body)
+        # JSON's \u escapes can spell a lone surrogate, which is no character: nothing
+        # downstream (SQLite, file names, XML) could store it.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("malformed JSON: a string holds a lone surrogate "
+                              "(not a Unicode character)") from None
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -586,13 +607,10 @@ class App:
     @route("PUT", "/v1/pools/{pool}/volumes/{volume}/upload", "write",
            summary="Write the request body into the volume (at offset); answers when done")
     def volume_upload(self, req: Request, p: list[str]) -> Response:
-        offset = _qint(req, "offset", 0) or 0
-        length = _qint(req, "length")
+        cl = req.headers.get("content-length")
+        offset, length = _range(req, int(cl) if cl is not None and cl.isdigit() else None)
         bandwidth = _qint(req, "bandwidth")
         sparse = bool(_qbool(req, "sparse", True))
-        cl = req.headers.get("content-length")
-        if length is None and cl is not None and cl.isdigit():
-            length = int(cl)
         source: Any = req.stream()
         if req.content_type == SPARSE:
             # The framing's length is not the volume's: the end record says how much.
@@ -608,8 +626,7 @@ class App:
     @route("GET", "/v1/pools/{pool}/volumes/{volume}/download", "secret",
            summary="The volume's bytes (from offset, length bytes)")
     def volume_download(self, req: Request, p: list[str]) -> Response:
-        offset = _qint(req, "offset", 0) or 0
-        length = _qint(req, "length")
+        offset, length = _range(req)
         bandwidth = _qint(req, "bandwidth")
         pool, name = p
         conn = self.conn

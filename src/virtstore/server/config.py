@@ -30,7 +30,13 @@ class Options:
     tls_key: str | None = None
     tls_ca: str | None = None  # clients must present a certificate signed by it
     tokens: str | None = None
-    max_connections: int = 256
+    max_connections: int = 256  # every listener together
+    rw_reserve: int | None = None  # of max_connections, for the read-write socket alone;
+    # default an eighth
+    max_connections_ro: int = 128
+    max_connections_tcp: int = 128
+    max_connections_per_peer: int = 32  # per uid (read-only socket), per address (TCP)
+    head_timeout: float = 20.0  # seconds for a request's whole head
     log_level: str = "info"
 
     def socket_paths(self, root: str) -> tuple[str, str]:
@@ -53,7 +59,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     p.add_argument("--tls-ca", help="require client certificates signed by this CA")
     p.add_argument("--tokens", help=f"bearer tokens file, 'TOKEN ro|rw [NAME]' lines "
                    f"(default {TOKENS_FILE} if it exists)")
-    p.add_argument("--max-connections", type=int, help="concurrent connections (256)")
+    p.add_argument("--max-connections", type=int,
+                   help="concurrent connections, every listener together (256)")
+    p.add_argument("--rw-reserve", type=int, help="of --max-connections, how many only the "
+                   "read-write socket may use (an eighth)")
+    p.add_argument("--max-connections-ro", type=int,
+                   help="concurrent connections on the read-only socket (128)")
+    p.add_argument("--max-connections-tcp", type=int,
+                   help="concurrent connections over TCP (128)")
+    p.add_argument("--max-connections-per-peer", type=int, help="concurrent connections per "
+                   "uid on the read-only socket and per address over TCP (32)")
+    p.add_argument("--head-timeout", type=float, metavar="SECONDS",
+                   help="time for a request's whole head to arrive (20)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv), p
 
@@ -98,11 +115,15 @@ def load(argv: list[str] | None = None) -> Options:
             name = key.replace("-", "_")
             if name not in known:
                 raise InvalidArgument(f"{path}: unknown option '{key}'")
-            if name == "max_connections":
+            kind = str(known[name].type).removesuffix(" | None")
+            if kind in ("int", "float"):
                 try:
-                    value = int(value)
+                    if isinstance(value, bool):
+                        raise TypeError
+                    value = int(value) if kind == "int" else float(value)
                 except (TypeError, ValueError):
-                    raise InvalidArgument(f"{path}: max_connections must be an integer") \
+                    raise InvalidArgument(f"{path}: {name} must be "
+                                          f"{'an integer' if kind == 'int' else 'a number'}") \
                         from None
             elif not isinstance(value, str):
                 raise InvalidArgument(f"{path}: '{key}' must be a string")
@@ -113,8 +134,16 @@ def load(argv: list[str] | None = None) -> Options:
             setattr(opts, name, value)
     if opts.tokens is None and os.path.exists(TOKENS_FILE):
         opts.tokens = TOKENS_FILE
-    if opts.max_connections < 1:
-        raise InvalidArgument("max_connections must be at least 1")
+    for name in ("max_connections", "max_connections_ro", "max_connections_tcp",
+                 "max_connections_per_peer"):
+        if getattr(opts, name) < 1:
+            raise InvalidArgument(f"{name} must be at least 1")
+    if opts.rw_reserve is None:
+        opts.rw_reserve = min(opts.max_connections - 1, max(1, opts.max_connections // 8))
+    if not 0 <= opts.rw_reserve < opts.max_connections:
+        raise InvalidArgument("rw_reserve must be at least 0 and less than max_connections")
+    if not 0 < opts.head_timeout <= 3600:  # also refuses NaN
+        raise InvalidArgument("head_timeout must be more than 0 and at most 3600 seconds")
     if opts.listen and not (opts.tls_cert and opts.tls_key):
         raise InvalidArgument("--listen needs --tls-cert and --tls-key: TCP is served over "
                               "TLS only")

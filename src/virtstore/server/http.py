@@ -15,7 +15,12 @@ request (a volume lookup over the unix socket, one keep-alive client on stdlib
 
 Limits: a request line (URL) of 8 KiB, 64 KiB of headers, 100 headers; body limits are
 the handlers' (``Request.body(limit)``); idle keep-alive connections are closed after
-``IDLE_TIMEOUT``, and a request that stalls mid-way after ``IO_TIMEOUT``.
+``IDLE_TIMEOUT``, a request that stalls mid-way after ``IO_TIMEOUT``, and a request's head
+must be whole within ``Limits.head_timeout``. Connections are counted per listener and per
+peer (``Limits``), with a share kept for the read-write socket.
+
+Only HTTP/1.0 and 1.1, only ``Transfer-Encoding: chunked`` (anything else could be framed
+differently by a proxy in front), and no charset but UTF-8 for a body.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from virtstore.errors import InvalidArgument
+
 log = logging.getLogger("virtstored")
 
 MAX_URL = 8 * 1024
@@ -50,6 +57,18 @@ RECV_SIZE = 256 * 1024  # reads of a request body
 HEAD_RECV_SIZE = 64 * 1024
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many connections the server holds, and how long a request's head may take."""
+
+    total: int = 256  # every listener together; the read-write socket's only limit
+    rw_reserve: int = 32  # of ``total``, kept for the read-write socket
+    ro: int = 128  # the read-only socket
+    tcp: int = 128
+    per_peer: int = 32  # per uid on the read-only socket, per remote address over TCP
+    head_timeout: float = 20.0  # from the connection's start or a head's first byte
 
 
 class HTTPError(Exception):
@@ -83,13 +102,14 @@ class Peer:
 
 class _Message:
     __slots__ = ("body", "body_size", "complete", "header_count", "headers", "headers_done",
-                 "keep_alive", "method", "too_long", "url")
+                 "keep_alive", "method", "too_long", "url", "version")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: dict[str, str] = {}
         self.header_count = 0
         self.method = ""
+        self.version = ""
         self.keep_alive = True
         self.headers_done = False
         self.complete = False
@@ -130,6 +150,7 @@ class _Protocol:
     def on_headers_complete(self) -> None:
         cur = self.cur
         cur.method = self.parser.get_method().decode("ascii")
+        cur.version = self.parser.get_http_version()
         cur.keep_alive = bool(self.parser.should_keep_alive())
         cur.headers_done = True
 
@@ -185,8 +206,18 @@ class Request:
     def content_type(self) -> str:
         return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
+    def _check_charset(self) -> None:
+        """Bodies are UTF-8: text in another charset would be read as something else."""
+        for param in self.headers.get("content-type", "").split(";")[1:]:
+            key, _, value = param.partition("=")
+            charset = value.strip().strip('"').lower()
+            if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+                raise HTTPError(415, "invalid-argument",
+                                f"unsupported charset '{charset}': bodies are UTF-8")
+
     def body(self, limit: int) -> bytes:
         """The whole body; 413 past ``limit`` bytes (the connection is then closed)."""
+        self._check_charset()
         msg = self._msg
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -206,11 +237,19 @@ class Request:
         return b"".join(parts)
 
     def stream(self) -> BodyStream:
+        self._check_charset()
         return BodyStream(self._conn, self._msg)
 
 
+class BodyIncomplete(InvalidArgument):
+    """The client left (or stalled) in the middle of a body the engine was reading."""
+
+
 class BodyStream:
-    """The request body as a file object, for data the engine reads at its own pace."""
+    """The request body as a file object, for data the engine reads at its own pace.
+
+    A client gone mid-body fails the engine's work as an invalid argument (its own, in one
+    line) rather than as an unexpected exception with a traceback."""
 
     def __init__(self, conn: HTTPConnection, msg: _Message) -> None:
         self._conn = conn
@@ -222,6 +261,12 @@ class BodyStream:
         return True
 
     def read(self, n: int = -1) -> bytes:
+        try:
+            return self._read(n)
+        except ClientGone as exc:
+            raise BodyIncomplete(f"request body incomplete: {exc}") from None
+
+    def _read(self, n: int) -> bytes:
         if n is None or n < 0:
             parts = [self._buf]
             self._buf = b""
@@ -303,11 +348,37 @@ class StreamWriter:
         self.finished = True
 
 
+def _render_head(status: int, content_type: str | None, length: int | None,
+                 headers: list[tuple[str, str]], *, close: bool, body: bytes = b"") -> bytes:
+    parts = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (
+        status, _REASONS.get(status, "Unknown").encode("ascii"), _date())]
+    if content_type is not None:
+        parts.append(b"Content-Type: %s\r\n" % content_type.encode("latin-1"))
+    if length is not None:
+        parts.append(b"Content-Length: %d\r\n" % length)
+    for k, v in headers:
+        parts.append(f"{k}: {v}\r\n".encode("latin-1"))
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
+
+
+def _render(resp: Response, head_only: bool, close: bool) -> bytes:
+    body = resp.body
+    no_body = resp.status in (204, 304) or 100 <= resp.status < 200
+    return _render_head(resp.status, None if no_body else resp.content_type,
+                        None if no_body else len(body), resp.headers, close=close,
+                        body=b"" if (head_only or no_body) else body)
+
+
 class HTTPConnection:
     """One client connection: reads requests, hands them to the app, writes responses."""
 
     def __init__(self, sock: socket.socket, peer: Peer,
-                 app: Callable[[Request], Response]) -> None:
+                 app: Callable[[Request], Response], *,
+                 head_timeout: float = Limits.head_timeout) -> None:
         self.sock = sock
         self.peer = peer
         self.app = app
@@ -316,6 +387,10 @@ class HTTPConnection:
         self.proto.parser = self.parser
         self._continue_sent: _Message | None = None
         self._keep = True
+        self.head_timeout = head_timeout
+        # The first request's head is due from the connection's start, so a peer cannot
+        # hold a connection open by sending nothing.
+        self._head_deadline: float | None = time.monotonic() + head_timeout
         # Plain sockets block, with timeouts kept by the kernel: a recv or a send is then
         # one system call, where Python's own timeouts poll before each. TLS sockets keep
         # Python's timeouts, which the ssl module expects.
@@ -330,6 +405,8 @@ class HTTPConnection:
             return
         self._timeout = timeout
         if self._kernel_timeouts:
+            # A zero timeval means no timeout at all: never go below a millisecond.
+            timeout = max(timeout, 0.001)
             sec = int(timeout)
             tv = struct.pack("ll", sec, int((timeout - sec) * 1e6))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
@@ -361,8 +438,23 @@ class HTTPConnection:
     def _next_message(self) -> _Message | None:
         msgs = self.proto.messages
         fed = 0
+        deadline, self._head_deadline = self._head_deadline, None
         while not msgs or not msgs[0].headers_done:
-            n = self._fill(IDLE_TIMEOUT if not msgs and fed == 0 else IO_TIMEOUT)
+            if deadline is None and (msgs or fed):
+                # Part of a head is here: the rest is due within the head timeout, however
+                # slowly it trickles in.
+                deadline = time.monotonic() + self.head_timeout
+            timeout = IDLE_TIMEOUT if deadline is None else min(
+                IO_TIMEOUT, deadline - time.monotonic())
+            try:
+                if timeout <= 0:
+                    raise ClientGone("request head deadline passed")
+                n = self._fill(timeout)
+            except ClientGone:
+                if deadline is None or time.monotonic() < deadline or not (msgs or fed):
+                    raise
+                raise HTTPError(408, "invalid-argument", "request head not received within "
+                                f"{self.head_timeout:g} s", close=True) from None
             if not n:
                 return None
             fed += n
@@ -379,6 +471,15 @@ class HTTPConnection:
         if m.header_count > MAX_HEADERS or sum(
                 len(k) + len(v) + 4 for k, v in m.headers.items()) > MAX_HEADER_BYTES:
             raise HTTPError(431, "invalid-argument", "request headers too large", close=True)
+        if m.version not in ("1.0", "1.1"):
+            raise HTTPError(505, "unsupported", f"HTTP/{m.version} is not supported: "
+                            "HTTP/1.0 or HTTP/1.1 only", close=True)
+        te = m.headers.get("transfer-encoding")
+        if te is not None and te.strip().lower() != "chunked":
+            # A proxy that reads the body by another coding than ours would see another
+            # request in it.
+            raise HTTPError(501, "unsupported", f"Transfer-Encoding '{te}' is not supported: "
+                            "only 'chunked'", close=True)
         return m
 
     def read_body(self, msg: _Message) -> bytes:
@@ -389,7 +490,7 @@ class HTTPConnection:
                 if msg.headers.get("expect", "").lower() == "100-continue":
                     self.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
             if not self._fill(IO_TIMEOUT, RECV_SIZE):
-                raise ClientGone("connection closed in the middle of a request body")
+                raise ClientGone("connection closed")
         if msg.body:
             return msg.body.popleft()
         return b""
@@ -403,26 +504,11 @@ class HTTPConnection:
 
     def send_head(self, status: int, content_type: str | None, length: int | None,
                   headers: list[tuple[str, str]], *, close: bool, body: bytes = b"") -> None:
-        parts = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (
-            status, _REASONS.get(status, "Unknown").encode("ascii"), _date())]
-        if content_type is not None:
-            parts.append(b"Content-Type: %s\r\n" % content_type.encode("latin-1"))
-        if length is not None:
-            parts.append(b"Content-Length: %d\r\n" % length)
-        for k, v in headers:
-            parts.append(f"{k}: {v}\r\n".encode("latin-1"))
-        if close:
-            parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
-        self.send_raw(b"".join(parts))
+        self.send_raw(_render_head(status, content_type, length, headers, close=close,
+                                   body=body))
 
     def _send(self, resp: Response, head_only: bool, close: bool) -> None:
-        body = resp.body
-        no_body = resp.status in (204, 304) or 100 <= resp.status < 200
-        self.send_head(resp.status, None if no_body else resp.content_type,
-                       None if no_body else len(body), resp.headers, close=close,
-                       body=b"" if (head_only or no_body) else body)
+        self.send_raw(_render(resp, head_only, close))
 
     # -- the loop --------------------------------------------------------------
     def serve(self) -> None:
@@ -442,6 +528,7 @@ class HTTPConnection:
         try:
             msg = self._next_message()
         except HTTPError as err:
+            self._set_timeout(IO_TIMEOUT)
             self._send(error_response(err), False, True)
             return False
         if msg is None:
@@ -491,26 +578,32 @@ class Listener:
     tls: ssl.SSLContext | None = None
 
 
-def _peer_for(listener: Listener, sock: socket.socket, addr: Any) -> Peer:
+def _peer_for(listener: Listener, sock: socket.socket, addr: Any) -> tuple[Peer, str | None]:
+    """Who connected, and the key its connections are counted under (None: not counted;
+    the read-write socket's peers are root)."""
     if listener.kind.startswith("unix"):
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
-        return Peer(listener.kind, uid=uid, gid=gid, pid=pid)
+        key = None if listener.kind == "unix-rw" else f"uid {uid}"
+        return Peer(listener.kind, uid=uid, gid=gid, pid=pid), key
     host, port = addr[0], addr[1]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return Peer(listener.kind, addr=where)
+    return Peer(listener.kind, addr=where), f"address {host}"
 
 
 class Server:
     """Accepts on every listener from one thread; each connection gets its own thread."""
 
     def __init__(self, app: Callable[[Request], Response], listeners: list[Listener], *,
-                 max_connections: int = 256) -> None:
+                 limits: Limits = Limits()) -> None:
         self.app = self._counted(app)
         self.listeners = listeners
-        self.max_connections = max_connections
+        self.limits = limits
         self._busy = 0
         self._active = 0
+        self._by_kind: dict[str, int] = {}
+        self._by_peer: dict[str, int] = {}
+        self._refused: dict[str, tuple[float, int]] = {}  # listener: last logged, since
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -539,33 +632,78 @@ class Server:
         finally:
             sel.close()
 
+    def _full(self, kind: str, key: str | None) -> str | None:
+        """Why one more connection of ``kind`` from ``key`` is refused; None if it is not.
+        Called with the lock held."""
+        lim = self.limits
+        if self._active >= lim.total:
+            return f"all {lim.total} connections in use"
+        if kind == "unix-rw":
+            return None
+        others = self._active - self._by_kind.get("unix-rw", 0)
+        if others >= lim.total - lim.rw_reserve:
+            return "the remaining connections are kept for the read-write socket"
+        own = lim.ro if kind == "unix-ro" else lim.tcp
+        if self._by_kind.get(kind, 0) >= own:
+            return f"all {own} connections of this listener in use"
+        if key is not None and self._by_peer.get(key, 0) >= lim.per_peer:
+            return f"{lim.per_peer} connections already open from {key}"
+        return None
+
+    def _count(self, kind: str, key: str | None, step: int) -> None:
+        """Called with the lock held."""
+        self._active += step
+        self._by_kind[kind] = self._by_kind.get(kind, 0) + step
+        if key is not None:
+            left = self._by_peer.get(key, 0) + step
+            if left:
+                self._by_peer[key] = left
+            else:
+                del self._by_peer[key]
+
     def _start(self, lst: Listener, sock: socket.socket, addr: Any) -> None:
         sock.setblocking(True)
-        with self._lock:
-            full = self._active >= self.max_connections
-            if not full:
-                self._active += 1
-        if full:
-            log.warning("too many connections (%d): refusing one on %s",
-                        self.max_connections, lst.label)
-            try:
-                sock.settimeout(1.0)
-                if lst.tls is None:
-                    sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
-            except OSError:
-                pass
+        try:
+            peer, key = _peer_for(lst, sock, addr)
+        except OSError as exc:  # gone already
+            log.debug("connection on %s ended at once: %s", lst.label, exc)
             sock.close()
             return
-        t = threading.Thread(target=self._run, args=(lst, sock, addr), daemon=True,
+        with self._lock:
+            why = self._full(lst.kind, key)
+            if why is None:
+                self._count(lst.kind, key, 1)
+        if why is not None:
+            self._refuse(lst, sock, why)
+            return
+        t = threading.Thread(target=self._run, args=(lst, sock, peer, key), daemon=True,
                              name=f"conn-{lst.kind}")
         t.start()
 
-    def _run(self, lst: Listener, sock: socket.socket, addr: Any) -> None:
+    def _refuse(self, lst: Listener, sock: socket.socket, why: str) -> None:
+        # One line per listener and second at most: a flood must not flood the log too.
+        now = time.monotonic()
+        last, count = self._refused.get(lst.label, (0.0, 0))
+        if now - last >= 1.0:
+            more = f" ({count} more refused since)" if count else ""
+            log.warning("too many connections: refusing one on %s: %s%s", lst.label, why,
+                        more)
+            self._refused[lst.label] = (now, 0)
+        else:
+            self._refused[lst.label] = (last, count + 1)
+        try:
+            sock.settimeout(1.0)
+            if lst.tls is None:  # a TLS peer could not read it before a handshake
+                resp = error_response(HTTPError(503, "busy", f"too many connections: {why}"))
+                sock.sendall(_render(resp, False, True))
+        except OSError:
+            pass
+        sock.close()
+
+    def _run(self, lst: Listener, sock: socket.socket, peer: Peer, key: str | None) -> None:
         try:
             if lst.kind == "tcp":
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = _peer_for(lst, sock, addr)
             if lst.tls is not None:
                 sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
                 try:
@@ -579,7 +717,7 @@ class Server:
                 if cert:
                     peer.cert_subject = _subject(cert)
                 sock = tls_sock
-            HTTPConnection(sock, peer, self.app).serve()
+            HTTPConnection(sock, peer, self.app, head_timeout=self.limits.head_timeout).serve()
         except Exception:
             log.exception("connection on %s failed", lst.label)
             try:
@@ -588,7 +726,7 @@ class Server:
                 pass
         finally:
             with self._lock:
-                self._active -= 1
+                self._count(lst.kind, key, -1)
 
     def _counted(self, app: Callable[[Request], Response]) -> Callable[[Request], Response]:
         def call(req: Request) -> Response:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from virtstore.errors import InvalidArgument, VirtstoreError
 from virtstore.server.config import Options, load, parse_listen
-from virtstore.server.http import Listener, Server
+from virtstore.server.http import Limits, Listener, Server
 
 log = logging.getLogger("virtstored")
 
@@ -147,7 +147,12 @@ def serve(opts: Options) -> None:
                     log.warning("no tokens configured: every request over TCP will be "
                                 "refused (401)")
             app = App(conn, Authenticator(tokens), document_bytes)
-            server = Server(app, listeners, max_connections=opts.max_connections)
+            assert opts.rw_reserve is not None  # load() sets it
+            limits = Limits(total=opts.max_connections, rw_reserve=opts.rw_reserve,
+                            ro=opts.max_connections_ro, tcp=opts.max_connections_tcp,
+                            per_peer=opts.max_connections_per_peer,
+                            head_timeout=opts.head_timeout)
+            server = Server(app, listeners, limits=limits)
 
             def stop(signum: int, frame: object) -> None:
                 log.info("signal %d: stopping", signum)
