@@ -206,3 +206,39 @@ def test_logical_pool_through_the_cli(lab: BlockLab, tmp_path: Path,
     cli("pool-destroy", vg)
     cli("pool-delete", vg)
     assert lvmmod.vg(vg) is None
+
+
+def test_create_killed_after_its_rename_is_listed_at_next_start(lab: BlockLab,
+                                                                 conn: EmbeddedConnection,
+                                                                 root: Path) -> None:
+    """A logical volume publishes by lvrename: a process that died after the rename and
+    before indexing the LV leaves it, and the next start lists it as a refresh would."""
+    from virtstore.errors import AlreadyExists
+    from virtstore.xml import VolDef
+
+    dev = lab.loop(64 * MiB)
+    vg = lab.vg()
+    conn.pool_define_xml(logical_xml(vg, dev))
+    conn.pool_start(vg, build=True)
+    vm = conn.volumes
+    pool, be = vm._active_pool(vg)
+    req = vm._request(pool, be, VolDef(name="half", capacity=8 * MiB, capacity_given=True),
+                      False)
+    with conn.state.store.write() as db:
+        target = vm.reserve_target(db, vg, pool, be, "half")
+        # Journalled by a process that has since died (no such PID).
+        db.execute("UPDATE journal SET pid=?, pid_start='0' WHERE id=?",
+                   (2 ** 22 + 12345, target.entry))
+    be.create_volume(pool, target.staging, req)
+    be.commit_volume(pool, target.staging, target.final)
+    conn.close()
+    with EmbeddedConnection(str(root)) as c:
+        before = c.list_volumes(vg)
+        assert [v.name for v in before] == ["half"]
+        assert c.volume_info(vg, "half").capacity == 8 * MiB
+        with pytest.raises(AlreadyExists):
+            c.volume_create(vg, VolumeCreateArgs(name="half", capacity=8 * MiB))
+        c.pool_refresh(vg)
+        assert c.list_volumes(vg) == before
+        c.volume_delete(vg, "half")
+        c.pool_stop(vg)

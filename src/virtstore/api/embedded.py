@@ -49,7 +49,7 @@ class EmbeddedConnection(Connection):
         register_secrets(self.secrets)  # network pools read their auth secrets from it
         self.pools = PoolManager(self.state, self.index, self.events)
         self.volumes = VolumeManager(self.state, self.index, self.secrets, self.events)
-        self.jobs = JobManager(store, self.events)
+        self.jobs = JobManager(store, self.events, reread=self.volumes.reread)
         self.dataops = DataOps(self.volumes, self.index, self.jobs, self.events)
         self.snapshots = SnapshotManager(self.volumes, self.index)
         self._startup()
@@ -58,7 +58,7 @@ class EmbeddedConnection(Connection):
     def _startup(self) -> None:
         store = self.state.store
         self.jobs.recover()
-        journal.recover(store, self._discard_leftover)
+        journal.recover(store, self._discard_leftover, self.volumes.settle)
         self.state.sync_definitions()
         first_use = store.get_meta("initialized") is None
         if first_use:

@@ -167,6 +167,12 @@ class VolumeIndex:
             raise _missing("path", path)
         return found
 
+    def state_of(self, pool: str, name: str) -> str | None:
+        """The row's state ('ready', 'creating', 'deleting'), None if there is no row."""
+        row = self.store.query_one("SELECT state FROM volumes WHERE pool=? AND name=?",
+                                   (pool, name))
+        return None if row is None else str(row["state"])
+
     def stamps(self, pool: str) -> dict[str, Stamp]:
         rows = self.store.query("SELECT name, ino, size, mtime_ns, ctime_ns FROM volumes "
                                 "WHERE pool=? AND state='ready'", (pool,))

@@ -51,6 +51,9 @@ _PROGRESS_WRITE = 0.2
 _PROGRESS_EVENT = 0.5
 # Finished jobs kept in the table.
 KEEP_FINISHED = 1000
+# Jobs that change their own volume in place or swap its file; when one dies its volume
+# is read again (clones and conversions publish a new volume through the journal).
+_WRITES_ITS_VOLUME = ("resize", "wipe", "upload")
 
 
 @dataclass
@@ -73,9 +76,13 @@ def _info(row: sqlite3.Row) -> JobInfo:
 
 
 class JobManager:
-    def __init__(self, store: Store, events: EventLog) -> None:
+    def __init__(self, store: Store, events: EventLog,
+                 reread: Callable[[str, str], object] | None = None) -> None:
+        """``reread(pool, name)`` indexes a volume as it is now: the process of a job
+        that was writing it may have died after changing it and before indexing it."""
         self.store = store
         self.events = events
+        self.reread = reread
         self._local: dict[str, _Local] = {}
         self._lock = threading.Lock()
 
@@ -237,20 +244,30 @@ class JobManager:
         return row is None or process_alive(int(row["pid"]), str(row["pid_start"]))
 
     def recover(self) -> list[str]:
-        """Mark jobs whose process died as failed."""
-        rows = self.store.query("SELECT id, pid, pid_start FROM jobs WHERE state NOT IN "
-                                "(?,?,?)", JOB_FINAL)
-        dead = [r["id"] for r in rows
-                if not process_alive(int(r["pid"]), str(r["pid_start"]))]
-        for job_id in dead:
+        """Mark jobs whose process died as failed, and index the volumes they wrote."""
+        rows = self.store.query("SELECT id, kind, pool, volume, pid, pid_start FROM jobs "
+                                "WHERE state NOT IN (?,?,?)", JOB_FINAL)
+        dead = [r for r in rows if not process_alive(int(r["pid"]), str(r["pid_start"]))]
+        for r in dead:
+            job_id = r["id"]
             with self.store.write() as db:
-                db.execute("UPDATE jobs SET state=?, ended=?, error=?, error_code=? "
-                           "WHERE id=? AND state NOT IN (?,?,?)",
-                           (JOB_FAILED, time.time(), "interrupted: the process running it "
-                            "ended", "internal-error", job_id, *JOB_FINAL))
+                cur = db.execute("UPDATE jobs SET state=?, ended=?, error=?, error_code=? "
+                                 "WHERE id=? AND state NOT IN (?,?,?)",
+                                 (JOB_FAILED, time.time(), "interrupted: the process "
+                                  "running it ended", "internal-error", job_id, *JOB_FINAL))
                 db.execute("DELETE FROM vol_locks WHERE owner=?", (job_id,))
+                # In the transaction that frees its lock, so no other job on the volume
+                # starts from the stale row; only by the process that marked it failed.
+                if cur.rowcount == 1 and self.reread is not None and r["pool"] \
+                        and r["volume"] and r["kind"] in _WRITES_ITS_VOLUME:
+                    try:
+                        self.reread(r["pool"], r["volume"])
+                    except Exception as exc:
+                        log.warning("could not read volume '%s' in pool '%s' again after "
+                                    "an interrupted %s: %s", r["volume"], r["pool"],
+                                    r["kind"], exc)
             log.warning("job %s was interrupted: its process ended", job_id)
-        return dead
+        return [r["id"] for r in dead]
 
     def join_local(self, timeout: float | None = None) -> None:
         """Wait for this process's jobs (on close)."""

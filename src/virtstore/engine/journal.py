@@ -2,7 +2,9 @@
 
 An operation writes its staging name here in the same transaction that reserves the
 volume name. If the process dies, the row stays; the next process to open the state
-root sees its owner is gone, discards the staging object and frees the name.
+root sees its owner is gone, discards the staging object, and settles the name: the
+volume the operation left under it (complete: a volume takes its final name only once
+its data is), or none.
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ def end(store: Store, entry: int) -> None:
         db.execute("DELETE FROM journal WHERE id=?", (entry,))
 
 
-def recover(store: Store, discard: Callable[[str, str, str], None]) -> list[str]:
-    """Clean up after operations whose process died; returns what was cleaned, for the log.
+def recover(store: Store, discard: Callable[[str, str, str], None],
+            settle: Callable[[str, str], str]) -> list[str]:
+    """Clean up after operations whose process died; returns what was done, for the log.
 
-    ``discard(pool, name, tmp_path)`` removes one staging object.
+    ``discard(pool, name, tmp_path)`` removes one staging object. ``settle(pool, name)``
+    then makes the index say what the pool holds under the name, in the same
+    transaction, and says what it did. Freeing the name is not enough: the process may
+    have died after its volume took the final name, or after its delete removed the
+    volume, and the index must not answer otherwise than a refresh would.
     """
     rows = store.query("SELECT * FROM journal")
     dead = [r for r in rows if not process_alive(int(r["pid"]), str(r["pid_start"]))]
@@ -55,11 +62,18 @@ def recover(store: Store, discard: Callable[[str, str, str], None]) -> list[str]
                 except Exception as exc:
                     log.warning("could not remove leftover '%s': %s", r["tmp_path"], exc)
                     continue
-            db.execute("DELETE FROM volumes WHERE pool=? AND name=? AND state!='ready'",
-                       (r["pool"], r["name"]))
+            try:
+                outcome = settle(r["pool"], r["name"])
+            except Exception as exc:
+                # Kept for the next process: the name stays reserved (as a refresh
+                # leaves it) rather than being guessed at.
+                log.warning("could not look at volume '%s' in pool '%s' after an "
+                            "interrupted %s: %s", r["name"], r["pool"], r["op"], exc)
+                continue
             db.execute("DELETE FROM journal WHERE id=?", (r["id"],))
+        removed = f"removed '{r['tmp_path']}', " if r["tmp_path"] else ""
         what = (f"interrupted {r['op']} of volume '{r['name']}' in pool '{r['pool']}' "
-                f"(process {r['pid']}): removed '{r['tmp_path']}'")
+                f"(process {r['pid']}): {removed}{outcome}")
         log.warning("cleaned up %s", what)
         cleaned.append(what)
     return cleaned

@@ -226,6 +226,47 @@ class VolumeManager:
             self.index.remove(t.pool_name, t.name)
             journal.end(self.state.store, t.entry)
 
+    # -- recovery --------------------------------------------------------------
+    def settle(self, pool_name: str, name: str) -> str:
+        """Make the index say what the pool holds under ``name`` after an operation on
+        it died with its process (its staging object already discarded), as a refresh
+        would; returns what was done, for the log.
+
+        A name reserved by a create, clone or create-from is published when a volume is
+        there: the backend publishes only a volume whose data is complete (made, then
+        synced where the data is not metadata alone), so what is there is whole.
+        Otherwise the name is freed. A volume being deleted is listed again when it is
+        still there, dropped when it is gone. A listed volume (upload, wipe, snapshot,
+        revert) is read again: its content may have been swapped."""
+        state = self.index.state_of(pool_name, name)
+        if state is None:
+            return "no row for the name"
+        if state == "ready":
+            return self.reread(pool_name, name)
+        row = self.state.row(pool_name)
+        rec = backend_for(row.type).read_volume(self.state.definition(row), name)
+        if rec is None:
+            self.index.remove(pool_name, name)
+            if state == "deleting" and self.events is not None:
+                self.events.emit("volume", "deleted", pool=pool_name, name=name)
+            return "the volume is not there, its name is free"
+        self.index.publish(pool_name, rec)
+        if state == "creating" and self.events is not None:
+            self.events.emit("volume", "created", pool=pool_name, name=name)
+        return "the volume is there and listed"
+
+    def reread(self, pool_name: str, name: str) -> str:
+        """Index a listed volume as it is now, after a job writing it died. A volume
+        that is not there is left to a refresh (nothing here removes one)."""
+        if self.index.state_of(pool_name, name) != "ready":
+            return "not listed, left as it is"
+        row = self.state.row(pool_name)
+        rec = backend_for(row.type).read_volume(self.state.definition(row), name)
+        if rec is None:
+            return "the volume is not there, left to a refresh"
+        self.index.publish(pool_name, rec)
+        return "the volume is read again"
+
     # -- delete ----------------------------------------------------------------
     def delete(self, pool_name: str, name: str) -> None:
         pool, backend = self._active_pool(pool_name)
