@@ -28,7 +28,7 @@ KILLED_CHILD = r"""
 import json, os, signal, sys
 from virtstore.api import VolumeCreateArgs
 from virtstore.backends.dir import DirBackend
-from virtstore.engine.connection import EmbeddedConnection
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.engine.dataops import DataOps
 
 spec = json.loads(sys.argv[1])
