@@ -175,3 +175,18 @@ def test_host_features_devices_and_sources(setup: Setup) -> None:
     assert all("path" in d for d in devices)
     sources = setup.conn.find_pool_sources("logical")
     assert sources.lstrip().startswith("<sources")
+
+
+def test_volume_features(setup: Setup) -> None:
+    """A volume's features, the same through the engine and through virtstored."""
+    conn, _, tmp = setup
+    conn.pool_define_xml(dir_pool_xml("f", tmp / "f"))
+    conn.pool_start("f", build=True)
+    conn.volume_create("f", VolumeCreateArgs("q.qcow2", 8 << 20, format="qcow2"))
+    conn.volume_create("f", VolumeCreateArgs("v.vmdk", 8 << 20, format="vmdk"))
+    q = conn.volume_features("f", "q.qcow2")
+    assert q["snapshot"] and q["snapshot-external"] and q["resize-shrink"] and q["export"]
+    v = conn.volume_features("f", "v.vmdk")
+    assert not v["resize-grow"] and not v["snapshot"] and v["clone-full"] and v["download"]
+    with pytest.raises(NoSuchVolume):
+        conn.volume_features("f", "nosuch")

@@ -142,6 +142,11 @@ class RemoteConnection(Connection):
         features: list[dict[str, Any]] = self.http.get_json("/v1/pool-types")
         return features
 
+    def volume_features(self, pool: str, name: str) -> dict[str, bool]:
+        found: dict[str, bool] = self.http.get_json(
+            f"/v1/pools/{q(pool)}/volumes/{q(name)}/features")
+        return found
+
     def volume_device(self, pool: str, name: str) -> dict[str, Any]:
         found: dict[str, Any] = self.http.get_json(f"/v1/pools/{q(pool)}/volumes/{q(name)}/device")
         return found

@@ -567,6 +567,11 @@ class App:
     def volume_xml(self, req: Request, p: list[str]) -> Response:
         return _xml(self.conn.volume_xml(p[0], p[1]))
 
+    @route("GET", "/v1/pools/{pool}/volumes/{volume}/features",
+           summary="Per feature, whether this volume offers it now")
+    def volume_features(self, req: Request, p: list[str]) -> Response:
+        return _json(self.conn.volume_features(p[0], p[1]))
+
     @route("GET", "/v1/pools/{pool}/volumes/{volume}/device",
            summary="A LUN volume's SCSI identity (vendor, product, revision, serial)")
     def volume_device(self, req: Request, p: list[str]) -> Response:

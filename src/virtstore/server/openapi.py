@@ -120,6 +120,10 @@ OPS: dict[str, dict[str, Any]] = {
     "capabilities": {"responses": _XML_OK},
     "pool_types": {"responses": _ok({"type": "array", "items": {"type": "object"}},
                                     desc="Per pool type: supported, why not, operations")},
+    "volume_features": {"responses": _ok({"type": "object",
+                                          "additionalProperties": {"type": "boolean"}},
+                                         desc="snapshot, clone-linked, resize-grow, ...: "
+                                              "true or false")},
     "volume_device": {"responses": _ok({"type": "object"},
                                        desc="lun, device_type, vendor, product, revision, "
                                             "serial, block_size, capacity")},
