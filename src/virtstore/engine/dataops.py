@@ -26,6 +26,7 @@ from virtstore.engine.jobs import JobManager
 from virtstore.engine.locks import READ, WRITE
 from virtstore.engine.volumes import MAX_SIZE, StagedTarget, VolumeManager
 from virtstore.errors import InvalidArgument, NoSpace, Unsupported
+from virtstore.host.files import open_volume, refuse_symlink
 from virtstore.xml import PoolDef, parse_volume_xml
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def _net(backend: Backend, pool: PoolDef) -> bool:
 
 
 def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_volume(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -74,7 +75,11 @@ class DataOps:
 
     def _source(self, pool_name: str, name: str) -> tuple[PoolDef, Backend, VolumeRecord]:
         pool, backend = self.volumes._active_pool(pool_name)
-        return pool, backend, self.index.get(pool_name, name)
+        rec = self.index.get(pool_name, name)
+        if backend.caps.file_based and not _net(backend, pool):
+            # Said now, before a job starts; the job's own opens refuse one swapped in later.
+            refuse_symlink(rec.path)
+        return pool, backend, rec
 
     # -- clone and create-from -------------------------------------------------
     def clone(self, pool_name: str, name: str, new_name: str, *, target_pool: str | None,
@@ -140,6 +145,8 @@ class DataOps:
                   reflink: bool, linked: bool, prealloc_metadata: bool, bandwidth: int | None,
                   mode: int | None, compat: str | None = None, cluster_size: int | None = None,
                   lazy_refcounts: bool = False, crypt: _Crypt | None = None) -> JobInfo:
+        if not linked:
+            self.volumes.check_chain(src)  # again in the job, just before qemu-img reads
         holder: list[StagedTarget] = []
 
         def prepare(db: sqlite3.Connection, job_id: str) -> None:
@@ -174,7 +181,7 @@ class DataOps:
         if linked:
             from virtstore.formats.qcow2 import create_qcow2
 
-            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = open_volume(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 create_qcow2(fd, capacity, compat=compat or "1.1", backing_file=src.path,
                              backing_format=src.format)
@@ -201,6 +208,9 @@ class DataOps:
         if crypt.dst_secret is not None:
             opts.encryption = Encryption(format="luks", cipher=crypt.cipher, ivgen=crypt.ivgen)
         src_fmt = src.format or "raw"
+        # qemu-img opens the source (and its backing chain) by path itself.
+        refuse_symlink(src.path)
+        self.volumes.check_chain(src)
         convert(src.path, src_fmt, dst, fmt, opts, monitor=monitor,
                 src_secret=crypt.src_secret, dst_secret=crypt.dst_secret)
         if capacity > src.capacity:
@@ -230,18 +240,22 @@ class DataOps:
 
         def work(mon: Monitor) -> None:
             if fmt == "raw":
-                with open(rec.path, "r+b") as fh:
-                    os.ftruncate(fh.fileno(), new)
+                fd = open_volume(rec.path, os.O_RDWR)
+                try:
+                    os.ftruncate(fd, new)
                     if allocate and new > rec.capacity:
                         try:
-                            os.posix_fallocate(fh.fileno(), rec.capacity, new - rec.capacity)
+                            os.posix_fallocate(fd, rec.capacity, new - rec.capacity)
                         except OSError as exc:
-                            os.ftruncate(fh.fileno(), rec.capacity)
+                            os.ftruncate(fd, rec.capacity)
                             raise NoSpace("Not enough space left in storage pool") from exc
-                    os.fsync(fh.fileno())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             else:
                 from virtstore.formats.qemuimg import resize
 
+                refuse_symlink(rec.path)
                 resize(rec.path, new, fmt, shrink=shrink,
                        preallocation="falloc" if allocate else None)
             self._reread(pool_name, pool, backend, name)
@@ -350,15 +364,14 @@ class DataOps:
             try:
                 if covers:
                     # The upload replaces every byte: start from an empty file.
-                    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o600)
+                    fd = open_volume(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 else:
                     # Partial upload: a copy of the volume (a reflink where the filesystem
                     # can) takes the new bytes, so the volume is untouched until the swap.
                     from virtstore.data.monitor import Monitor
 
                     copy_file(rec.path, staging, reflink="auto", monitor=Monitor())
-                    fd = os.open(staging, os.O_RDWR | os.O_CLOEXEC)
+                    fd = open_volume(staging, os.O_RDWR)
                 try:
                     upload(source, fd, offset=offset, length=length, sparse=sparse, monitor=mon)
                     if covers and os.fstat(fd).st_size < rec.physical:
@@ -393,7 +406,7 @@ class DataOps:
         def work(mon: Monitor) -> None:
             from virtstore.data.stream import download
 
-            fd = os.open(rec.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_volume(rec.path, os.O_RDONLY)
             try:
                 download(fd, sink, offset=offset, length=length, sparse=sparse, monitor=mon)
             finally:

@@ -19,7 +19,7 @@ from virtstore.backends.base import Backend, VolumeRecord
 from virtstore.backends.dir import SNAPSHOT_PREFIX
 from virtstore.engine import journal, locks
 from virtstore.engine.index import VolumeIndex
-from virtstore.engine.names import check_name
+from virtstore.engine.names import check_volume_name
 from virtstore.engine.volumes import VolumeManager
 from virtstore.errors import (
     AlreadyExists,
@@ -27,6 +27,7 @@ from virtstore.errors import (
     OperationInvalid,
     Unsupported,
 )
+from virtstore.host.files import open_volume, refuse_symlink
 from virtstore.host.runner import run
 from virtstore.xml import PoolDef
 
@@ -46,7 +47,11 @@ class SnapshotManager:
         pool, backend = self.volumes._active_pool(pool_name)
         if not backend.caps.file_based and not isinstance(backend, VolumeDataOps):
             raise backend.unsupported("storage snapshots")
-        return pool, backend, self.index.get(pool_name, name)
+        rec = self.index.get(pool_name, name)
+        if backend.caps.file_based:
+            # qemu-img opens the volume by its path: not through a symbolic link.
+            refuse_symlink(rec.path)
+        return pool, backend, rec
 
     def _locked(self, pool_name: str, name: str) -> str:
         owner = "snap-" + pysecrets.token_hex(6)
@@ -96,7 +101,7 @@ class SnapshotManager:
 
     def create(self, pool_name: str, name: str, snap: str, *, external: bool) -> SnapshotInfo:
         pool, backend, rec = self._volume(pool_name, name)
-        check_name(snap, "snapshot")
+        check_volume_name(snap, "snapshot")
         if any(s.name == snap for s in self.list(pool_name, name)):
             raise AlreadyExists(f"snapshot '{snap}' of volume '{name}' exists already")
         owner = self._locked(pool_name, name)
@@ -161,8 +166,8 @@ class SnapshotManager:
         with self.store.write() as db:
             entry = journal.begin(db, "snapshot", pool_name, rec.name, staging, None)
         try:
-            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         rec.mode if rec.mode is not None else 0o600)
+            fd = open_volume(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             rec.mode if rec.mode is not None else 0o600)
             try:
                 create_qcow2(fd, rec.capacity, compat="1.1", backing_file=snap_path,
                              backing_format="qcow2")
@@ -227,7 +232,7 @@ class SnapshotManager:
             else:
                 from virtstore.formats.qcow2 import create_qcow2
 
-                fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+                fd = open_volume(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 try:
                     create_qcow2(fd, rec.capacity, compat="1.1", backing_file=snap_path,
                                  backing_format="qcow2")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from virtstore.errors import InvalidArgument
@@ -32,6 +32,10 @@ class Options:
     tokens: str | None = None
     max_connections: int = 256
     log_level: str = "info"
+    # Where remote (TCP) callers may put file pools; none: nowhere.
+    remote_pool_roots: list[str] = field(default_factory=list)
+    # Directories whose files may be backing files though no pool holds them.
+    backing_roots: list[str] = field(default_factory=list)
 
     def socket_paths(self, root: str) -> tuple[str, str]:
         d = self.socket_dir or os.path.join(root, "run")
@@ -55,7 +59,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
                    f"(default {TOKENS_FILE} if it exists)")
     p.add_argument("--max-connections", type=int, help="concurrent connections (256)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--remote-pool-root", dest="remote_pool_roots", action="append",
+                   metavar="DIR", help="remote (TCP) callers may define file pools under "
+                   "DIR (repeatable; default: nowhere)")
+    p.add_argument("--backing-root", dest="backing_roots", action="append", metavar="DIR",
+                   help="files under DIR may be backing files of volumes (repeatable; "
+                   "default: only volumes of defined pools)")
     return p.parse_args(argv), p
+
+
+def _dir_list(path: str, key: str, value: Any) -> list[str]:
+    """A list of absolute directories: a TOML array, or a comma-separated string."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{path}: '{key}' must be a list of directories")
+    for v in value:
+        if not os.path.isabs(v):
+            raise InvalidArgument(f"{path}: '{key}': '{v}' is not an absolute path")
+    return [os.path.normpath(v) for v in value]
 
 
 def _plain(text: str, path: str) -> dict[str, Any]:
@@ -104,6 +126,8 @@ def load(argv: list[str] | None = None) -> Options:
                 except (TypeError, ValueError):
                     raise InvalidArgument(f"{path}: max_connections must be an integer") \
                         from None
+            elif name in ("remote_pool_roots", "backing_roots"):
+                value = _dir_list(path, key, value)
             elif not isinstance(value, str):
                 raise InvalidArgument(f"{path}: '{key}' must be a string")
             setattr(opts, name, value)
@@ -113,6 +137,8 @@ def load(argv: list[str] | None = None) -> Options:
             setattr(opts, name, value)
     if opts.tokens is None and os.path.exists(TOKENS_FILE):
         opts.tokens = TOKENS_FILE
+    for name in ("remote_pool_roots", "backing_roots"):
+        setattr(opts, name, _dir_list("command line", name, getattr(opts, name)))
     if opts.max_connections < 1:
         raise InvalidArgument("max_connections must be at least 1")
     if opts.listen and not (opts.tls_cert and opts.tls_key):

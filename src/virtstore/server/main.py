@@ -112,7 +112,9 @@ def _notify_systemd() -> None:
 
 
 def serve(opts: Options) -> None:
-    from virtstore.api import default_root, open_connection
+    from virtstore.api import default_root
+    from virtstore.engine.confine import Confinement
+    from virtstore.engine.connection import EmbeddedConnection
     from virtstore.server.app import App
     from virtstore.server.auth import Authenticator, load_tokens
     from virtstore.server.openapi import document_bytes
@@ -132,7 +134,8 @@ def serve(opts: Options) -> None:
     with _pid_lock(run_dir):
         # The engine recovers its journal and starts the autostart pools as it opens.
         log.info("opening the engine on %s", root)
-        conn = open_connection("embedded://", root=root)
+        # Confined: the daemon acts for callers who may not own the host's files.
+        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots))
         listeners: list[Listener] = []
         try:
             listeners.append(Listener(_bind_unix(rw_path, 0o600), "unix-rw",
@@ -145,7 +148,8 @@ def serve(opts: Options) -> None:
                 if not tokens:
                     log.warning("no tokens configured: every request over TCP will be "
                                 "refused (401)")
-            app = App(conn, Authenticator(tokens), document_bytes)
+            app = App(conn, Authenticator(tokens), document_bytes,
+                      remote_pool_roots=opts.remote_pool_roots)
             server = Server(app, listeners, max_connections=opts.max_connections)
 
             def stop(signum: int, frame: object) -> None:
