@@ -108,6 +108,8 @@ def test_symlink_swapped_in_is_never_followed(tmp_path: Path, outside: Path) -> 
         _check_symlink_refused(conn, target, outside)
         with pytest.raises(OperationInvalid, match="is a symbolic link"):
             conn.volume_snapshot_create("p", "v", "s1")
+        with pytest.raises(OperationInvalid, match="is a symbolic link"):
+            conn.volume_export_nbd("p", "v", socket_path=str(tmp_path / "nbd.sock"))
     finally:
         conn.close()
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from virtstore.engine import locks
 from virtstore.errors import InvalidArgument, Unsupported
+from virtstore.host.files import refuse_symlink
 from virtstore.host.nbd import NbdAddress, NbdServer, QemuSource
 
 if TYPE_CHECKING:
@@ -85,6 +86,10 @@ def export_volume(conn: EmbeddedConnection, pool: str, name: str, *,
         if source_of is not None:
             src: QemuSource = stack.enter_context(source_of(pool_def, rec))
         elif backend.caps.file_based or rec.type == "block":
+            if backend.caps.file_based:
+                # qemu-nbd opens the path, and reads through its backing chain, itself.
+                refuse_symlink(rec.path)
+                conn.volumes.check_chain(rec)
             src = QemuSource(image=rec.path, fmt=rec.format or "raw")
         else:
             raise Unsupported(f"volumes of '{row.type}' pools cannot be exported over NBD")
