@@ -219,9 +219,10 @@ def write_tokens(path: Path) -> Path:
 @pytest.fixture(name="tls_daemon")
 def tls_daemon_fixture(tmp_path: Path, certs: Certs) -> Iterator[Daemon]:
     tokens = write_tokens(tmp_path / "tokens")
+    # Remote callers may put pools in the test's directory (and nowhere else).
     d = start_daemon(tmp_path / "state", "--listen", "127.0.0.1:0",
                      "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
-                     "--tokens", str(tokens))
+                     "--tokens", str(tokens), "--remote-pool-root", str(tmp_path))
     yield d
     d.stop()
 

@@ -10,6 +10,7 @@ from virtstore.api import Connection
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.backends._net_utils import register_secrets
 from virtstore.engine import journal
+from virtstore.engine.confine import Confinement
 from virtstore.engine.dataops import DataOps
 from virtstore.engine.events import EventLog
 from virtstore.engine.index import VolumeIndex
@@ -39,7 +40,9 @@ DEFAULT_POOL = "default"
 
 
 class EmbeddedConnection(Connection):
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, confinement: Confinement | None = None) -> None:
+        """``confinement``: what the engine refuses to touch for its callers
+        (engine/confine.py); permissive by default, virtstored passes its own."""
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
         store = self.state.store
@@ -47,8 +50,9 @@ class EmbeddedConnection(Connection):
         self.events = EventLog(store)
         self.secrets = SecretStore(self.state.secrets_dir, store)
         register_secrets(self.secrets)  # network pools read their auth secrets from it
-        self.pools = PoolManager(self.state, self.index, self.events)
-        self.volumes = VolumeManager(self.state, self.index, self.secrets, self.events)
+        self.pools = PoolManager(self.state, self.index, self.events, confinement)
+        self.volumes = VolumeManager(self.state, self.index, self.secrets, self.events,
+                                     confinement)
         self.jobs = JobManager(store, self.events, reread=self.volumes.reread)
         self.dataops = DataOps(self.volumes, self.index, self.jobs, self.events)
         self.snapshots = SnapshotManager(self.volumes, self.index)

@@ -24,6 +24,7 @@ from virtstore.backends.base import (
     VolumeRecord,
 )
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
+from virtstore.host.files import open_volume, refuse_symlink
 from virtstore.host.runner import run
 from virtstore.types import SnapshotInfo
 from virtstore.xml import PoolDef
@@ -46,7 +47,7 @@ REFLINK = "reflink"
 
 
 def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_volume(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -57,7 +58,7 @@ def _create_overlay(path: str, capacity: int, backing: str, backing_format: str 
                     *, compat: str = "1.1", mode: int = 0o600) -> None:
     from virtstore.formats.qcow2 import create_qcow2
 
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = open_volume(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         create_qcow2(fd, capacity, compat=compat, backing_file=backing,
                      backing_format=backing_format)
@@ -111,6 +112,11 @@ class FileVolumes(Backend):
 
     def data_size(self, rec: VolumeRecord) -> int:
         return rec.physical
+
+    def check_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
+        # Said now, before a job starts; the job's own opens refuse one swapped in later.
+        if self.local_files(pool):
+            refuse_symlink(self.file_of(pool, rec))
 
     # -- clone and create-from -------------------------------------------------
     def check_clone(self, pool: PoolDef, src_pool: PoolDef, src_backend: Backend,
@@ -167,6 +173,8 @@ class FileVolumes(Backend):
                             preallocation="metadata" if o.prealloc_metadata else None)
         if o.dst_secret is not None:
             opts.encryption = Encryption(format="luks", cipher=o.cipher, ivgen=o.ivgen)
+        # qemu-img opens the source (and its backing chain) by path itself.
+        refuse_symlink(self.file_of(src_pool, src))
         convert(self.file_of(src_pool, src), src.format or "raw", dst, fmt, opts, monitor=monitor,
                 src_secret=o.src_secret, dst_secret=o.dst_secret)
         if capacity > src.capacity:
@@ -189,17 +197,22 @@ class FileVolumes(Backend):
                    shrink: bool, allocate: bool) -> None:
         fmt = rec.format or "raw"
         if fmt == "raw":
-            with open(self.file_of(pool, rec), "r+b") as fh:
-                os.ftruncate(fh.fileno(), capacity)
+            fd = open_volume(self.file_of(pool, rec), os.O_RDWR)
+            try:
+                os.ftruncate(fd, capacity)
                 if allocate and capacity > rec.capacity:
                     try:
-                        os.posix_fallocate(fh.fileno(), rec.capacity, capacity - rec.capacity)
+                        os.posix_fallocate(fd, rec.capacity, capacity - rec.capacity)
                     except OSError as exc:
-                        os.ftruncate(fh.fileno(), rec.capacity)
+                        os.ftruncate(fd, rec.capacity)
                         raise NoSpace("Not enough space left in storage pool") from exc
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         else:
             from virtstore.formats.qemuimg import resize
+
+            refuse_symlink(self.file_of(pool, rec))
 
             resize(self.file_of(pool, rec), capacity, fmt, shrink=shrink,
                    preallocation="falloc" if allocate else None)
@@ -254,12 +267,12 @@ class FileVolumes(Backend):
         with self.engine().scratch(self, pool, rec.name, "upload") as staging:
             if covers:
                 # The upload replaces every byte: start from an empty file.
-                fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = open_volume(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             else:
                 # Partial upload: a copy of the volume (a reflink where the filesystem
                 # can) takes the new bytes, so the volume is untouched until the swap.
                 copy_file(self.file_of(pool, rec), staging, reflink="auto", monitor=Monitor())
-                fd = os.open(staging, os.O_RDWR | os.O_CLOEXEC)
+                fd = open_volume(staging, os.O_RDWR)
             try:
                 upload(source, fd, offset=offset, length=length, sparse=sparse,
                        monitor=monitor)
@@ -275,7 +288,7 @@ class FileVolumes(Backend):
                      length: int | None, sparse: bool, monitor: Monitor) -> None:
         from virtstore.data.stream import download
 
-        fd = os.open(self.file_of(pool, rec), os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_volume(self.file_of(pool, rec), os.O_RDONLY)
         try:
             download(fd, sink, offset=offset, length=length, sparse=sparse, monitor=monitor)
         finally:

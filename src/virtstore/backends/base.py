@@ -355,6 +355,10 @@ class Backend(abc.ABC):
         """The bytes a wipe or a whole download goes through."""
         return rec.capacity
 
+    def check_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:  # noqa: B027
+        """Refuse, before any work, a volume this backend must not touch (a file volume
+        that is a symbolic link)."""
+
     def local_files(self, pool: PoolDef) -> bool:
         """Whether this pool's volumes are files on this host, at their paths."""
         return False

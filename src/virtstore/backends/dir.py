@@ -23,7 +23,7 @@ from virtstore.backends.base import (
     VolumeRecord,
 )
 from virtstore.errors import AlreadyExists, NoSpace, OperationInvalid, VirtstoreError
-from virtstore.host.files import fsync_dir
+from virtstore.host.files import fsync_dir, open_volume
 from virtstore.xml import PoolDef
 
 __all__ = ["PRIVATE_PREFIX", "SNAPSHOT_PREFIX", "STAGING_PREFIX", "DirBackend"]
@@ -47,10 +47,16 @@ def _os_message(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _probe(path: str, st: os.stat_result) -> ImageInfo:
-    from virtstore.formats.probe import probe_image
+def _probe(path: str) -> ImageInfo:
+    from virtstore.formats.probe import probe_fd
 
-    return probe_image(path, st=st)
+    # Read through our own no-follow open: a symbolic link swapped in since the lstat
+    # is refused, not read.
+    fd = open_volume(path, os.O_RDONLY)
+    try:
+        return probe_fd(fd, path)
+    finally:
+        os.close(fd)
 
 
 def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
@@ -70,7 +76,7 @@ def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
         rec.format = "raw"
         rec.capacity = st.st_size
         return rec
-    info = _probe(path, st)
+    info = _probe(path)
     rec.format = info.format
     # A header claiming more than any file can hold is a damaged header.
     rec.capacity = info.virtual_size if info.virtual_size <= _MAX_SIZE else 0
@@ -158,9 +164,14 @@ class DirBackend(FileVolumes):
                     continue
                 path = de.path
                 try:
-                    st = os.stat(path)
+                    st = os.lstat(path)
                 except OSError as exc:
                     res.skipped.append((name, _os_message(exc)))
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    # A link may lead anywhere on the host: never a volume (libvirt lists
+                    # the file it leads to).
+                    res.skipped.append((name, "a symbolic link"))
                     continue
                 if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                     res.skipped.append((name, "not a regular file or directory"))
@@ -205,7 +216,7 @@ class DirBackend(FileVolumes):
             or (fmt == "qcow2" and not req.prealloc_metadata and not t.nocow
                 and not t.extended_l2))
         if in_process:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = open_volume(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 if fmt == "qcow2":
                     # Writing the empty qcow2 ourselves saves a fork and several syncs
@@ -293,9 +304,11 @@ class DirBackend(FileVolumes):
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         path = self.volume_path(pool, name)
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
+        if stat.S_ISLNK(st.st_mode):
+            return None  # not a volume, as a refresh has it
         return record_from_stat(name, path, st)
 
     @staticmethod

@@ -27,6 +27,7 @@ from virtstore.data.extents import (
 )
 from virtstore.data.monitor import Monitor
 from virtstore.errors import InvalidArgument, Unsupported
+from virtstore.host.files import open_volume
 
 CHUNK = 8 << 20  # bytes per system call: the unit of progress, throttle and cancel
 ZERO_BLOCK = 4096  # the granularity of detect_zeroes
@@ -251,7 +252,7 @@ def copy_file(src_path: str, dst_path: str, *, reflink: str = "auto", monitor: M
     """Copy the file or device ``src_path`` into ``dst_path`` (created 0600 if missing,
     emptied first if a regular file, unless ``keep_target``: then the copy is written
     over it and the source's holes are zeroed in it); return "reflink" or "copy", the
-    way it was done.
+    way it was done. Neither path may be a symbolic link (``open_volume``).
 
     ``reflink``: "auto" clones the extents when the filesystem can and copies
     otherwise; "always" raises Unsupported when it cannot; "never" writes every byte
@@ -261,12 +262,9 @@ def copy_file(src_path: str, dst_path: str, *, reflink: str = "auto", monitor: M
     if reflink not in REFLINK_MODES:
         raise InvalidArgument(f"unknown reflink mode '{reflink}': expected one of "
                               f"{', '.join(REFLINK_MODES)}")
-    src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    src = open_volume(src_path, os.O_RDONLY)
     try:
-        src_st = os.fstat(src)
-        if stat.S_ISDIR(src_st.st_mode):
-            raise InvalidArgument(f"'{src_path}' is a directory")
-        dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        dst = open_volume(dst_path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             how = _copy_fds(src, dst, src_path, dst_path, reflink=reflink, monitor=monitor,
                             detect_zeroes=detect_zeroes, keep_target=keep_target)

@@ -41,6 +41,7 @@ from virtstore.data.extents import (
 )
 from virtstore.data.monitor import Monitor
 from virtstore.errors import Busy, InvalidArgument, Unsupported
+from virtstore.host.files import open_volume, refuse_symlink
 from virtstore.host.runner import stream
 
 SCRUB = "scrub"
@@ -64,13 +65,18 @@ def wipe(path: str, algorithm: str, *, monitor: Monitor, is_block: bool = False)
     if algorithm not in ALGORITHMS:
         raise InvalidArgument(f"unknown wipe algorithm '{algorithm}': expected one of "
                               f"{', '.join(ALGORITHMS)}")
-    st = os.stat(path)
+    # A symbolic link is followed only to a device the caller says it names (an LV's
+    # /dev/VG/LV); a file is opened without following one.
+    st = os.lstat(path)
     block = is_block or stat.S_ISBLK(st.st_mode)
-    if not block and not stat.S_ISREG(st.st_mode):
+    if not block and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
         raise InvalidArgument(f"cannot wipe '{path}': not a regular file or block device")
-    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_EXCL if block else 0)
     try:
-        fd = os.open(path, flags)
+        if block:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_EXCL)
+        else:
+            fd = open_volume(path, os.O_WRONLY)
+            st = os.fstat(fd)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise Busy(f"cannot wipe '{path}': the device is in use") from exc
@@ -85,6 +91,8 @@ def wipe(path: str, algorithm: str, *, monitor: Monitor, is_block: bool = False)
                 # path itself, so let go of it first.
                 os.close(fd)
                 fd = -1
+                if not block:
+                    refuse_symlink(path)
                 _scrub(path, algorithm, monitor)
             return
         if not monitor.total:

@@ -40,7 +40,9 @@ class DataOps:
 
     def _source(self, pool_name: str, name: str) -> tuple[PoolDef, Backend, VolumeRecord]:
         pool, backend = self.volumes._active_pool(pool_name)
-        return pool, backend, self.index.get(pool_name, name)
+        rec = self.index.get(pool_name, name)
+        backend.check_volume(pool, rec)
+        return pool, backend, rec
 
     @staticmethod
     def _need(backend: Backend, op: str, what: str) -> None:
@@ -98,6 +100,8 @@ class DataOps:
     def _copy_job(self, kind: str, spool: PoolDef, src: VolumeRecord, src_pool: str,
                   tpool_name: str, tpool: PoolDef, tbe: Backend, new_name: str, *,
                   linked: bool, options: CloneOptions, bandwidth: int | None) -> JobInfo:
+        if not linked and tbe.local_files(tpool):
+            self.volumes.check_chain(src)  # a copy reads through the backing chain
         holder: list[StagedTarget] = []
 
         def prepare(db: sqlite3.Connection, job_id: str) -> None:

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from virtstore.engine import locks
 from virtstore.errors import InvalidArgument
+from virtstore.host.files import refuse_symlink
 from virtstore.host.nbd import NbdAddress, NbdServer, QemuSource
 
 if TYPE_CHECKING:
     from virtstore.engine.index import VolumeIndex
     from virtstore.engine.state import StateRoot
+    from virtstore.engine.volumes import VolumeManager
 
 
 class EngineParts(Protocol):
@@ -32,6 +34,7 @@ class EngineParts(Protocol):
 
     state: StateRoot
     index: VolumeIndex
+    volumes: VolumeManager
 
 
 @dataclass
@@ -87,6 +90,10 @@ def export_volume(conn: EngineParts, pool: str, name: str, *,
         locks.acquire(db, [(pool, name, locks.READ if read_only else locks.WRITE)], owner)
     stack = contextlib.ExitStack()
     try:
+        if rec.type == "file" and backend.local_files(pool_def):
+            # qemu-nbd opens the path, and reads through its backing chain, itself.
+            refuse_symlink(rec.path)
+            conn.volumes.check_chain(rec)
         src: QemuSource = stack.enter_context(backend.qemu_source(pool_def, rec))
         server = NbdServer(src.image, fmt=src.fmt, image_opts=src.image_opts,
                            objects=src.objects, socket_path=socket_path, host=host,

@@ -8,6 +8,7 @@ import uuid as uuidlib
 
 from virtstore.backends.base import PoolSizes, Stamp
 from virtstore.engine import locks, nesting
+from virtstore.engine.confine import Confinement, check_pool_target
 from virtstore.engine.events import EventLog
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_name
@@ -33,10 +34,15 @@ def _clean_path(path: str | None) -> str | None:
 
 class PoolManager:
     def __init__(self, state: StateRoot, index: VolumeIndex,
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None,
+                 confinement: Confinement | None = None) -> None:
         self.state = state
         self.index = index
         self.events = events
+        self.confinement = confinement or Confinement()
+
+    def _check_target(self, pool: PoolDef) -> None:
+        check_pool_target(pool, self.confinement, self.state.root)
 
     def _emit(self, action: str, name: str) -> None:
         if self.events is not None:
@@ -107,6 +113,7 @@ class PoolManager:
             # Relative to what? Not to whichever directory the caller runs in.
             raise InvalidArgument(f"storage pool target path '{pool.target.path}' must be "
                                   "absolute")
+        self._check_target(pool)
         return pool
 
     def _check_conflicts(self, pool: PoolDef) -> PoolRow | None:
@@ -195,7 +202,9 @@ class PoolManager:
         backend = self.state.backend(row.type)
         if not backend.supports("build"):
             return  # libvirt: building a pool type with nothing to build succeeds
-        backend.build(self.state.definition(row), overwrite)
+        pool = self.state.definition(row)
+        self._check_target(pool)  # a definition file may have been written by hand
+        backend.build(pool, overwrite)
 
     def start(self, name: str, *, build: bool = False, overwrite: bool | None = None) -> None:
         row = self.state.row(name)
@@ -207,6 +216,9 @@ class PoolManager:
         if problem:
             raise Unsupported(problem)
         pool = self.state.definition(row)
+        # Again here: a definition file written by hand, or a target that has become a
+        # symbolic link since it was defined.
+        self._check_target(pool)
         # A source device that is a file (a volume of another pool) gets a loop device.
         attached = nesting.attach_sources(self.state, pool)
         try:

@@ -13,7 +13,7 @@ import secrets as pysecrets
 from virtstore.backends.base import Backend, VolumeRecord
 from virtstore.engine import locks
 from virtstore.engine.index import VolumeIndex
-from virtstore.engine.names import check_name
+from virtstore.engine.names import check_volume_name
 from virtstore.engine.volumes import VolumeManager
 from virtstore.errors import AlreadyExists, NoSuchVolume
 from virtstore.types import SnapshotInfo
@@ -30,7 +30,9 @@ class SnapshotManager:
         pool, backend = self.volumes._active_pool(pool_name)
         if not backend.supports("snap_list"):
             raise backend.unsupported("storage snapshots")
-        return pool, backend, self.index.get(pool_name, name)
+        rec = self.index.get(pool_name, name)
+        backend.check_volume(pool, rec)
+        return pool, backend, rec
 
     def _locked(self, pool_name: str, name: str) -> str:
         owner = "snap-" + pysecrets.token_hex(6)
@@ -46,7 +48,7 @@ class SnapshotManager:
 
     def create(self, pool_name: str, name: str, snap: str, *, external: bool) -> SnapshotInfo:
         pool, backend, rec = self._volume(pool_name, name)
-        check_name(snap, "snapshot")
+        check_volume_name(snap, "snapshot")
         if any(s.name == snap for s in self.list(pool_name, name)):
             raise AlreadyExists(f"snapshot '{snap}' of volume '{name}' exists already")
         owner = self._locked(pool_name, name)

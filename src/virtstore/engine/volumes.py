@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets as pysecrets
 import sqlite3
@@ -10,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from virtstore.backends.base import Backend, CreateRequest, VolumeRecord
 from virtstore.engine import journal, locks, nesting
+from virtstore.engine.confine import Confinement, check_backing
 from virtstore.engine.index import VolumeIndex
-from virtstore.engine.names import check_name
+from virtstore.engine.names import check_volume_name
 from virtstore.engine.secrets import SecretStore
 from virtstore.engine.state import StateRoot
 from virtstore.errors import (
@@ -62,11 +64,38 @@ def _ts(ns: int) -> str:
 
 class VolumeManager:
     def __init__(self, state: StateRoot, index: VolumeIndex, secrets: SecretStore,
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None,
+                 confinement: Confinement | None = None) -> None:
         self.state = state
         self.index = index
         self.secrets = secrets
         self.events = events
+        self.confinement = confinement or Confinement()
+
+    # -- backing files -----------------------------------------------------------
+    def _is_volume(self, path: str) -> bool:
+        try:
+            self.index.by_path(path)
+        except NoSuchVolume:
+            return False
+        return True
+
+    def check_backing(self, path: str, *, of: str | None = None) -> None:
+        check_backing(path, self.confinement, self._is_volume, of=of)
+
+    def check_chain(self, rec: VolumeRecord) -> None:
+        """Before a tool reads through ``rec``'s backing chain: every backing file in it
+        must pass ``check_backing`` (as the headers say now, not as last indexed)."""
+        if not self.confinement.backing_in_pools:
+            return
+        from virtstore.formats.probe import backing_chain
+
+        chain = backing_chain(rec.path, rec.format)
+        for child, parent in itertools.pairwise(chain):
+            self.check_backing(str(parent.path), of=child.path)
+        last = chain[-1]
+        if last.backing_file:  # a network backing ends the chain
+            self.check_backing(last.backing_file, of=last.path)
 
     def _active_pool(self, name: str) -> tuple[PoolDef, Backend]:
         row = self.state.row(name)
@@ -102,6 +131,7 @@ class VolumeManager:
         except NoSuchVolume:
             pass
         if os.path.isabs(ident) and os.path.exists(ident):
+            self.check_backing(ident)
             return os.path.normpath(ident)
         raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
                            f"name '{ident}'")
@@ -126,6 +156,7 @@ class VolumeManager:
                                   "for raw volumes")
             backing_path = vol.backing_store.path
             backing_format = vol.backing_store.format
+            self.check_backing(backing_path)
             if "://" not in backing_path and not os.path.exists(backing_path):
                 raise InvalidArgument(f"backing storage '{backing_path}' does not exist")
             if backing_format is None and "://" not in backing_path:
@@ -173,7 +204,7 @@ class VolumeManager:
 
     def _create(self, pool_name: str, vol: VolDef, *, prealloc_metadata: bool) -> str:
         pool, backend = self._active_pool(pool_name)
-        check_name(vol.name, "volume")
+        check_volume_name(vol.name)
         if not backend.supports("create_volume"):
             raise backend.unsupported("volume creation")
         req = self._request(pool, backend, vol, prealloc_metadata)
@@ -191,7 +222,7 @@ class VolumeManager:
     def reserve_target(self, db: sqlite3.Connection, pool_name: str, pool: PoolDef,
                        backend: Backend, name: str, op: str = "create") -> StagedTarget:
         """Claim ``name`` (invisible until published) and journal its staging path."""
-        check_name(name, "volume")
+        check_volume_name(name)
         final = backend.volume_path(pool, name)
         staging = backend.staging_path(pool, pysecrets.token_hex(8))
         if not self.index.reserve(db, pool_name, name, final, backend.caps.volume_type):

@@ -95,15 +95,22 @@ def probe_image(path: str, *, st: os.stat_result | None = None,
     except OSError as exc:
         raise _open_error(path, exc) from exc
     try:
+        return probe_fd(fd, path, st, fmt=fmt)
+    finally:
+        os.close(fd)
+
+
+def probe_fd(fd: int, path: str, st: os.stat_result | None = None, *,
+             fmt: str | None = None) -> ImageInfo:
+    """probe_image on a file the caller has opened (``path`` names it in messages)."""
+    try:
         if st is None:
             st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                return _special(path, st)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return _special(path, st)
         return _probe_fd(fd, path, st, fmt)
     except OSError as exc:
         raise _open_error(path, exc) from exc
-    finally:
-        os.close(fd)
 
 
 def _special(path: str, st: os.stat_result) -> ImageInfo:

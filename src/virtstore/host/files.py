@@ -1,9 +1,14 @@
-"""Small filesystem helpers the engine needs: atomic writes, process identity."""
+"""Small filesystem helpers the engine needs: atomic writes, opening volume files,
+process identity."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
+
+from virtstore.errors import OperationInvalid
 
 
 def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
@@ -72,3 +77,51 @@ def boot_id() -> str:
             return fh.read().strip()
     except OSError:
         return "unknown"
+
+
+def open_volume(path: str, flags: int, mode: int = 0o600) -> int:
+    """Open the volume file ``path`` for its data; the one way volume files are opened.
+
+    The last component is opened relative to an fd of its directory with O_NOFOLLOW, so
+    a symbolic link put in a pool (or swapped in for a volume after it was checked)
+    is refused rather than followed out of the pool. Only regular files and block
+    devices are opened: O_NONBLOCK keeps a fifo from hanging the open, and is cleared
+    again afterwards. ``flags`` are os.open's (O_CREAT and O_EXCL included).
+    """
+    directory, name = os.path.split(path)
+    dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
+                     mode, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _symlink_refused(path) from None
+        raise
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise OperationInvalid(f"cannot open volume '{path}': not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def refuse_symlink(path: str) -> None:
+    """For tools that open a volume by its path themselves (qemu-img, qemu-nbd, scrub):
+    refuse one that is a symbolic link now. A link swapped in after this look and
+    before the tool opens the path is not caught: only our own opens are race-free."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return  # the tool reports a missing file itself
+    if stat.S_ISLNK(st.st_mode):
+        raise _symlink_refused(path)
+
+
+def _symlink_refused(path: str) -> OperationInvalid:
+    return OperationInvalid(f"cannot open volume '{path}': it is a symbolic link, which "
+                            "volumes may not be")

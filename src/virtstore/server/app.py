@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from virtstore.api import (
     PoolFilter,
     VolumeCreateArgs,
 )
-from virtstore.errors import InvalidArgument, NoSuchVolume, VirtstoreError
+from virtstore.errors import Forbidden, InvalidArgument, NoSuchVolume, VirtstoreError
 from virtstore.server.auth import Authenticator
 from virtstore.server.http import (
     ClientGone,
@@ -278,10 +278,12 @@ def _require_xml(req: Request) -> str:
 
 class App:
     def __init__(self, conn: Connection, auth: Authenticator,
-                 openapi: Callable[[], bytes] | None = None) -> None:
+                 openapi: Callable[[], bytes] | None = None, *,
+                 remote_pool_roots: Sequence[str] = ()) -> None:
         self.conn = conn
         self.auth = auth
         self._openapi = openapi
+        self.remote_pool_roots = tuple(remote_pool_roots)
         # Routes bucketed by (number of segments, second segment) for a short scan.
         self._table: dict[tuple[int, str | None], list[Route]] = {}
         for r in ROUTES:
@@ -376,9 +378,21 @@ class App:
             raise InvalidArgument("missing query parameter 'type'")
         return _xml(self.conn.find_pool_sources(ptype, req.query.get("source")))
 
+    def _confine_remote(self, req: Request, xml: str) -> None:
+        """A remote caller names host directories only under the configured roots."""
+        if req.peer.listener != "tcp":
+            return
+        from virtstore.engine.confine import check_remote_target
+        from virtstore.xml.pool import parse_pool_xml
+
+        check_remote_target(parse_pool_xml(xml), self.remote_pool_roots)
+
     @route("POST", "/v1/import-libvirt", "write",
            summary="Define the pools found in libvirt's configuration directory")
     def import_libvirt(self, req: Request, p: list[str]) -> Response:
+        if req.peer.listener == "tcp":
+            # It reads definitions from a host directory the caller names.
+            raise Forbidden("importing libvirt's pools is for local callers only")
         args = _body_json(req, required=False)
         config_dir = args.text("config_dir", "/etc/libvirt/storage")
         args.done()
@@ -417,6 +431,7 @@ class App:
             build = bool(_qbool(req, "build", False))
         if overwrite is None:
             overwrite = _qbool(req, "overwrite")
+        self._confine_remote(req, xml)
         if transient:
             name = self.conn.pool_create_xml(xml, build=build, overwrite=overwrite)
         else:
@@ -440,6 +455,7 @@ class App:
         name = parse_pool_xml(xml).name
         if name != p[0]:
             raise InvalidArgument(f"the XML defines pool '{name}', not '{p[0]}'")
+        self._confine_remote(req, xml)
         self.conn.pool_define_xml(xml)
         return _json(_flat(self.conn.pool_info(name)))
 

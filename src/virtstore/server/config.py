@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from virtstore.errors import InvalidArgument
@@ -38,6 +38,10 @@ class Options:
     max_connections_per_peer: int = 32  # per uid (read-only socket), per address (TCP)
     head_timeout: float = 20.0  # seconds for a request's whole head
     log_level: str = "info"
+    # Where remote (TCP) callers may put file pools; none: nowhere.
+    remote_pool_roots: list[str] = field(default_factory=list)
+    # Directories whose files may be backing files though no pool holds them.
+    backing_roots: list[str] = field(default_factory=list)
 
     def socket_paths(self, root: str) -> tuple[str, str]:
         d = self.socket_dir or os.path.join(root, "run")
@@ -72,7 +76,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     p.add_argument("--head-timeout", type=float, metavar="SECONDS",
                    help="time for a request's whole head to arrive (20)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--remote-pool-root", dest="remote_pool_roots", action="append",
+                   metavar="DIR", help="remote (TCP) callers may define file pools under "
+                   "DIR (repeatable; default: nowhere)")
+    p.add_argument("--backing-root", dest="backing_roots", action="append", metavar="DIR",
+                   help="files under DIR may be backing files of volumes (repeatable; "
+                   "default: only volumes of defined pools)")
     return p.parse_args(argv), p
+
+
+def _dir_list(path: str, key: str, value: Any) -> list[str]:
+    """A list of absolute directories: a TOML array, or a comma-separated string."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{path}: '{key}' must be a list of directories")
+    for v in value:
+        if not os.path.isabs(v):
+            raise InvalidArgument(f"{path}: '{key}': '{v}' is not an absolute path")
+    return [os.path.normpath(v) for v in value]
 
 
 def _plain(text: str, path: str) -> dict[str, Any]:
@@ -125,6 +147,8 @@ def load(argv: list[str] | None = None) -> Options:
                     raise InvalidArgument(f"{path}: {name} must be "
                                           f"{'an integer' if kind == 'int' else 'a number'}") \
                         from None
+            elif name in ("remote_pool_roots", "backing_roots"):
+                value = _dir_list(path, key, value)
             elif not isinstance(value, str):
                 raise InvalidArgument(f"{path}: '{key}' must be a string")
             setattr(opts, name, value)
@@ -134,6 +158,8 @@ def load(argv: list[str] | None = None) -> Options:
             setattr(opts, name, value)
     if opts.tokens is None and os.path.exists(TOKENS_FILE):
         opts.tokens = TOKENS_FILE
+    for name in ("remote_pool_roots", "backing_roots"):
+        setattr(opts, name, _dir_list("command line", name, getattr(opts, name)))
     for name in ("max_connections", "max_connections_ro", "max_connections_tcp",
                  "max_connections_per_peer"):
         if getattr(opts, name) < 1:

@@ -112,7 +112,8 @@ def _notify_systemd() -> None:
 
 
 def serve(opts: Options) -> None:
-    from virtstore import open_connection
+    from virtstore.api.embedded import EmbeddedConnection
+    from virtstore.engine.confine import Confinement
     from virtstore.server.app import App
     from virtstore.server.auth import Authenticator, load_tokens
     from virtstore.server.openapi import document_bytes
@@ -133,7 +134,8 @@ def serve(opts: Options) -> None:
     with _pid_lock(run_dir):
         # The engine recovers its journal and starts the autostart pools as it opens.
         log.info("opening the engine on %s", root)
-        conn = open_connection("embedded://", root=root)
+        # Confined: the daemon acts for callers who may not own the host's files.
+        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots))
         listeners: list[Listener] = []
         try:
             listeners.append(Listener(_bind_unix(rw_path, 0o600), "unix-rw",
@@ -146,7 +148,8 @@ def serve(opts: Options) -> None:
                 if not tokens:
                     log.warning("no tokens configured: every request over TCP will be "
                                 "refused (401)")
-            app = App(conn, Authenticator(tokens), document_bytes)
+            app = App(conn, Authenticator(tokens), document_bytes,
+                      remote_pool_roots=opts.remote_pool_roots)
             assert opts.rw_reserve is not None  # load() sets it
             limits = Limits(total=opts.max_connections, rw_reserve=opts.rw_reserve,
                             ro=opts.max_connections_ro, tcp=opts.max_connections_tcp,
