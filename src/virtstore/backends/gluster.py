@@ -23,6 +23,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
+from virtstore.backends._file_volumes import FileVolumes
 from virtstore.backends._net_utils import fold_ino
 from virtstore.backends._remotefs_utils import RemoteFiles, RemoteFS
 from virtstore.backends.base import (
@@ -137,7 +138,7 @@ def _pad_qcow2(path: str) -> None:
             os.fsync(fh.fileno())
 
 
-class GlusterBackend(Backend):
+class GlusterBackend(FileVolumes):
     caps = BackendCaps(pool_type="gluster", vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=True, file_based=False, volume_type="network")
     linked_clones = True  # a qcow2 overlay naming its backing volume relatively
@@ -335,117 +336,80 @@ class GlusterBackend(Backend):
                                                      type="dir" if rec.type == "netdir"
                                                      else "file"))
 
-    # -- data operations, on the private mount or through libgfapi -------------
+    # -- data operations: FileVolumes on the private mount, or through libgfapi --
+    def file_of(self, pool: PoolDef, rec: VolumeRecord) -> str:
+        return self._local(pool, rec.name)
+
+    def backing_name(self, pool: PoolDef, src: VolumeRecord) -> str:
+        # Relative: qemu resolves it beside the overlay, at its URL or on the mount.
+        return src.name
+
+    def local_files(self, pool: PoolDef) -> bool:
+        return not self.gfapi()
+
+    def data_size(self, rec: VolumeRecord) -> int:
+        return rec.capacity if self.gfapi() else rec.physical
+
+    def check_clone(self, pool: PoolDef, src_pool: PoolDef, src_backend: Backend,
+                    src: VolumeRecord, *, linked: bool, options: CloneOptions,
+                    what: str) -> None:
+        if linked and src_pool.uuid != pool.uuid:
+            raise Unsupported("a linked clone of a gluster volume must be in its pool")
+        check = Backend.check_clone if self.gfapi() else FileVolumes.check_clone
+        check(self, pool, src_pool, src_backend, src, linked=linked, options=options,
+              what=what)
+
+    def check_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                     shrink: bool, allocate: bool) -> None:
+        if not self.gfapi():
+            FileVolumes.check_resize(self, pool, rec, capacity, shrink=shrink,
+                                     allocate=allocate)
+
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                    shrink: bool, allocate: bool) -> None:
         if self.gfapi():
             self._gf.vol_resize(pool, rec, capacity, shrink=shrink, allocate=allocate)
-            return
-        local = self._local(pool, rec.name)
-        fmt = rec.format or "raw"
-        if fmt == "raw":
-            with open(local, "r+b") as fh:
-                os.ftruncate(fh.fileno(), capacity)
-                if allocate and capacity > rec.capacity:
-                    os.posix_fallocate(fh.fileno(), rec.capacity, capacity - rec.capacity)
-                os.fsync(fh.fileno())
-        elif fmt == "qcow2":
-            from virtstore.formats.qemuimg import resize
-
-            resize(local, capacity, fmt, shrink=shrink,
-                   preallocation="falloc" if allocate else None)
         else:
-            raise Unsupported(f"unsupported configuration: resizing a '{fmt}' volume is not "
-                              "supported")
+            super().vol_resize(pool, rec, capacity, shrink=shrink, allocate=allocate)
 
     def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
                  monitor: Monitor) -> None:
         if self.gfapi():
             self._gf.vol_wipe(pool, rec, algorithm, monitor)
-            return
-        from virtstore.data.wipe import ALGORITHMS, wipe
-
-        if algorithm not in ALGORITHMS:
-            raise InvalidArgument(f"unknown wipe algorithm '{algorithm}'")
-        local = self._local(pool, rec.name)
-        wipe(local, algorithm, monitor=monitor)
-        if rec.format not in (None, "raw"):
-            from virtstore.formats.qemuimg import ImageOptions, create
-
-            tmp = self.staging_path(pool, "wipe-" + os.urandom(6).hex())
-            try:
-                create(tmp, ImageOptions(format=rec.format, capacity=rec.capacity))
-                os.replace(tmp, local)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        else:
+            super().vol_wipe(pool, rec, algorithm, monitor)
 
     def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
                    length: int | None, sparse: bool, monitor: Monitor) -> None:
         if self.gfapi():
-            self._gf.vol_upload(pool, rec, source, offset=offset, length=length,
-                                sparse=sparse, monitor=monitor)
-            return
-        from virtstore.data.copy import copy_file
-        from virtstore.data.monitor import Monitor as PlainMonitor
-        from virtstore.data.stream import upload
-
-        local = self._local(pool, rec.name)
-        staging = self.staging_path(pool, "upload-" + os.urandom(6).hex())
-        try:
-            if offset == 0 and length is None:
-                fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            else:
-                copy_file(local, staging, reflink="auto", monitor=PlainMonitor())
-                fd = os.open(staging, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                upload(source, fd, offset=offset, length=length, sparse=sparse, monitor=monitor)
-                if os.fstat(fd).st_size < rec.physical:
-                    os.ftruncate(fd, rec.physical)
-                os.fchmod(fd, rec.mode if rec.mode is not None else 0o600)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(staging, local)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staging)
+            self._gf.vol_upload(pool, rec, source, offset=offset, length=length, sparse=sparse,
+                                monitor=monitor)
+        else:
+            super().vol_upload(pool, rec, source, offset=offset, length=length, sparse=sparse,
+                               monitor=monitor)
 
     def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
                      length: int | None, sparse: bool, monitor: Monitor) -> None:
         if self.gfapi():
-            self._gf.vol_download(pool, rec, sink, offset=offset, length=length,
-                                  sparse=sparse, monitor=monitor)
-            return
-        from virtstore.data.stream import download
-
-        fd = os.open(self._local(pool, rec.name), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            download(fd, sink, offset=offset, length=length, sparse=sparse, monitor=monitor)
-        finally:
-            os.close(fd)
+            self._gf.vol_download(pool, rec, sink, offset=offset, length=length, sparse=sparse,
+                                  monitor=monitor)
+        else:
+            super().vol_download(pool, rec, sink, offset=offset, length=length, sparse=sparse,
+                                 monitor=monitor)
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
                   linked: bool, monitor: Monitor,
                   options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
         if self.gfapi():
-            self._gf.vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor)
-            return
-        if linked:
-            from virtstore.formats.qcow2 import create_qcow2
+            self._gf.vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor,
+                               options=options)
+        else:
+            super().vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor,
+                  options=options)
 
-            if src_pool.uuid != pool.uuid:
-                raise Unsupported("a linked clone of a gluster volume must be in its pool")
-            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                create_qcow2(fd, src.capacity, compat="1.1", backing_file=src.name,
-                             backing_format=src.format or "raw")
-            finally:
-                os.close(fd)
-            return
-        from virtstore.data.copy import copy_file
-
-        copy_file(self._local(src_pool, src.name), staging, reflink="auto", monitor=monitor)
+    # An external snapshot's overlay would name its backing file by a path on the
+    # private mount, which qemu cannot open at the volume's URL.
+    snap_create_external = Backend.snap_create_external
 
     @contextlib.contextmanager
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
