@@ -405,7 +405,7 @@ class GlusterBackend(FileVolumes):
                                options=options)
         else:
             super().vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor,
-                  options=options)
+                              options=options)
 
     # An external snapshot's overlay would name its backing file by a path on the
     # private mount, which qemu cannot open at the volume's URL.
