@@ -8,19 +8,18 @@ checks that each advertised one works and each unadvertised one fails with the
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from block_fixtures import BlockLab, lab_fixture, lvm  # noqa: F401
+from contract_walk import walk
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.backends._file_volumes import reflink_capable
 from virtstore.backends.base import FEATURES, Backend
-from virtstore.errors import Unsupported, VirtstoreError
+from virtstore.errors import Unsupported
 from virtstore.types import VolumeCreateArgs
 
 MiB = 1 << 20
@@ -52,60 +51,6 @@ def test_capabilities_list_what_the_backends_do(conn: EmbeddedConnection) -> Non
         assert bool(r["snapshots"]) == r["features"]["snapshot"], r["type"]
 
 
-def _attempts(conn: EmbeddedConnection, pool: str, vol: str,
-              tmp: Path) -> dict[str, Callable[[], object]]:
-    """One call per feature; each returns when the operation worked and raises when not
-    (a job that fails raises its error)."""
-    cap = conn.volume_info(pool, vol).capacity
-
-    def job(info: object) -> None:
-        done = conn.job_wait(info.id)  # type: ignore[attr-defined]
-        if done.state != "done":
-            raise (Unsupported if done.error_code == "unsupported" else VirtstoreError)(
-                done.error or "")
-
-    def export() -> None:
-        with conn.volume_export_nbd(pool, vol, socket_path=str(tmp / f"{vol}.sock"),
-                                    read_only=True):
-            pass
-
-    return {
-        "snapshot": lambda: conn.volume_snapshot_create(pool, vol, "s1"),
-        "snapshot-external": lambda: conn.volume_snapshot_create(pool, vol, "s2",
-                                                                 external=True),
-        "clone-full": lambda: job(conn.volume_clone(pool, vol, vol + "-full")),
-        "clone-linked": lambda: job(conn.volume_clone(pool, vol, vol + "-linked",
-                                                      linked=True)),
-        "copy": lambda: job(conn.volume_create_from(
-            pool, f"<volume><name>{vol}-copy</name><capacity>{cap}</capacity></volume>",
-            pool, vol)),
-        "resize-grow": lambda: job(conn.volume_resize(pool, vol, cap + 4 * MiB)),
-        "resize-shrink": lambda: job(conn.volume_resize(pool, vol, cap, shrink=True)),
-        "upload": lambda: job(conn.volume_upload(pool, vol, io.BytesIO(b"u" * 4096))),
-        "download": lambda: job(conn.volume_download(pool, vol, io.BytesIO())),
-        "wipe": lambda: job(conn.volume_wipe(pool, vol)),
-        "export": export,
-    }
-
-
-def _walk(conn: EmbeddedConnection, pool: str, vol: str, tmp: Path) -> dict[str, bool]:
-    features = conn.volume_features(pool, vol)
-    assert set(features) == set(FEATURES)
-    seen = {}
-    for feature, attempt in _attempts(conn, pool, vol, tmp).items():
-        # Asked afresh: a volume's features follow its state (a snapshot may change it).
-        advertised = conn.volume_features(pool, vol)[feature]
-        try:
-            attempt()
-        except Unsupported as exc:
-            assert not advertised, f"{pool}/{vol}: {feature} advertised but: {exc}"
-            seen[feature] = False
-            continue
-        assert advertised, f"{pool}/{vol}: {feature} works but is not advertised"
-        seen[feature] = True
-    return seen
-
-
 def test_walk_dir_pool(conn: EmbeddedConnection, tmp_path: Path) -> None:
     target = tmp_path / "pool"
     conn.pool_define_xml(f"<pool type='dir'><name>d</name><target><path>{target}</path>"
@@ -116,13 +61,13 @@ def test_walk_dir_pool(conn: EmbeddedConnection, tmp_path: Path) -> None:
                                              format="qcow2"))
     conn.volume_create("d", VolumeCreateArgs(name="v.vmdk", capacity=8 * MiB,
                                              format="vmdk"))
-    raw = _walk(conn, "d", "r.img", tmp_path)
+    raw = walk(conn, "d", "r.img", tmp_path)
     # A raw volume's snapshot is a reflink: only where the filesystem shares extents.
     assert raw["snapshot"] == reflink_capable(str(target)) and not raw["snapshot-external"]
     assert raw["clone-full"] and raw["clone-linked"] and raw["upload"] and raw["wipe"]
-    qcow = _walk(conn, "d", "q.qcow2", tmp_path)
+    qcow = walk(conn, "d", "q.qcow2", tmp_path)
     assert all(qcow.values()), qcow
-    vmdk = _walk(conn, "d", "v.vmdk", tmp_path)
+    vmdk = walk(conn, "d", "v.vmdk", tmp_path)
     assert not vmdk["resize-grow"] and not vmdk["snapshot"] and vmdk["clone-full"]
 
 
@@ -135,7 +80,7 @@ def test_walk_btrfs_pool(conn: EmbeddedConnection, lab: BlockLab, tmp_path: Path
     conn.pool_start("b", build=True)
     try:
         conn.volume_create("b", VolumeCreateArgs(name="r.img", capacity=8 * MiB))
-        raw = _walk(conn, "b", "r.img", tmp_path)
+        raw = walk(conn, "b", "r.img", tmp_path)
         # On btrfs a raw volume has snapshots (reflinks), not external ones.
         assert raw["snapshot"] and not raw["snapshot-external"], raw
         assert [s.name for s in conn.volume_snapshot_list("b", "r.img")] == ["s1"]
@@ -162,3 +107,27 @@ def test_walk_logical_pool(conn: EmbeddedConnection, lab: BlockLab, tmp_path: Pa
         conn.volume_snapshot_create(vg, "lv", "s")
     conn.pool_stop(vg)
     conn.pool_delete(vg)
+
+
+def test_pool_type_doc_is_current() -> None:
+    from virtstore.backends.table import markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "pool-types.md"
+    assert doc.read_text() == markdown(), \
+        "docs/pool-types.md is stale: python -m virtstore.backends.table > docs/pool-types.md"
+
+
+def test_xml_table_agrees_with_the_backends() -> None:
+    """The XML layer knows libvirt's pool types; every one the backends run is there with
+    the same volume type and default format, and accepts every format the backend makes."""
+    from virtstore.xml import POOL_TYPES as XML_TYPES
+
+    assert set(POOL_TYPES) <= set(XML_TYPES)
+    assert set(XML_TYPES) - set(POOL_TYPES) == {"vstorage"}  # XML only: no backend yet
+    for ptype in POOL_TYPES:
+        caps, xt = backend_for(ptype).caps, XML_TYPES[ptype]
+        assert caps.volume_type == xt.default_vol_type, ptype
+        assert caps.default_vol_format == (xt.default_vol_format or caps.default_vol_format)
+        if xt.vol_formats:
+            made = [f for f in caps.vol_formats if f not in ("none", "luks")]
+            assert all(xt.accepts_vol_format(f) or f == "luks" for f in made), ptype

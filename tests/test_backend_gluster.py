@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from contract_walk import walk
 from net_fixtures import Server, gluster_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends.fs import kernel_filesystems
@@ -172,3 +173,14 @@ def test_netfs_glusterfs_mounts_with_libvirts_options(conn: EmbeddedConnection, 
     finally:
         conn.pool_stop("ng")
     assert mounts.mounted_at(str(target)) is None
+
+
+def test_walk_every_operation(conn: EmbeddedConnection, gpool: str, gmode: str,
+                              tmp_path: Path) -> None:
+    """Each feature a gluster volume advertises works, in both modes; each other one
+    says unsupported."""
+    conn.volume_create_xml(gpool, "<volume><name>w.qcow2</name><capacity unit='M'>8"
+                                  "</capacity><target><format type='qcow2'/></target></volume>")
+    seen = walk(conn, gpool, "w.qcow2", tmp_path)
+    assert seen["snapshot"] and seen["clone-linked"] and seen["upload"], seen
+    assert not seen["snapshot-external"], seen

@@ -16,6 +16,7 @@ import pytest
 
 import virtstore
 from cli_fixtures import Cli, cli_fixture  # noqa: F401
+from contract_walk import walk
 from net_fixtures import ISCSI_CHAP, ISCSI_SECURE, ISCSI_STORAGE, Server, iscsi_fixture  # noqa: F401
 from server_fixtures import start_daemon
 from virtstore.api.embedded import EmbeddedConnection
@@ -229,3 +230,11 @@ def test_nbd_export_of_a_lun(conn: EmbeddedConnection, dpool: str, tgt: Server,
         assert out.stat().st_size == 128 * MiB
         with open(out, "rb") as fh:
             assert fh.read(1024) == b"LUN2" * 256
+
+
+def test_walk_every_operation(conn: EmbeddedConnection, dpool: str, tmp_path: Path) -> None:
+    """A LUN reached through libiscsi: its data moves (upload, download, wipe, export),
+    nothing else is claimed."""
+    seen = walk(conn, dpool, "unit:0:0:1", tmp_path)
+    assert seen["upload"] and seen["download"] and seen["wipe"] and seen["export"], seen
+    assert not any(seen[f] for f in ("snapshot", "clone-full", "resize-grow", "copy")), seen

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from contract_walk import walk
 from net_fixtures import Server, nfs_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends.fs import kernel_filesystems
@@ -169,3 +170,13 @@ def test_userspace_nfs_unreachable_server(conn: EmbeddedConnection, tmp_path: Pa
                                     opts=(USERSPACE_OPT,)))
     with pytest.raises(Exception, match="cannot mount NFS export"):
         conn.pool_start("x")
+
+
+def test_walk_userspace_volume(conn: EmbeddedConnection, upool: str, tmp_path: Path) -> None:
+    """Each feature a volume reached through the userspace NFS client advertises works;
+    each other one says unsupported."""
+    conn.volume_create_xml(upool, "<volume><name>w.raw</name><capacity unit='M'>8"
+                                  "</capacity></volume>")
+    seen = walk(conn, upool, "w.raw", tmp_path)
+    assert seen["upload"] and seen["download"] and seen["clone-full"], seen
+    assert not seen["snapshot"] and not seen["snapshot-external"], seen

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from contract_walk import walk
 from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AuthFailed, Busy, InvalidArgument, NoSuchVolume, Unsupported
@@ -445,3 +446,13 @@ def test_namespace_pool(rconn: EmbeddedConnection, ceph: Server) -> None:
         rconn.volume_delete("nsp", "inns2")
     finally:
         rconn.pool_stop("nsp")
+
+
+def test_walk_every_operation(rconn: EmbeddedConnection, rpool: str, tmp_path: Path) -> None:
+    """Each feature an RBD image advertises works; each other one says unsupported."""
+    rconn.volume_create_xml(rpool, "<volume><name>w</name><capacity unit='M'>8</capacity>"
+                                   "</volume>")
+    seen = walk(rconn, rpool, "w", tmp_path)
+    assert seen["snapshot"] and seen["clone-linked"] and seen["clone-full"], seen
+    assert seen["resize-shrink"] and seen["upload"] and seen["wipe"] and seen["export"], seen
+    assert not seen["snapshot-external"] and not seen["copy"], seen

@@ -8,7 +8,6 @@ from typing import Any, BinaryIO
 
 from virtstore.api import Connection
 from virtstore.backends import POOL_TYPES, backend_for
-from virtstore.backends._net_utils import register_secrets
 from virtstore.engine import journal
 from virtstore.engine.confine import Confinement
 from virtstore.engine.dataops import DataOps
@@ -49,7 +48,7 @@ class EmbeddedConnection(Connection):
         self.index = VolumeIndex(store)
         self.events = EventLog(store)
         self.secrets = SecretStore(self.state.secrets_dir, store)
-        register_secrets(self.secrets)  # network pools read their auth secrets from it
+        self.state.backend.hooks.secret_store = self.secrets  # pools' auth secrets
         self.pools = PoolManager(self.state, self.index, self.events, confinement)
         self.volumes = VolumeManager(self.state, self.index, self.secrets, self.events,
                                      confinement)

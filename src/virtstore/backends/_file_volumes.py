@@ -100,7 +100,9 @@ class FileVolumes(Backend):
         if rec.type == "dir":
             return False  # a directory volume has no bytes to move
         if feature in ("resize-grow", "resize-shrink"):
-            return fmt in ("raw", "qcow2")
+            # Reached from userspace (libnfs, libgfapi) a volume is resized by truncation.
+            return fmt == "raw" or (fmt == "qcow2" and self.local_files(pool)
+                                    and not self._v2_with_snapshots(pool, rec))
         if feature == "snapshot-external":
             return fmt == "qcow2"
         if feature == "snapshot":
@@ -117,6 +119,22 @@ class FileVolumes(Backend):
         # Said now, before a job starts; the job's own opens refuse one swapped in later.
         if self.local_files(pool):
             refuse_symlink(self.file_of(pool, rec))
+
+    def _v2_with_snapshots(self, pool: PoolDef, rec: VolumeRecord) -> bool:
+        """qemu-img cannot resize a compat 0.10 (version 2) qcow2 image that holds
+        internal snapshots."""
+        if rec.format != "qcow2" or rec.compat != "0.10":
+            return False
+        from virtstore.formats.qcow2 import internal_snapshot_count
+
+        try:
+            fd = open_volume(self.file_of(pool, rec), os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            return internal_snapshot_count(fd) > 0
+        finally:
+            os.close(fd)
 
     # -- clone and create-from -------------------------------------------------
     def check_clone(self, pool: PoolDef, src_pool: PoolDef, src_backend: Backend,
@@ -189,6 +207,9 @@ class FileVolumes(Backend):
         if fmt not in ("raw", "qcow2"):
             raise Unsupported(f"unsupported configuration: resizing a '{fmt}' volume is not "
                               "supported")
+        if self._v2_with_snapshots(pool, rec):
+            raise Unsupported("unsupported configuration: a qcow2 image of compat 0.10 that "
+                              "holds internal snapshots cannot be resized")
         if allocate and capacity > rec.capacity:
             if capacity - rec.capacity > self.sizes(pool).available:
                 raise NoSpace("Not enough space left in storage pool")

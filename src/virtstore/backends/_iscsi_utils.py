@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
-from virtstore.backends._net_utils import auth_secret
+from virtstore.backends._net_utils import SecretLookup, auth_secret
 from virtstore.errors import InvalidArgument
 from virtstore.host.iscsi import Credentials, Portal
 from virtstore.xml import PoolDef
@@ -37,8 +37,8 @@ def initiator(pool: PoolDef) -> str:
     return "iqn.2004-10.org.virtstore:initiator"
 
 
-def credentials(pool: PoolDef) -> Credentials | None:
-    creds = auth_secret(pool, "chap")
+def credentials(pool: PoolDef, secrets: SecretLookup) -> Credentials | None:
+    creds = auth_secret(pool, "chap", secrets)
     if creds is None:
         return None
     return Credentials(username=creds[0], password=creds[1])
@@ -59,7 +59,8 @@ def volume_path(pool: PoolDef, lun: int) -> str:
 
 
 @contextlib.contextmanager
-def qemu_image_opts(pool: PoolDef, lun: int) -> Iterator[tuple[str, list[str]]]:
+def qemu_image_opts(pool: PoolDef, lun: int,
+                    secrets: SecretLookup) -> Iterator[tuple[str, list[str]]]:
     """``--image-opts`` and ``--object`` arguments for qemu to open one LUN; the CHAP
     secret goes through a file readable by root only, removed afterwards."""
     p = portal(pool)
@@ -67,7 +68,7 @@ def qemu_image_opts(pool: PoolDef, lun: int) -> Iterator[tuple[str, list[str]]]:
             f"file.portal={p}", f"file.target={target(pool)}", f"file.lun={lun}",
             f"file.initiator-name={initiator(pool)}"]
     objects: list[str] = []
-    creds = credentials(pool)
+    creds = credentials(pool, secrets)
     tmp = None
     try:
         if creds is not None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from virtstore.backends._net_utils import auth_secret
+from virtstore.backends._net_utils import SecretLookup, auth_secret
 from virtstore.errors import AuthFailed, InvalidArgument, OperationInvalid
 from virtstore.xml import AuthSecret, PoolDef, SourceHost
 
@@ -76,9 +76,9 @@ def valid_cephx_key(raw: bytes) -> bool:
     return ktype == 1 and length == len(raw) - 12 and length in (16, 32)
 
 
-def settings(pool: PoolDef) -> Settings:
+def settings(pool: PoolDef, secrets: SecretLookup) -> Settings:
     rados_pool, namespace = split_source_name(pool.source.name)
-    creds = auth_secret(pool, "ceph")
+    creds = auth_secret(pool, "ceph", secrets)
     user = key = None
     if creds is not None:
         user = creds[0]

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol
 
-from virtstore.errors import OperationInvalid, Unsupported
+from virtstore.errors import AuthFailed, OperationInvalid, Unsupported
 from virtstore.xml import PoolDef, VolDef, VolSource
 
 if TYPE_CHECKING:
@@ -161,6 +161,14 @@ class EngineHooks(Protocol):
 
     def drop_snapshot_row(self, pool: PoolDef, volume: str, name: str) -> None: ...
 
+    def secret(self, uuid: str | None, usage: str | None, usage_type: str) -> bytes:
+        """The value of a secret named by UUID, or by usage of the given type."""
+
+
+class _NoSecrets:
+    def secret(self, uuid: str | None, usage: str | None, usage_type: str) -> bytes:
+        raise AuthFailed("no secret store is available to read the pool's auth secret")
+
 
 # Per-volume features (Proxmox's volume_has_feature): the operation each one needs.
 FEATURES: dict[str, str] = {
@@ -227,6 +235,10 @@ class Backend(abc.ABC):
     def require(self, feature: str, pool: PoolDef, rec: VolumeRecord, what: str) -> None:
         if not self.has_feature(feature, pool, rec):
             raise self.unsupported(what)
+
+    def secrets(self) -> EngineHooks | _NoSecrets:
+        """Where this backend reads its pools' auth secrets."""
+        return self.hooks if self.hooks is not None else _NoSecrets()
 
     def engine(self) -> EngineHooks:
         if self.hooks is None:

@@ -355,9 +355,15 @@ class GlusterBackend(FileVolumes):
                     what: str) -> None:
         if linked and src_pool.uuid != pool.uuid:
             raise Unsupported("a linked clone of a gluster volume must be in its pool")
+        if what == "volume create-from" and self.gfapi():
+            raise self.unsupported(f"{what} through libgfapi")
         check = Backend.check_clone if self.gfapi() else FileVolumes.check_clone
         check(self, pool, src_pool, src_backend, src, linked=linked, options=options,
               what=what)
+
+    def pool_has(self, feature: str, pool: PoolDef) -> bool:
+        # Through libgfapi a copy is a plain byte copy: no conversion (create-from).
+        return not (feature == "copy" and self.gfapi())
 
     def check_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                      shrink: bool, allocate: bool) -> None:

@@ -72,7 +72,7 @@ class IscsiBackend(Backend):
         if not any(t.iqn == iu.target(pool) for t in found):
             raise OperationInvalid(f"target '{iu.target(pool)}' was not found on portal "
                                    f"{portal}")
-        creds = iu.credentials(pool)
+        creds = iu.credentials(pool, self.secrets())
         secret = None
         if creds is not None:
             secret = creds.password.decode("utf-8", "surrogateescape")

@@ -55,11 +55,11 @@ class IscsiDirectBackend(NbdDataOps, Backend):
 
     def _luns(self, pool: PoolDef, only: int | None = None) -> list[iscsi.Lun]:
         return iscsi.scan_luns(iu.portal(pool), iu.target(pool), iu.initiator(pool),
-                               iu.credentials(pool), only=only)
+                               iu.credentials(pool, self.secrets()), only=only)
 
     def start(self, pool: PoolDef) -> None:
         iscsi.report_luns(iu.portal(pool), iu.target(pool), iu.initiator(pool),
-                          iu.credentials(pool))
+                          iu.credentials(pool, self.secrets()))
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
         try:
@@ -96,7 +96,7 @@ class IscsiDirectBackend(NbdDataOps, Backend):
     def lun_info(self, pool: PoolDef, name: str) -> iscsi.Lun:
         """The SCSI identity of a LUN volume: vendor, product, revision, serial, size."""
         lun = iscsi.lun_details(iu.portal(pool), iu.target(pool), iu.lun_of(name),
-                                iu.initiator(pool), iu.credentials(pool))
+                                iu.initiator(pool), iu.credentials(pool, self.secrets()))
         if lun.device_type != "DIRECT_ACCESS":
             raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
                                f"name '{name}'")
@@ -106,12 +106,12 @@ class IscsiDirectBackend(NbdDataOps, Backend):
     def qemu_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
         from virtstore.host.nbd import QemuSource
 
-        with iu.qemu_image_opts(pool, iu.lun_of(rec.name)) as (opts, objects):
+        with iu.qemu_image_opts(pool, iu.lun_of(rec.name), self.secrets()) as (opts, objects):
             yield QemuSource(image_opts=opts, objects=objects)
 
     @contextlib.contextmanager
     def nbd_open(self, pool: PoolDef, rec: VolumeRecord, *,
                  read_only: bool) -> Iterator[NbdClient]:
-        with iu.qemu_image_opts(pool, iu.lun_of(rec.name)) as (opts, objects), \
+        with iu.qemu_image_opts(pool, iu.lun_of(rec.name), self.secrets()) as (opts, objects), \
                 served(opts, objects, read_only=read_only) as c:
             yield c

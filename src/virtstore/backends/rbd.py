@@ -109,9 +109,8 @@ class RbdBackend(Backend):
         return None
 
     # -- helpers ---------------------------------------------------------------
-    @staticmethod
-    def _settings(pool: PoolDef) -> ru.Settings:
-        return ru.settings(pool)
+    def _settings(self, pool: PoolDef) -> ru.Settings:
+        return ru.settings(pool, self.secrets())
 
     @contextlib.contextmanager
     def _io(self, pool: PoolDef) -> Iterator[rados.Ioctx]:
@@ -539,7 +538,7 @@ class RbdBackend(Backend):
                   options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
         lib = _rbd()
         target = self._staging_image(staging)
-        if ru.settings(src_pool).mon_host != ru.settings(pool).mon_host:
+        if self._settings(src_pool).mon_host != self._settings(pool).mon_host:
             raise Unsupported("a clone between rbd pools of different clusters is not "
                               "supported")
         with self._io(src_pool) as s_io, self._io(pool) as d_io:

@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from virtstore.backends import new_backend
 from virtstore.backends.base import Backend, SnapshotRow
 from virtstore.engine import journal
+from virtstore.engine.secrets import SecretStore
 from virtstore.engine.store import Store
+from virtstore.errors import AuthFailed, NoSuchSecret
 from virtstore.xml import PoolDef
 
 
@@ -19,6 +21,19 @@ class Hooks:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.secret_store: SecretStore | None = None  # set by the connection that opens it
+
+    def secret(self, uuid: str | None, usage: str | None, usage_type: str) -> bytes:
+        store = self.secret_store
+        if store is None:
+            raise AuthFailed("no secret store is available to read the pool's auth secret")
+        try:
+            key = uuid if uuid else store.lookup_by_usage(usage_type, usage or "")
+            return store.get_value(key, internal=True)
+        except NoSuchSecret as exc:
+            what = f"uuid '{uuid}'" if uuid else f"usage '{usage}'"
+            raise NoSuchSecret(f"no secret with {what} for the pool's authentication: "
+                               f"{exc}") from None
 
     @contextmanager
     def scratch(self, backend: Backend, pool: PoolDef, volume: str,

@@ -203,3 +203,13 @@ def create_qcow2(target: str | int, size: int, *, cluster_size: int = 65536,
     finally:
         if isinstance(target, str):
             os.close(fd)
+
+
+def internal_snapshot_count(fd: int) -> int:
+    """How many internal snapshots a qcow2 image holds (the header's nb_snapshots); 0
+    for anything that is not a qcow2 image."""
+    head = os.pread(fd, 64, 0)
+    if len(head) < 64 or head[:4] != b"QFI\xfb":
+        return 0
+    count: int = struct.unpack_from(">I", head, 60)[0]
+    return count
