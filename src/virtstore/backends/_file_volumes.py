@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets as pysecrets
-import stat
 import time
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
@@ -24,7 +23,7 @@ from virtstore.backends.base import (
     VolumeRecord,
 )
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
-from virtstore.host.files import open_volume, refuse_symlink
+from virtstore.host.files import open_volume, refuse_symlink, regular_size
 from virtstore.host.runner import run
 from virtstore.types import SnapshotInfo
 from virtstore.xml import PoolDef
@@ -114,6 +113,23 @@ class FileVolumes(Backend):
 
     def data_size(self, rec: VolumeRecord) -> int:
         return rec.physical
+
+    def backing_of(self, pool: PoolDef, fmt: str, path: str,
+                   given_format: str | None) -> tuple[str | None, int | None]:
+        if fmt in ("raw", "iso"):
+            raise Unsupported("unsupported configuration: backing storage not supported "
+                              "for raw volumes")
+        if "://" in path:
+            return given_format, None  # qemu reaches it; nothing to read here
+        if not os.path.exists(path):
+            raise InvalidArgument(f"backing storage '{path}' does not exist")
+        from virtstore.formats.probe import probe_image
+
+        info = probe_image(path)
+        return given_format or info.format, info.virtual_size
+
+    def name_taken(self, pool: PoolDef, name: str) -> bool:
+        return self.local_files(pool) and os.path.lexists(self.volume_path(pool, name))
 
     def check_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         # Said now, before a job starts; the job's own opens refuse one swapped in later.
@@ -483,15 +499,6 @@ class _PathRow:
         self.name = name
         self.kind = kind
         self.path = path
-
-
-def regular_size(f: BinaryIO) -> int | None:
-    """The size of a regular file behind ``f``; None for a pipe, a socket or a stream."""
-    try:
-        st = os.fstat(f.fileno())
-    except (OSError, ValueError, AttributeError):
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def reflink_capable(path: str) -> bool:

@@ -367,6 +367,17 @@ class Backend(abc.ABC):
         """The bytes a wipe or a whole download goes through."""
         return rec.capacity
 
+    def backing_of(self, pool: PoolDef, fmt: str, path: str,
+                   given_format: str | None) -> tuple[str | None, int | None]:
+        """A new volume's ``<backingStore>``: its format and capacity where they can be
+        read (None where not). Block backends give a backing store their own meaning
+        (an LVM snapshot's origin) and check it when they create."""
+        return given_format, None
+
+    def name_taken(self, pool: PoolDef, name: str) -> bool:
+        """Whether something not in the index already holds ``name`` in the pool."""
+        return False
+
     def check_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:  # noqa: B027
         """Refuse, before any work, a volume this backend must not touch (a file volume
         that is a symbolic link)."""

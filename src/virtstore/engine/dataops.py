@@ -9,9 +9,7 @@ final name; the backends' in-place verbs swap fully made content in.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -22,6 +20,7 @@ from virtstore.engine.jobs import JobManager
 from virtstore.engine.locks import READ, WRITE
 from virtstore.engine.volumes import MAX_SIZE, StagedTarget, VolumeManager
 from virtstore.errors import InvalidArgument
+from virtstore.host.files import regular_size
 from virtstore.types import JobInfo
 from virtstore.xml import PoolDef, parse_volume_xml
 
@@ -172,7 +171,7 @@ class DataOps:
         pool, backend, rec = self._source(pool_name, name)
         self._need(backend, "vol_upload", "volume upload")
         _check_range(offset, length)
-        src_size = _regular_size(source)
+        src_size = regular_size(source)
         total = length if length is not None else (src_size - offset if src_size is not None
                                                    else 0)
         return self._in_place(
@@ -214,11 +213,3 @@ def _new_capacity(rec: VolumeRecord, capacity: int, *, delta: bool, shrink: bool
         raise InvalidArgument("Can't shrink capacity below current capacity unless shrink "
                               "flag explicitly specified")
     return new
-
-
-def _regular_size(f: BinaryIO) -> int | None:
-    try:
-        st = os.fstat(f.fileno())
-    except (OSError, ValueError, AttributeError):
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from virtstore.backends.base import ScanResult, Stamp, VolumeRecord
 from virtstore.engine.store import Store
 from virtstore.errors import NoSuchVolume
+from virtstore.host.files import live_stat
 from virtstore.types import VolumeInfo
 
 _COLS = ("pool, name, type, format, capacity, allocation, physical, ino, size, mtime_ns, "
@@ -85,11 +86,8 @@ def record(row: sqlite3.Row) -> VolumeRecord:
 
 def _fill_live(rec: VolumeRecord) -> None:
     """Owner, mode and access time, read from the volume itself."""
-    if not rec.path.startswith("/"):
-        return
-    try:
-        st = os.stat(rec.path)
-    except OSError:
+    st = live_stat(rec.path)
+    if st is None:
         return
     rec.mode, rec.uid, rec.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     rec.atime_ns = st.st_atime_ns

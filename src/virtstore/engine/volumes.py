@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import secrets as pysecrets
 import sqlite3
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from virtstore.errors import (
     OperationInvalid,
     Unsupported,
 )
+from virtstore.host.files import existing_path
 from virtstore.types import VolumeCreateArgs
 
 if TYPE_CHECKING:
@@ -130,9 +130,10 @@ class VolumeManager:
             return self.index.by_key(ident).path
         except NoSuchVolume:
             pass
-        if os.path.isabs(ident) and os.path.exists(ident):
+        path = existing_path(ident)
+        if path is not None:
             self.check_backing(ident)
-            return os.path.normpath(ident)
+            return path
         raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
                            f"name '{ident}'")
 
@@ -143,33 +144,18 @@ class VolumeManager:
         if fmt not in backend.caps.vol_formats:
             raise Unsupported(f"unsupported configuration: format '{fmt}' is not supported "
                               f"by '{pool.type}' pools")
-        backing_path = backing_format = None
-        if vol.backing_store is not None and vol.backing_store.path \
-                and not backend.caps.file_based:
-            # Block backends give a backing store their own meaning (an LVM snapshot's
-            # origin): theirs to check.
+        backing_path = backing_format = backing_capacity = None
+        if vol.backing_store is not None and vol.backing_store.path:
             backing_path = vol.backing_store.path
-            backing_format = vol.backing_store.format
-        elif vol.backing_store is not None and vol.backing_store.path:
-            if fmt in ("raw", "iso"):
-                raise Unsupported("unsupported configuration: backing storage not supported "
-                                  "for raw volumes")
-            backing_path = vol.backing_store.path
-            backing_format = vol.backing_store.format
-            self.check_backing(backing_path)
-            if "://" not in backing_path and not os.path.exists(backing_path):
-                raise InvalidArgument(f"backing storage '{backing_path}' does not exist")
-            if backing_format is None and "://" not in backing_path:
-                from virtstore.formats.probe import probe_image
-
-                backing_format = probe_image(backing_path).format
+            if backend.caps.file_based:
+                self.check_backing(backing_path)  # before anything reads it
+            backing_format, backing_capacity = backend.backing_of(
+                pool, fmt, backing_path, vol.backing_store.format)
         capacity = vol.capacity
         if capacity is None or not vol.capacity_given:
-            if backing_path is None or "://" in backing_path or not backend.caps.file_based:
+            if backing_capacity is None:
                 raise InvalidArgument("missing capacity for storage volume")
-            from virtstore.formats.probe import probe_image
-
-            capacity = probe_image(backing_path).virtual_size
+            capacity = backing_capacity
         if capacity < 0 or capacity > MAX_SIZE:
             raise InvalidArgument(f"invalid capacity {capacity}: must be 0 to {MAX_SIZE} bytes")
         allocation = vol.allocation if vol.allocation_given and vol.allocation is not None \
@@ -227,7 +213,7 @@ class VolumeManager:
         staging = backend.staging_path(pool, pysecrets.token_hex(8))
         if not self.index.reserve(db, pool_name, name, final, backend.caps.volume_type):
             raise AlreadyExists(f"storage volume '{name}' exists already")
-        if backend.caps.file_based and os.path.lexists(final):
+        if backend.name_taken(pool, name):
             db.execute("DELETE FROM volumes WHERE pool=? AND name=? AND state='creating'",
                        (pool_name, name))
             raise AlreadyExists(f"Requested operation is not valid: volume target path "

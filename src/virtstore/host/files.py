@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import tempfile
+from typing import BinaryIO
 
 from virtstore.errors import OperationInvalid
 
@@ -125,3 +126,30 @@ def refuse_symlink(path: str) -> None:
 def _symlink_refused(path: str) -> OperationInvalid:
     return OperationInvalid(f"cannot open volume '{path}': it is a symbolic link, which "
                             "volumes may not be")
+
+
+def live_stat(path: str) -> os.stat_result | None:
+    """A volume's inode as it is now (owner, mode, times), None where it is not a local
+    file or device path."""
+    if not path.startswith("/"):
+        return None
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def existing_path(path: str) -> str | None:
+    """``path`` normalized, if it is absolute and something is there; else None."""
+    if os.path.isabs(path) and os.path.exists(path):
+        return os.path.normpath(path)
+    return None
+
+
+def regular_size(f: BinaryIO) -> int | None:
+    """The size of a regular file behind ``f``; None for a pipe, a socket or a stream."""
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None

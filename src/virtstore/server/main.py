@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 from virtstore.errors import InvalidArgument, VirtstoreError
 from virtstore.server.config import Options, load, parse_listen
-from virtstore.server.http import Limits, Listener, Server
+from virtstore.server.http import Limits
+from virtstore.server.listen import Listener, Server
 
 log = logging.getLogger("virtstored")
 
