@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from block_fixtures import BlockLab, lab_fixture, sh  # noqa: F401
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
 from virtstore.backends.base import CreateRequest
 from virtstore.backends.btrfs import SNAPSHOT_DIR, BtrfsBackend
@@ -105,3 +106,29 @@ def test_stop_unmounts_and_start_checks_btrfs(btrfs_pool: tuple[BtrfsBackend, Po
     assert be.scan(pool, {}).changed == []  # the unmounted directory is empty
     with pytest.raises(OperationInvalid, match="not on a btrfs filesystem"):
         be.start(plain)
+
+
+def test_subvolume_clone_through_the_connection(conn: EmbeddedConnection, lab: BlockLab,
+                                                tmp_path: Path) -> None:
+    """vol-clone of a subvolume volume is a writable subvolume snapshot, published under
+    its new name like any clone."""
+    if backend_for("btrfs").host_problem():
+        pytest.skip(backend_for("btrfs").host_problem() or "")
+    dev = lab.loop(256 * MiB)
+    mnt = tmp_path / "mnt"
+    conn.pool_define_xml(f"<pool type='btrfs'><name>b</name><source><device path='{dev}'/>"
+                         f"</source><target><path>{mnt}</path></target></pool>")
+    conn.pool_start("b", build=True)
+    try:
+        sh("btrfs", "-q", "subvolume", "create", str(mnt / "tree"))
+        (mnt / "tree" / "f").write_text("v1")
+        conn.pool_refresh("b")
+        assert conn.volume_features("b", "tree")["clone-full"]
+        job = conn.volume_clone("b", "tree", "tree2")
+        assert conn.job_wait(job.id).state == "done"
+        assert (mnt / "tree2" / "f").read_text() == "v1"
+        assert sh("btrfs", "subvolume", "show", str(mnt / "tree2")).returncode == 0
+        assert conn.volume_info("b", "tree2").type == "dir"
+        assert not [p for p in os.listdir(mnt) if p.startswith(".virtstore-staging")]
+    finally:
+        conn.pool_stop("b")

@@ -185,12 +185,6 @@ FEATURES: dict[str, str] = {
     "export": "qemu_source",
 }
 
-# Pool-level operations whose support is derived from the methods a backend overrides.
-OPERATIONS = ("build", "delete", "create_volume", "delete_volume", "vol_clone",
-              "vol_resize", "vol_wipe", "vol_upload", "vol_download", "snap_create",
-              "snap_create_external", "qemu_source")
-
-
 class Backend(abc.ABC):
     caps: BackendCaps
     hooks: EngineHooks | None = None  # set by the engine that owns this instance
@@ -231,10 +225,6 @@ class Backend(abc.ABC):
         """Whether this pool (its mode, its filesystem) offers a feature the backend
         implements; True unless a backend knows better."""
         return True
-
-    def require(self, feature: str, pool: PoolDef, rec: VolumeRecord, what: str) -> None:
-        if not self.has_feature(feature, pool, rec):
-            raise self.unsupported(what)
 
     def secrets(self) -> EngineHooks | _NoSecrets:
         """Where this backend reads its pools' auth secrets."""

@@ -27,7 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from virtstore.backends.base import BackendCaps, ScanResult, Stamp, VolumeRecord
+from virtstore.backends.base import (
+    Backend,
+    BackendCaps,
+    CloneOptions,
+    ScanResult,
+    Stamp,
+    VolumeRecord,
+)
 from virtstore.backends.dir import FILE_FORMATS, STAGING_PREFIX
 from virtstore.backends.fs import FsBackend
 from virtstore.errors import (
@@ -42,6 +49,7 @@ from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
+    from virtstore.data.monitor import Monitor
     from virtstore.types import SnapshotInfo
 
 FICLONE = 0x40049409
@@ -164,30 +172,73 @@ class BtrfsBackend(FsBackend):
 
     def clone_volume(self, pool: PoolDef, name: str, new_name: str) -> VolumeRecord:
         """An instant copy of volume ``name`` as ``new_name`` (reflink or subvolume
-        snapshot), published without replacing anything."""
-        src = self._volume(pool, name)
+        snapshot), published without replacing anything: ``vol_clone`` and
+        ``commit_volume``, as the engine runs them, without the engine."""
+        from virtstore.data.monitor import Monitor
+
+        src = self.read_volume(pool, name)
+        if src is None:
+            self._volume(pool, name)  # says why
+            raise NoSuchVolume(f"no volume '{name}'")
         if not new_name or "/" in new_name or new_name.startswith("."):
             raise InvalidArgument(f"invalid volume name '{new_name}'")
-        final = self.volume_path(pool, new_name)
-        if os.path.lexists(final):
-            raise AlreadyExists(f"storage volume '{new_name}' exists already")
         staging = self.staging_path(pool, secrets.token_hex(8))
         try:
-            if is_subvolume(src):
-                run(["btrfs", "-q", "subvolume", "snapshot", src, staging], timeout=120)
-                if os.path.lexists(final):
-                    raise AlreadyExists(f"storage volume '{new_name}' exists already")
-                os.rename(staging, final)
-                fsync_dir(os.path.dirname(final))
-            else:
-                reflink(src, staging)
-                self.commit_volume(pool, staging, final)
+            self.vol_clone(pool, pool, src, staging, linked=False, monitor=Monitor(),
+                           options=CloneOptions(reflink=True))
+            self.commit_volume(pool, staging, self.volume_path(pool, new_name))
         except BaseException:
             self._remove(staging)
             raise
         rec = self.read_volume(pool, new_name)
         assert rec is not None
         return rec
+
+    def check_clone(self, pool: PoolDef, src_pool: PoolDef, src_backend: Backend,
+                    src: VolumeRecord, *, linked: bool, options: CloneOptions,
+                    what: str) -> None:
+        if src.type != "dir":
+            super().check_clone(pool, src_pool, src_backend, src, linked=linked,
+                                options=options, what=what)
+        elif src_pool.name != pool.name or not is_subvolume(src.path) \
+                or what != "volume clone" or options.format not in (None, "dir"):
+            raise Unsupported("unsupported configuration: a subvolume is cloned as a "
+                              "subvolume snapshot, within its pool")
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
+        if src.type == "dir":
+            # A directory volume that is a subvolume: a writable snapshot shares its data.
+            run(["btrfs", "-q", "subvolume", "snapshot", src.path, staging], timeout=120)
+        else:
+            super().vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor,
+                              options=options)
+
+    def commit_volume(self, pool: PoolDef, staging: str, final: str) -> None:
+        if not is_subvolume(staging):
+            super().commit_volume(pool, staging, final)
+            return
+        # A directory cannot be hard-linked into place: rename, after a look (the engine
+        # holds the name reserved, so only an outside writer could race it).
+        if os.path.lexists(final):
+            raise AlreadyExists(f"storage volume '{os.path.basename(final)}' exists already")
+        os.rename(staging, final)
+        fsync_dir(os.path.dirname(final))
+
+    def discard_staging(self, staging: str) -> None:
+        if is_subvolume(staging):
+            self._remove(staging)
+        else:
+            super().discard_staging(staging)
+
+    def has_feature(self, feature: str, pool: PoolDef, rec: VolumeRecord,
+                    snapshot: str | None = None) -> bool:
+        if feature == "snapshot":  # a reflink or a subvolume snapshot, of any volume
+            return True
+        if rec.type == "dir" and feature == "clone-full":
+            return is_subvolume(rec.path)
+        return super().has_feature(feature, pool, rec, snapshot)
 
     # -- snapshots -------------------------------------------------------------
     def _snapdir(self, pool: PoolDef, name: str) -> str:
@@ -309,12 +360,6 @@ class BtrfsBackend(FsBackend):
             self.delete_snapshot(pool, rec.name, snap)
         else:
             super().snap_delete(pool, rec, snap)
-
-    def has_feature(self, feature: str, pool: PoolDef, rec: VolumeRecord,
-                    snapshot: str | None = None) -> bool:
-        if feature == "snapshot":  # a reflink or a subvolume snapshot, of any volume
-            return True
-        return super().has_feature(feature, pool, rec, snapshot)
 
     @staticmethod
     def _remove(path: str) -> None:

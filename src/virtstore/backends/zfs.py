@@ -265,7 +265,4 @@ class ZfsBackend(Backend):
         if src_pool.name != pool.name:
             raise Unsupported("unsupported configuration: a zfs volume can be cloned only "
                               "within its pool")
-        src_ds = self._dataset(pool, src.name)
-        snap = f"virtstore-clone-{staging.rsplit('-', 1)[-1]}"
-        zfsmod.zfs(["snapshot", f"{src_ds}@{snap}"])
-        zfsmod.zfs(["clone", f"{src_ds}@{snap}", staging])
+        self.clone_volume(pool, src.name, staging.rsplit("/", 1)[-1])
