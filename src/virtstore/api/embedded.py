@@ -76,7 +76,7 @@ class EmbeddedConnection(Connection):
 
     def _discard_leftover(self, pool: str, name: str, tmp_path: str) -> None:
         row = self.state.row(pool)
-        self.state.backend(row.type).discard_staging(tmp_path)
+        self.state.backend(row.type, row.name).discard_staging(tmp_path)
 
     def _make_default_pool(self) -> None:
         """A `default` dir pool, autostarted, as libvirt installs one."""
@@ -96,6 +96,7 @@ class EmbeddedConnection(Connection):
 
     def close(self) -> None:
         self.jobs.join_local()
+        self.state.backend.close()
         self.state.store.close()
 
     # -- pools -----------------------------------------------------------------
@@ -325,7 +326,8 @@ class EmbeddedConnection(Connection):
         self._require_active(pool)
         self.index.info(pool, name)  # NoSuchVolume as any lookup
         row = self.state.row(pool)
-        found = self.state.backend(row.type).device_identity(self.state.definition(row), name)
+        backend = self.state.backend(row.type, row.name)
+        found = backend.device_identity(self.state.definition(row), name)
         if found is None:
             raise Unsupported(f"volume '{name}' of pool '{pool}' is not a SCSI LUN: "
                               "it has no device identity")

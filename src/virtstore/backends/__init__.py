@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from virtstore.backends.base import Backend, UnavailableBackend
 
-_cache: dict[str, Backend] = {}
-
 # Each pool type's module and class, imported on first use.
 _MODULES = {
     "dir": ("virtstore.backends.dir", "DirBackend"),
@@ -28,12 +26,9 @@ POOL_TYPES = tuple(_MODULES)
 
 
 def backend_for(pool_type: str) -> Backend:
-    """A shared instance of a pool type's backend, not bound to an engine: for asking
-    what it can do. The engine makes its own instances (``new_backend``)."""
-    be = _cache.get(pool_type)
-    if be is None:
-        be = _cache[pool_type] = new_backend(pool_type)
-    return be
+    """An instance of a pool type's backend not bound to an engine, for asking what it
+    can do; the engine makes and keeps its own (engine/hooks.py)."""
+    return new_backend(pool_type)
 
 
 def new_backend(pool_type: str) -> Backend:

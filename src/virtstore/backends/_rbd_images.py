@@ -52,13 +52,19 @@ def _message(exc: BaseException) -> str:
 class RbdImages(Backend):
     """librbd access for the rbd backend."""
 
+    def __init__(self) -> None:
+        self._clusters = ru.Clusters()
+
+    def close(self) -> None:
+        self._clusters.close()
+
     # -- helpers ---------------------------------------------------------------
     def _settings(self, pool: PoolDef) -> ru.Settings:
         return ru.settings(pool, self.secrets())
 
     @contextlib.contextmanager
     def _io(self, pool: PoolDef) -> Iterator[rados.Ioctx]:
-        io = ru.ioctx(self._settings(pool))
+        io = self._clusters.ioctx(self._settings(pool))
         try:
             yield io
         finally:

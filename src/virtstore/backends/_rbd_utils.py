@@ -127,12 +127,10 @@ def decode_staging(staging: str) -> tuple[PoolDef, str] | None:
 
 
 # -- connections ----------------------------------------------------------------------------
-_clusters: dict[tuple[str, str | None, str | None, tuple[tuple[str, str], ...]],
-                rados.Rados] = {}
-_lock = threading.Lock()
+_Key = tuple[str, str | None, str | None, tuple[tuple[str, str], ...]]
 
 
-def _key(s: Settings) -> tuple[str, str | None, str | None, tuple[tuple[str, str], ...]]:
+def _key(s: Settings) -> _Key:
     return (s.mon_host, s.user, s.key, s.options)
 
 
@@ -156,78 +154,93 @@ def _quiet_stderr() -> Iterator[None]:
                 log.debug("librados: %s", chatter)
 
 
-def cluster(s: Settings) -> rados.Rados:
-    """A connected cluster handle for these settings (cached)."""
-    import rados
+class Clusters:
+    """Connected cluster handles of one backend instance, by settings: a connection costs
+    a monitor round trip and a thread pool, so the pools of one cluster share one."""
 
-    k = _key(s)
-    with _lock:
-        handle = _clusters.get(k)
-        if handle is not None and handle.state == "connected":
+    def __init__(self) -> None:
+        self._handles: dict[_Key, rados.Rados] = {}
+        self._lock = threading.Lock()
+
+    def get(self, s: Settings) -> rados.Rados:
+        """A connected cluster handle for these settings."""
+        with self._lock:
+            handle = self._handles.get(_key(s))
+            if handle is None or handle.state != "connected":
+                handle = self._handles[_key(s)] = _connect(s)
             return handle
-        # Failures come back as errors, not as chatter on our stderr (set first: they
-        # apply from the next option on).
-        conf: dict[str, str] = {"err_to_stderr": "false", "log_to_stderr": "false",
-                                "mon_host": s.mon_host}
-        if s.key is not None:
-            conf["key"] = s.key
-            conf["auth_supported"] = "cephx"
-        else:
-            conf["auth_supported"] = "none"
-        # Default features for new images, and timeouts, as libvirt sets them; the pool's
-        # own options come last and win.
-        conf["rbd_default_format"] = "2"
-        for name, value in DEFAULT_TIMEOUTS:
-            conf[name] = value
-        for name, value in s.options:
-            conf[name] = value
+
+    def forget(self, s: Settings) -> None:
+        """Close the connection of these settings (the pool stopped)."""
+        with self._lock:
+            handle = self._handles.pop(_key(s), None)
+        if handle is not None:
+            handle.shutdown()
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            handle.shutdown()
+
+    def ioctx(self, s: Settings, pool: str | None = None,
+              namespace: str | None = None) -> rados.Ioctx:
+        import rados
+
+        name = pool or s.pool
         try:
-            handle = rados.Rados(rados_id=s.user or "admin", conf=conf)  # no ceph.conf
+            io = self.get(s).open_ioctx(name)
+        except rados.ObjectNotFound as exc:
+            raise OperationInvalid(f"failed to create the RBD IoCTX. Does the pool '{name}' "
+                                   "exist?: No such file or directory") from exc
         except rados.Error as exc:
-            raise InvalidArgument(f"failed to configure the RADOS client: {exc}") from exc
-        try:
-            with _quiet_stderr():
-                handle.connect()
-        except rados.PermissionDeniedError as exc:
-            handle.shutdown()
-            raise AuthFailed(f"failed to connect to the RADOS monitor on: {s.where}: "
-                             f"authentication failed for user '{s.user}' ({exc})") from exc
-        except rados.InvalidArgumentError as exc:
-            handle.shutdown()
-            if s.key is not None:
-                raise AuthFailed(f"failed to connect to the RADOS monitor on: {s.where}: the "
-                                 f"secret of user '{s.user}' is not a valid cephx key "
-                                 f"({exc})") from exc
-            raise OperationInvalid(f"failed to connect to the RADOS monitor on: "
-                                   f"{s.where}: {exc}") from exc
-        except (rados.Error, OSError) as exc:
-            handle.shutdown()
-            raise OperationInvalid(f"failed to connect to the RADOS monitor on: "
-                                   f"{s.where}: {exc}") from exc
-        _clusters[k] = handle
-        return handle
+            raise OperationInvalid(f"failed to open RADOS pool '{name}': {exc}") from exc
+        ns = s.namespace if namespace is None else namespace
+        if ns:
+            io.set_namespace(ns)
+        return io
 
 
-def forget(s: Settings) -> None:
-    """Close the cached connection of these settings (the pool stopped)."""
-    with _lock:
-        handle = _clusters.pop(_key(s), None)
-    if handle is not None:
-        handle.shutdown()
-
-
-def ioctx(s: Settings, pool: str | None = None, namespace: str | None = None) -> rados.Ioctx:
+def _connect(s: Settings) -> rados.Rados:
     import rados
 
-    name = pool or s.pool
+    # Failures come back as errors, not as chatter on our stderr (set first: they
+    # apply from the next option on).
+    conf: dict[str, str] = {"err_to_stderr": "false", "log_to_stderr": "false",
+                            "mon_host": s.mon_host}
+    if s.key is not None:
+        conf["key"] = s.key
+        conf["auth_supported"] = "cephx"
+    else:
+        conf["auth_supported"] = "none"
+    # Default features for new images, and timeouts, as libvirt sets them; the pool's
+    # own options come last and win.
+    conf["rbd_default_format"] = "2"
+    for name, value in DEFAULT_TIMEOUTS:
+        conf[name] = value
+    for name, value in s.options:
+        conf[name] = value
     try:
-        io = cluster(s).open_ioctx(name)
-    except rados.ObjectNotFound as exc:
-        raise OperationInvalid(f"failed to create the RBD IoCTX. Does the pool '{name}' "
-                               "exist?: No such file or directory") from exc
+        handle = rados.Rados(rados_id=s.user or "admin", conf=conf)  # no ceph.conf
     except rados.Error as exc:
-        raise OperationInvalid(f"failed to open RADOS pool '{name}': {exc}") from exc
-    ns = s.namespace if namespace is None else namespace
-    if ns:
-        io.set_namespace(ns)
-    return io
+        raise InvalidArgument(f"failed to configure the RADOS client: {exc}") from exc
+    try:
+        with _quiet_stderr():
+            handle.connect()
+    except rados.PermissionDeniedError as exc:
+        handle.shutdown()
+        raise AuthFailed(f"failed to connect to the RADOS monitor on: {s.where}: "
+                         f"authentication failed for user '{s.user}' ({exc})") from exc
+    except rados.InvalidArgumentError as exc:
+        handle.shutdown()
+        if s.key is not None:
+            raise AuthFailed(f"failed to connect to the RADOS monitor on: {s.where}: the "
+                             f"secret of user '{s.user}' is not a valid cephx key "
+                             f"({exc})") from exc
+        raise OperationInvalid(f"failed to connect to the RADOS monitor on: "
+                               f"{s.where}: {exc}") from exc
+    except (rados.Error, OSError) as exc:
+        handle.shutdown()
+        raise OperationInvalid(f"failed to connect to the RADOS monitor on: "
+                               f"{s.where}: {exc}") from exc
+    return handle

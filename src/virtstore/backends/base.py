@@ -230,6 +230,9 @@ class Backend(abc.ABC):
         """Where this backend reads its pools' auth secrets."""
         return self.hooks if self.hooks is not None else _NoSecrets()
 
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing open
+        """Release what this instance holds open (connections); its engine is closing."""
+
     def engine(self) -> EngineHooks:
         if self.hooks is None:
             raise OperationInvalid(f"'{self.caps.pool_type}' backend used without an engine")

@@ -94,9 +94,10 @@ def record_from_stat(name: str, path: str, st: os.stat_result) -> VolumeRecord:
 
 
 class DirBackend(FileVolumes):
-    # Staging files that hold no data yet. Their names are unique, so one set serves
-    # every instance and subclass; set operations are atomic across threads.
-    _metadata_only: set[str] = set()  # noqa: RUF012
+    def __init__(self) -> None:
+        # Staging files that hold no data yet (no fsync needed to publish them); set
+        # operations are atomic across threads.
+        self._metadata_only: set[str] = set()
 
     caps = BackendCaps(pool_type="dir", vol_formats=FILE_FORMATS, default_vol_format="raw",
                        shared=False, file_based=True, volume_type="file")

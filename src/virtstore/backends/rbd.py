@@ -94,12 +94,13 @@ class RbdBackend(RbdImages):
     # -- pool lifecycle --------------------------------------------------------
     def start(self, pool: PoolDef) -> None:
         s = self._settings(pool)
-        ru.forget(s)  # a restart reconnects: the secret or the monitors may have changed
-        io = ru.ioctx(s)
+        # A restart reconnects: the secret or the monitors may have changed.
+        self._clusters.forget(s)
+        io = self._clusters.ioctx(s)
         try:
             if s.namespace:
                 lib = _rbd()
-                with ru.ioctx(s, namespace="") as root:
+                with self._clusters.ioctx(s, namespace="") as root:
                     if not lib.RBD().namespace_exists(root, s.namespace):
                         raise OperationInvalid(f"RBD namespace '{s.namespace}' does not "
                                                f"exist in pool '{s.pool}'")
@@ -108,14 +109,14 @@ class RbdBackend(RbdImages):
 
     def stop(self, pool: PoolDef) -> None:
         try:
-            ru.forget(self._settings(pool))
+            self._clusters.forget(self._settings(pool))
         except VirtstoreError:
             pass
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
         try:
             s = self._settings(pool)
-            stats = ru.cluster(s).get_cluster_stats()
+            stats = self._clusters.get(s).get_cluster_stats()
             with self._io(pool) as io:
                 used = int(io.get_stats().get("num_bytes", 0))
         except _errors(VirtstoreError):

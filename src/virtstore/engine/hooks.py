@@ -68,16 +68,27 @@ class Hooks:
 
 
 class Backends:
-    """This engine's backend instances, one per pool type, bound to its hooks."""
+    """This engine's backend instances, one per pool (as Incus loads a driver per pool),
+    bound to its hooks; what an instance holds open (an RBD connection) goes with it."""
 
     def __init__(self, store: Store) -> None:
         self.hooks = Hooks(store)
-        self._made: dict[str, Backend] = {}
+        self._made: dict[tuple[str, str], Backend] = {}
 
-    def __call__(self, pool_type: str) -> Backend:
-        be = self._made.get(pool_type)
+    def close(self) -> None:
+        for be in self._made.values():
+            be.close()
+        self._made.clear()
+
+    def __call__(self, pool_type: str, pool: str) -> Backend:
+        be = self._made.get((pool_type, pool))
         if be is None:
             be = new_backend(pool_type)
             be.hooks = self.hooks
-            self._made[pool_type] = be
+            self._made[(pool_type, pool)] = be
         return be
+
+    def drop(self, pool: str) -> None:
+        """The pool is gone (undefined, or a transient pool stopped)."""
+        for key in [k for k in self._made if k[1] == pool]:
+            self._made.pop(key).close()

@@ -83,7 +83,7 @@ def export_volume(conn: EngineParts, pool: str, name: str, *,
     if not row.active:
         raise InvalidArgument(f"storage pool '{pool}' is not active")
     pool_def = conn.state.definition(row)
-    backend = conn.state.backend(row.type)
+    backend = conn.state.backend(row.type, row.name)
     rec = conn.index.get(pool, name)
     owner = "nbd-" + pysecrets.token_hex(6)
     with conn.state.store.write() as db:

@@ -54,7 +54,7 @@ class PoolManager:
 
     def _info(self, row: PoolRow) -> PoolInfo:
         sizes = PoolSizes()
-        backend = self.state.backend(row.type)
+        backend = self.state.backend(row.type, row.name)
         if row.active:
             sizes = backend.sizes(self.state.definition(row))
         return PoolInfo(name=row.name, uuid=row.uuid, type=row.type,
@@ -91,7 +91,7 @@ class PoolManager:
         row = self.state.row(name)
         pool = self.state.definition(row, inactive=inactive)
         if row.active and not inactive:
-            backend = self.state.backend(row.type)
+            backend = self.state.backend(row.type, row.name)
             sizes = backend.sizes(pool)
             pool.capacity, pool.allocation, pool.available = (
                 sizes.capacity, sizes.allocation, sizes.available)
@@ -183,6 +183,7 @@ class PoolManager:
             self.state.remove_def_file(name)
             db.execute("DELETE FROM pools WHERE name=?", (name,))
             db.execute("DELETE FROM volumes WHERE pool=?", (name,))
+        self.state.backend.drop(name)
         self._emit("undefined", name)
 
     def set_autostart(self, name: str, on: bool) -> None:
@@ -199,7 +200,7 @@ class PoolManager:
         if row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is already active")
-        backend = self.state.backend(row.type)
+        backend = self.state.backend(row.type, row.name)
         if not backend.supports("build"):
             return  # libvirt: building a pool type with nothing to build succeeds
         pool = self.state.definition(row)
@@ -211,7 +212,7 @@ class PoolManager:
         if row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is already active")
-        backend = self.state.backend(row.type)
+        backend = self.state.backend(row.type, row.name)
         problem = backend.host_problem()
         if problem:
             raise Unsupported(problem)
@@ -256,13 +257,15 @@ class PoolManager:
                 raise OperationInvalid(f"Requested operation is not valid: pool '{name}' "
                                        "has asynchronous jobs running")
             pool = self.state.definition(row)
-            self.state.backend(row.type).stop(pool)
+            self.state.backend(row.type, row.name).stop(pool)
             nesting.detach_sources(self.state, pool)
             if row.persistent:
                 db.execute("UPDATE pools SET active=0, live_xml=NULL WHERE name=?", (name,))
             else:
                 db.execute("DELETE FROM pools WHERE name=?", (name,))
                 db.execute("DELETE FROM volumes WHERE pool=?", (name,))
+        if not row.persistent:
+            self.state.backend.drop(name)
         self._emit("stopped", name)
 
     def delete(self, name: str) -> None:
@@ -270,7 +273,7 @@ class PoolManager:
         if row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is still active")
-        backend = self.state.backend(row.type)
+        backend = self.state.backend(row.type, row.name)
         if not backend.supports("delete"):
             raise backend.unsupported("pool delete")
         nesting.check_pool_unused(self.state, self.index, name, "delete")
@@ -286,7 +289,7 @@ class PoolManager:
 
     def _scan_into_index(self, pool: PoolDef) -> None:
         known: dict[str, Stamp] = self.index.stamps(pool.name)
-        backend = self.state.backend(pool.type)
+        backend = self.state.backend(pool.type, pool.name)
         result = backend.scan(pool, known)
         for name, why in result.skipped:
             log.debug("pool %s: skipped '%s': %s", pool.name, name, why)

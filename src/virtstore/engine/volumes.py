@@ -102,7 +102,7 @@ class VolumeManager:
         if not row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is not active")
-        return self.state.definition(row), self.state.backend(row.type)
+        return self.state.definition(row), self.state.backend(row.type, row.name)
 
     # -- create ----------------------------------------------------------------
     def create_xml(self, pool_name: str, xml: str, *, prealloc_metadata: bool) -> str:
@@ -261,7 +261,7 @@ class VolumeManager:
         if state == "ready":
             return self.reread(pool_name, name)
         row = self.state.row(pool_name)
-        rec = self.state.backend(row.type).read_volume(self.state.definition(row), name)
+        rec = self.state.backend(row.type, row.name).read_volume(self.state.definition(row), name)
         if rec is None:
             self.index.remove(pool_name, name)
             if state == "deleting" and self.events is not None:
@@ -278,7 +278,7 @@ class VolumeManager:
         if self.index.state_of(pool_name, name) != "ready":
             return "not listed, left as it is"
         row = self.state.row(pool_name)
-        rec = self.state.backend(row.type).read_volume(self.state.definition(row), name)
+        rec = self.state.backend(row.type, row.name).read_volume(self.state.definition(row), name)
         if rec is None:
             return "the volume is not there, left to a refresh"
         self.index.publish(pool_name, rec)
