@@ -201,9 +201,9 @@ def _xfs(sb: bytes) -> FsInfo:
             fdblocks > dblocks or ifree > icount or agblocks == 0:
         raise GuestDataError("the XFS superblock's counts are inconsistent")
     size = dblocks - (logblocks if logstart else 0)
-    # The kernel holds back blocks it never hands out (xfs_alloc_set_aside: 4 per AG
-    # plus 4) and a reserve pool (5% or 8192 blocks, whichever is smaller).
-    held = agcount * 4 + 4 + min(dblocks // 20, 8192)
+    # The kernel holds back blocks it never hands out (xfs_alloc_set_aside: 8 per AG;
+    # older kernels 4 per AG plus 4). Its reserve pool is not subtracted in statfs.
+    held = agcount * 8
     free = max(fdblocks - held, 0)
     info.size, info.used, info.available = size * bs, (size - free) * bs, free * bs
     files = icount + free * inopblock
