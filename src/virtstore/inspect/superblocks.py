@@ -55,6 +55,18 @@ def _read(src: Source, offset: int, length: int) -> bytes:
 def identify(src: Source) -> FsInfo:
     """The kind of thing at the start of ``src``, with label and UUID; ``unknown`` when
     nothing is recognised."""
+    info = _identify(src)
+    numbers = (info.size, info.used, info.available)
+    if any(n is not None and n < 0 for n in numbers) or info.size is not None and (
+            info.size > src.size + (1 << 20) or (info.used or 0) > info.size or
+            (info.available or 0) > info.size):
+        raise GuestDataError(f"the {info.type} superblock's sizes are inconsistent")
+    if info.inodes is not None and not 0 <= (info.inodes_free or 0) <= info.inodes:
+        raise GuestDataError(f"the {info.type} superblock's inode counts are inconsistent")
+    return info
+
+
+def _identify(src: Source) -> FsInfo:
     head = _read(src, 0, 4096)
     if head[:6] == b"LUKS\xba\xbe":
         return _luks(head)
@@ -65,7 +77,7 @@ def identify(src: Source) -> FsInfo:
     if sb[0x38:0x3A] == b"\x53\xef":
         return _ext(src, sb)
     if head[:4] == b"XFSB":
-        return _xfs(head)
+        return _xfs(src, head)
     bt = _read(src, 0x10000, 4096)
     if bt[0x40:0x48] == b"_BHRfS_M":
         return _btrfs(bt)
@@ -186,7 +198,7 @@ def _ext_overhead(sb: bytes, blocks: int, first_data: int, bs: int, bpg: int, ip
 
 
 # -- xfs ---------------------------------------------------------------------------
-def _xfs(sb: bytes) -> FsInfo:
+def _xfs(src: Source, sb: bytes) -> FsInfo:
     (bs, dblocks) = struct.unpack_from(">IQ", sb, 4)
     logstart = struct.unpack_from(">Q", sb, 48)[0]
     agblocks, agcount = struct.unpack_from(">II", sb, 84)
@@ -198,7 +210,8 @@ def _xfs(sb: bytes) -> FsInfo:
     info = FsInfo("xfs", label=_text(sb[108:120]), uuid=_uuid(sb[32:48]), block_size=bs,
                   version=str(versionnum & 0xF))
     if bs < 512 or bs > 65536 or bs & (bs - 1) or agcount == 0 or \
-            fdblocks > dblocks or ifree > icount or agblocks == 0:
+            fdblocks > dblocks or ifree > icount or agblocks == 0 or \
+            logblocks >= dblocks or dblocks * bs > src.size + bs or inopblock == 0:
         raise GuestDataError("the XFS superblock's counts are inconsistent")
     size = dblocks - (logblocks if logstart else 0)
     # The kernel holds back blocks it never hands out (xfs_alloc_set_aside: 8 per AG;
