@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from inspect_fixtures import build_plain, can_build
 
+from inspect_fixtures import build_plain, can_build
 from virtstore.errors import OperationInvalid
 from virtstore.inspect import run
 from virtstore.inspect.parts import Region, regions
@@ -106,7 +106,7 @@ def test_mutated_partition_tables_never_escape() -> None:
     for _ in range(200):
         data = _mutate(rng, disk, 2048)
         try:
-            table, regs = regions(Mem(data))
+            _table, regs = regions(Mem(data))
         except GuestDataError:
             continue
         for r in regs:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
 from conftest import dir_pool_xml
 from inspect_fixtures import GuestDisk, build_guest, build_plain, can_build
-
 from virtstore.api.embedded import EmbeddedConnection
 
 pytestmark = pytest.mark.skipif(can_build() is not None, reason=str(can_build()))

@@ -57,9 +57,9 @@ def identify(src: Source) -> FsInfo:
     nothing is recognised."""
     info = _identify(src)
     numbers = (info.size, info.used, info.available)
-    if any(n is not None and n < 0 for n in numbers) or info.size is not None and (
+    if any(n is not None and n < 0 for n in numbers) or (info.size is not None and (
             info.size > src.size + (1 << 20) or (info.used or 0) > info.size or
-            (info.available or 0) > info.size):
+            (info.available or 0) > info.size)):
         raise GuestDataError(f"the {info.type} superblock's sizes are inconsistent")
     if info.inodes is not None and not 0 <= (info.inodes_free or 0) <= info.inodes:
         raise GuestDataError(f"the {info.type} superblock's inode counts are inconsistent")
