@@ -278,6 +278,29 @@ class Connection(abc.ABC):
         offers it in its current state."""
         raise self._missing("volume features")
 
+    def volume_df(self, pool: str, name: str) -> dict[str, Any]:
+        """The filesystems inside the volume (partitions, whole disk, logical volumes of
+        a PV inside it) with type, label, UUID and df's numbers: ``{"table",
+        "filesystems": [...]}``. A filesystem that cannot be read has an ``error``."""
+        raise self._missing("reading a guest's filesystems")
+
+    def pool_df(self, pool: str) -> list[dict[str, Any]]:
+        """``volume_df`` for every volume of the pool: ``[{"volume", "filesystems"}]``,
+        or ``{"volume", "error"}`` for a volume that could not be read."""
+        raise self._missing("reading a guest's filesystems")
+
+    def volume_boot_files(self, pool: str, name: str, *,
+                          extract_dir: str | None = None) -> dict[str, Any]:
+        """The guest's default kernel, initrd and command line (``config``, ``title``,
+        ``kernel``, ``initrd``, ``cmdline``); with ``extract_dir``, also written there
+        (a directory on the storage host) and listed under ``extracted``."""
+        raise self._missing("reading a guest's boot files")
+
+    def volume_inspect(self, pool: str, name: str) -> dict[str, Any]:
+        """The operating system on the volume (``os``: type, distro, name, version,
+        hostname, root), its ``fstab`` and its ``filesystems`` with mount points."""
+        raise self._missing("inspecting a guest")
+
     def volume_device(self, pool: str, name: str) -> dict[str, Any]:
         """The SCSI identity of a LUN volume, read from its target: lun, device_type,
         vendor, product, revision, serial, block_size, capacity. Unsupported for

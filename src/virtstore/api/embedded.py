@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 from virtstore.api import Connection
 from virtstore.backends import POOL_TYPES, backend_for
@@ -36,6 +37,8 @@ from virtstore.types import (
 log = logging.getLogger("virtstore")
 
 DEFAULT_POOL = "default"
+
+_T = TypeVar("_T")
 
 
 class EmbeddedConnection(Connection):
@@ -321,6 +324,43 @@ class EmbeddedConnection(Connection):
         pool_def, backend = self.volumes._active_pool(pool)
         rec = self.index.get(pool, name)
         return {f: backend.has_feature(f, pool_def, rec) for f in FEATURES}
+
+    def _read_guest(self, pool: str, name: str, op: Callable[[str], _T]) -> _T:
+        """``op`` on the volume's guest-visible bytes: a read-only NBD export on a private
+        socket, holding the volume's read lock while the guest is read."""
+        from virtstore.engine.nbd import export_volume
+
+        with export_volume(self, pool, name, read_only=True) as exp:
+            return op(exp.url)
+
+    def volume_df(self, pool: str, name: str) -> dict[str, Any]:
+        from virtstore.inspect import run
+
+        return self._read_guest(pool, name, run.df)
+
+    def pool_df(self, pool: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for vol in self.list_volumes(pool):
+            try:
+                out.append({"volume": vol.name, **self.volume_df(pool, vol.name)})
+            except VirtstoreError as exc:
+                out.append({"volume": vol.name, "error": str(exc)})
+        return out
+
+    def volume_boot_files(self, pool: str, name: str, *,
+                          extract_dir: str | None = None) -> dict[str, Any]:
+        from virtstore.inspect import run
+
+        if extract_dir is not None:
+            extract_dir = os.path.abspath(extract_dir)
+            os.makedirs(extract_dir, exist_ok=True)
+        return self._read_guest(pool, name, lambda url: run.single(
+            "boot", url, extract_dir or ""))
+
+    def volume_inspect(self, pool: str, name: str) -> dict[str, Any]:
+        from virtstore.inspect import run
+
+        return self._read_guest(pool, name, lambda url: run.single("inspect", url))
 
     def volume_device(self, pool: str, name: str) -> dict[str, Any]:
         self._require_active(pool)

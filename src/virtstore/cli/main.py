@@ -40,6 +40,7 @@ def commands() -> dict[str, Command]:
         data_cmds,
         guest_cmds,
         host_cmds,
+        inspect_cmds,
         job_cmds,
         nbd_cmds,
         pool_cmds,
@@ -49,7 +50,7 @@ def commands() -> dict[str, Command]:
 
     table = {}
     for module in (pool_cmds, vol_cmds, data_cmds, guest_cmds, secret_cmds, job_cmds,
-                   host_cmds, nbd_cmds):
+                   host_cmds, nbd_cmds, inspect_cmds):
         for cmd in module.COMMANDS:
             table[cmd.name] = cmd
     return table

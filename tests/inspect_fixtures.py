@@ -1,0 +1,235 @@
+"""Real guest disks for the inspection tests and the benchmark: each filesystem made by
+its own mkfs in an image file, filled by mounting it (the test may mount; the product
+never does), measured with statvfs while mounted read-only, and copied into a GPT disk
+at its partition's offset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1 << 20
+BLS_ID = "0123456789abcdef"
+
+
+def sh(*argv: str, **kw: object) -> str:
+    return subprocess.run(list(argv), check=True, capture_output=True, text=True,
+                          **kw).stdout  # type: ignore[call-overload, no-any-return]
+
+
+def blkid(path: Path, tag: str) -> str:
+    return sh("blkid", "-o", "value", "-s", tag, str(path)).strip()
+
+
+@dataclass
+class Part:
+    number: int
+    kind: str
+    size_mib: int
+    label: str | None = None
+    image: Path | None = None
+    uuid: str = ""
+    statvfs: tuple[int, int, int, int, int] | None = None  # size, used, avail, files, ffree
+
+
+@dataclass
+class GuestDisk:
+    raw: Path
+    parts: dict[int, Part]
+    files: dict[str, bytes] = field(default_factory=dict)  # guest path -> content
+    hostname: str = "testguest"
+
+
+def _mkfs(kind: str, path: Path, label: str | None) -> None:
+    lab = label or ""
+    if kind == "ext4":
+        sh("mkfs.ext4", "-q", "-F", "-L", lab, str(path))
+    elif kind == "xfs":
+        sh("mkfs.xfs", "-q", "-f", "-L", lab, str(path))
+    elif kind == "btrfs":
+        sh("mkfs.btrfs", "-q", "-f", "-L", lab, str(path))
+    elif kind == "vfat":
+        sh("mkfs.vfat", "-F", "32", "-n", lab, str(path))
+    elif kind == "ntfs":
+        sh("mkntfs", "-q", "-F", "-f", "-L", lab, str(path))
+    elif kind == "swap":
+        sh("mkswap", "-L", lab, str(path))
+    elif kind == "luks":
+        key = path.with_suffix(".key")
+        key.write_bytes(b"not a real secret")
+        sh("cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
+           "--pbkdf-force-iterations", "1000", "--label", lab, str(path), str(key))
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4 * MiB))
+    else:
+        raise ValueError(kind)
+
+
+def _fill_fat(part: Part, write: dict[str, bytes]) -> None:
+    """This host's kernel has no vfat: mtools writes the files, and mdir's free count
+    (the FAT's zero entries, as the kernel counts them) stands for statvfs."""
+    assert part.image is not None
+    img = str(part.image)
+    for rel, data in write.items():
+        parts = rel.strip("/").split("/")
+        for i in range(1, len(parts)):
+            subprocess.run(["mmd", "-D", "s", "-i", img, "::/" + "/".join(parts[:i])],
+                           capture_output=True, check=False)
+        src = part.image.with_suffix(".tmp")
+        src.write_bytes(data)
+        sh("mcopy", "-o", "-i", img, str(src), "::/" + "/".join(parts))
+        src.unlink()
+    import re
+
+    m = re.search(r"([\d ,]+) bytes free", sh("mdir", "-i", img, "::/"))
+    assert m is not None
+    free = int(re.sub(r"[ ,]", "", m.group(1)))
+    part.statvfs = (0, 0, free, 0, 0)
+
+
+def _fill(part: Part, mnt: Path, write: dict[str, bytes], links: dict[str, str]) -> None:
+    """Mount, write files and links, remount read-only and take statvfs."""
+    assert part.image is not None
+    if part.kind == "vfat":
+        _fill_fat(part, write)
+        return
+    opts = ["-t", "ntfs-3g"] if part.kind == "ntfs" else []
+    sh("mount", *opts, "-o", "loop", str(part.image), str(mnt))
+    try:
+        for rel, data in write.items():
+            p = mnt / rel.lstrip("/")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        for rel, target in links.items():
+            p = mnt / rel.lstrip("/")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.symlink_to(target)
+        os.sync()
+    finally:
+        sh("umount", str(mnt))
+    sh("mount", *opts, "-o", "loop,ro", str(part.image), str(mnt))
+    try:
+        st = os.statvfs(mnt)
+        part.statvfs = (st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize,
+                        st.f_bavail * st.f_frsize, st.f_files, st.f_ffree)
+    finally:
+        sh("umount", str(mnt))
+
+
+def build_guest(work: Path) -> GuestDisk:
+    """A GPT disk: 1 EFI vfat, 2 /boot ext4 (grub2 + BLS), 3 / ext4, 4 xfs, 5 btrfs,
+    6 swap, 7 LUKS, 8 ntfs, 9 random bytes."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    layout = [Part(1, "vfat", 64, "EFI"), Part(2, "ext4", 64, "boot"),
+              Part(3, "ext4", 128, "root"), Part(4, "xfs", 300, "data"),
+              Part(5, "btrfs", 160, "var"), Part(6, "swap", 16, "swap0"),
+              Part(7, "luks", 20, "vault"), Part(8, "ntfs", 32, "winfs"),
+              Part(9, "garbage", 4)]
+    parts = {p.number: p for p in layout}
+    for p in layout:
+        p.image = work / f"p{p.number}.img"
+        with open(p.image, "wb") as fh:
+            fh.truncate(p.size_mib * MiB)
+        _mkfs(p.kind, p.image, p.label)
+        if p.kind != "garbage":
+            p.uuid = blkid(p.image, "UUID")
+    kernel = os.urandom(3 * MiB + 123)
+    initrd = os.urandom(2 * MiB + 77)
+    old_kernel = os.urandom(64 << 10)
+    files = {"/boot/vmlinuz-6.1.0-1": kernel, "/boot/initramfs-6.1.0-1.img": initrd,
+             "/boot/vmlinuz-6.2.0-1": old_kernel}
+    boot_cfg = (
+        'set default="${saved_entry}"\n'
+        "load_env\n"
+        "insmod blscfg\n"
+        "blscfg\n"
+        "menuentry 'Recovery' --class os {\n"
+        "  linux /vmlinuz-6.2.0-1 root=LABEL=root single\n"
+        "}\n")
+    bls = {f"/loader/entries/{BLS_ID}-6.1.0-1.conf": (
+               "title Test Linux (6.1.0-1)\nversion 6.1.0-1\nlinux /vmlinuz-6.1.0-1\n"
+               f"initrd /initramfs-6.1.0-1.img\noptions root=UUID={parts[3].uuid} ro "
+               "$tuned_params\n"),
+           f"/loader/entries/{BLS_ID}-6.2.0-1.conf": (
+               "title Test Linux (6.2.0-1)\nversion 6.2.0-1\nlinux /vmlinuz-6.2.0-1\n"
+               "options root=/dev/sda3 ro\n")}
+    grubenv = (f"# GRUB Environment Block\nsaved_entry={BLS_ID}-6.1.0-1\n"
+               "tuned_params=quiet splash\n").ljust(1024, "#")
+    _fill(parts[1], mnt, {"/EFI/debian/grub.cfg": b"configfile /grub/grub.cfg\n"}, {})
+    _fill(parts[2], mnt, {
+        "/vmlinuz-6.1.0-1": kernel, "/initramfs-6.1.0-1.img": initrd,
+        "/vmlinuz-6.2.0-1": old_kernel, "/grub/grub.cfg": boot_cfg.encode(),
+        "/grub/grubenv": grubenv.encode(), **{k: v.encode() for k, v in bls.items()}}, {})
+    os_release = ('PRETTY_NAME="Test Linux 12 (bookworm)"\nNAME="Test Linux"\n'
+                  'VERSION_ID="12"\nID=testlinux\nID_LIKE=debian\n')
+    fstab = (f"# /etc/fstab\nUUID={parts[3].uuid} / ext4 errors=remount-ro 0 1\n"
+             f"UUID={parts[2].uuid} /boot ext4 defaults 0 2\n"
+             "LABEL=EFI /boot/efi vfat umask=0077 0 1\n"
+             "LABEL=data /srv xfs defaults 0 0\n"
+             f"/dev/disk/by-uuid/{parts[5].uuid} /var/lib btrfs defaults 0 0\n"
+             f"UUID={parts[6].uuid} none swap sw 0 0\n")
+    _fill(parts[3], mnt, {"/etc/os-release": os_release.encode(), "/etc/fstab": fstab.encode(),
+                          "/etc/hostname": b"testguest\n", "/srv/.keep": b""},
+          {"/vmlinuz": "boot/vmlinuz-6.1.0-1"})
+    _fill(parts[4], mnt, {"/big.bin": os.urandom(20 * MiB)}, {})
+    _fill(parts[5], mnt, {"/big.bin": os.urandom(10 * MiB)}, {})
+    _fill(parts[8], mnt, {"/Users/data.bin": os.urandom(5 * MiB)}, {})
+    raw = work / "guest.raw"
+    total = 1 + sum(p.size_mib for p in layout) + 1
+    with open(raw, "wb") as fh:
+        fh.truncate(total * MiB)
+    args = ["sgdisk", "-Z"]
+    start = 2048
+    for p in layout:
+        end = start + p.size_mib * 2048 - 1
+        args += [f"-n{p.number}:{start}:{end}", f"-c{p.number}:part{p.number}"]
+        start = end + 1
+    sh(*args, str(raw))
+    for p in layout:
+        assert p.image is not None
+        offset = int(sh("sgdisk", "-i", str(p.number), str(raw)).split("First sector: ")[1]
+                     .split()[0])
+        sh("dd", f"if={p.image}", f"of={raw}", "bs=1M", f"seek={offset * 512}",
+           "oflag=seek_bytes", "conv=notrunc,sparse", "status=none")
+    return GuestDisk(raw, parts, files)
+
+
+def build_plain(work: Path) -> tuple[Path, bytes, bytes]:
+    """A whole-disk ext4 without a partition table or boot loader configuration:
+    /boot/vmlinuz-5.9.0, /boot/vmlinuz-5.10.0 (an absolute symlink into /kernels) and
+    its initrd."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    img = work / "plain.raw"
+    with open(img, "wb") as fh:
+        fh.truncate(48 * MiB)
+    part = Part(0, "ext4", 48, "plain", img)
+    _mkfs("ext4", img, "plain")
+    kernel, initrd = os.urandom(1 * MiB + 5), os.urandom(300 << 10)
+    _fill(part, mnt, {"/kernels/vmlinuz-5.10.0": kernel, "/boot/vmlinuz-5.9.0": b"old",
+                      "/boot/initrd.img-5.10.0": initrd,
+                      "/etc/os-release": b"ID=plain\nVERSION_ID=1\n"},
+          {"/boot/vmlinuz-5.10.0": "/kernels/../kernels/vmlinuz-5.10.0"})
+    return img, kernel, initrd
+
+
+def can_build() -> str | None:
+    """Why this machine cannot build the disks, or None."""
+    if os.geteuid() != 0:
+        return "building guest disks mounts loop devices: needs root"
+    for tool in ("sgdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "mkfs.vfat", "mkswap",
+                 "cryptsetup", "mkntfs", "ntfs-3g", "mcopy", "qemu-img", "qemu-nbd"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+def new_uuid() -> str:
+    return str(uuidlib.uuid4())
