@@ -9,9 +9,12 @@ with where it travels on the wire.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
+from urllib.parse import quote
 
 from virtstore.types import (
     Event,
@@ -101,6 +104,22 @@ class Op:
     @property
     def body_required(self) -> bool:
         return any(a.required for a in self.where(BODY))
+
+    @cached_property
+    def path_args(self) -> tuple[Arg, ...]:
+        return tuple(self.where(PATH))
+
+    @cached_property
+    def other_args(self) -> tuple[Arg, ...]:
+        return tuple(a for a in self.args if a.where != PATH)
+
+    @cached_property
+    def _template(self) -> str:
+        return re.sub(r"\{[^}]*\}", "{}", self.path)
+
+    def url(self, names: Iterable[str]) -> str:
+        """The path with ``names`` (percent-encoded) in its placeholders."""
+        return self._template.format(*(quote(n, safe="") for n in names))
 
 
 def _path(name: str, wire: str = "") -> Arg:

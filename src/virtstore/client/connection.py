@@ -28,14 +28,13 @@ from virtstore.api.operations import (
     BYTES,
     EITHER,
     NOTHING,
-    PATH,
     QUERY,
     RAW,
     RECORDS,
     XML,
     Op,
 )
-from virtstore.client.transport import BLOCK, Transport, q, raise_for
+from virtstore.client.transport import BLOCK, Transport, raise_for
 from virtstore.errors import InternalError, InvalidArgument
 
 SPARSE = "application/vnd.virtstore.sparse"
@@ -60,14 +59,15 @@ def _wire(value: Any) -> Any:
 
 def _request(op: Op, kwargs: dict[str, Any]) -> tuple[str, bytes | None, dict[str, str]]:
     """The path with its query, the body and its type, for a call of ``op``."""
-    segs = iter(q(kwargs[a.name]) for a in op.where(PATH))
-    path = "/".join(next(segs) if s.startswith("{") else s for s in op.path.split("/"))
+    path = op.url([kwargs[a.name] for a in op.path_args])
+    if not op.other_args:
+        return path, None, {}
     xml = kwargs.get("xml") if op.xml_body else None
     query: dict[str, Any] = {}
     fields: dict[str, Any] = {}
     body: bytes | None = None
     headers: dict[str, str] = {}
-    for arg in op.args:
+    for arg in op.other_args:
         if arg.fields:
             value: Any = {f.key: kwargs[f.name] for f in arg.fields}
         elif arg.param:

@@ -19,6 +19,7 @@ from typing import Any
 
 from virtstore.api import Connection
 from virtstore.api.operations import (
+    BY_NAME,
     BYTES,
     NOTHING,
     OPS,
@@ -41,7 +42,6 @@ from virtstore.server.wire import (
     json_response,
     load,
     peek,
-    q,
     select,
 )
 from virtstore.server.wire import XML as XML_TYPE
@@ -159,7 +159,7 @@ class App:
         names: list[Any] = []
         if then:
             # The method made or found a name: answer with its record.
-            target = OPS_BY_NAME[then]
+            target = BY_NAME[then]
             names = [bound[a.name] for a in target.args[:-1]] + [result]
             try:
                 result = getattr(self.conn, then)(*names)
@@ -180,10 +180,7 @@ class App:
             result = [flat(r) for r in result]
         resp = json_response({op.wrap: result} if op.wrap else result, op.status)
         if then and op.created:
-            parts = iter(names)
-            resp.headers.append(("Location", "/".join(
-                q(next(parts)) if seg.startswith("{") else seg
-                for seg in OPS_BY_NAME[then].path.split("/"))))
+            resp.headers.append(("Location", BY_NAME[then].url(names)))
         return resp
 
     # -- hand-written handlers ---------------------------------------------------------
@@ -208,7 +205,7 @@ class App:
         check_remote_target(parse_pool_xml(xml), self.remote_pool_roots)
 
     def pools_post(self, req: Request, p: list[str]) -> Response:
-        define, create = OPS_BY_NAME["pool_define_xml"], OPS_BY_NAME["pool_create_xml"]
+        define, create = BY_NAME["pool_define_xml"], BY_NAME["pool_create_xml"]
         body = load(req, (define, create))
         op = create if peek(create, req, body, "transient") else define
         bound = bind(op, req, p, body, allow=("transient",))
@@ -216,7 +213,7 @@ class App:
         return self.answer(op, bound, getattr(self.conn, op.name)(**call_args(op, bound)))
 
     def pool_put(self, req: Request, p: list[str]) -> Response:
-        op = OPS_BY_NAME["pool_redefine_xml"]
+        op = BY_NAME["pool_redefine_xml"]
         bound = bind(op, req, p, load(req, (op,)))
         from virtstore.xml.pool import parse_pool_xml
 
@@ -227,8 +224,6 @@ class App:
         self.conn.pool_define_xml(bound["xml"])
         return json_response(flat(self.conn.pool_info(name)))
 
-
-OPS_BY_NAME = {op.name: op for op in OPS}
 
 _OWN: dict[str, Handler] = {
     "openapi": App.openapi,

@@ -149,6 +149,8 @@ def _json_value(arg: Arg, value: Any) -> Any:
 def _fill(out: dict[str, Any], args: Iterable[Arg], items: Mapping[str, Any],
           convert: Callable[[Arg, Any], Any], what: str, allow: tuple[str, ...] = ()) -> None:
     """``items`` checked and converted into ``out`` by argument name; unknown keys refused."""
+    if not items:
+        return
     by_key = {a.key: a for a in args}
     for key, value in items.items():
         arg = by_key.get(key)
@@ -183,7 +185,7 @@ def peek(op: Op, req: Request, body: Body, key: str) -> Any:
 def bind(op: Op, req: Request, params: list[str], body: Body,
          allow: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every argument of ``op`` from the request, checked; unknown ones refused."""
-    out: dict[str, Any] = {a.name: p for a, p in zip(op.where(PATH), params, strict=True)}
+    out: dict[str, Any] = {a.name: p for a, p in zip(op.path_args, params, strict=True)}
     _fill(out, op.where(QUERY, EITHER), req.query, _query_value, "query parameter", allow)
     if body.xml is not None:
         out["xml"] = body.xml
@@ -193,7 +195,7 @@ def bind(op: Op, req: Request, params: list[str], body: Body,
     if op.body_required and body.empty:
         raise InvalidArgument("a JSON object is required in the request body")
     _fill(out, op.where(BODY, EITHER), body.data, _json_value, "field", allow)
-    for arg in op.args:
+    for arg in op.other_args:
         if out.get(arg.name) is None and arg.where != RAW:
             if arg.required:
                 what = "query parameter" if arg.where == QUERY else "field"
