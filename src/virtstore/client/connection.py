@@ -1,12 +1,19 @@
-"""RemoteConnection: the Connection interface over virtstored's REST API."""
+"""RemoteConnection: the Connection interface over virtstored's REST API.
+
+Every call is built from its declaration in ``virtstore.api.operations`` by ``_call``:
+the path, query and body from the arguments, the result from its kind. Only the data
+streams and the long polls (split into requests of at most a minute) are written out.
+"""
 
 from __future__ import annotations
 
 import http.client
+import inspect
+import json
 import os
 import stat
 import time
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import urlencode
 
 from virtstore.api import (
@@ -14,14 +21,20 @@ from virtstore.api import (
     Connection,
     Event,
     JobInfo,
-    PoolFilter,
-    PoolInfo,
-    SecretInfo,
-    SnapshotInfo,
-    VolumeCreateArgs,
-    VolumeInfo,
 )
-from virtstore.client.transport import BLOCK, Transport, q, raise_for
+from virtstore.api.operations import (
+    BODY,
+    BY_NAME,
+    BYTES,
+    EITHER,
+    NOTHING,
+    QUERY,
+    RAW,
+    RECORDS,
+    XML,
+    Op,
+)
+from virtstore.client.transport import BLOCK, Transport, raise_for
 from virtstore.errors import InternalError, InvalidArgument
 
 SPARSE = "application/vnd.virtstore.sparse"
@@ -30,22 +43,70 @@ SPARSE = "application/vnd.virtstore.sparse"
 _WAIT_STEP = 55.0
 
 
-def _qs(**params: Any) -> str:
-    items = {}
-    for k, v in params.items():
-        if v is None:
-            continue
-        items[k] = ("true" if v else "false") if isinstance(v, bool) else v
-    return ("?" + urlencode(items)) if items else ""
+def _record(cls: type, d: dict[str, Any]) -> Any:
+    if cls is Event and d.get("job"):
+        d = {**d, "job": JobInfo(**d["job"])}
+    return cls(**d)
 
 
-def _job(d: dict[str, Any]) -> JobInfo:
-    return JobInfo(**d)
+def _wire(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return value
 
 
-def _event(d: dict[str, Any]) -> Event:
-    job = d.get("job")
-    return Event(**{**d, "job": _job(job) if job else None})
+def _request(op: Op, kwargs: dict[str, Any]) -> tuple[str, bytes | None, dict[str, str]]:
+    """The path with its query, the body and its type, for a call of ``op``."""
+    path = op.url([kwargs[a.name] for a in op.path_args])
+    if not op.other_args:
+        return path, None, {}
+    xml = kwargs.get("xml") if op.xml_body else None
+    query: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    body: bytes | None = None
+    headers: dict[str, str] = {}
+    for arg in op.other_args:
+        if arg.fields:
+            value: Any = {f.key: kwargs[f.name] for f in arg.fields}
+        elif arg.param:
+            value = kwargs.get(arg.name, arg.default)
+            if value is None or (value == arg.default and not arg.required):
+                continue  # the server takes the same default
+        else:
+            value = arg.default
+        if arg.where == RAW:
+            body, headers = bytes(value), {"Content-Type": "application/octet-stream"}
+        elif arg.where == QUERY or (arg.where == EITHER and xml is not None):
+            query[arg.key] = _wire(value)
+        elif arg.where in (BODY, EITHER) and not (xml is not None and arg.name == "xml"):
+            fields[arg.key] = value
+    if xml is not None:
+        body, headers = xml.encode("utf-8"), {"Content-Type": "application/xml"}
+    elif fields:
+        body, headers = json.dumps(fields).encode(), {"Content-Type": "application/json"}
+    return path + ("?" + urlencode(query) if query else ""), body, headers
+
+
+def _remote(name: str) -> Any:
+    """The method ``name`` of Connection, as a call of its declared operation."""
+    op = BY_NAME[name]
+    sig = inspect.signature(getattr(Connection, name))
+    params = list(sig.parameters.values())[1:]
+    names = [p.name for p in params]
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+
+    def method(self: RemoteConnection, *args: Any, **kwargs: Any) -> Any:
+        kw = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+        if op.pack is not None:  # a record's fields travel one by one
+            kw.update(vars(kw.pop(op.pack[0]) or op.pack[1]()))
+        return self._call(name, **kw)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = getattr(Connection, name).__doc__
+    method.__signature__ = sig  # type: ignore[attr-defined]
+    return method
 
 
 class _Limited:
@@ -76,154 +137,84 @@ class RemoteConnection(Connection):
     def close(self) -> None:
         self.http.close()
 
+    def _call(self, name: str, /, **kwargs: Any) -> Any:
+        """Run the operation ``name`` on the server; its result, decoded by its kind."""
+        op = BY_NAME[name]
+        path, body, headers = _request(op, kwargs)
+        resp = self.http.call(op.method, path, body, headers)
+        if op.result == NOTHING:
+            return None
+        if op.result == XML:
+            return resp.body.decode("utf-8")
+        if op.result == BYTES:
+            return resp.body
+        data = resp.json()
+        if op.wrap:
+            data = data[op.wrap]
+        if op.answer[1]:
+            return str(data[op.answer[1]])
+        if op.record is None:
+            return data
+        if op.result == RECORDS:
+            return [_record(op.record, d) for d in data]
+        return _record(op.record, data)
+
+    # Each a call of its declared operation, with the Connection method's signature.
     # -- pools -----------------------------------------------------------------
-    def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]:
-        path = "/v1/pools"
-        if flt is not None:
-            path += _qs(active=flt.active, persistent=flt.persistent, autostart=flt.autostart,
-                        type=",".join(flt.types) or None)
-        return [PoolInfo(**d) for d in self.http.get_json(path)]
-
-    def pool_info(self, name: str) -> PoolInfo:
-        return PoolInfo(**self.http.get_json(f"/v1/pools/{q(name)}"))
-
-    def pool_lookup_by_uuid(self, uuid: str) -> str:
-        return str(self.http.get_json("/v1/pools" + _qs(uuid=uuid))["name"])
-
-    def pool_lookup_by_target_path(self, path: str) -> str:
-        return str(self.http.get_json("/v1/pools" + _qs(target_path=path))["name"])
-
-    def pool_define_xml(self, xml: str) -> str:
-        return str(self.http.send_xml("POST", "/v1/pools", xml).json()["name"])
-
-    def pool_create_xml(self, xml: str, *, build: bool = False,
-                        overwrite: bool | None = None) -> str:
-        path = "/v1/pools" + _qs(transient=True, build=build or None, overwrite=overwrite)
-        return str(self.http.send_xml("POST", path, xml).json()["name"])
-
-    def pool_xml(self, name: str, *, inactive: bool = False) -> str:
-        return self.http.get_text(f"/v1/pools/{q(name)}/xml" + _qs(inactive=inactive or None))
-
-    def _pool_action(self, name: str, action: str, body: dict[str, Any] | None = None) -> None:
-        self.http.send_json("POST", f"/v1/pools/{q(name)}/{action}", body)
-
-    def pool_build(self, name: str, *, overwrite: bool | None = None) -> None:
-        self._pool_action(name, "build", {"overwrite": overwrite} if overwrite is not None
-                          else None)
-
-    def pool_start(self, name: str, *, build: bool = False,
-                   overwrite: bool | None = None) -> None:
-        body: dict[str, Any] = {}
-        if build:
-            body["build"] = True
-        if overwrite is not None:
-            body["overwrite"] = overwrite
-        self._pool_action(name, "start", body or None)
-
-    def pool_stop(self, name: str) -> None:
-        self._pool_action(name, "stop")
-
-    def pool_delete(self, name: str) -> None:
-        self._pool_action(name, "delete")
-
-    def pool_undefine(self, name: str) -> None:
-        self.http.call("DELETE", f"/v1/pools/{q(name)}")
-
-    def pool_refresh(self, name: str) -> None:
-        self._pool_action(name, "refresh")
-
-    def pool_set_autostart(self, name: str, autostart: bool) -> None:
-        self._pool_action(name, "autostart", {"autostart": autostart})
-
-    def pool_capabilities_xml(self) -> str:
-        return self.http.get_text("/v1/capabilities")
-
-    def pool_type_features(self) -> list[dict[str, Any]]:
-        features: list[dict[str, Any]] = self.http.get_json("/v1/pool-types")
-        return features
-
-    def volume_features(self, pool: str, name: str) -> dict[str, bool]:
-        found: dict[str, bool] = self.http.get_json(
-            f"/v1/pools/{q(pool)}/volumes/{q(name)}/features")
-        return found
-
-    def volume_device(self, pool: str, name: str) -> dict[str, Any]:
-        found: dict[str, Any] = self.http.get_json(f"/v1/pools/{q(pool)}/volumes/{q(name)}/device")
-        return found
-
-    def host_devices(self) -> list[dict[str, Any]]:
-        devices: list[dict[str, Any]] = self.http.get_json("/v1/host/devices")
-        return devices
-
-    def find_pool_sources(self, pool_type: str, source_xml: str | None = None) -> str:
-        return self.http.get_text("/v1/pool-sources" + _qs(type=pool_type, source=source_xml))
-
-    def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
-        got = self.http.send_json("POST", "/v1/import-libvirt", {"config_dir": config_dir})
-        return [str(n) for n in got.json()["imported"]]
-
+    list_pools = _remote("list_pools")
+    pool_info = _remote("pool_info")
+    pool_lookup_by_uuid = _remote("pool_lookup_by_uuid")
+    pool_lookup_by_target_path = _remote("pool_lookup_by_target_path")
+    pool_define_xml = _remote("pool_define_xml")
+    pool_create_xml = _remote("pool_create_xml")
+    pool_xml = _remote("pool_xml")
+    pool_build = _remote("pool_build")
+    pool_start = _remote("pool_start")
+    pool_stop = _remote("pool_stop")
+    pool_delete = _remote("pool_delete")
+    pool_undefine = _remote("pool_undefine")
+    pool_refresh = _remote("pool_refresh")
+    pool_set_autostart = _remote("pool_set_autostart")
+    pool_capabilities_xml = _remote("pool_capabilities_xml")
+    pool_type_features = _remote("pool_type_features")
+    host_devices = _remote("host_devices")
+    find_pool_sources = _remote("find_pool_sources")
+    import_libvirt_pools = _remote("import_libvirt_pools")
     # -- volumes ---------------------------------------------------------------
-    def list_volumes(self, pool: str) -> list[VolumeInfo]:
-        return [VolumeInfo(**d) for d in self.http.get_json(f"/v1/pools/{q(pool)}/volumes")]
-
-    def volume_info(self, pool: str, name: str) -> VolumeInfo:
-        return VolumeInfo(**self.http.get_json(f"/v1/pools/{q(pool)}/volumes/{q(name)}"))
-
-    def volume_lookup_by_key(self, key: str) -> VolumeInfo:
-        return VolumeInfo(**self.http.get_json("/v1/volumes" + _qs(key=key)))
-
-    def volume_lookup_by_path(self, path: str) -> VolumeInfo:
-        return VolumeInfo(**self.http.get_json("/v1/volumes" + _qs(path=path)))
-
-    def volume_xml(self, pool: str, name: str) -> str:
-        return self.http.get_text(f"/v1/pools/{q(pool)}/volumes/{q(name)}/xml")
-
-    def volume_create_xml(self, pool: str, xml: str, *, prealloc_metadata: bool = False) -> str:
-        path = f"/v1/pools/{q(pool)}/volumes" + _qs(prealloc_metadata=prealloc_metadata or None)
-        return str(self.http.send_xml("POST", path, xml).json()["name"])
-
-    def volume_create(self, pool: str, args: VolumeCreateArgs) -> str:
-        body = {k: v for k, v in args.__dict__.items() if v is not None}
-        got = self.http.send_json("POST", f"/v1/pools/{q(pool)}/volumes", body)
-        return str(got.json()["name"])
-
-    def volume_delete(self, pool: str, name: str) -> None:
-        self.http.call("DELETE", f"/v1/pools/{q(pool)}/volumes/{q(name)}")
-
+    list_volumes = _remote("list_volumes")
+    volume_info = _remote("volume_info")
+    volume_lookup_by_key = _remote("volume_lookup_by_key")
+    volume_lookup_by_path = _remote("volume_lookup_by_path")
+    volume_xml = _remote("volume_xml")
+    volume_create_xml = _remote("volume_create_xml")
+    volume_create = _remote("volume_create")
+    volume_delete = _remote("volume_delete")
+    volume_features = _remote("volume_features")
+    volume_device = _remote("volume_device")
     # -- secrets ---------------------------------------------------------------
-    def secret_define_xml(self, xml: str) -> str:
-        return str(self.http.send_xml("POST", "/v1/secrets", xml).json()["uuid"])
-
-    def list_secrets(self) -> list[SecretInfo]:
-        return [SecretInfo(**d) for d in self.http.get_json("/v1/secrets")]
-
-    def secret_info(self, uuid: str) -> SecretInfo:
-        return SecretInfo(**self.http.get_json(f"/v1/secrets/{q(uuid)}"))
-
-    def secret_lookup_by_usage(self, usage_type: str, usage_id: str) -> str:
-        got = self.http.get_json("/v1/secrets" + _qs(usage_type=usage_type, usage_id=usage_id))
-        return str(got["uuid"])
-
-    def secret_xml(self, uuid: str) -> str:
-        return self.http.get_text(f"/v1/secrets/{q(uuid)}/xml")
-
-    def secret_set_value(self, uuid: str, value: bytes) -> None:
-        self.http.call("PUT", f"/v1/secrets/{q(uuid)}/value", bytes(value),
-                       {"Content-Type": "application/octet-stream"})
-
-    def secret_get_value(self, uuid: str) -> bytes:
-        return self.http.call("GET", f"/v1/secrets/{q(uuid)}/value").body
-
-    def secret_undefine(self, uuid: str) -> None:
-        self.http.call("DELETE", f"/v1/secrets/{q(uuid)}")
-
+    secret_define_xml = _remote("secret_define_xml")
+    list_secrets = _remote("list_secrets")
+    secret_info = _remote("secret_info")
+    secret_lookup_by_usage = _remote("secret_lookup_by_usage")
+    secret_xml = _remote("secret_xml")
+    secret_set_value = _remote("secret_set_value")
+    secret_get_value = _remote("secret_get_value")
+    secret_undefine = _remote("secret_undefine")
     # -- jobs ------------------------------------------------------------------
-    def list_jobs(self, *, include_finished: bool = True) -> list[JobInfo]:
-        path = "/v1/jobs" + _qs(include_finished=include_finished)
-        return [_job(d) for d in self.http.get_json(path)]
-
-    def job_info(self, job_id: str) -> JobInfo:
-        return _job(self.http.get_json(f"/v1/jobs/{q(job_id)}"))
+    list_jobs = _remote("list_jobs")
+    job_info = _remote("job_info")
+    job_cancel = _remote("job_cancel")
+    # -- data operations -------------------------------------------------------
+    volume_clone = _remote("volume_clone")
+    volume_create_from = _remote("volume_create_from")
+    volume_resize = _remote("volume_resize")
+    volume_wipe = _remote("volume_wipe")
+    # -- snapshots and events --------------------------------------------------
+    volume_snapshot_create = _remote("volume_snapshot_create")
+    volume_snapshot_list = _remote("volume_snapshot_list")
+    volume_snapshot_revert = _remote("volume_snapshot_revert")
+    volume_snapshot_delete = _remote("volume_snapshot_delete")
+    latest_event_id = _remote("latest_event_id")
 
     def job_wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -231,45 +222,12 @@ class RemoteConnection(Connection):
             step = _WAIT_STEP
             if deadline is not None:
                 step = max(0.0, min(step, deadline - time.monotonic()))
-            info = _job(self.http.get_json(f"/v1/jobs/{q(job_id)}/wait" + _qs(timeout=step)))
+            info = cast(JobInfo, self._call("job_wait", job_id=job_id, timeout=step))
             if info.finished or (deadline is not None and time.monotonic() >= deadline):
                 return info
 
-    def job_cancel(self, job_id: str) -> None:
-        self.http.call("DELETE", f"/v1/jobs/{q(job_id)}")
-
-    # -- data operations -------------------------------------------------------
-    def _vol(self, pool: str, name: str) -> str:
-        return f"/v1/pools/{q(pool)}/volumes/{q(name)}"
-
-    def volume_clone(self, pool: str, name: str, new_name: str, *,
-                     target_pool: str | None = None, format: str | None = None,
-                     reflink: bool = False, linked: bool = False,
-                     prealloc_metadata: bool = False,
-                     bandwidth: int | None = None) -> JobInfo:
-        body = {"new_name": new_name, "target_pool": target_pool, "format": format,
-                "reflink": reflink, "linked": linked, "prealloc_metadata": prealloc_metadata,
-                "bandwidth": bandwidth}
-        return _job(self.http.send_json("POST", self._vol(pool, name) + "/clone", body).json())
-
-    def volume_create_from(self, pool: str, xml: str, src_pool: str, src_name: str, *,
-                           reflink: bool = False, prealloc_metadata: bool = False,
-                           bandwidth: int | None = None) -> JobInfo:
-        body = {"xml": xml, "source": {"pool": src_pool, "name": src_name},
-                "reflink": reflink, "prealloc_metadata": prealloc_metadata,
-                "bandwidth": bandwidth}
-        return _job(self.http.send_json("POST", f"/v1/pools/{q(pool)}/volumes", body).json())
-
-    def volume_resize(self, pool: str, name: str, capacity: int, *, delta: bool = False,
-                      shrink: bool = False, allocate: bool = False) -> JobInfo:
-        body = {"capacity": capacity, "delta": delta, "shrink": shrink, "allocate": allocate}
-        return _job(self.http.send_json("POST", self._vol(pool, name) + "/resize",
-                                        body).json())
-
-    def volume_wipe(self, pool: str, name: str, algorithm: str = "zero", *,
-                    bandwidth: int | None = None) -> JobInfo:
-        body = {"algorithm": algorithm, "bandwidth": bandwidth}
-        return _job(self.http.send_json("POST", self._vol(pool, name) + "/wipe", body).json())
+    def _path(self, op_name: str, /, **kwargs: Any) -> str:
+        return _request(BY_NAME[op_name], kwargs)[0]
 
     def volume_upload(self, pool: str, name: str, source: BinaryIO, *, offset: int = 0,
                       length: int | None = None, sparse: bool = True,
@@ -294,9 +252,9 @@ class RemoteConnection(Connection):
             headers["Content-Length"] = str(length)
             body = _Limited(source, length)
         # else: http.client sends a body of unknown length chunked
-        path = self._vol(pool, name) + "/upload" + _qs(offset=offset or None, length=length,
-                                                       sparse=sparse, bandwidth=bandwidth)
-        job = _job(self.http.call("PUT", path, body, headers).json())
+        path = self._path("volume_upload", pool=pool, name=name, offset=offset, length=length,
+                          sparse=sparse, bandwidth=bandwidth)
+        job = JobInfo(**self.http.call("PUT", path, body, headers).json())
         if headers["Content-Type"] == SPARSE and length is not None:
             source.seek(start + length)
         return job
@@ -304,8 +262,8 @@ class RemoteConnection(Connection):
     def volume_download(self, pool: str, name: str, sink: BinaryIO, *, offset: int = 0,
                         length: int | None = None, sparse: bool = True,
                         bandwidth: int | None = None) -> JobInfo:
-        path = self._vol(pool, name) + "/download" + _qs(offset=offset or None, length=length,
-                                                         bandwidth=bandwidth)
+        path = self._path("volume_download", pool=pool, name=name, offset=offset,
+                          length=length, bandwidth=bandwidth)
         holes = sparse and _is_regular(sink)
         resp = self.http.open("GET", path, headers={"Accept": SPARSE} if holes else None)
         if resp.status >= 400:
@@ -341,42 +299,21 @@ class RemoteConnection(Connection):
         job_id = resp.getheader("X-Virtstore-Job") or ""
         if job_id:
             try:
-                return self.job_info(job_id)
+                return cast(JobInfo, self.job_info(job_id))
             except Exception:
                 pass
         return JobInfo(id=job_id, kind="download", state=JOB_DONE, pool=pool, volume=name,
                        bytes_done=done, bytes_total=done, started=started, ended=time.time())
 
-    # -- snapshots -------------------------------------------------------------
-    def volume_snapshot_create(self, pool: str, name: str, snapshot: str, *,
-                               external: bool = False) -> SnapshotInfo:
-        got = self.http.send_json("POST", self._vol(pool, name) + "/snapshots",
-                                  {"name": snapshot, "external": external})
-        return SnapshotInfo(**got.json())
-
-    def volume_snapshot_list(self, pool: str, name: str) -> list[SnapshotInfo]:
-        return [SnapshotInfo(**d)
-                for d in self.http.get_json(self._vol(pool, name) + "/snapshots")]
-
-    def volume_snapshot_revert(self, pool: str, name: str, snapshot: str) -> None:
-        self.http.send_json("POST", self._vol(pool, name) + f"/snapshots/{q(snapshot)}/revert")
-
-    def volume_snapshot_delete(self, pool: str, name: str, snapshot: str) -> None:
-        self.http.call("DELETE", self._vol(pool, name) + f"/snapshots/{q(snapshot)}")
-
-    # -- events ----------------------------------------------------------------
     def events_since(self, last_id: int = 0, *, timeout: float = 0.0,
                      limit: int = 1000) -> list[Event]:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             step = max(0.0, min(_WAIT_STEP, deadline - time.monotonic()))
-            got = self.http.get_json("/v1/events" + _qs(since=last_id, timeout=step,
-                                                        limit=limit))
+            got = cast(list[Event], self._call("events_since", last_id=last_id, timeout=step,
+                                               limit=limit))
             if got or last_id < 0 or time.monotonic() >= deadline:
-                return [_event(d) for d in got]
-
-    def latest_event_id(self) -> int:
-        return int(self.http.get_json("/v1/events/latest")["id"])
+                return got
 
     def __repr__(self) -> str:
         return f"<RemoteConnection {self.uri}>"

@@ -1,7 +1,8 @@
 """The OpenAPI 3 document of virtstored, built from the route table.
 
-Paths, methods and summaries come from the routes themselves, so a route cannot be
-missing here; what each takes and answers is described below, per handler.
+Paths, parameters, request bodies and answers come from the operations each route
+serves (``virtstore.api.operations``), so the document cannot miss a route or an
+argument; only the records' schemas are written here.
 """
 
 from __future__ import annotations
@@ -10,8 +11,26 @@ import functools
 import json
 from typing import Any
 
-from virtstore.server.app import ROUTES
+from virtstore.api.operations import (
+    BODY,
+    BYTES,
+    EITHER,
+    NAMES,
+    NOTHING,
+    NUMBER,
+    OBJECT,
+    OBJECTS,
+    QUERY,
+    RAW,
+    RECORDS,
+    XML,
+    Arg,
+    Op,
+)
+from virtstore.server.app import ROUTES, Route
 from virtstore.server.sparse import SPARSE
+from virtstore.server.wire import JSON, OCTETS
+from virtstore.server.wire import XML as XML_TYPE
 
 _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
@@ -68,164 +87,109 @@ SCHEMAS: dict[str, Any] = {
                    "pool": _NSTR, "name": _NSTR,
                    "job": {"oneOf": [_ref("Job"), {"type": "null"}]}},
                   ("id", "time", "kind", "action")),
-    "VolumeCreate": {
-        "description": "Arguments (name, capacity, ...), or xml, or xml with source "
-                       "(create-from, answered 202 with a job).",
-        "type": "object", "additionalProperties": False,
-        "properties": {"name": _STR, "capacity": _INT, "allocation": _INT, "format": _STR,
-                       "backing_vol": _STR, "backing_vol_format": _STR,
-                       "prealloc_metadata": _BOOL, "xml": _STR,
-                       "source": _obj({"pool": _STR, "name": _STR}, ("pool", "name")),
-                       "reflink": _BOOL, "bandwidth": _INT}},
 }
 
 
-def _q(name: str, schema: dict[str, Any], desc: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {"name": name, "in": "query", "required": False, "schema": schema}
-    if desc:
-        out["description"] = desc
+def _arg_schema(arg: Arg) -> dict[str, Any]:
+    if arg.type is bool:
+        return _BOOL
+    if arg.type is int:
+        return {"type": "integer", "minimum": arg.minimum}
+    if arg.type is float:
+        return {"type": "number", "minimum": 0}
+    if arg.type is tuple:
+        return {"type": "string", "description": "comma-separated"}
+    if arg.type is dict:
+        return _obj({f.key: _arg_schema(f) for f in arg.fields}, tuple(f.key for f in arg.fields))
+    return _STR
+
+
+def _content(schema: dict[str, Any], *types: str) -> dict[str, Any]:
+    return {t: {"schema": schema} for t in types}
+
+
+# Data that also travels in the sparse framing, and the events' other form.
+_ALSO = {"volume_upload": SPARSE, "volume_download": SPARSE,
+         "events_since": "text/event-stream"}
+
+
+_FREE: dict[str, dict[str, Any]] = {
+    OBJECT: {"type": "object"}, OBJECTS: {"type": "array", "items": {"type": "object"}},
+    NAMES: {"type": "array", "items": _STR}, NUMBER: _INT}
+
+
+def _result(op: Op) -> tuple[str, dict[str, Any]]:
+    """The status and the answer of an operation, from its result kind."""
+    schema: dict[str, Any]
+    if op.result == NOTHING:
+        return "204", {"description": "Done"}
+    if op.result in (XML, BYTES):
+        schema, ctype = (_STR, "application/xml") if op.result == XML else (_BIN, OCTETS)
+        types = (ctype, _ALSO[op.name]) if op.name in _ALSO else (ctype,)
+        return "200", {"description": "OK", "content": _content(schema, *types)}
+    if op.record is not None:
+        schema = _ref(op.record.__name__.removesuffix("Info"))
+        if op.result == RECORDS:
+            schema = {"type": "array", "items": schema}
+    else:
+        schema = _FREE[op.result]
+    if op.wrap:
+        schema = _obj({op.wrap: schema}, (op.wrap,))
+    types = (JSON, _ALSO[op.name]) if op.name in _ALSO else (JSON,)
+    desc = {200: "OK", 201: "Created", 202: "The job, started"}[op.status]
+    return str(op.status), {"description": desc, "content": _content(schema, *types)}
+
+
+def _operation(r: Route) -> dict[str, Any]:
+    ops, one = r.ops, len(r.ops) == 1
+    params = [{"name": seg[1:-1], "in": "path", "required": True, "schema": _STR}
+              for seg in r.path.strip("/").split("/") if seg.startswith("{")]
+    fields: dict[str, dict[str, Any]] = {}
+    required: list[str] = []
+    for op in ops:
+        for arg in op.args:
+            if arg.where in (QUERY, EITHER) and all(p["name"] != arg.key for p in params):
+                params.append({"name": arg.key, "in": "query", "schema": _arg_schema(arg),
+                               "required": arg.required and one})
+            if arg.where in (BODY, EITHER):
+                fields[arg.key] = _arg_schema(arg)
+                if arg.required and one:
+                    required.append(arg.key)
+    out: dict[str, Any] = {"operationId": ops[0].name, "summary": r.summary,
+                           "tags": [r.pattern[1] if len(r.pattern) > 1 else "misc"],
+                           "x-operations": [op.name for op in ops]}
+    if params:
+        out["parameters"] = params
+    content: dict[str, Any] = {}
+    if any(op.xml_body for op in ops):
+        content[XML_TYPE] = {"schema": _STR}
+    if fields:
+        content[JSON] = {"schema": _obj(fields, tuple(required))}
+    raw = [op for op in ops if any(a.where == RAW for a in op.args)]
+    if raw:
+        content.update(_content(_BIN, OCTETS, *([_ALSO[raw[0].name]]
+                                                 if raw[0].name in _ALSO else [])))
+    if content:
+        out["requestBody"] = {"content": content, "required": any(
+            op.body_required or op.xml_body or op in raw for op in ops)}
+    responses: dict[str, Any] = {}
+    for op in ops:
+        status, answer = _result(op)
+        have = responses.get(status)
+        if have is None or have == answer:
+            responses[status] = answer
+        else:  # one route, two answers (a list, or a lookup's one record)
+            for ctype, media in answer["content"].items():
+                old = have["content"][ctype]["schema"]
+                have["content"][ctype]["schema"] = {"oneOf": [old, media["schema"]]}
+    for status, desc in _ERRORS.items():
+        responses.setdefault(status, {"description": desc,
+                                      "content": _content(_ref("Error"), JSON)})
+    out["responses"] = responses
+    if r.access != "read":
+        out["x-access"] = "read-write"
     return out
 
-
-def _json_body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": {"application/json": {"schema": schema}}}
-
-
-def _xml_body(extra_json: dict[str, Any] | None = None) -> dict[str, Any]:
-    content: dict[str, Any] = {"application/xml": {"schema": _STR}}
-    content["application/json"] = {"schema": extra_json or _obj({"xml": _STR}, ("xml",))}
-    return {"required": True, "content": content}
-
-
-def _ok(schema: dict[str, Any] | None, status: str = "200",
-        ctype: str = "application/json", desc: str = "OK") -> dict[str, Any]:
-    if schema is None:
-        return {status: {"description": desc}}
-    return {status: {"description": desc, "content": {ctype: {"schema": schema}}}}
-
-
-def _arr(name: str) -> dict[str, Any]:
-    return {"type": "array", "items": _ref(name)}
-
-
-_XML_OK = _ok(_STR, ctype="application/xml")
-_NO_CONTENT = _ok(None, "204", desc="Done")
-_JOB_ACCEPTED = _ok(_ref("Job"), "202", desc="The job, started")
-_BOOLS = {"build": _BOOL, "overwrite": _BOOL}
-
-# handler name -> extra fields of its operation
-OPS: dict[str, dict[str, Any]] = {
-    "openapi": {"responses": _ok({"type": "object"})},
-    "version": {"responses": _ok(_obj({"version": _STR, "api": _INT, "role": _STR}))},
-    "capabilities": {"responses": _XML_OK},
-    "pool_types": {"responses": _ok({"type": "array", "items": {"type": "object"}},
-                                    desc="Per pool type: supported, why not, operations")},
-    "volume_features": {"responses": _ok({"type": "object",
-                                          "additionalProperties": {"type": "boolean"}},
-                                         desc="snapshot, clone-linked, resize-grow, ...: "
-                                              "true or false")},
-    "volume_device": {"responses": _ok({"type": "object"},
-                                       desc="lun, device_type, vendor, product, revision, "
-                                            "serial, block_size, capacity")},
-    "host_devices": {"responses": _ok({"type": "array", "items": {"type": "object"}},
-                                      desc="The host's block devices")},
-    "pool_sources": {"parameters": [{**_q("type", _STR, "pool type"), "required": True},
-                                    _q("source", _STR, "a <source> XML search hint")],
-                     "responses": _XML_OK},
-    "import_libvirt": {"requestBody": _json_body(_obj({"config_dir": _STR}), False),
-                       "responses": _ok(_obj({"imported": {"type": "array", "items": _STR}}))},
-    "pools": {"parameters": [_q("active", _BOOL), _q("persistent", _BOOL),
-                             _q("autostart", _BOOL),
-                             _q("type", _STR, "pool types, comma separated"),
-                             _q("uuid", _STR, "look one pool up by UUID"),
-                             _q("target_path", _STR, "look one pool up by target path")],
-              "responses": _ok({"oneOf": [_arr("Pool"), _ref("Pool")]},
-                               desc="The pools; one pool for a uuid or target_path lookup")},
-    "pools_post": {"parameters": [_q("transient", _BOOL), _q("build", _BOOL),
-                                  _q("overwrite", _BOOL)],
-                   "requestBody": _xml_body(_obj({"xml": _STR, "transient": _BOOL,
-                                                  **_BOOLS}, ("xml",))),
-                   "responses": _ok(_ref("Pool"), "201", desc="Defined")},
-    "pool_get": {"responses": _ok(_ref("Pool"))},
-    "pool_put": {"requestBody": _xml_body(), "responses": _ok(_ref("Pool"))},
-    "pool_undefine": {"responses": _NO_CONTENT},
-    "pool_xml": {"parameters": [_q("inactive", _BOOL)], "responses": _XML_OK},
-    "pool_start": {"requestBody": _json_body(_obj(dict(_BOOLS)), False),
-                   "responses": _NO_CONTENT},
-    "pool_stop": {"responses": _NO_CONTENT},
-    "pool_build": {"requestBody": _json_body(_obj({"overwrite": _BOOL}), False),
-                   "responses": _NO_CONTENT},
-    "pool_delete": {"responses": _NO_CONTENT},
-    "pool_refresh": {"responses": _NO_CONTENT},
-    "pool_autostart": {"requestBody": _json_body(_obj({"autostart": _BOOL}, ("autostart",))),
-                       "responses": _NO_CONTENT},
-    "volume_lookup": {"parameters": [_q("key", _STR), _q("path", _STR)],
-                      "responses": _ok(_ref("Volume"))},
-    "volumes": {"responses": _ok(_arr("Volume"))},
-    "volume_create": {"parameters": [_q("prealloc_metadata", _BOOL)],
-                      "requestBody": {"required": True, "content": {
-                          "application/xml": {"schema": _STR},
-                          "application/json": {"schema": _ref("VolumeCreate")}}},
-                      "responses": {**_ok(_ref("Volume"), "201", desc="Created"),
-                                    **_JOB_ACCEPTED}},
-    "volume_get": {"responses": _ok(_ref("Volume"))},
-    "volume_delete": {"responses": _NO_CONTENT},
-    "volume_xml": {"responses": _XML_OK},
-    "volume_clone": {"requestBody": _json_body(_obj({
-        "new_name": _STR, "target_pool": _STR, "format": _STR, "reflink": _BOOL,
-        "linked": _BOOL, "prealloc_metadata": _BOOL, "bandwidth": _INT}, ("new_name",))),
-        "responses": _JOB_ACCEPTED},
-    "volume_resize": {"requestBody": _json_body(_obj({
-        "capacity": _INT, "delta": _BOOL, "shrink": _BOOL, "allocate": _BOOL},
-        ("capacity",))), "responses": _JOB_ACCEPTED},
-    "volume_wipe": {"requestBody": _json_body(_obj({"algorithm": _STR, "bandwidth": _INT}),
-                                              False),
-                    "responses": _JOB_ACCEPTED},
-    "volume_upload": {"parameters": [_q("offset", _INT), _q("length", _INT),
-                                     _q("sparse", _BOOL), _q("bandwidth", _INT)],
-                      "requestBody": {"required": True, "content": {
-                          "application/octet-stream": {"schema": _BIN},
-                          SPARSE: {"schema": _BIN}}},
-                      "responses": _ok(_ref("Job"), desc="The finished job")},
-    "volume_download": {"parameters": [_q("offset", _INT), _q("length", _INT),
-                                       _q("bandwidth", _INT)],
-                        "responses": {"200": {
-                            "description": "The bytes (Accept: " + SPARSE + " for the "
-                                           "sparse framing)",
-                            "content": {"application/octet-stream": {"schema": _BIN},
-                                        SPARSE: {"schema": _BIN}}}}},
-    "snapshots": {"responses": _ok(_arr("Snapshot"))},
-    "snapshot_create": {"requestBody": _json_body(_obj({"name": _STR, "external": _BOOL},
-                                                       ("name",))),
-                        "responses": _ok(_ref("Snapshot"), "201", desc="Taken")},
-    "snapshot_revert": {"responses": _NO_CONTENT},
-    "snapshot_delete": {"responses": _NO_CONTENT},
-    "secrets": {"parameters": [_q("usage_type", _STR), _q("usage_id", _STR)],
-                "responses": _ok({"oneOf": [_arr("Secret"), _ref("Secret")]},
-                                 desc="The secrets; one secret for a usage lookup")},
-    "secret_define": {"requestBody": _xml_body(),
-                      "responses": _ok(_ref("Secret"), "201", desc="Defined")},
-    "secret_get": {"responses": _ok(_ref("Secret"))},
-    "secret_undefine": {"responses": _NO_CONTENT},
-    "secret_xml": {"responses": _XML_OK},
-    "secret_value": {"responses": _ok({"type": "string", "format": "binary"},
-                                      ctype="application/octet-stream")},
-    "secret_set_value": {"requestBody": {"required": True, "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-        "responses": _NO_CONTENT},
-    "jobs": {"parameters": [_q("include_finished", _BOOL)], "responses": _ok(_arr("Job"))},
-    "job_get": {"responses": _ok(_ref("Job"))},
-    "job_cancel": {"responses": _NO_CONTENT},
-    "job_wait": {"parameters": [_q("timeout", {"type": "number", "minimum": 0})],
-                 "responses": _ok(_ref("Job"))},
-    "events_latest": {"responses": _ok(_obj({"id": _INT}, ("id",)))},
-    "events": {"parameters": [_q("since", {"type": "integer"}),
-                              _q("timeout", {"type": "number", "minimum": 0}),
-                              _q("limit", _INT)],
-               "responses": {"200": {"description": "Events", "content": {
-                   "application/json": {"schema": _arr("Event")},
-                   "text/event-stream": {"schema": _STR}}}}},
-}
 
 _ERRORS = {
     "400": "Invalid argument or malformed body",
@@ -242,26 +206,7 @@ _ERRORS = {
 def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
-        name = r.handler.__name__
-        extra = OPS[name]
-        op: dict[str, Any] = {"operationId": name, "summary": r.summary,
-                              "tags": [r.pattern[1] or "misc"
-                                       if len(r.pattern) > 1 else "misc"]}
-        params = [{"name": seg[1:-1], "in": "path", "required": True, "schema": _STR}
-                  for seg in r.path.strip("/").split("/") if seg.startswith("{")]
-        params += extra.get("parameters", [])
-        if params:
-            op["parameters"] = params
-        if "requestBody" in extra:
-            op["requestBody"] = extra["requestBody"]
-        responses = dict(extra["responses"])
-        for status, desc in _ERRORS.items():
-            responses.setdefault(status, {"description": desc, "content": {
-                "application/json": {"schema": _ref("Error")}}})
-        op["responses"] = responses
-        if r.access != "read":
-            op["x-access"] = "read-write"
-        paths.setdefault(r.path, {})[r.method.lower()] = op
+        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r)
     from virtstore import __version__
 
     return {
