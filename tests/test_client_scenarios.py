@@ -190,3 +190,22 @@ def test_volume_features(setup: Setup) -> None:
     assert not v["resize-grow"] and not v["snapshot"] and v["clone-full"] and v["download"]
     with pytest.raises(NoSuchVolume):
         conn.volume_features("f", "nosuch")
+
+
+def test_guest_filesystems(setup: Setup) -> None:
+    """vol-df and vol-inspect of a volume holding an ext4 filesystem, the same through
+    the engine and through virtstored."""
+    import subprocess
+
+    conn, _, tmp = setup
+    conn.pool_define_xml(dir_pool_xml("g", tmp / "g"))
+    conn.pool_start("g", build=True)
+    conn.volume_create("g", VolumeCreateArgs("disk.raw", 32 << 20, format="raw"))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "guestroot", str(tmp / "g" / "disk.raw")],
+                   check=True)
+    conn.pool_refresh("g")
+    df = conn.volume_df("g", "disk.raw")
+    (fs,) = df["filesystems"]
+    assert fs["type"] == "ext4" and fs["label"] == "guestroot" and 20 << 20 < fs["size"] <= 32 << 20
+    assert conn.volume_inspect("g", "disk.raw")["filesystems"][0]["label"] == "guestroot"
+    assert conn.pool_df("g")[0]["volume"] == "disk.raw"

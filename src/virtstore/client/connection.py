@@ -191,6 +191,10 @@ class RemoteConnection(Connection):
     volume_delete = _remote("volume_delete")
     volume_features = _remote("volume_features")
     volume_device = _remote("volume_device")
+    volume_df = _remote("volume_df")
+    pool_df = _remote("pool_df")
+    volume_inspect = _remote("volume_inspect")
+    volume_boot_files = _remote("volume_boot_files")
     # -- secrets ---------------------------------------------------------------
     secret_define_xml = _remote("secret_define_xml")
     list_secrets = _remote("list_secrets")
