@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,7 @@ def chunk_files(d: Path) -> list[Path]:
     return [p for p in (d / "chunks").rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
-def manifests(conn: EmbeddedConnection, d: Path) -> list[dict[str, object]]:
+def manifests(conn: EmbeddedConnection, d: Path) -> list[dict[str, Any]]:
     return conn.backup_list(str(d))
 
 
@@ -86,7 +87,7 @@ def test_qcow2_full_then_incremental_writes_only_changed_chunks(
     done(conn, conn.volume_backup(pool, "g.qcow2", str(bdir)).id)
     [full] = manifests(conn, bdir)
     assert full["kind"] == "full" and full["tracking"] == "qcow2-bitmap"
-    assert full["stats"]["chunks_written"] == 24  # type: ignore[index]
+    assert full["stats"]["chunks_written"] == 24
     assert len(chunk_files(bdir)) == 24
     point1 = tmp_path / "point1.raw"
     to_raw(img, point1)
@@ -97,8 +98,8 @@ def test_qcow2_full_then_incremental_writes_only_changed_chunks(
     assert inc["kind"] == "incremental" and inc["parent"] == full["id"]
     assert inc["warnings"] == []
     stats = inc["stats"]
-    assert stats["chunks_read"] == 16 and stats["chunks_written"] == 16  # type: ignore[index]
-    assert stats["bytes_written"] == 64 * MiB  # type: ignore[index]
+    assert stats["chunks_read"] == 16 and stats["chunks_written"] == 16
+    assert stats["bytes_written"] == 64 * MiB
     assert len(chunk_files(bdir)) == 40
     # One bitmap per chain: the newest backup's.
     info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(img)],
@@ -140,8 +141,8 @@ def test_raw_incremental_compares_block_hashes(conn: EmbeddedConnection, pool: s
     stats = inc["stats"]
     # Every chunk with data is read again (the filesystem may report a zero chunk
     # beside them as data too); only the 16 changed ones are written.
-    assert stats["chunks_read"] - stats["chunks_zero"] == 20  # type: ignore[index,operator]
-    assert stats["chunks_written"] == 16  # type: ignore[index]
+    assert stats["chunks_read"] - stats["chunks_zero"] == 20
+    assert stats["chunks_written"] == 16
     assert len(chunk_files(bdir)) == 36
     done(conn, conn.volume_restore(str(bdir), pool, "old.qcow2", format="qcow2",
                                    point=str(full["id"])).id)
@@ -160,8 +161,8 @@ def test_missing_bitmap_makes_a_full_backup_with_a_warning(
     done(conn, conn.volume_backup(pool, "g.qcow2", str(bdir), incremental=True).id)
     _, second = manifests(conn, bdir)
     assert second["kind"] == "full" and second["parent"] is None
-    assert any("missing" in w for w in second["warnings"])  # type: ignore[attr-defined]
-    assert second["stats"]["chunks_read"] == 6  # type: ignore[index]
+    assert any("missing" in w for w in second["warnings"])
+    assert second["stats"]["chunks_read"] == 6
     done(conn, conn.volume_restore(str(bdir), pool, "r.qcow2").id)
     assert same(img, pooldir / "r.qcow2", "qcow2", "qcow2")
     # The chain goes on from the new full backup.
@@ -169,7 +170,7 @@ def test_missing_bitmap_makes_a_full_backup_with_a_warning(
     done(conn, conn.volume_backup(pool, "g.qcow2", str(bdir), incremental=True).id)
     third = manifests(conn, bdir)[-1]
     assert third["kind"] == "incremental" and third["warnings"] == []
-    assert third["stats"]["chunks_read"] == 1  # type: ignore[index]
+    assert third["stats"]["chunks_read"] == 1
 
 
 def test_verify_finds_a_damaged_chunk_and_a_broken_chain(
