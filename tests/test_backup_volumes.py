@@ -151,17 +151,21 @@ def test_raw_incremental_compares_block_hashes(conn: EmbeddedConnection, pool: s
     assert same(path, pooldir / "new.img", "raw", "raw")
 
 
-def test_missing_bitmap_makes_a_full_backup_with_a_warning(
-        conn: EmbeddedConnection, pool: str, pooldir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("action", "warning"), [("--remove", "is missing"),
+                                                  ("--disable", "cannot be trusted")])
+def test_broken_bitmap_makes_a_full_backup_with_a_warning(
+        conn: EmbeddedConnection, pool: str, pooldir: Path, tmp_path: Path, action: str,
+        warning: str) -> None:
     img, bdir = backed_up(conn, pool, pooldir, tmp_path)
     [full] = manifests(conn, bdir)
-    subprocess.run(["qemu-img", "bitmap", "--remove", str(img), str(full["bitmap"])],
+    # Removed, or disabled (it stops recording writes): either way it misses the next.
+    subprocess.run(["qemu-img", "bitmap", action, str(img), str(full["bitmap"])],
                    check=True)
-    fill_chunks(img, 10, 2, 50)  # not in any bitmap now
+    fill_chunks(img, 10, 2, 50)
     done(conn, conn.volume_backup(pool, "g.qcow2", str(bdir), incremental=True).id)
     _, second = manifests(conn, bdir)
     assert second["kind"] == "full" and second["parent"] is None
-    assert any("missing" in w for w in second["warnings"])
+    assert any(warning in w for w in second["warnings"])
     assert second["stats"]["chunks_read"] == 6
     done(conn, conn.volume_restore(str(bdir), pool, "r.qcow2").id)
     assert same(img, pooldir / "r.qcow2", "qcow2", "qcow2")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from virtstore.backends.base import Backend, VolumeRecord
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("virtstore")
 
 BITMAP_PREFIX = "virtstore-backup-"
+# Chunk writers beside the reader, and chunks read ahead of the writes (memory: this
+# many chunks).
+_WRITERS = 3
+_IN_FLIGHT = 6
 
 
 def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) -> set[int]:
@@ -314,21 +320,33 @@ class _Backup:
         stats = {"chunks_read": 0, "bytes_read": 0, "chunks_written": 0, "bytes_written": 0,
                  "chunks_zero": 0}
         chunks = dict(inherited)
-        for index in sorted(todo):
-            self.mon.check()
-            length = m.chunk_length(index)
-            data = reader.read(index * self.chunk, length)
-            stats["chunks_read"] += 1
-            stats["bytes_read"] += length
-            if is_zero(data):
-                stats["chunks_zero"] += 1
-            else:
-                digest, written = self.repo.put_chunk(data)
-                chunks[index] = digest
+        pending: deque[tuple[int, int, Future[tuple[str, bool]]]] = deque()
+
+        def settle(keep: int) -> None:
+            while len(pending) > keep:
+                index, length, fut = pending.popleft()
+                chunks[index], written = fut.result()
                 if written:
                     stats["chunks_written"] += 1
                     stats["bytes_written"] += length
-            self.mon.advance(length)
+
+        # Hashing and the synced writes of chunks run beside the reads: each chunk is
+        # fsynced (a backup must be on disk when its manifest says so), and that wait
+        # is what a sequential loop would spend most of its time on.
+        with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="backup") as pool:
+            for index in sorted(todo):
+                self.mon.check()
+                length = m.chunk_length(index)
+                data = reader.read(index * self.chunk, length)
+                stats["chunks_read"] += 1
+                stats["bytes_read"] += length
+                if is_zero(data):
+                    stats["chunks_zero"] += 1
+                else:
+                    pending.append((index, length, pool.submit(self.repo.put_chunk, data)))
+                    settle(_IN_FLIGHT)
+                self.mon.advance(length)
+            settle(0)
         m.chunks = chunks
         m.stats = stats
         m.warnings = self.warnings
