@@ -270,3 +270,33 @@ def test_a_directory_holds_one_volume(conn: EmbeddedConnection, pool: str,
     done(conn, conn.volume_backup(pool, "a.img", str(bdir)).id)
     with pytest.raises(Exception, match=r"holds the chain of volume 'a\.img'"):
         conn.volume_backup(pool, "b.img", str(bdir))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_import_copies_a_sparse_file_into_a_new_volume(conn: EmbeddedConnection, pool: str,
+                                                       pooldir: Path, tmp_path: Path,
+                                                       fmt: str) -> None:
+    src = tmp_path / "disk.bin"
+    with open(src, "wb") as fh:
+        fh.truncate(64 * MiB)
+        for off in (0, 20 * MiB, 63 * MiB):
+            fh.seek(off)
+            fh.write(os.urandom(MiB))
+    done(conn, conn.volume_import(str(src), pool, f"imp.{fmt}", format=fmt).id)
+    vol = conn.volume_info(pool, f"imp.{fmt}")
+    assert vol.capacity == 64 * MiB and vol.format == fmt
+    assert same(src, pooldir / f"imp.{fmt}", "raw", fmt)
+    # Sparse: only the three written MiB (and the image's metadata) are allocated.
+    assert os.stat(pooldir / f"imp.{fmt}").st_blocks * 512 < 8 * MiB
+
+
+def test_failed_import_leaves_no_volume(conn: EmbeddedConnection, pool: str, pooldir: Path,
+                                        tmp_path: Path) -> None:
+    src = tmp_path / "disk.bin"
+    src.write_bytes(os.urandom(8 * MiB))
+    job = conn.volume_import(str(src), pool, "imp.img", bandwidth=MiB)
+    conn.job_cancel(job.id)
+    assert conn.job_wait(job.id).state == "cancelled"
+    assert "imp.img" not in [v.name for v in conn.list_volumes(pool)]
+    assert not (pooldir / "imp.img").exists()
+    assert not [n for n in os.listdir(pooldir) if n.startswith(".virtstore-")]

@@ -310,6 +310,13 @@ class Connection(abc.ABC):
         ``point`` (the newest by default), in ``format`` (the backup's by default)."""
         raise self._missing("volume restore")
 
+    def volume_import(self, source: str, pool: str, name: str, *, format: str | None = None,
+                      bandwidth: int | None = None) -> JobInfo:
+        """vol-import: the bytes of a file or block device on the engine's host (read as
+        raw) into a new volume ``name`` in ``pool``, sparse; nothing is left under the
+        name if it fails."""
+        raise self._missing("volume import")
+
     def backup_verify(self, directory: str) -> JobInfo:
         """backup-verify: every chunk against its hash, every manifest's chunks and chain;
         the job fails listing what is wrong."""

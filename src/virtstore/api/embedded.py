@@ -345,6 +345,11 @@ class EmbeddedConnection(Connection):
         return self.backups.restore(directory, pool, name, format=format, point=point,
                                     bandwidth=bandwidth)
 
+    def volume_import(self, source: str, pool: str, name: str, *, format: str | None = None,
+                      bandwidth: int | None = None) -> JobInfo:
+        return self.backups.import_file(source, pool, name, format=format,
+                                        bandwidth=bandwidth)
+
     def backup_verify(self, directory: str) -> JobInfo:
         return self.backups.verify(directory)
 

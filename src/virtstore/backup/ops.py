@@ -11,10 +11,11 @@ staging object at the next start).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ from virtstore.types import JobInfo
 from virtstore.xml import PoolDef, VolDef, VolTarget
 
 if TYPE_CHECKING:
-    from virtstore.backup.access import Reader
+    from virtstore.backup.access import Reader, Writer
     from virtstore.data.monitor import Monitor
 
 log = logging.getLogger("virtstore")
@@ -48,6 +49,7 @@ BITMAP_PREFIX = "virtstore-backup-"
 # many chunks).
 _WRITERS = 3
 _IN_FLIGHT = 6
+_IMPORT_STEP = 4 << 20
 
 
 def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) -> set[int]:
@@ -115,38 +117,91 @@ class BackupOps:
             raise tbe.unsupported("volume restore")
         fmt = format or (m.format if m.format in tbe.caps.vol_formats
                          else tbe.caps.default_vol_format or "raw")
-        # Allocation 0: the restore writes only what the backup holds, the rest stays
-        # a hole.
-        vol = VolDef(name=new_name, capacity=m.capacity, capacity_given=True,
+
+        def fill(out: Writer, mon: Monitor) -> None:
+            for index in sorted(m.chunks):
+                length = m.chunk_length(index)
+                mon.check()
+                out.write(index * m.chunk_size, repo.read_chunk(m.chunks[index], length))
+                mon.advance(length)
+
+        return self._fill_new(pool_name, tpool, tbe, new_name, m.capacity, fmt, fill,
+                              kind="restore", bandwidth=bandwidth,
+                              total=sum(m.chunk_length(i) for i in m.chunks))
+
+    def _fill_new(self, pool_name: str, tpool: PoolDef, tbe: Backend, new_name: str,
+                  capacity: int, fmt: str, fill: Callable[[Writer, Monitor], None], *,
+                  kind: str, bandwidth: int | None, total: int = 0) -> JobInfo:
+        """A job that makes volume ``new_name`` through staged creation and has ``fill``
+        write its content: it takes the name only when all of it is written."""
+        # Allocation 0: only what ``fill`` writes is allocated, the rest stays a hole.
+        vol = VolDef(name=new_name, capacity=capacity, capacity_given=True,
                      allocation=0, allocation_given=True, target=VolTarget(format=fmt))
         req = self.volumes._request(tpool, tbe, vol, False)
         holder: list[StagedTarget] = []
 
         def prepare(db: sqlite3.Connection, job_id: str) -> None:
             holder.append(self.volumes.reserve_target(db, pool_name, tpool, tbe, new_name,
-                                                      op="restore"))
+                                                      op=kind))
 
         def work(mon: Monitor) -> None:
             target = holder[0]
             try:
                 tbe.create_volume(tpool, target.staging, req)
                 with open_new_volume(tbe, tpool, target.staging, req.format) as out:
-                    for index in sorted(m.chunks):
-                        length = m.chunk_length(index)
-                        mon.check()
-                        out.write(index * m.chunk_size, repo.read_chunk(m.chunks[index],
-                                                                        length))
-                        mon.advance(length)
+                    fill(out, mon)
             except BaseException:
                 self.volumes.abort_target(target)
                 raise
             self.volumes.finish_target(target)
 
-        total = sum(m.chunk_length(i) for i in m.chunks)
-        return self.jobs.start("restore", work, pool=None, volume=None,
+        return self.jobs.start(kind, work, pool=None, volume=None,
                                target_pool=pool_name, target_volume=new_name, total=total,
                                bandwidth=bandwidth, lock=[(pool_name, new_name, WRITE)],
                                prepare=prepare)
+
+    # -- import ----------------------------------------------------------------
+    def import_file(self, source: str, pool_name: str, new_name: str, *,
+                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        """vol-import: a file or block device's bytes (read as raw) into a new volume,
+        made as a restore is: staged, sparse, nothing under the name if it fails."""
+        from virtstore.data.extents import size_of
+        from virtstore.host.files import open_volume
+
+        fd = open_volume(source, os.O_RDONLY)
+        try:
+            capacity = size_of(fd)
+        finally:
+            os.close(fd)
+        tpool, tbe = self.volumes._active_pool(pool_name)
+        if not tbe.supports("create_volume"):
+            raise tbe.unsupported("volume import")
+
+        def fill(out: Writer, mon: Monitor) -> None:
+            from virtstore.data.extents import data_extents, is_zero
+
+            src = open_volume(source, os.O_RDONLY)
+            try:
+                extents = list(data_extents(src, 0, capacity))
+                mon.set_total(sum(n for _, n in extents))
+                for off, length in extents:
+                    end = off + length
+                    while off < end:
+                        mon.check()
+                        n = min(_IMPORT_STEP, end - off)
+                        data = os.pread(src, n, off)
+                        if not data:
+                            raise InvalidArgument(f"'{source}' ended while it was read")
+                        if not is_zero(data):
+                            out.write(off, data)
+                        off += len(data)
+                        mon.advance(len(data))
+            finally:
+                os.close(src)
+
+        return self._fill_new(pool_name, tpool, tbe, new_name, capacity,
+                              format or tbe.caps.default_vol_format or "raw", fill,
+                              kind="import", bandwidth=bandwidth)
 
     # -- verify ----------------------------------------------------------------
     def verify(self, directory: str) -> JobInfo:
@@ -169,8 +224,6 @@ def list_backups(directory: str) -> list[dict[str, Any]]:
 
 def verify_repository(repo: Repository, mon: Monitor) -> list[str]:
     """Every chunk's bytes against its hash, every manifest's chunks and chain."""
-    import os
-
     problems: list[str] = []
     good: dict[str, int] = {}
     names = list(repo.all_chunks())

@@ -1,5 +1,5 @@
-"""Backups and whole guests: vol-backup, vol-restore, backup-verify, backup-list,
-guest-clone, guest-backup (docs/backup.md)."""
+"""Backups and whole guests: vol-backup, vol-restore, vol-import, backup-verify,
+backup-list, guest-clone, guest-backup (docs/backup.md)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ def vol_restore(ctx: Context, args: Args) -> None:
                                   point=args.get("point"), bandwidth=_bandwidth(args))
     _wait(ctx, args, job, f"restore {name}")
     _done(ctx, args, f"Vol {name} restored in pool {pool}")
+
+
+def vol_import(ctx: Context, args: Args) -> None:
+    from virtstore.cli.lookup import pool_name
+
+    pool = pool_name(ctx.conn, args.req("pool"))
+    name = args.req("name")
+    source = os.path.abspath(args.req("source"))
+    job = ctx.conn.volume_import(source, pool, name, format=args.get("format"),
+                                 bandwidth=_bandwidth(args))
+    _wait(ctx, args, job, f"import {name}")
+    _done(ctx, args, f"Vol {name} imported from {source} into pool {pool}")
 
 
 def backup_verify(ctx: Context, args: Args) -> None:
@@ -148,6 +160,16 @@ COMMANDS = (
              Opt("format", "format of the new vol (raw, qcow2, ...)", positional=False),
              Opt("point", "id of the backup to restore (default: the newest)",
                  positional=False), BANDWIDTH, JSON), vol_restore),
+    Command("vol-import", GROUP, "import a file or block device as a new vol",
+            "Copy the bytes of SOURCE (a file or block device, read as raw) into a new "
+            "vol NAME in POOL, sparse, in --format (the pool's default format otherwise). "
+            "A failed import leaves no vol.",
+            (Opt("source", "file or block device on the host that runs the engine",
+                 required=True),
+             Opt("name", "name of the new vol", required=True),
+             Opt("pool", "pool name or uuid", required=True),
+             Opt("format", "format of the new vol (raw, qcow2, ...)", positional=False),
+             BANDWIDTH, JSON), vol_import),
     Command("backup-verify", GROUP, "check every chunk and manifest of a backup directory",
             "Read every chunk of DIR and check it against its hash; check that every "
             "manifest's chunks are there and its chain is whole.", (DIR, JSON),
