@@ -87,6 +87,13 @@ class BackupOps:
         if not reads_directly(backend, pool, rec) and not backend.has_feature("export", pool,
                                                                              rec):
             raise backend.unsupported("volume backup")
+        if backend.local_files(pool) and rec.type == "file":
+            # qemu-nbd and qemu-img open the path and read its backing chain themselves:
+            # the same checks as an NBD export of the volume.
+            from virtstore.host.files import refuse_symlink
+
+            refuse_symlink(rec.path)
+            self.volumes.check_chain(rec)
         repo = Repository(directory)
         repo.init({"pool": pool_name, "name": name, "key": rec.key})
         tracking = tracking_for(backend, pool, rec)
