@@ -318,6 +318,37 @@ class Connection(abc.ABC):
         could become a pool of ``pool_type`` here; ``source_xml`` narrows the search."""
         raise self._missing("pool source discovery")
 
+    # -- backups (docs/backup.md) -------------------------------------------------
+    # ``directory`` is a path on the host that runs the engine.
+    def volume_backup(self, pool: str, name: str, directory: str, *,
+                      incremental: bool = False, bandwidth: int | None = None) -> JobInfo:
+        """vol-backup: a full backup, or an incremental one against the newest backup in
+        ``directory`` (full, with a warning in its manifest, when that cannot be trusted)."""
+        raise self._missing("volume backup")
+
+    def volume_restore(self, directory: str, pool: str, name: str, *,
+                       format: str | None = None, point: str | None = None,
+                       bandwidth: int | None = None) -> JobInfo:
+        """vol-restore: a new volume ``name`` in ``pool`` with the content of backup
+        ``point`` (the newest by default), in ``format`` (the backup's by default)."""
+        raise self._missing("volume restore")
+
+    def volume_import(self, source: str, pool: str, name: str, *, format: str | None = None,
+                      bandwidth: int | None = None) -> JobInfo:
+        """vol-import: the bytes of a file or block device on the engine's host (read as
+        raw) into a new volume ``name`` in ``pool``, sparse; nothing is left under the
+        name if it fails."""
+        raise self._missing("volume import")
+
+    def backup_verify(self, directory: str) -> JobInfo:
+        """backup-verify: every chunk against its hash, every manifest's chunks and chain;
+        the job fails listing what is wrong."""
+        raise self._missing("backup verify")
+
+    def backup_list(self, directory: str) -> list[dict[str, Any]]:
+        """The backups in ``directory``, oldest first, without their chunk lists."""
+        raise self._missing("backup listing")
+
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release resources; the default has none."""

@@ -9,6 +9,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from virtstore.api import Connection
 from virtstore.backends import POOL_TYPES, backend_for
+from virtstore.backup.ops import BackupOps
 from virtstore.engine import journal
 from virtstore.engine.confine import Confinement
 from virtstore.engine.dataops import DataOps
@@ -58,6 +59,7 @@ class EmbeddedConnection(Connection):
         self.jobs = JobManager(store, self.events, reread=self.volumes.reread)
         self.dataops = DataOps(self.volumes, self.index, self.jobs, self.events)
         self.snapshots = SnapshotManager(self.volumes, self.index)
+        self.backups = BackupOps(self.volumes, self.index, self.jobs)
         self._startup()
 
     # -- start-up --------------------------------------------------------------
@@ -372,6 +374,31 @@ class EmbeddedConnection(Connection):
             raise Unsupported(f"volume '{name}' of pool '{pool}' is not a SCSI LUN: "
                               "it has no device identity")
         return found
+
+    # -- backups ---------------------------------------------------------------
+    def volume_backup(self, pool: str, name: str, directory: str, *,
+                      incremental: bool = False, bandwidth: int | None = None) -> JobInfo:
+        return self.backups.backup(pool, name, directory, incremental=incremental,
+                                   bandwidth=bandwidth)
+
+    def volume_restore(self, directory: str, pool: str, name: str, *,
+                       format: str | None = None, point: str | None = None,
+                       bandwidth: int | None = None) -> JobInfo:
+        return self.backups.restore(directory, pool, name, format=format, point=point,
+                                    bandwidth=bandwidth)
+
+    def volume_import(self, source: str, pool: str, name: str, *, format: str | None = None,
+                      bandwidth: int | None = None) -> JobInfo:
+        return self.backups.import_file(source, pool, name, format=format,
+                                        bandwidth=bandwidth)
+
+    def backup_verify(self, directory: str) -> JobInfo:
+        return self.backups.verify(directory)
+
+    def backup_list(self, directory: str) -> list[dict[str, Any]]:
+        from virtstore.backup.ops import list_backups
+
+        return list_backups(directory)
 
     # -- host ------------------------------------------------------------------
     def host_devices(self) -> list[dict[str, Any]]:

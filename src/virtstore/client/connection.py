@@ -195,6 +195,11 @@ class RemoteConnection(Connection):
     pool_df = _remote("pool_df")
     volume_inspect = _remote("volume_inspect")
     volume_boot_files = _remote("volume_boot_files")
+    volume_backup = _remote("volume_backup")
+    volume_restore = _remote("volume_restore")
+    volume_import = _remote("volume_import")
+    backup_verify = _remote("backup_verify")
+    backup_list = _remote("backup_list")
     # -- secrets ---------------------------------------------------------------
     secret_define_xml = _remote("secret_define_xml")
     list_secrets = _remote("list_secrets")

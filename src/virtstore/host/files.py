@@ -12,10 +12,12 @@ from typing import BinaryIO
 from virtstore.errors import OperationInvalid
 
 
-def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
+def atomic_write(path: str, data: bytes | str | memoryview, mode: int = 0o600, *,
+                 sync_dir: bool = True) -> None:
     """Write ``path`` so readers see the old or the new content, never a torn file.
 
-    Temp file in the same directory, fsync, rename, fsync of the directory.
+    Temp file in the same directory, fsync, rename, fsync of the directory (unless
+    ``sync_dir`` is false: a caller writing many files syncs their directories once).
     """
     raw = data.encode() if isinstance(data, str) else data
     directory = os.path.dirname(path) or "."
@@ -33,7 +35,8 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(directory)
+    if sync_dir:
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: str) -> None:

@@ -228,7 +228,9 @@ class NbdServer:
                  image_opts: str | None = None, objects: Sequence[str] = (),
                  socket_path: str | None = None, host: str | None = None,
                  port: int | None = None, export: str = "", read_only: bool = False,
-                 shared: int = 8) -> None:
+                 shared: int = 8, bitmaps: Sequence[str] = ()) -> None:
+        """``bitmaps``: qcow2 persistent dirty bitmaps to offer as NBD meta contexts
+        (``qemu:dirty-bitmap:NAME``), which a backup reads to find what changed."""
         if (image is None) == (image_opts is None):
             raise InvalidArgument("an NBD export needs an image or image options")
         self._tmpdir: str | None = None
@@ -248,6 +250,8 @@ class NbdServer:
             argv += [f"--bind={host}", f"--port={port}"]
         if read_only:
             argv.append("--read-only")
+        for bitmap in bitmaps:
+            argv.append(f"--bitmap={bitmap}")
         for obj in objects:
             argv += ["--object", obj]
         if image_opts is not None:

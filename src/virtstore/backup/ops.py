@@ -1,0 +1,419 @@
+"""vol-backup, vol-restore and backup-verify as jobs on the engine.
+
+A backup holds its volume for reading (other readers go on; writers through virtstore
+wait), reads the chunks that may have changed, stores those not stored yet, and writes
+the manifest last. A restore makes its volume through the engine's staged creation:
+the new volume takes its name only when all of it is written, so a failed, cancelled
+or killed restore leaves nothing under that name (the crash journal removes the
+staging object at the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from virtstore.backends.base import Backend, VolumeRecord
+from virtstore.backup.access import open_new_volume, open_reader, reads_directly
+from virtstore.backup.repo import (
+    TRACK_BITMAP,
+    TRACK_HASH,
+    Manifest,
+    Repository,
+    Unreadable,
+    new_backup_id,
+    sha256,
+)
+from virtstore.engine.index import VolumeIndex
+from virtstore.engine.jobs import JobManager
+from virtstore.engine.locks import READ, WRITE
+from virtstore.engine.volumes import StagedTarget, VolumeManager
+from virtstore.errors import InvalidArgument
+from virtstore.types import JobInfo
+from virtstore.xml import PoolDef, VolDef, VolTarget
+
+if TYPE_CHECKING:
+    from virtstore.backup.access import Reader, Writer
+    from virtstore.data.monitor import Monitor
+
+log = logging.getLogger("virtstore")
+
+BITMAP_PREFIX = "virtstore-backup-"
+# Chunk writers beside the reader, and chunks read ahead of the writes (memory: this
+# many chunks).
+_WRITERS = 3
+_IN_FLIGHT = 6
+_IMPORT_STEP = 4 << 20
+
+
+def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) -> set[int]:
+    """Indexes of the chunks that the extents touch."""
+    out: set[int] = set()
+    last = (capacity - 1) // chunk if capacity else -1
+    for off, length in extents:
+        if length <= 0:
+            continue
+        out.update(range(off // chunk, min(last, (off + length - 1) // chunk) + 1))
+    return out
+
+
+def tracking_for(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> str:
+    """How changes between backups are found: a qcow2 file that qemu-img can mark
+    keeps a persistent dirty bitmap; anything else is read whole and compared by hash."""
+    if (backend.local_files(pool) and rec.type == "file" and rec.format == "qcow2"
+            and rec.compat not in (None, "0.10") and not rec.encryption):
+        return TRACK_BITMAP
+    return TRACK_HASH
+
+
+class BackupOps:
+    def __init__(self, volumes: VolumeManager, index: VolumeIndex, jobs: JobManager) -> None:
+        self.volumes = volumes
+        self.index = index
+        self.jobs = jobs
+
+    # -- backup ----------------------------------------------------------------
+    def backup(self, pool_name: str, name: str, directory: str, *, incremental: bool,
+               bandwidth: int | None = None) -> JobInfo:
+        pool, backend = self.volumes._active_pool(pool_name)
+        rec = self.index.get(pool_name, name)
+        backend.check_volume(pool, rec)
+        if not reads_directly(backend, pool, rec) and not backend.has_feature("export", pool,
+                                                                             rec):
+            raise backend.unsupported("volume backup")
+        if backend.local_files(pool) and rec.type == "file":
+            # qemu-nbd and qemu-img open the path and read its backing chain themselves:
+            # the same checks as an NBD export of the volume.
+            from virtstore.host.files import refuse_symlink
+
+            refuse_symlink(rec.path)
+            self.volumes.check_chain(rec)
+        repo = Repository(directory)
+        repo.init({"pool": pool_name, "name": name, "key": rec.key})
+        tracking = tracking_for(backend, pool, rec)
+        job_ids: list[str] = []
+
+        def prepare(db: sqlite3.Connection, job_id: str) -> None:
+            job_ids.append(job_id)
+
+        def work(mon: Monitor) -> None:
+            _Backup(repo, backend, pool, pool_name, rec, tracking, incremental, mon,
+                    job_ids[0]).run()
+
+        return self.jobs.start("backup", work, pool=pool_name, volume=name,
+                               total=rec.capacity, bandwidth=bandwidth,
+                               lock=[(pool_name, name, READ)], must_exist=[(pool_name, name)],
+                               prepare=prepare)
+
+    # -- restore ---------------------------------------------------------------
+    def restore(self, directory: str, pool_name: str, new_name: str, *,
+                format: str | None = None, point: str | None = None,
+                bandwidth: int | None = None) -> JobInfo:
+        repo = Repository.open_existing(directory)
+        m = repo.manifest(point) if point else repo.latest()
+        if m is None:
+            raise InvalidArgument(f"'{repo.path}' holds no backup yet")
+        tpool, tbe = self.volumes._active_pool(pool_name)
+        if not tbe.supports("create_volume"):
+            raise tbe.unsupported("volume restore")
+        fmt = format or (m.format if m.format in tbe.caps.vol_formats
+                         else tbe.caps.default_vol_format or "raw")
+
+        def fill(out: Writer, mon: Monitor) -> None:
+            for index in sorted(m.chunks):
+                length = m.chunk_length(index)
+                mon.check()
+                out.write(index * m.chunk_size, repo.read_chunk(m.chunks[index], length))
+                mon.advance(length)
+
+        return self._fill_new(pool_name, tpool, tbe, new_name, m.capacity, fmt, fill,
+                              kind="restore", bandwidth=bandwidth,
+                              total=sum(m.chunk_length(i) for i in m.chunks))
+
+    def _fill_new(self, pool_name: str, tpool: PoolDef, tbe: Backend, new_name: str,
+                  capacity: int, fmt: str, fill: Callable[[Writer, Monitor], None], *,
+                  kind: str, bandwidth: int | None, total: int = 0) -> JobInfo:
+        """A job that makes volume ``new_name`` through staged creation and has ``fill``
+        write its content: it takes the name only when all of it is written."""
+        # Allocation 0: only what ``fill`` writes is allocated, the rest stays a hole.
+        vol = VolDef(name=new_name, capacity=capacity, capacity_given=True,
+                     allocation=0, allocation_given=True, target=VolTarget(format=fmt))
+        req = self.volumes._request(tpool, tbe, vol, False)
+        holder: list[StagedTarget] = []
+
+        def prepare(db: sqlite3.Connection, job_id: str) -> None:
+            holder.append(self.volumes.reserve_target(db, pool_name, tpool, tbe, new_name,
+                                                      op=kind))
+
+        def work(mon: Monitor) -> None:
+            target = holder[0]
+            try:
+                tbe.create_volume(tpool, target.staging, req)
+                with open_new_volume(tbe, tpool, target.staging, req.format) as out:
+                    fill(out, mon)
+            except BaseException:
+                self.volumes.abort_target(target)
+                raise
+            self.volumes.finish_target(target)
+
+        return self.jobs.start(kind, work, pool=None, volume=None,
+                               target_pool=pool_name, target_volume=new_name, total=total,
+                               bandwidth=bandwidth, lock=[(pool_name, new_name, WRITE)],
+                               prepare=prepare)
+
+    # -- import ----------------------------------------------------------------
+    def import_file(self, source: str, pool_name: str, new_name: str, *,
+                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        """vol-import: a file or block device's bytes (read as raw) into a new volume,
+        made as a restore is: staged, sparse, nothing under the name if it fails."""
+        from virtstore.data.extents import size_of
+        from virtstore.host.files import open_volume
+
+        fd = open_volume(source, os.O_RDONLY)
+        try:
+            capacity = size_of(fd)
+        finally:
+            os.close(fd)
+        tpool, tbe = self.volumes._active_pool(pool_name)
+        if not tbe.supports("create_volume"):
+            raise tbe.unsupported("volume import")
+
+        def fill(out: Writer, mon: Monitor) -> None:
+            from virtstore.data.extents import data_extents, is_zero
+
+            src = open_volume(source, os.O_RDONLY)
+            try:
+                extents = list(data_extents(src, 0, capacity))
+                mon.set_total(sum(n for _, n in extents))
+                for off, length in extents:
+                    end = off + length
+                    while off < end:
+                        mon.check()
+                        n = min(_IMPORT_STEP, end - off)
+                        data = os.pread(src, n, off)
+                        if not data:
+                            raise InvalidArgument(f"'{source}' ended while it was read")
+                        if not is_zero(data):
+                            out.write(off, data)
+                        off += len(data)
+                        mon.advance(len(data))
+            finally:
+                os.close(src)
+
+        return self._fill_new(pool_name, tpool, tbe, new_name, capacity,
+                              format or tbe.caps.default_vol_format or "raw", fill,
+                              kind="import", bandwidth=bandwidth)
+
+    # -- verify ----------------------------------------------------------------
+    def verify(self, directory: str) -> JobInfo:
+        repo = Repository.open_existing(directory)
+
+        def work(mon: Monitor) -> None:
+            problems = verify_repository(repo, mon)
+            if problems:
+                shown = "; ".join(problems[:10])
+                more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+                raise Unreadable(f"backup-verify found {len(problems)} problem(s) in "
+                                 f"'{repo.path}': {shown}{more}")
+
+        return self.jobs.start("backup-verify", work, pool=None, volume=None, total=0)
+
+
+def list_backups(directory: str) -> list[dict[str, Any]]:
+    return [m.summary() for m in Repository.open_existing(directory).manifests()]
+
+
+def verify_repository(repo: Repository, mon: Monitor) -> list[str]:
+    """Every chunk's bytes against its hash, every manifest's chunks and chain."""
+    problems: list[str] = []
+    good: dict[str, int] = {}
+    names = list(repo.all_chunks())
+    mon.set_total(sum(os.path.getsize(repo.chunk_path(n)) for n in names))
+    for digest in names:
+        mon.check()
+        with open(repo.chunk_path(digest), "rb") as fh:
+            data = fh.read()
+        if sha256(data) != digest:
+            problems.append(f"chunk {digest} is damaged (its content does not match its hash)")
+        else:
+            good[digest] = len(data)
+        mon.advance(len(data))
+    ids = set(repo.ids())
+    for mid in sorted(ids):
+        try:
+            m = repo.manifest(mid)
+        except (InvalidArgument, Unreadable) as exc:
+            problems.append(str(exc))
+            continue
+        if m.parent is not None and m.parent not in ids:
+            problems.append(f"backup {m.id}: its parent {m.parent} is missing")
+        if m.kind == "incremental" and m.parent is None:
+            problems.append(f"backup {m.id}: an incremental backup without a parent")
+        if m.chunk_size != repo.chunk_size:
+            problems.append(f"backup {m.id}: chunk size {m.chunk_size} differs from the "
+                            f"directory's {repo.chunk_size}")
+        for index, digest in sorted(m.chunks.items()):
+            if index < 0 or index * m.chunk_size >= m.capacity:
+                problems.append(f"backup {m.id}: chunk {index} lies past the volume's end")
+            elif digest not in good:
+                what = "damaged" if digest in names else "missing"
+                problems.append(f"backup {m.id}: chunk {index} ({digest}) is {what}")
+            elif good[digest] != m.chunk_length(index):
+                problems.append(f"backup {m.id}: chunk {index} ({digest}) has "
+                                f"{good[digest]} bytes, not {m.chunk_length(index)}")
+    return problems
+
+
+class _Backup:
+    """One backup run, in the job's thread."""
+
+    def __init__(self, repo: Repository, backend: Backend, pool: PoolDef, pool_name: str,
+                 rec: VolumeRecord, tracking: str, incremental: bool, mon: Monitor,
+                 job_id: str | None) -> None:
+        self.repo = repo
+        self.backend = backend
+        self.pool = pool
+        self.rec = rec
+        self.mon = mon
+        self.chunk = repo.chunk_size
+        self.warnings: list[str] = []
+        self.m = Manifest(
+            id=new_backup_id(), created=_now(), kind="full", parent=None,
+            volume={"pool": pool_name, "name": rec.name, "key": rec.key},
+            pool_type=pool.type, format=rec.format or "raw", capacity=rec.capacity,
+            chunk_size=self.chunk, tracking=tracking, job=job_id)
+        self.parent = repo.latest() if incremental else None
+        if incremental and self.parent is None:
+            self.warn("no earlier backup in the directory: this backup is a full one")
+
+    def warn(self, text: str) -> None:
+        log.warning("backup of volume '%s': %s", self.rec.name, text)
+        self.warnings.append(text)
+
+    def _usable_parent(self) -> Manifest | None:
+        p = self.parent
+        if p is None:
+            return None
+        if p.capacity != self.rec.capacity:
+            self.warn(f"the volume's capacity changed since backup {p.id} "
+                      f"({p.capacity} -> {self.rec.capacity} bytes): full backup")
+            return None
+        if p.format != self.m.format:
+            self.warn(f"the volume's format changed since backup {p.id}: full backup")
+            return None
+        return p
+
+    def run(self) -> None:
+        parent = self._usable_parent()
+        if self.m.tracking == TRACK_BITMAP:
+            self._run_bitmap(parent)
+        else:
+            self._run_hash(parent)
+
+    def _run_hash(self, parent: Manifest | None) -> None:
+        """Read every chunk that may hold data; chunks whose hash is stored already (the
+        unchanged ones) are not written again."""
+        with open_reader(self.backend, self.pool, self.rec) as reader:
+            todo = _chunks_of(reader.data_extents(), self.chunk, self.rec.capacity)
+            self._copy(reader, todo, {}, parent)
+
+    def _run_bitmap(self, parent: Manifest | None) -> None:
+        from virtstore.formats.bitmaps import add_bitmap, list_bitmaps, remove_bitmap
+
+        path = self.rec.path
+        have = {b.name: b for b in list_bitmaps(path)}
+        since = None
+        if parent is not None:
+            old = have.get(parent.bitmap or "")
+            if parent.tracking != TRACK_BITMAP or parent.bitmap is None:
+                self.warn(f"backup {parent.id} recorded no dirty bitmap: full backup")
+            elif old is None:
+                self.warn(f"dirty bitmap '{parent.bitmap}' is missing from the image: "
+                          "full backup")
+            elif not old.usable:
+                self.warn(f"dirty bitmap '{parent.bitmap}' cannot be trusted (flags: "
+                          f"{', '.join(old.flags) or 'none'}): full backup")
+            else:
+                since = parent.bitmap
+        new = BITMAP_PREFIX + self.m.id
+        # Added before the data is read: it records every write after this point. The
+        # volume is held for reading, so nothing writes in between.
+        add_bitmap(path, new)
+        self.m.bitmap = new
+        try:
+            with open_reader(self.backend, self.pool, self.rec, bitmap=since) as reader:
+                if since is not None and parent is not None:
+                    todo = _chunks_of(reader.dirty_extents(), self.chunk, self.rec.capacity)
+                    inherited = {i: h for i, h in parent.chunks.items() if i not in todo}
+                    self._copy(reader, todo, inherited, parent)
+                else:
+                    todo = _chunks_of(reader.data_extents(), self.chunk, self.rec.capacity)
+                    self._copy(reader, todo, {}, None)
+        except BaseException:
+            try:
+                remove_bitmap(path, new)
+            except Exception as exc:
+                log.warning("could not remove dirty bitmap '%s' from '%s': %s", new, path, exc)
+            raise
+        # Only this chain's bitmaps go: another directory's chain keeps its own.
+        if parent is not None and parent.bitmap and parent.bitmap in have:
+            try:
+                remove_bitmap(path, parent.bitmap)
+            except Exception as exc:
+                log.warning("could not remove dirty bitmap '%s' from '%s': %s",
+                            parent.bitmap, path, exc)
+
+    def _copy(self, reader: Reader, todo: set[int], inherited: dict[int, str],
+              parent: Manifest | None) -> None:
+        from virtstore.data.extents import is_zero
+
+        m = self.m
+        if parent is not None:
+            m.kind, m.parent = "incremental", parent.id
+        self.mon.set_total(sum(m.chunk_length(i) for i in todo))
+        stats = {"chunks_read": 0, "bytes_read": 0, "chunks_written": 0, "bytes_written": 0,
+                 "chunks_zero": 0}
+        chunks = dict(inherited)
+        pending: deque[tuple[int, int, Future[tuple[str, bool]]]] = deque()
+
+        def settle(keep: int) -> None:
+            while len(pending) > keep:
+                index, length, fut = pending.popleft()
+                chunks[index], written = fut.result()
+                if written:
+                    stats["chunks_written"] += 1
+                    stats["bytes_written"] += length
+
+        # Hashing and the synced writes of chunks run beside the reads: each chunk is
+        # fsynced (a backup must be on disk when its manifest says so), and that wait
+        # is what a sequential loop would spend most of its time on.
+        with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="backup") as pool:
+            for index in sorted(todo):
+                self.mon.check()
+                length = m.chunk_length(index)
+                data = reader.read(index * self.chunk, length)
+                stats["chunks_read"] += 1
+                stats["bytes_read"] += length
+                if is_zero(data):
+                    stats["chunks_zero"] += 1
+                else:
+                    pending.append((index, length, pool.submit(self.repo.put_chunk, data)))
+                    settle(_IN_FLIGHT)
+                self.mon.advance(length)
+            settle(0)
+        m.chunks = chunks
+        m.stats = stats
+        m.warnings = self.warnings
+        m.created = _now()
+        self.repo.write_manifest(m)
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1e6) % 1000000:06d}Z"
