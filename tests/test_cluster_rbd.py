@@ -189,3 +189,42 @@ def test_ceph_lock_keeps_out_a_writer_that_bypasses_etcd(
     finally:
         cluster.shutdown()
         conn.close()
+
+
+def test_cli_leases_a_volume_for_a_guest_across_members(
+        members: list[Member], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from virtstore.cli.main import main
+
+    a, b, _ = members
+
+    def cli(m: Member, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("VIRTSTORE_CLUSTER", ",".join(m.endpoints))
+        monkeypatch.setenv("VIRTSTORE_CLUSTER_MEMBER", m.name)
+        rc = main(["--root", str(m.root), *args])
+        cap = capsys.readouterr()
+        return rc, cap.out, cap.err
+
+    assert cli(a, "vol-create-as", a.pool, "cl-cli", "4M")[0] == 0
+    assert cli(b, "pool-refresh", b.pool)[0] == 0
+    rc, out, err = cli(a, "vol-lease", a.pool, "cl-cli", "--holder", "vm1", "--ttl", "30")
+    assert rc == 0, err
+    assert "leased to vm1 on host0" in out
+    # The lease outlives the command that took it; the other member sees it and is refused.
+    rc, out, _ = cli(b, "vol-lease-list", b.pool)
+    assert rc == 0 and "cl-cli" in out and "host0" in out and "vm1" in out
+    rc, _, err = cli(b, "vol-lease", b.pool, "cl-cli", "--holder", "vm1")
+    assert rc == 1 and "leased for writing by member 'host0'" in err
+    rc, _, err = cli(b, "vol-delete", "cl-cli", "--pool", b.pool)
+    assert rc == 1 and "host0" in err
+    rc, _, err = cli(b, "vol-unlease", b.pool, "cl-cli")
+    assert rc == 1 and "not this member's" in err
+    assert cli(a, "vol-lease", a.pool, "cl-cli", "--holder", "vm1", "--ttl", "30")[0] == 0
+    rc, out, _ = cli(a, "cluster-status")
+    assert rc == 0 and "Quorum" in out and "yes" in out
+    for url in a.endpoints:
+        assert url in out
+    assert cli(a, "vol-unlease", a.pool, "cl-cli", "--holder", "vm1")[0] == 0
+    rc, out, _ = cli(b, "vol-lease-list", "--json")
+    assert rc == 0 and "cl-cli" not in out
+    assert cli(b, "vol-delete", "cl-cli", "--pool", b.pool)[0] == 0

@@ -37,6 +37,7 @@ USAGE = f"""\
 
 def commands() -> dict[str, Command]:
     from virtstore.cli import (
+        cluster_cmds,
         data_cmds,
         guest_cmds,
         host_cmds,
@@ -50,7 +51,7 @@ def commands() -> dict[str, Command]:
 
     table = {}
     for module in (pool_cmds, vol_cmds, data_cmds, guest_cmds, secret_cmds, job_cmds,
-                   host_cmds, nbd_cmds, inspect_cmds):
+                   host_cmds, nbd_cmds, inspect_cmds, cluster_cmds):
         for cmd in module.COMMANDS:
             table[cmd.name] = cmd
     return table
