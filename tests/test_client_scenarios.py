@@ -229,3 +229,14 @@ def test_backup_and_restore(setup: Setup) -> None:
     done = conn.job_wait(conn.volume_restore(str(tmp / "bk"), "b", "r.raw").id)
     assert done.state == "done", done.error
     assert (tmp / "b" / "r.raw").read_bytes() == (tmp / "b" / "v.raw").read_bytes()
+
+
+def test_cluster_views_of_a_lone_engine(setup: Setup) -> None:
+    """An engine outside a cluster says so, through the engine and through virtstored;
+    asking it for leases is refused with the same one-line reason."""
+    from virtstore.errors import Unsupported
+
+    conn, _, _ = setup
+    assert conn.cluster_status()["clustered"] is False
+    with pytest.raises(Unsupported, match="not a member of a cluster"):
+        conn.volume_lease_list()

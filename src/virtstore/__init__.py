@@ -34,9 +34,10 @@ def open_connection(uri: str | None = None, *, root: str | None = None,
     uri = uri or os.environ.get("VIRTSTORE_DEFAULT_URI") or None
     if uri in (None, "", "embedded://", "embedded:///"):
         from virtstore.api.embedded import EmbeddedConnection
+        from virtstore.engine.cluster import ClusterConfig
         from virtstore.types import default_root
 
-        return EmbeddedConnection(root or default_root())
+        return EmbeddedConnection(root or default_root(), cluster=ClusterConfig.from_env())
     assert uri is not None
     if uri.startswith(("unix:", "https:")):
         from virtstore.client import RemoteConnection

@@ -119,10 +119,18 @@ class InternalError(VirtstoreError):
     http_status = 500
 
 
+class ClusterUnavailable(VirtstoreError):
+    """This member cannot reach the cluster's control plane (etcd), or its session
+    there expired: it takes no new write leases on shared storage until it can."""
+
+    code = "cluster-unavailable"
+    http_status = 503
+
+
 ALL_ERRORS: tuple[type[VirtstoreError], ...] = (
     NoSuchPool, NoSuchVolume, NoSuchSecret, NoSuchJob, AlreadyExists, InvalidArgument,
     XMLError, OperationInvalid, Unsupported, Busy, NoSpace, AuthFailed, Forbidden,
-    CommandFailed, Cancelled, InternalError,
+    CommandFailed, Cancelled, InternalError, ClusterUnavailable,
 )
 
 

@@ -349,6 +349,29 @@ class Connection(abc.ABC):
         """The backups in ``directory``, oldest first, without their chunk lists."""
         raise self._missing("backup listing")
 
+    # -- cluster (several hosts on shared storage; docs/cluster.md) -------------
+    def cluster_status(self) -> dict[str, Any]:
+        """The cluster this engine is a member of: its etcd endpoints and their health,
+        quorum, members (sessions, leases held), this member's session and counters;
+        ``{"clustered": False}`` for an engine alone."""
+        raise self._missing("cluster status")
+
+    def volume_lease(self, pool: str, name: str, *, holder: str | None = None,
+                     ttl: int | None = None) -> dict[str, Any]:
+        """Take (or renew, for the same holder) the cluster-wide write lease on a
+        volume of a shared pool, e.g. before a guest starts on it; Busy if another
+        holder has it. It lasts ``ttl`` seconds after the last renewal."""
+        raise self._missing("volume leases")
+
+    def volume_unlease(self, pool: str, name: str, *, holder: str | None = None,
+                       force: bool = False) -> None:
+        """End an explicit write lease (this member's; anyone's with ``force``)."""
+        raise self._missing("volume leases")
+
+    def volume_lease_list(self, pool: str | None = None) -> list[dict[str, Any]]:
+        """The write leases held in the cluster (of one pool's storage if given)."""
+        raise self._missing("volume leases")
+
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release resources; the default has none."""

@@ -11,6 +11,7 @@ from virtstore.api import Connection
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.backup.ops import BackupOps
 from virtstore.engine import journal
+from virtstore.engine.cluster import Cluster, ClusterConfig, storage_id
 from virtstore.engine.confine import Confinement
 from virtstore.engine.dataops import DataOps
 from virtstore.engine.events import EventLog
@@ -43,9 +44,11 @@ _T = TypeVar("_T")
 
 
 class EmbeddedConnection(Connection):
-    def __init__(self, root: str, *, confinement: Confinement | None = None) -> None:
+    def __init__(self, root: str, *, confinement: Confinement | None = None,
+                 cluster: ClusterConfig | None = None) -> None:
         """``confinement``: what the engine refuses to touch for its callers
-        (engine/confine.py); permissive by default, virtstored passes its own."""
+        (engine/confine.py); permissive by default, virtstored passes its own.
+        ``cluster``: the etcd cluster this engine is a member of (engine/cluster.py)."""
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
         store = self.state.store
@@ -60,6 +63,8 @@ class EmbeddedConnection(Connection):
         self.dataops = DataOps(self.volumes, self.index, self.jobs, self.events)
         self.snapshots = SnapshotManager(self.volumes, self.index)
         self.backups = BackupOps(self.volumes, self.index, self.jobs)
+        self.cluster = Cluster(cluster) if cluster is not None else None
+        self.volumes.cluster = self.cluster
         self._startup()
 
     # -- start-up --------------------------------------------------------------
@@ -101,6 +106,8 @@ class EmbeddedConnection(Connection):
 
     def close(self) -> None:
         self.jobs.join_local()
+        if self.cluster is not None:
+            self.cluster.close()
         self.state.backend.close()
         self.state.store.close()
 
@@ -435,3 +442,46 @@ class EmbeddedConnection(Connection):
 
     def secret_undefine(self, uuid: str) -> None:
         self.secrets.undefine(uuid)
+
+    # -- cluster ---------------------------------------------------------------
+    def _clustered(self) -> Cluster:
+        if self.cluster is None:
+            raise Unsupported("this engine is not a member of a cluster: give it the etcd "
+                              "endpoints (VIRTSTORE_CLUSTER, or cluster in virtstored.conf)")
+        return self.cluster
+
+    def _shared_pool(self, pool: str) -> Any:
+        pool_def, backend = self.volumes._active_pool(pool)
+        if not backend.caps.shared:
+            raise InvalidArgument(f"pool '{pool}' ({pool_def.type}) is this host's own "
+                                  "storage: its volumes take no cluster leases")
+        return pool_def
+
+    def cluster_status(self) -> dict[str, Any]:
+        if self.cluster is None:
+            return {"clustered": False}
+        return {"clustered": True, **self.cluster.status()}
+
+    def volume_lease(self, pool: str, name: str, *, holder: str | None = None,
+                     ttl: int | None = None) -> dict[str, Any]:
+        cluster = self._clustered()
+        pool_def = self._shared_pool(pool)
+        self.index.info(pool, name)  # NoSuchVolume as any lookup
+        if ttl is not None and ttl < 2:
+            raise InvalidArgument("a lease's TTL must be at least 2 seconds")
+        lease = cluster.acquire(pool, pool_def, name, op="lease", holder=holder or "guest",
+                                ttl=ttl or cluster.config.ttl)
+        return {"pool": pool, "volume": name, "holder": lease.holder,
+                "member": cluster.member, "lease": f"{lease.etcd_lease:x}",
+                "ttl": ttl or cluster.config.ttl}
+
+    def volume_unlease(self, pool: str, name: str, *, holder: str | None = None,
+                       force: bool = False) -> None:
+        cluster = self._clustered()
+        cluster.unlease(pool, self._shared_pool(pool), name, holder=holder, force=force)
+
+    def volume_lease_list(self, pool: str | None = None) -> list[dict[str, Any]]:
+        cluster = self._clustered()
+        if pool is None:
+            return cluster.leases()
+        return cluster.leases(storage_id(self._shared_pool(pool)))

@@ -4,6 +4,7 @@ images with their snapshots and dependent clones (see backends/rbd.py)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,46 @@ class RbdImages(Backend):
             yield img
         finally:
             img.close()
+
+    @contextlib.contextmanager
+    def _writer(self, img: rbd.Image, name: str) -> Iterator[None]:
+        """Ceph's own lock on the image while virtstore writes it, beside the
+        cluster's write lease: it also keeps out writers that know nothing of etcd (a
+        guest's librbd). An image with the exclusive-lock feature takes the managed
+        lock in exclusive mode (librbd then does not hand it over on request, and
+        Ceph frees it if this client dies); one without takes an advisory ``rbd lock``."""
+        lib = _rbd()
+        if img.features() & lib.RBD_FEATURE_EXCLUSIVE_LOCK:
+            try:
+                img.lock_acquire(lib.RBD_LOCK_MODE_EXCLUSIVE)
+            except _errors() as exc:
+                raise Busy(f"Requested operation is not valid: volume '{name}' is locked "
+                           f"by another Ceph client ({_message(exc)})") from exc
+            try:
+                yield
+            finally:
+                img.lock_release()
+            return
+        cookie = PRIVATE_PREFIX + "write-" + os.urandom(6).hex()
+        try:
+            img.lock_exclusive(cookie)
+        except _errors() as exc:
+            raise Busy(f"Requested operation is not valid: volume '{name}' has an rbd lock "
+                       f"of another client ({_message(exc)})") from exc
+        try:
+            yield
+        finally:
+            img.unlock(cookie)
+
+    def name_taken(self, pool: PoolDef, name: str) -> bool:
+        # Another member may have made the image since this member last listed.
+        lib = _rbd()
+        with self._io(pool) as io:
+            try:
+                lib.Image(io, name, read_only=True).close()
+            except lib.ImageNotFound:
+                return False
+        return True
 
     def _path(self, pool: PoolDef, image: str) -> str:
         return f"{pool.source.name}/{image}"

@@ -201,7 +201,8 @@ class RbdBackend(RbdImages):
         if allocate:
             raise Unsupported("unsupported flags (allocate) for rbd volume resize: RBD "
                               "images are always thin")
-        with self._io(pool) as io, self._image(io, rec.name) as img:
+        with self._io(pool) as io, self._image(io, rec.name) as img, \
+                self._writer(img, rec.name):
             if capacity < img.size() and not shrink:
                 raise InvalidArgument("Can't shrink capacity below current capacity unless "
                                       "shrink flag explicitly specified")
@@ -231,7 +232,8 @@ class RbdBackend(RbdImages):
         if algorithm not in WIPE_ALGORITHMS:
             raise Unsupported(f"unsupported flags ({algorithm}) for wiping an rbd volume: "
                               f"use one of {', '.join(WIPE_ALGORITHMS)}")
-        with self._io(pool) as io, self._image(io, rec.name) as img:
+        with self._io(pool) as io, self._image(io, rec.name) as img, \
+                self._writer(img, rec.name):
             size = int(img.size())
             monitor.set_total(size)
             with self._undo_on_failure(img):
@@ -252,7 +254,8 @@ class RbdBackend(RbdImages):
         from virtstore.backends._net_utils import read_exact
         from virtstore.data.extents import is_zero
 
-        with self._io(pool) as io, self._image(io, rec.name) as img:
+        with self._io(pool) as io, self._image(io, rec.name) as img, \
+                self._writer(img, rec.name):
             size = int(img.size())
             if offset > size or (length is not None and offset + length > size):
                 raise InvalidArgument(f"upload of {length} bytes at offset {offset} goes "

@@ -38,6 +38,7 @@ USAGE = f"""\
 def commands() -> dict[str, Command]:
     from virtstore.cli import (
         backup_cmds,
+        cluster_cmds,
         data_cmds,
         guest_cmds,
         host_cmds,
@@ -51,7 +52,7 @@ def commands() -> dict[str, Command]:
 
     table = {}
     for module in (pool_cmds, vol_cmds, data_cmds, guest_cmds, secret_cmds, job_cmds,
-                   host_cmds, nbd_cmds, inspect_cmds, backup_cmds):
+                   host_cmds, nbd_cmds, inspect_cmds, backup_cmds, cluster_cmds):
         for cmd in module.COMMANDS:
             table[cmd.name] = cmd
     return table

@@ -200,6 +200,10 @@ class RemoteConnection(Connection):
     volume_import = _remote("volume_import")
     backup_verify = _remote("backup_verify")
     backup_list = _remote("backup_list")
+    cluster_status = _remote("cluster_status")
+    volume_lease = _remote("volume_lease")
+    volume_unlease = _remote("volume_unlease")
+    volume_lease_list = _remote("volume_lease_list")
     # -- secrets ---------------------------------------------------------------
     secret_define_xml = _remote("secret_define_xml")
     list_secrets = _remote("list_secrets")

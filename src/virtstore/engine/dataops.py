@@ -26,6 +26,7 @@ from virtstore.xml import PoolDef, parse_volume_xml
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
+    from virtstore.engine.cluster import Lease
 
 
 class DataOps:
@@ -102,6 +103,7 @@ class DataOps:
         if not linked and tbe.local_files(tpool):
             self.volumes.check_chain(src)  # a copy reads through the backing chain
         holder: list[StagedTarget] = []
+        lease = self.volumes.write_lease(tpool_name, tpool, tbe, new_name, kind)
 
         def prepare(db: sqlite3.Connection, job_id: str) -> None:
             holder.append(self.volumes.reserve_target(db, tpool_name, tpool, tbe, new_name,
@@ -110,33 +112,58 @@ class DataOps:
         def work(mon: Monitor) -> None:
             target = holder[0]
             try:
-                tbe.vol_clone(tpool, spool, src, target.staging, linked=linked, monitor=mon,
-                              options=options)
-            except BaseException:
-                self.volumes.abort_target(target)
-                raise
-            self.volumes.finish_target(target)
+                try:
+                    tbe.vol_clone(tpool, spool, src, target.staging, linked=linked,
+                                  monitor=mon, options=options)
+                    if lease is not None:
+                        lease.check()  # a name whose lease is gone is not published
+                except BaseException:
+                    self.volumes.abort_target(target)
+                    raise
+                self.volumes.finish_target(target)
+            finally:
+                self.volumes.end_lease(lease)
 
-        return self.jobs.start(kind, work, pool=src_pool, volume=src.name,
-                               target_pool=tpool_name, target_volume=new_name,
-                               total=tbe.clone_total(src, options, linked),
-                               bandwidth=bandwidth,
-                               lock=[(src_pool, src.name, READ), (tpool_name, new_name, WRITE)],
-                               prepare=prepare, must_exist=[(src_pool, src.name)])
+        return self._leased_job(lease, lambda: self.jobs.start(
+            kind, work, pool=src_pool, volume=src.name, target_pool=tpool_name,
+            target_volume=new_name, total=tbe.clone_total(src, options, linked),
+            bandwidth=bandwidth,
+            lock=[(src_pool, src.name, READ), (tpool_name, new_name, WRITE)],
+            prepare=prepare, must_exist=[(src_pool, src.name)]))
+
+    def _leased_job(self, lease: Lease | None, start: Callable[[], JobInfo]) -> JobInfo:
+        """Start a job whose work ends ``lease``; a job whose lease is lost is
+        cancelled, so it stops writing."""
+        try:
+            job = start()
+        except BaseException:
+            self.volumes.end_lease(lease)
+            raise
+        if lease is not None:
+            lease.on_lost(lambda: self.jobs.cancel(job.id))
+        return job
 
     # -- in-place verbs --------------------------------------------------------
     def _in_place(self, kind: str, pool_name: str, pool: PoolDef, backend: Backend,
                   rec: VolumeRecord, run: Callable[[Monitor], None], *, total: int = 0,
                   bandwidth: int | None = None, write: bool = True) -> JobInfo:
-        def work(mon: Monitor) -> None:
-            run(mon)
-            if write:
-                self._reread(pool_name, pool, backend, rec.name)
+        lease = self.volumes.write_lease(pool_name, pool, backend, rec.name, kind) \
+            if write else None
 
-        return self.jobs.start(kind, work, pool=pool_name, volume=rec.name, total=total,
-                               bandwidth=bandwidth,
-                               lock=[(pool_name, rec.name, WRITE if write else READ)],
-                               must_exist=[(pool_name, rec.name)])
+        def work(mon: Monitor) -> None:
+            try:
+                if lease is not None:
+                    lease.check()
+                run(mon)
+                if write:
+                    self._reread(pool_name, pool, backend, rec.name)
+            finally:
+                self.volumes.end_lease(lease)
+
+        return self._leased_job(lease, lambda: self.jobs.start(
+            kind, work, pool=pool_name, volume=rec.name, total=total, bandwidth=bandwidth,
+            lock=[(pool_name, rec.name, WRITE if write else READ)],
+            must_exist=[(pool_name, rec.name)]))
 
     def _reread(self, pool_name: str, pool: PoolDef, backend: Backend, name: str) -> None:
         rec = backend.read_volume(pool, name)

@@ -27,6 +27,7 @@ from virtstore.host.files import existing_path
 from virtstore.types import VolumeCreateArgs
 
 if TYPE_CHECKING:
+    from virtstore.engine.cluster import Cluster, Lease
     from virtstore.engine.events import EventLog
 
 from virtstore.xml import (
@@ -71,6 +72,22 @@ class VolumeManager:
         self.secrets = secrets
         self.events = events
         self.confinement = confinement or Confinement()
+        # Set when this engine is a member of a cluster (engine/cluster.py).
+        self.cluster: Cluster | None = None
+
+    # -- cluster ---------------------------------------------------------------
+    def write_lease(self, pool_name: str, pool: PoolDef, backend: Backend, name: str,
+                    op: str) -> Lease | None:
+        """The cluster-wide write lease on a volume of a shared pool (None when this
+        engine is alone or the pool's storage is this host's own); Busy if another
+        holder has it. A new volume's name is claimed with it before it is made."""
+        if self.cluster is None or not backend.caps.shared:
+            return None
+        return self.cluster.acquire(pool_name, pool, name, op=op)
+
+    def end_lease(self, lease: Lease | None) -> None:
+        if lease is not None and self.cluster is not None:
+            self.cluster.release(lease)
 
     # -- backing files -----------------------------------------------------------
     def _is_volume(self, path: str) -> bool:
@@ -194,14 +211,20 @@ class VolumeManager:
         if not backend.supports("create_volume"):
             raise backend.unsupported("volume creation")
         req = self._request(pool, backend, vol, prealloc_metadata)
-        with self.state.store.write() as db:
-            target = self.reserve_target(db, pool_name, pool, backend, vol.name)
+        lease = self.write_lease(pool_name, pool, backend, vol.name, "create")
         try:
-            backend.create_volume(pool, target.staging, req)
-        except BaseException:
-            self.abort_target(target)
-            raise
-        self.finish_target(target)
+            with self.state.store.write() as db:
+                target = self.reserve_target(db, pool_name, pool, backend, vol.name)
+            try:
+                backend.create_volume(pool, target.staging, req)
+                if lease is not None:
+                    lease.check()
+            except BaseException:
+                self.abort_target(target)
+                raise
+            self.finish_target(target)
+        finally:
+            self.end_lease(lease)
         return vol.name
 
     # -- staged targets, shared with the data operations ------------------------
@@ -292,19 +315,24 @@ class VolumeManager:
             raise backend.unsupported("volume deletion")
         # A volume that is the source device of a running pool stays.
         nesting.check_volume_unused(self.state, self.index, pool_name, rec)
-        with self.state.store.write() as db:
-            locks.check_free(db, pool_name, name)
-            cur = db.execute("UPDATE volumes SET state='deleting' WHERE pool=? AND name=? AND "
-                             "state='ready'", (pool_name, name))
-            if cur.rowcount != 1:
-                raise Busy(f"volume '{name}' is in use by another operation")
-            entry = journal.begin(db, "delete", pool_name, name, None, rec.path)
+        # Not while another member writes it, or a guest there holds it.
+        lease = self.write_lease(pool_name, pool, backend, name, "delete")
         try:
-            backend.delete_volume(pool, rec)
-        except BaseException:
-            self.index.set_state(pool_name, name, "ready", expect="deleting")
-            journal.end(self.state.store, entry)
-            raise
+            with self.state.store.write() as db:
+                locks.check_free(db, pool_name, name)
+                cur = db.execute("UPDATE volumes SET state='deleting' WHERE pool=? AND "
+                                 "name=? AND state='ready'", (pool_name, name))
+                if cur.rowcount != 1:
+                    raise Busy(f"volume '{name}' is in use by another operation")
+                entry = journal.begin(db, "delete", pool_name, name, None, rec.path)
+            try:
+                backend.delete_volume(pool, rec)
+            except BaseException:
+                self.index.set_state(pool_name, name, "ready", expect="deleting")
+                journal.end(self.state.store, entry)
+                raise
+        finally:
+            self.end_lease(lease)
         self.index.remove(pool_name, name)
         journal.end(self.state.store, entry)
         if self.events is not None:

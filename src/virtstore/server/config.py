@@ -42,6 +42,12 @@ class Options:
     remote_pool_roots: list[str] = field(default_factory=list)
     # Directories whose files may be backing files though no pool holds them.
     backing_roots: list[str] = field(default_factory=list)
+    # The etcd cluster this host is a member of (docs/cluster.md): endpoints
+    # "http://HOST:PORT,..." (a TOML array in the file), the member's name (default the
+    # host name) and the lease TTL in seconds.
+    cluster: str | None = None
+    cluster_member: str | None = None
+    cluster_ttl: int = 10
 
     def socket_paths(self, root: str) -> tuple[str, str]:
         d = self.socket_dir or os.path.join(root, "run")
@@ -82,6 +88,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     p.add_argument("--backing-root", dest="backing_roots", action="append", metavar="DIR",
                    help="files under DIR may be backing files of volumes (repeatable; "
                    "default: only volumes of defined pools)")
+    p.add_argument("--cluster", metavar="URL,...", help="etcd endpoints of the cluster this "
+                   "host is a member of (default: none, a host alone)")
+    p.add_argument("--cluster-member", metavar="NAME", help="this member's name in the "
+                   "cluster (default: the host name)")
+    p.add_argument("--cluster-ttl", type=int, metavar="SECONDS",
+                   help="how long this member's leases outlive it (default 10)")
     return p.parse_args(argv), p
 
 
@@ -149,6 +161,8 @@ def load(argv: list[str] | None = None) -> Options:
                         from None
             elif name in ("remote_pool_roots", "backing_roots"):
                 value = _dir_list(path, key, value)
+            elif name == "cluster" and isinstance(value, list):
+                value = ",".join(str(v) for v in value)
             elif not isinstance(value, str):
                 raise InvalidArgument(f"{path}: '{key}' must be a string")
             setattr(opts, name, value)

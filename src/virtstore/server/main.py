@@ -12,11 +12,15 @@ import socket
 import ssl
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from virtstore.errors import InvalidArgument, VirtstoreError
 from virtstore.server.config import Options, load, parse_listen
 from virtstore.server.http import Limits
 from virtstore.server.listen import Listener, Server
+
+if TYPE_CHECKING:
+    from virtstore.engine.cluster import ClusterConfig
 
 log = logging.getLogger("virtstored")
 
@@ -112,6 +116,14 @@ def _notify_systemd() -> None:
         log.warning("could not notify systemd: %s", exc)
 
 
+def _cluster_config(opts: Options) -> ClusterConfig | None:
+    from virtstore.engine.cluster import ClusterConfig
+
+    if not opts.cluster:
+        return None
+    return ClusterConfig.parse(opts.cluster, member=opts.cluster_member, ttl=opts.cluster_ttl)
+
+
 def serve(opts: Options) -> None:
     from virtstore.api.embedded import EmbeddedConnection
     from virtstore.engine.confine import Confinement
@@ -136,7 +148,8 @@ def serve(opts: Options) -> None:
         # The engine recovers its journal and starts the autostart pools as it opens.
         log.info("opening the engine on %s", root)
         # Confined: the daemon acts for callers who may not own the host's files.
-        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots))
+        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots),
+                                  cluster=_cluster_config(opts))
         listeners: list[Listener] = []
         try:
             listeners.append(Listener(_bind_unix(rw_path, 0o600), "unix-rw",

@@ -1,0 +1,230 @@
+"""Three cluster members (engines with their own state roots, in their own processes)
+on one RBD pool of the one-node Ceph, coordinated by the three-member etcd."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster_fixtures import etcd_cluster  # noqa: F401
+from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
+from virtstore.api.embedded import EmbeddedConnection
+from virtstore.engine.cluster import ClusterConfig
+from virtstore.errors import Busy
+from virtstore.types import VolumeCreateArgs
+
+TTL = 3
+MiB = 1 << 20
+WORKER = str(Path(__file__).with_name("cluster_worker.py"))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def pool_xml(name: str, srv: Server) -> str:
+    return (f"<pool type='rbd'><name>{name}</name><source><name>rbd</name>"
+            f"<host name='127.0.0.1' port='{srv.info['mon_port']}'/>"
+            f"<auth username='admin' type='ceph'><secret usage='client.admin secret'/>"
+            f"</auth></source></pool>")
+
+
+class Member:
+    def __init__(self, root: Path, name: str, pool: str, endpoints: list[str]) -> None:
+        self.root, self.name, self.pool, self.endpoints = root, name, pool, endpoints
+
+    def config(self) -> ClusterConfig:
+        return ClusterConfig(tuple(self.endpoints), self.name, ttl=TTL)
+
+    def connect(self) -> EmbeddedConnection:
+        return EmbeddedConnection(str(self.root), cluster=self.config())
+
+    def argv(self, mode: str, *rest: str) -> list[str]:
+        return [sys.executable, WORKER, mode, str(self.root), self.name,
+                ",".join(self.endpoints), str(TTL), self.pool, *rest]
+
+
+@pytest.fixture
+def members(tmp_path: Path, ceph_fixture: Server,  # noqa: F811
+            etcd_cluster: Server) -> Iterator[list[Member]]:  # noqa: F811
+    made = []
+    for i in range(3):
+        # Each member names the shared Ceph pool its own way.
+        m = Member(tmp_path / f"m{i}", f"host{i}", f"ceph{i}", etcd_cluster.info["endpoints"])
+        conn = m.connect()
+        u = conn.secret_define_xml("<secret ephemeral='no' private='yes'><usage type='ceph'>"
+                                   "<name>client.admin secret</name></usage></secret>")
+        conn.secret_set_value(u, base64.b64decode(ceph_fixture.info["admin_key"]))
+        conn.pool_define_xml(pool_xml(m.pool, ceph_fixture))
+        conn.pool_start(m.pool)
+        conn.close()
+        made.append(m)
+    yield made
+    conn = made[0].connect()
+    conn.pool_refresh(made[0].pool)
+    for v in conn.list_volumes(made[0].pool):
+        if v.name.startswith("cl-"):
+            conn.volume_delete(made[0].pool, v.name)
+    conn.close()
+
+
+def rbd_images(ceph: Server) -> list[str]:
+    return ceph_cmd(ceph, "rbd", "ls", "rbd").stdout.split()
+
+
+def test_four_clients_on_three_members_make_each_name_once(
+        members: list[Member], ceph_fixture: Server) -> None:  # noqa: F811
+    names = [f"cl-n{i:03d}" for i in range(200)]
+    clients = [members[0], members[1], members[2], members[0]]  # two on one member
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(m.argv("create", str(seed), *names), stdout=subprocess.PIPE,
+                              text=True, env=ENV) for seed, m in enumerate(clients)]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0
+        results.append(json.loads(out))
+    elapsed = time.monotonic() - t0
+    made = Counter(n for r in results for n in r["created"])
+    conflicts = sum(c - 1 for c in made.values() if c > 1)
+    refused = sum(r["exists"] + r["busy"] for r in results)
+    print(f"\n[200 names x 4 clients on 3 members: {len(made)} made, conflicts {conflicts}, "
+          f"refused {refused} (exists {sum(r['exists'] for r in results)}, busy "
+          f"{sum(r['busy'] for r in results)}), unavailable "
+          f"{sum(r['unavailable'] for r in results)}, in {elapsed:.1f}s]")
+    assert [r["errors"] for r in results] == [[], [], [], []]
+    assert conflicts == 0 and sorted(made) == names
+    assert refused == 3 * len(names)
+    images = rbd_images(ceph_fixture)
+    assert set(names) <= set(images)
+    assert not [i for i in images if i.startswith("virtstore-staging-")]
+    # What one member made, another member sees once it refreshes.
+    conn = members[2].connect()
+    conn.pool_refresh(members[2].pool)
+    assert {v.name for v in conn.list_volumes(members[2].pool)} >= set(names)
+    assert conn.cluster_status()["leases"] == 0  # every create released its claim
+    conn.close()
+
+
+def test_two_members_writing_one_volume_and_a_killed_holder(
+        members: list[Member]) -> None:
+    a, b, _ = members
+    conn_b = b.connect()
+    for vol in ("cl-w", "cl-g"):
+        conn_b.volume_create(b.pool, VolumeCreateArgs(vol, 64 * MiB))
+    proc = subprocess.Popen(a.argv("hold", "cl-w", "cl-g"), stdout=subprocess.PIPE, text=True,
+                            env=ENV)
+    try:
+        assert proc.stdout is not None
+        assert "ready" in json.loads(proc.stdout.readline())
+        conn_b.pool_refresh(b.pool)
+        refused = 0
+        for vol in ("cl-w", "cl-g"):
+            with pytest.raises(Busy, match="host0"):
+                conn_b.volume_upload(b.pool, vol, io.BytesIO(b"x" * MiB))
+            refused += 1
+        with pytest.raises(Busy):
+            conn_b.volume_delete(b.pool, "cl-g")  # a guest runs on it elsewhere
+        refused += 1
+        held = {x["volume"]: x for x in conn_b.volume_lease_list(b.pool)}
+        assert held["cl-w"]["op"] == "upload" and held["cl-g"]["holder"] == "guest-on-host0"
+        status = conn_b.cluster_status()
+        assert {m["member"]: m["leases"] for m in status["members"]}.get("host0") == 2
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the holder dies with its leases
+        proc.wait(10)
+    killed, killed_at = time.monotonic(), time.time()
+    expired = None
+    while expired is None and time.monotonic() < killed + TTL + 10:
+        if not [x for x in conn_b.volume_lease_list(b.pool) if x["member"] == "host0"]:
+            expired = time.monotonic() - killed
+        time.sleep(0.1)
+    assert expired is not None and expired <= TTL + 3
+    # The guest's volume is free at once; the one whose upload died keeps Ceph's lock
+    # until Ceph notices its client is gone (its watch timeout, 30 s by default).
+    jobs = {vol: conn_b.volume_upload(b.pool, vol, io.BytesIO(b"y" * MiB))
+            for vol in ("cl-w", "cl-g")}
+    written = {}
+    for vol, job in jobs.items():
+        info = conn_b.job_wait(job.id, 90)
+        assert info.state == "done" and info.ended is not None
+        written[vol] = info.ended - killed_at
+    print(f"\n[two writers: {refused} operations refused while host0 held the leases; "
+          f"after its SIGKILL its etcd leases expired in {expired:.1f}s (TTL {TTL}s), the "
+          f"volumes were written again after "
+          f"{', '.join(f'{v} {t:.1f}s' for v, t in sorted(written.items()))}]")
+    assert written["cl-g"] <= TTL + 5
+    conn_b.close()
+
+
+def test_ceph_lock_keeps_out_a_writer_that_bypasses_etcd(
+        members: list[Member], ceph_fixture: Server) -> None:  # noqa: F811
+    import rados  # type: ignore[import-not-found]
+    import rbd  # type: ignore[import-not-found]
+
+    conn = members[0].connect()
+    conn.volume_create(members[0].pool, VolumeCreateArgs("cl-locked", 4 * MiB))
+    cluster = rados.Rados(conffile=ceph_fixture.info["conf"])
+    cluster.connect(timeout=10)
+    try:
+        with cluster.open_ioctx("rbd") as ioctx, rbd.Image(ioctx, "cl-locked") as img:
+            # A guest's librbd that owns the image and will not hand it over.
+            img.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            job = conn.volume_upload(members[0].pool, "cl-locked", io.BytesIO(b"z" * MiB))
+            info = conn.job_wait(job.id, 60)
+            assert info.state == "failed" and info.error_code == "busy", info
+            img.lock_release()
+        job = conn.volume_upload(members[0].pool, "cl-locked", io.BytesIO(b"z" * MiB))
+        assert conn.job_wait(job.id, 60).state == "done"
+        assert conn.volume_lease_list() == [] or all(
+            x["volume"] != "cl-locked" for x in conn.volume_lease_list())
+    finally:
+        cluster.shutdown()
+        conn.close()
+
+
+def test_cli_leases_a_volume_for_a_guest_across_members(
+        members: list[Member], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from virtstore.cli.main import main
+
+    a, b, _ = members
+
+    def cli(m: Member, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("VIRTSTORE_CLUSTER", ",".join(m.endpoints))
+        monkeypatch.setenv("VIRTSTORE_CLUSTER_MEMBER", m.name)
+        rc = main(["--root", str(m.root), *args])
+        cap = capsys.readouterr()
+        return rc, cap.out, cap.err
+
+    assert cli(a, "vol-create-as", a.pool, "cl-cli", "4M")[0] == 0
+    assert cli(b, "pool-refresh", b.pool)[0] == 0
+    rc, out, err = cli(a, "vol-lease", a.pool, "cl-cli", "--holder", "vm1", "--ttl", "30")
+    assert rc == 0, err
+    assert "leased to vm1 on host0" in out
+    # The lease outlives the command that took it; the other member sees it and is refused.
+    rc, out, _ = cli(b, "vol-lease-list", b.pool)
+    assert rc == 0 and "cl-cli" in out and "host0" in out and "vm1" in out
+    rc, _, err = cli(b, "vol-lease", b.pool, "cl-cli", "--holder", "vm1")
+    assert rc == 1 and "leased for writing by member 'host0'" in err
+    rc, _, err = cli(b, "vol-delete", "cl-cli", "--pool", b.pool)
+    assert rc == 1 and "host0" in err
+    rc, _, err = cli(b, "vol-unlease", b.pool, "cl-cli")
+    assert rc == 1 and "not this member's" in err
+    assert cli(a, "vol-lease", a.pool, "cl-cli", "--holder", "vm1", "--ttl", "30")[0] == 0
+    rc, out, _ = cli(a, "cluster-status")
+    assert rc == 0 and "Quorum" in out and "yes" in out
+    for url in a.endpoints:
+        assert url in out
+    assert cli(a, "vol-unlease", a.pool, "cl-cli", "--holder", "vm1")[0] == 0
+    rc, out, _ = cli(b, "vol-lease-list", "--json")
+    assert rc == 0 and "cl-cli" not in out
+    assert cli(b, "vol-delete", "cl-cli", "--pool", b.pool)[0] == 0
