@@ -75,15 +75,34 @@ class _Bounded:
         return data or b""
 
 
+def _left_in(source: BinaryIO) -> int | None:
+    """The bytes a seekable source (a file, a buffer) still holds; None for a pipe or a
+    socket, whose length shows only at its end."""
+    try:
+        if not source.seekable():
+            return None
+        pos = source.tell()
+        end = source.seek(0, os.SEEK_END)
+        source.seek(pos)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return max(0, end - pos)
+
+
 def upload_to_device(path: str, name: str, source: BinaryIO, *, offset: int,
                      length: int | None, sparse: bool, monitor: Monitor) -> None:
-    """Write ``source`` into the device at ``offset``; more bytes than fit is an error."""
+    """Write ``source`` into the device at ``offset``; more bytes than fit is an error
+    (found before writing for a seekable source, at the end for a stream)."""
     from virtstore.data.stream import upload
 
     fd = open_device(path, write=True)
     try:
         size = device_size(fd)
         limit = check_range(size, offset, length, name)
+        left = _left_in(source)
+        if length is None and left is not None and left > limit:
+            raise InvalidArgument(f"the upload is larger than volume '{name}' "
+                                  f"({limit} bytes from offset {offset})")
         if length is not None:
             upload(source, fd, offset=offset, length=length, sparse=sparse, monitor=monitor)
         else:

@@ -116,10 +116,11 @@ class DiskBackend(BlockDataOps, Backend):
         if wanted != "unknown" and table.label != wanted:
             raise OperationInvalid(f"Format of device '{source}' does not match the "
                                    f"expected format '{wanted}'")
-        # Partition nodes of a loop device exist only once someone adds them.
+        # Partition nodes of a loop device exist only once someone adds them (the
+        # kernel itself, where it scans the device's table).
         from virtstore.host import loop
 
-        loop.sync_partitions(device)
+        loop.sync_partitions(device, partitions.kernel_view(table))
 
     def delete(self, pool: PoolDef) -> None:
         """Erase the partition table (the partitions' data becomes unreachable)."""

@@ -293,11 +293,11 @@ def create_partition(table: Table, size: int, fmt: str, *, name: str = "") -> in
     number = new[0].number
     if flag:
         _parted(table.device, "set", str(number), flag, "on")
-    sync_partitions(table.device, _kernel_view(after))
+    sync_partitions(table.device, kernel_view(after))
     return number
 
 
-def _kernel_view(table: Table) -> dict[int, tuple[int, int]]:
+def kernel_view(table: Table) -> dict[int, tuple[int, int]]:
     """The partitions as the kernel shows them once it knows ``table``."""
     return {p.number: (p.start, p.size) for p in table.partitions}
 
