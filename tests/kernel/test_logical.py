@@ -8,6 +8,7 @@ import io
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,41 @@ def test_data_operations_through_the_cli(lab: BlockLab, tmp_path: Path,
     assert res.returncode == 0, res.stderr
     got = out.read_bytes()
     assert len(got) == 16 * MiB and got[:len(payload)] == payload
+
+
+def test_cancelled_clone_leaves_no_volume(vg_pool: str, conn: EmbeddedConnection) -> None:
+    vg = vg_pool
+    conn.volume_create(vg, VolumeCreateArgs(name="big", capacity=32 * MiB))
+    job = conn.volume_clone(vg, "big", "copy", bandwidth=2 * MiB)
+    deadline = time.monotonic() + 120
+    while conn.job_info(job.id).bytes_done == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    conn.job_cancel(job.id)
+    info = conn.job_wait(job.id, 120)
+    assert info.state == "cancelled", info
+    assert "copy" not in {v.name for v in conn.list_volumes(vg)}
+    assert not [n for n in lv_report(vg) if n == "copy" or n.startswith("virtstore-staging")]
+
+
+def test_a_mounted_volume_is_not_overwritten(vg_pool: str, conn: EmbeddedConnection,
+                                            tmp_path: Path) -> None:
+    vg = vg_pool
+    conn.volume_create(vg, VolumeCreateArgs(name="fs", capacity=16 * MiB))
+    dev = f"/dev/{vg}/fs"
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", dev, str(mnt)], check=True)
+    try:
+        (mnt / "keep").write_text("still here")
+        for job in (conn.volume_wipe(vg, "fs", "zero"),
+                    conn.volume_upload(vg, "fs", io.BytesIO(bytes(MiB)))):
+            info = conn.job_wait(job.id, 120)
+            assert info.state == "failed" and "in use" in (info.error or ""), info
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["mount", dev, str(mnt)], check=True)
+    try:
+        assert (mnt / "keep").read_text() == "still here"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -10,6 +10,10 @@ created (linear and striped), resized and deleted in the metadata, and their pat
 are where the nodes would be; no /dev/VG/LV node exists. What needs device-mapper
 at creation time (snapshots, sparse/thin volumes) fails with an error naming it, and
 ``activate()`` does too.
+
+Volume data (upload, download, wipe, clone) goes through the active LV's node
+(``_block_data.BlockDataOps``): in place, as libvirt; a clone is a new LV under the
+staging name filled from the source; resize is lvresize, also in metadata-only mode.
 """
 
 from __future__ import annotations
