@@ -5,6 +5,7 @@ device-mapper."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -46,6 +47,26 @@ def test_parse_recorded_reports() -> None:
     st = lvs["striped"].segments[0]
     assert (st.stripes, st.stripe_size, st.segtype) == (2, 65536, "striped")
     assert st.pe_ranges == [("/dev/loop0", 5, 9), ("/dev/loop1", 0, 4)]
+
+
+def test_parse_recorded_reports_with_device_mapper() -> None:
+    """lvs/vgs from the kernel lab: active LVs, raid1 with its hidden legs, a snapshot,
+    a thin pool and a thin LV; the pool shows the user's LVs only."""
+    vg = lvmmod.parse_vgs((DATA / "vgs-dm.json").read_text())[0]
+    assert (vg.name, vg.lv_count, vg.free) == ("vsrecdm", 6, 331350016)
+    lvs = lvmmod.parse_lvs((DATA / "lvs-dm.json").read_text())
+    be = LogicalBackend()
+    pool = parse_pool_xml(logical_xml("vsrecdm", "/dev/loop0"))
+    recs = {lv.name: be._record(pool, lv) for lv in lvs if be._visible(lv)}
+    assert sorted(recs) == ["lin", "mirror", "snap", "striped", "thin1"]
+    by_name = {lv.name: lv for lv in lvs}
+    assert all(by_name[n].active == "active" for n in recs)
+    assert by_name["mirror"].segments[0].segtype == "raid1"
+    assert by_name["striped"].segments[0].pe_ranges == [("/dev/loop0", 2, 2),
+                                                        ("/dev/loop1", 0, 0)]
+    assert recs["snap"].backing_path == "/dev/vsrecdm/lin"
+    assert (recs["thin1"].capacity, recs["thin1"].allocation) == (64 * MiB, 0)
+    assert by_name["tpool"].is_thin_pool and by_name["thin1"].is_thin
 
 
 def test_build_start_volumes_delete(lab: BlockLab, conn: EmbeddedConnection) -> None:
@@ -117,11 +138,38 @@ def test_what_needs_device_mapper_says_so(lab: BlockLab, conn: EmbeddedConnectio
         be.create_thin_pool(vg, "thin", 8 * MiB)
     with pytest.raises(Unsupported, match="device-mapper"):
         be.activate(pool)
+    # The bytes of an LV need its device node: each data operation says why it fails.
+    for start in (lambda: conn.volume_upload(vg, "base", io.BytesIO(b"x" * 4096)),
+                  lambda: conn.volume_download(vg, "base", io.BytesIO()),
+                  lambda: conn.volume_wipe(vg, "base", "zero"),
+                  lambda: conn.volume_clone(vg, "base", "copy")):
+        info = conn.job_wait(start().id, 60)
+        assert info.state == "failed" and "needs device-mapper" in (info.error or ""), info
     # Nothing half-made is left behind.
     assert {v.name for v in conn.list_volumes(vg)} == {"base"}
     names = [r["lv_name"] for r in json.loads(
         lvm("lvs", "--reportformat", "json", "-o", "lv_name", vg).stdout)["report"][0]["lv"]]
     assert names == ["base"]
+
+
+@no_dm
+def test_resize_in_metadata_only_mode(lab: BlockLab, conn: EmbeddedConnection) -> None:
+    dev = lab.loop(64 * MiB)
+    vg = lab.vg()
+    conn.pool_define_xml(logical_xml(vg, dev))
+    conn.pool_start(vg, build=True)
+    conn.volume_create(vg, VolumeCreateArgs(name="lv", capacity=8 * MiB))
+    assert conn.job_wait(conn.volume_resize(vg, "lv", 13 * MiB).id, 60).state == "done"
+    # Whole 4 MiB extents, in the index and in LVM's metadata.
+    assert conn.volume_info(vg, "lv").capacity == 16 * MiB
+    sizes = {r["lv_name"]: r["lv_size"] for r in json.loads(
+        lvm("lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+            "lv_name,lv_size", vg).stdout)["report"][0]["lv"]}
+    assert sizes["lv"] == str(16 * MiB)
+    with pytest.raises(InvalidArgument, match="shrink flag"):
+        conn.volume_resize(vg, "lv", 4 * MiB)
+    info = conn.job_wait(conn.volume_resize(vg, "lv", 200 * MiB).id, 60)
+    assert info.state == "failed" and "Not enough space" in (info.error or "")
 
 
 def test_start_needs_the_vg_and_a_matching_device(lab: BlockLab,

@@ -5,8 +5,12 @@ As in libvirt, a volume is named after the partition's device node (``sdb1``,
 fails with libvirt's "invalid partition name" error. A dos table gets primary
 partitions until four entries exist, then logical ones inside the extended partition
 (volume format ``extended`` makes that). Partition nodes are kept in line with the
-table by ``partx -u`` after every change, so they exist also where the kernel does
-not scan partition tables of loop devices.
+table after every change: where the kernel's view (sysfs) already matches the new
+table (it parsed it, or parted told it) nothing runs, else ``partx -u``, so they
+exist also where the kernel does not scan partition tables of loop devices.
+
+Upload, download and wipe of a partition write its device node in place
+(``_block_data``); clone and resize are not supported, as in libvirt.
 
 Staging: the partition is made under its final number (partitions have no other
 name); on GPT its partition name is the staging label until the commit names it
@@ -25,8 +29,8 @@ import zlib
 from collections.abc import Mapping
 
 from virtstore.backends import _block_utils as bu
+from virtstore.backends._block_data import BlockDataOps
 from virtstore.backends.base import (
-    Backend,
     BackendCaps,
     CreateRequest,
     PoolSizes,
@@ -51,7 +55,7 @@ def _pool_format(pool: PoolDef) -> str:
     return "dos" if fmt == "unknown" else fmt
 
 
-class DiskBackend(Backend):
+class DiskBackend(BlockDataOps):
     caps = BackendCaps(pool_type="disk", vol_formats=DISK_VOL_FORMATS,
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
@@ -110,10 +114,11 @@ class DiskBackend(Backend):
         if wanted != "unknown" and table.label != wanted:
             raise OperationInvalid(f"Format of device '{source}' does not match the "
                                    f"expected format '{wanted}'")
-        # Partition nodes of a loop device exist only once someone adds them.
+        # Partition nodes of a loop device exist only once someone adds them (the
+        # kernel itself, where it scans the device's table).
         from virtstore.host import loop
 
-        loop.sync_partitions(device)
+        loop.sync_partitions(device, partitions.kernel_view(table))
 
     def delete(self, pool: PoolDef) -> None:
         """Erase the partition table (the partitions' data becomes unreachable)."""

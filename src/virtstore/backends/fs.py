@@ -29,6 +29,14 @@ MKFS = {
     "xfs": ("mkfs.xfs", ["-f"], ["-q"]),
     "btrfs": ("mkfs.btrfs", ["-f"], ["-q"]),
     "vfat": ("mkfs.vfat", ["-I"], []),
+    "gfs2": ("mkfs.gfs2", ["-O"], ["-q"]),
+    "ocfs2": ("mkfs.ocfs2", ["-F"], ["-q"]),
+}
+# A pool is mounted by one host: gfs2 without a cluster lock manager, ocfs2 without
+# its cluster stack (both then refuse a second host's mount).
+MKFS_ARGS = {
+    "gfs2": ["-p", "lock_nolock", "-j", "1"],
+    "ocfs2": ["-M", "local"],
 }
 
 
@@ -56,6 +64,20 @@ def kernel_filesystems() -> set[str]:
             return {line.split()[-1] for line in fh if line.strip()}
     except OSError:
         return set()
+
+
+def kernel_can_mount(fstype: str) -> bool:
+    """Whether the kernel mounts ``fstype``: registered now, or a module it loads on
+    mount (the ``fs-TYPE`` alias), as on any host with loadable modules."""
+    if fstype in kernel_filesystems():
+        return True
+    base = f"/lib/modules/{os.uname().release}"
+    try:
+        with open(os.path.join(base, "modules.alias"), encoding="utf-8",
+                  errors="replace") as fh:
+            return any(line.startswith(f"alias fs-{fstype} ") for line in fh)
+    except OSError:
+        return False
 
 
 class FsBackend(DirBackend):
@@ -105,7 +127,7 @@ class FsBackend(DirBackend):
             # Old signatures (a partition table, another filesystem) must not linger
             # next to the new one where blkid would see both.
             run(["wipefs", "-a", "-q", device], timeout=120)
-        run([prog, *force, *quiet, device], timeout=600)
+        run([prog, *force, *quiet, *MKFS_ARGS.get(fmt, []), device], timeout=600)
 
     # -- start / stop ----------------------------------------------------------
     def start(self, pool: PoolDef) -> None:
@@ -124,7 +146,7 @@ class FsBackend(DirBackend):
             raise OperationInvalid(f"Target '{target}' is already mounted by "
                                    f"'{current.source}'")
         fmt = pool.source.format
-        if fmt and fmt != "auto" and fmt not in kernel_filesystems() and fmt != "vfat":
+        if fmt and fmt != "auto" and fmt != "vfat" and not kernel_can_mount(fmt):
             raise Unsupported(f"this kernel cannot mount '{fmt}' filesystems")
         mounts.mount(device, target, fstype=fmt if fmt and fmt != "auto" else None,
                      options=mount_options(pool))

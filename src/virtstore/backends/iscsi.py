@@ -37,7 +37,8 @@ def _iscsiadm(args: list[str], *, check: bool = True, secret: str | None = None)
         text = str(exc)
         if secret:
             text = text.replace(secret, "***")
-        if "authorization failure" in text.lower() or "(24)" in text:
+        # 24 is iscsiadm's ISCSI_ERR_LOGIN_AUTH_FAILED.
+        if "authorization failure" in text.lower() or exc.returncode == 24:
             raise AuthFailed(f"iSCSI login failed: authentication failure ({text})") from exc
         raise CommandFailed(text) from exc
 
@@ -100,6 +101,7 @@ class IscsiBackend(Backend):
         if s is None:
             return {}
         _iscsiadm(["-m", "session", "-r", str(s.id), "--rescan"], check=False)
+        iscsi.wait_for_disks(s.id)
         detail = iscsi.parse_session_disks(_iscsiadm(["-m", "session", "-r", str(s.id), "-P",
                                                       "3"]))
         found = detail.get(iu.target(pool))

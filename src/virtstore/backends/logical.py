@@ -10,6 +10,10 @@ created (linear and striped), resized and deleted in the metadata, and their pat
 are where the nodes would be; no /dev/VG/LV node exists. What needs device-mapper
 at creation time (snapshots, sparse/thin volumes) fails with an error naming it, and
 ``activate()`` does too.
+
+Volume data (upload, download, wipe, clone) goes through the active LV's node
+(``_block_data.BlockDataOps``): in place, as libvirt; a clone is a new LV under the
+staging name filled from the source; resize is lvresize, also in metadata-only mode.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import logging
 import os
 import zlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from virtstore.backends import _block_utils as bu
+from virtstore.backends._block_data import BlockClones
 from virtstore.backends.base import (
-    Backend,
     BackendCaps,
+    CloneOptions,
     CreateRequest,
     PoolSizes,
     ScanResult,
@@ -34,11 +40,15 @@ from virtstore.errors import (
     Busy,
     CommandFailed,
     InvalidArgument,
+    NoSpace,
     OperationInvalid,
     Unsupported,
 )
 from virtstore.host import devices, lvm
 from virtstore.xml import Extent, PoolDef, VolSource
+
+if TYPE_CHECKING:
+    from virtstore.data.monitor import Monitor
 
 log = logging.getLogger("virtstore")
 
@@ -49,10 +59,16 @@ def _vg_name(pool: PoolDef) -> str:
     return pool.source.name or pool.name
 
 
-class LogicalBackend(Backend):
+class LogicalBackend(BlockClones):
     caps = BackendCaps(pool_type="logical", vol_formats=("none", "raw"),
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
+    linked_clones = True  # an LVM snapshot of the source
+    can_shrink = True
+
+    def pool_has(self, feature: str, pool: PoolDef) -> bool:
+        # Without device-mapper no LV is active: there is no device to move bytes of.
+        return lvm.device_mapper_available()
 
     def host_problem(self) -> str | None:
         # Without device-mapper the metadata can still be managed: not a reason to
@@ -227,11 +243,15 @@ class LogicalBackend(Backend):
         self.create_lv(vg, name, req.capacity)
 
     def create_lv(self, vg: str, name: str, capacity: int, *, stripes: int = 1,
-                  stripe_size: int | None = None, devices_: list[str] | None = None) -> None:
-        """A linear (or striped over ``stripes`` PVs) LV of ``capacity`` bytes."""
+                  stripe_size: int | None = None, mirrors: int = 0,
+                  devices_: list[str] | None = None) -> None:
+        """A linear LV of ``capacity`` bytes, or striped over ``stripes`` PVs, or a raid1
+        with ``mirrors`` extra copies (each on another PV)."""
         if capacity <= 0:
             raise InvalidArgument("a logical volume needs a capacity above 0")
         argv = ["lvcreate", "-y", "--name", name, "-L", lvm.size_arg(capacity)]
+        if mirrors > 0:
+            argv += ["--type", "raid1", "-m", str(mirrors)]
         if stripes > 1:
             argv += ["--stripes", str(stripes)]
             if stripe_size:
@@ -241,7 +261,13 @@ class LogicalBackend(Backend):
             argv += ["-an", "--zero", "n", "--wipesignatures", "n"]
         argv.append(vg)
         argv += devices_ or []
-        lvm.lvm(argv)
+        try:
+            lvm.lvm(argv)
+        except CommandFailed as exc:
+            if "Insufficient free space" in f"{exc} {exc.stderr}":
+                raise NoSpace(f"Not enough space left in storage pool: volume group '{vg}' "
+                              f"cannot hold {capacity} more bytes") from exc
+            raise
 
     def create_snapshot(self, vg: str, name: str, origin_path: str, size: int) -> None:
         if not lvm.device_mapper_available():
@@ -305,10 +331,45 @@ class LogicalBackend(Backend):
         if wanted == lv.size:
             return lv.size
         if vg is not None and wanted - lv.size > vg.free:
-            from virtstore.errors import NoSpace
-
             raise NoSpace(f"Not enough space left in storage pool: {wanted - lv.size} bytes "
                           f"needed, {vg.free} available")
         lvm.lvm(["lvresize", "-f", "-L", lvm.size_arg(wanted), f"{_vg_name(pool)}/{rec.name}"])
         after = self._lv(pool, rec.name)
         return after.size if after is not None else wanted
+
+    # -- data operations (BlockDataOps): on the active LV's device node ----------
+    def block_device(self, pool: PoolDef, rec: VolumeRecord) -> str:
+        if not lvm.device_mapper_available():
+            raise self.dm_problem(f"reading or writing the data of volume '{rec.name}'")
+        path = self.volume_path(pool, rec.name)
+        if not os.path.exists(path):
+            raise OperationInvalid(f"logical volume '{rec.name}' is not active: {path} "
+                                   "does not exist")
+        return path
+
+    def create_block_target(self, pool: PoolDef, staging: str, capacity: int) -> None:
+        vg, name = staging.split("/", 1)
+        self.create_lv(vg, name, capacity)
+
+    def staging_device(self, pool: PoolDef, staging: str) -> str:
+        return f"/dev/{staging}"
+
+    def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
+                  linked: bool, monitor: Monitor,
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
+        if not linked:
+            super().vol_clone(pool, src_pool, src, staging, linked=False, monitor=monitor,
+                              options=options)
+            return
+        # A linked clone is an LVM snapshot of the source: copy-on-write, sized to hold a
+        # full rewrite of it, and it has to live in the source's VG.
+        vg, name = staging.split("/", 1)
+        if vg != _vg_name(src_pool):
+            raise Unsupported("unsupported configuration: a linked clone of a logical "
+                              "volume is a snapshot in the same volume group")
+        self.create_snapshot(vg, name, self.block_device(src_pool, src), src.capacity)
+
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        # A (non-thin) LV is always fully allocated: ``allocate`` asks for nothing more.
+        self.resize_volume(pool, rec, capacity, shrink)

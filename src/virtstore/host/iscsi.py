@@ -312,6 +312,30 @@ class Session:
     disks: dict[int, str] = field(default_factory=dict)  # LUN -> block device name
 
 
+def wait_for_disks(session_id: int, timeout: float = 30.0) -> None:
+    """Wait until every disk LUN (SCSI type 0) of a kernel session has its block device:
+    the kernel attaches a LUN's disk asynchronously, seconds after the login or rescan
+    that found it."""
+    import glob
+    import time
+
+    base = f"/sys/class/iscsi_session/session{session_id}/device"
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = []
+        for dev in glob.glob(f"{base}/target*/*:*:*:*"):
+            try:
+                with open(os.path.join(dev, "type"), encoding="ascii") as fh:
+                    kind = fh.read().strip()
+            except OSError:
+                continue
+            if kind == "0" and not os.path.isdir(os.path.join(dev, "block")):
+                pending.append(dev)
+        if not pending or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 def parse_sessions(text: str) -> list[Session]:
     """``iscsiadm -m session``: ``tcp: [1] 10.0.0.1:3260,1 iqn... (non-flash)``."""
     out = []

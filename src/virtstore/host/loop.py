@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
 from virtstore.errors import CommandFailed
 from virtstore.host.runner import run
@@ -105,8 +106,33 @@ def detach(dev: str) -> None:
         time.sleep(0.2)
 
 
-def sync_partitions(dev: str) -> None:
-    """Make the kernel's partition nodes of ``dev`` match its partition table."""
+def kernel_partitions(dev: str) -> dict[int, tuple[int, int]]:
+    """The partitions the kernel has for ``dev``: number -> (first byte, size)."""
+    base = os.path.join("/sys/class/block", os.path.basename(os.path.realpath(dev)))
+    found: dict[int, tuple[int, int]] = {}
+    try:
+        children = os.listdir(base)
+    except OSError:
+        return found
+    for child in children:
+        number = _read(os.path.join(base, child, "partition"))
+        start = _read(os.path.join(base, child, "start"))
+        size = _read(os.path.join(base, child, "size"))
+        if number and start and size and number.isdigit():
+            # sysfs counts 512-byte sectors whatever the device's sector size.
+            found[int(number)] = (int(start) * 512, int(size) * 512)
+    return found
+
+
+def sync_partitions(dev: str, expected: Mapping[int, tuple[int, int]] | None = None) -> None:
+    """Make the kernel's partition nodes of ``dev`` match its partition table.
+
+    ``expected`` is the table (number -> first byte, size) when the caller knows it:
+    where the kernel already agrees (it parsed the table, or parted told it) no
+    ``partx`` runs.
+    """
+    if expected is not None and kernel_partitions(dev) == dict(expected):
+        return
     # partx -u adds, resizes and removes; it fails only when there is no table at all.
     run(["partx", "-u", dev], check=False, timeout=60)
 

@@ -3,8 +3,8 @@
 parted's machine output gives exact byte extents and the free regions (also those
 inside a dos extended partition); sfdisk's JSON gives the type code of each entry,
 which parted's output lacks. After every change the kernel's partition nodes are
-brought in line with ``partx -u`` (a loop device gets none otherwise on a kernel that
-does not parse its tables).
+brought in line with ``partx -u`` unless the kernel already shows the new table (a
+loop device gets no nodes otherwise on a kernel that does not parse its tables).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from virtstore.errors import CommandFailed, InvalidArgument
-from virtstore.host.loop import partition_node, sync_partitions
+from virtstore.host.loop import kernel_partitions, partition_node, sync_partitions
 from virtstore.host.runner import run, which
 
 MiB = 1024 * 1024
@@ -219,7 +219,7 @@ def make_label(device: str, fmt: str) -> None:
                               "partition table")
     zero_ends(device)
     run(["parted", "-s", device, "mklabel", label], timeout=120)
-    sync_partitions(device)
+    sync_partitions(device, {})
 
 
 def _parted(device: str, *args: str) -> None:
@@ -293,13 +293,22 @@ def create_partition(table: Table, size: int, fmt: str, *, name: str = "") -> in
     number = new[0].number
     if flag:
         _parted(table.device, "set", str(number), flag, "on")
-    sync_partitions(table.device)
+    sync_partitions(table.device, kernel_view(after))
     return number
 
 
+def kernel_view(table: Table) -> dict[int, tuple[int, int]]:
+    """The partitions as the kernel shows them once it knows ``table``."""
+    return {p.number: (p.start, p.size) for p in table.partitions}
+
+
 def delete_partition(device: str, number: int) -> None:
+    before = kernel_partitions(device)
     _parted(device, "rm", str(number))
-    sync_partitions(device)
+    # Only the removed entry goes (a dos logical partition's removal renumbers the
+    # ones after it: then the kernel's view differs and partx brings it in line).
+    before.pop(number, None)
+    sync_partitions(device, before)
 
 
 def set_name(device: str, number: int, name: str) -> None:
