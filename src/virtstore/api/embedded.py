@@ -39,9 +39,13 @@ DEFAULT_POOL = "default"
 
 
 class EmbeddedConnection(Connection):
-    def __init__(self, root: str, *, confinement: Confinement | None = None) -> None:
+    def __init__(self, root: str, *, confinement: Confinement | None = None,
+                 default_pool: bool = False) -> None:
         """``confinement``: what the engine refuses to touch for its callers
-        (engine/confine.py); permissive by default, virtstored passes its own."""
+        (engine/confine.py); permissive by default, virtstored passes its own.
+        ``default_pool``: on the first such start on this state root, define, build and
+        autostart a ``default`` dir pool under it (virtstored asks for it; a command or
+        a script never gets a pool it did not ask for)."""
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
         store = self.state.store
@@ -55,24 +59,34 @@ class EmbeddedConnection(Connection):
         self.jobs = JobManager(store, self.events, reread=self.volumes.reread)
         self.dataops = DataOps(self.volumes, self.index, self.jobs, self.events)
         self.snapshots = SnapshotManager(self.volumes, self.index)
-        self._startup()
+        self._startup(default_pool)
 
     # -- start-up --------------------------------------------------------------
-    def _startup(self) -> None:
+    def _startup(self, default_pool: bool) -> None:
         store = self.state.store
         self.jobs.recover()
         journal.recover(store, self._discard_leftover, self.volumes.settle)
         self.state.sync_definitions()
-        first_use = store.get_meta("initialized") is None
-        if first_use:
+        # Offered once per state root: a default pool the user undefined stays gone.
+        offer_default = default_pool and store.get_meta("default_pool") is None
+        if offer_default:
             self._make_default_pool()
         current = boot_id()
         if store.get_meta("boot_id") != current:
             # First process since the host booted: this is the engine's start.
             store.set_meta("boot_id", current)
             self.pools.on_host_start()
-        if first_use:
-            store.set_meta("initialized", "1")
+        elif offer_default and self.state.is_autostart(DEFAULT_POOL):
+            self._start_default_pool()
+        if offer_default:
+            store.set_meta("default_pool", "1")
+
+    def _start_default_pool(self) -> None:
+        try:
+            if not self.state.row(DEFAULT_POOL).active:
+                self.pools.start(DEFAULT_POOL)
+        except VirtstoreError as exc:
+            log.warning("could not start the default pool: %s", exc)
 
     def _discard_leftover(self, pool: str, name: str, tmp_path: str) -> None:
         row = self.state.row(pool)

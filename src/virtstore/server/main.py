@@ -136,7 +136,8 @@ def serve(opts: Options) -> None:
         # The engine recovers its journal and starts the autostart pools as it opens.
         log.info("opening the engine on %s", root)
         # Confined: the daemon acts for callers who may not own the host's files.
-        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots))
+        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots),
+                                  default_pool=True)
         listeners: list[Listener] = []
         try:
             listeners.append(Listener(_bind_unix(rw_path, 0o600), "unix-rw",
