@@ -108,8 +108,15 @@ class EmbeddedConnection(Connection):
         except VirtstoreError as exc:
             log.warning("could not set up the default pool: %s", exc)
 
-    def close(self) -> None:
-        self.jobs.join_local()
+    def close(self, *, cancel_jobs: bool = False) -> None:
+        """Wait for the jobs this process started, then release the state root.
+
+        Jobs run in threads of this process, and the process does not exit before they
+        end (nothing else would finish them or clean up after them); this is where a
+        caller that did not ``wait()`` waits. ``cancel_jobs=True`` cancels them instead:
+        each stops and removes what it was making.
+        """
+        self.jobs.join_local(cancel=cancel_jobs)
         self.state.store.close()
 
     # -- pools -----------------------------------------------------------------

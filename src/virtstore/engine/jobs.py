@@ -269,11 +269,18 @@ class JobManager:
             log.warning("job %s was interrupted: its process ended", job_id)
         return [r["id"] for r in dead]
 
-    def join_local(self, timeout: float | None = None) -> None:
-        """Wait for this process's jobs (on close)."""
+    def join_local(self, timeout: float | None = None, *, cancel: bool = False) -> None:
+        """Wait for this process's jobs (on close); with ``cancel``, ask them to stop
+        first (each removes what it was making before it ends)."""
         with self._lock:
-            items = list(self._local.values())
-        for local in items:
+            items = list(self._local.items())
+        if cancel:
+            for job_id, local in items:
+                if not local.done.is_set():
+                    with self.store.write() as db:
+                        db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+                    local.cancel.set()
+        for _, local in items:
             local.done.wait(timeout)
 
     def running_in_pool(self, pool: str) -> bool:
