@@ -117,7 +117,18 @@ class EmbeddedConnection(Connection):
         each stops and removes what it was making.
         """
         self.jobs.join_local(cancel=cancel_jobs)
+        self.events.close()
         self.state.store.close()
+
+    def stop_jobs(self, grace: float) -> int:
+        """Give this process's jobs ``grace`` seconds to finish, then cancel the rest and
+        wait until they have cleaned up; how many were cancelled (a daemon stopping)."""
+        self.jobs.join_local(grace)
+        return self.jobs.join_local(cancel=True)
+
+    def stop_waiting(self) -> None:
+        """Readers blocked waiting for events return now (before ``close``)."""
+        self.events.close()
 
     # -- pools -----------------------------------------------------------------
     def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]:
