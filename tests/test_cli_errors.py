@@ -115,3 +115,19 @@ def test_json_before_the_command_name(cli: Cli, images: Path) -> None:
         "images"]
     assert errors_of(cli("--json", "pool-uuid", "images", ok=False)) == [
         "command 'pool-uuid' doesn't support option --json"]
+
+
+def test_dumpxml_keeps_what_virsh_shows(cli: Cli, images: Path) -> None:
+    cli("vol-create-as", "images", "base.qcow2", "1M", "--format", "qcow2")
+    cli("vol-create-as", "images", "top.qcow2", "2M", "--format", "qcow2",
+        "--backing-vol", "base.qcow2", "--backing-vol-format", "qcow2")
+    top = cli("vol-dumpxml", "top.qcow2", "--pool", "images").out
+    assert "<clusterSize unit='B'>65536</clusterSize>" in top
+    backing = top[top.index("<backingStore>"):]
+    assert "<permissions>" in backing and "<timestamps>" in backing
+    assert "<permissions>" in cli("pool-dumpxml", "images").out
+    live = cli("pool-dumpxml", "images", "--xpath", "/pool/capacity/text()").out
+    cli("pool-destroy", "images")
+    stopped = cli("pool-dumpxml", "images", "--inactive", "--xpath",
+                  "/pool/capacity/text()").out
+    assert stopped == live and stopped != "0\n\n"
