@@ -36,9 +36,16 @@ def cli_fixture(root: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
     return run
 
 
-def error_of(result: Result) -> str:
-    """The one line on stderr of a failed command."""
+def errors_of(result: Result) -> list[str]:
+    """The ``error:`` lines of a failed command: one, or virsh's two (what failed, then
+    why)."""
     assert result.rc == 1, result
-    assert result.err.startswith("error: "), result
-    assert result.err.count("\n") == 1, result
-    return result.err[len("error: "):-1]
+    lines = result.err.splitlines()
+    assert result.err.endswith("\n") and 1 <= len(lines) <= 2, result
+    assert all(line.startswith("error: ") for line in lines), result
+    return [line[len("error: "):] for line in lines]
+
+
+def error_of(result: Result) -> str:
+    """Why a command failed: its last ``error:`` line."""
+    return errors_of(result)[-1]

@@ -162,7 +162,8 @@ def test_job_cancel_from_another_process(cli: Cli, root: Path, pool: Path) -> No
             proc.wait()
     assert proc.returncode == 1, (stdout, stderr)
     assert stdout == ""
-    assert stderr == f"error: operation aborted: clone job '{job['id']}' was cancelled\n"
+    assert stderr == ("error: Failed to clone vol from big.img\n"
+                      f"error: operation aborted: clone job '{job['id']}' was cancelled\n")
     assert json.loads(cli("job-info", job["id"], "--json").out)["state"] == "cancelled"
     # Nothing under the target's name, on disk or in the pool, and no staging left.
     assert not (pool / "copy.img").exists()
@@ -251,7 +252,8 @@ def test_ctrl_c_on_a_terminal_cancels_the_job(cli: Cli, root: Path, pool: Path) 
     errors = [line for line in text.split("\n") if line.startswith("error:")]
     jobs = json.loads(cli("job-list", "--all", "--json").out)
     job_id = jobs[-1]["id"]
-    assert errors == [f"error: operation aborted: clone job '{job_id}' cancelled by the user"]
+    assert errors == ["error: Failed to clone vol from src.img",
+                      f"error: operation aborted: clone job '{job_id}' cancelled by the user"]
     assert proc.returncode == 1
     assert stdout == b""
     assert jobs[-1]["state"] == "cancelled"

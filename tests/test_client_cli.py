@@ -47,15 +47,17 @@ def test_cli_through_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
     r = virtstore("vol-delete", "d.qcow2", "--pool", "clipool",
                   env={"VIRTSTORE_DEFAULT_URI": daemon.ro_uri})
     assert r.returncode == 1
-    assert r.stderr.startswith("error: read-only access") and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: Failed to delete vol d.qcow2\nerror: read-only access")
+    assert r.stderr.count("\n") == 2
     assert (target / "d.qcow2").exists()
     r = virtstore("-c", uri, "vol-delete", "d.qcow2", "--pool", "clipool")
     assert r.returncode == 0, r
     assert not (target / "d.qcow2").exists()
     r = virtstore("-c", uri, "pool-info", "nope")
     assert r.returncode == 1
-    assert r.stderr == "error: Storage pool not found: no storage pool with matching name " \
-                       "'nope'\n"
+    assert r.stderr == ("error: failed to get pool 'nope'\n"
+                        "error: Storage pool not found: no storage pool with matching name "
+                        "'nope'\n")
 
 
 def test_cli_without_a_daemon(tmp_path: Path) -> None:

@@ -15,13 +15,24 @@ from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AlreadyExists, InvalidArgument, NoSuchPool, OperationInvalid, XMLError
 
 
-def test_default_pool_exists_and_runs_on_first_use(conn: EmbeddedConnection, root: Path) -> None:
-    info = conn.pool_info("default")
-    assert info.state == "running"
-    assert info.autostart and info.persistent
-    assert info.target_path == str(root / "images")
-    assert (root / "images").is_dir()
-    assert info.capacity > 0 and info.available > 0
+def test_default_pool_only_when_asked(root: Path) -> None:
+    # A plain engine (a command, a script) gets no pool it did not ask for.
+    with EmbeddedConnection(str(root)) as plain:
+        assert plain.list_pools() == []
+    assert not (root / "images").exists()
+    # virtstored's first start on this root asks for it: defined, built, running.
+    with EmbeddedConnection(str(root), default_pool=True) as daemon:
+        info = daemon.pool_info("default")
+        assert info.state == "running"
+        assert info.autostart and info.persistent
+        assert info.target_path == str(root / "images")
+        assert (root / "images").is_dir()
+        assert info.capacity > 0 and info.available > 0
+        daemon.pool_stop("default")
+        daemon.pool_undefine("default")
+    # Offered once: a default pool the user removed is not made again.
+    with EmbeddedConnection(str(root), default_pool=True) as again:
+        assert again.list_pools() == []
 
 
 def test_define_start_stop_undefine(conn: EmbeddedConnection, pooldir: Path, root: Path) -> None:
@@ -126,21 +137,42 @@ def test_list_filters(conn: EmbeddedConnection, tmp_path: Path) -> None:
         conn.pool_define_xml(dir_pool_xml(n, tmp_path / n))
     conn.pool_start("x")
     names = lambda f: sorted(p.name for p in conn.list_pools(f))  # noqa: E731
-    assert names(None) == ["default", "x", "y"]
-    assert names(PoolFilter(active=True)) == ["default", "x"]
+    conn.pool_set_autostart("y", True)
+    assert names(None) == ["x", "y"]
+    assert names(PoolFilter(active=True)) == ["x"]
     assert names(PoolFilter(active=False)) == ["y"]
-    assert names(PoolFilter(autostart=True)) == ["default"]
+    assert names(PoolFilter(autostart=True)) == ["y"]
     assert names(PoolFilter(types=("logical",))) == []
 
 
 def test_pool_xml_active_and_inactive(conn: EmbeddedConnection, pooldir: Path) -> None:
     conn.pool_define_xml(dir_pool_xml("x", pooldir))
+    os.chmod(pooldir, 0o751)
+    sizes = ("capacity", "allocation", "available")
+    never_started = etree.fromstring(conn.pool_xml("x", inactive=True).encode())
+    assert [never_started.findtext(t) for t in sizes] == ["0", "0", "0"]
+    assert never_started.find("target/permissions") is None
     conn.pool_start("x")
     active = etree.fromstring(conn.pool_xml("x").encode())
     assert int(active.findtext("capacity") or 0) > 0
+    # As libvirt: the target directory's mode and owner, read from it.
+    assert active.findtext("target/permissions/mode") == "0751"
+    assert active.findtext("target/permissions/owner") == str(os.getuid())
+    # --inactive of a running pool that was not redefined is its live definition.
     inactive = etree.fromstring(conn.pool_xml("x", inactive=True).encode())
-    assert inactive.findtext("capacity") == "0"
     assert inactive.findtext("target/path") == str(pooldir)
+    assert int(inactive.findtext("capacity") or 0) > 0
+    assert inactive.findtext("target/permissions/mode") == "0751"
+    # A stopped pool shows the last values it had, in this process and in the next.
+    conn.pool_stop("x")
+    stopped = etree.fromstring(conn.pool_xml("x", inactive=True).encode())
+    assert int(stopped.findtext("capacity") or 0) > 0
+    assert stopped.findtext("target/permissions/mode") == "0751"
+    with EmbeddedConnection(conn.state.root) as other:
+        assert other.pool_xml("x") == conn.pool_xml("x")
+    # The definition file stays what was defined: no runtime values in it.
+    on_disk = etree.parse(os.path.join(conn.state.root, "pools", "x.xml")).getroot()
+    assert on_disk.findtext("capacity") == "0" and on_disk.find("target/permissions") is None
 
 
 def test_hostile_pool_xml_changes_nothing(conn: EmbeddedConnection, root: Path) -> None:

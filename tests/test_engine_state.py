@@ -27,7 +27,7 @@ def test_restart_keeps_definitions_and_starts_autostart_pools(
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    with EmbeddedConnection(str(root)) as c:
+    with EmbeddedConnection(str(root), default_pool=True) as c:
         c.pool_define_xml(dir_pool_xml("auto", a))
         c.pool_set_autostart("auto", True)
         c.pool_define_xml(dir_pool_xml("manual", b))

@@ -38,7 +38,9 @@ from virtstore.server.app import ROUTES
 # Connection methods that stay on the caller's side: conveniences built on the others,
 # and the NBD export, which runs beside the volume.
 NOT_REMOTE = {"close", "pool", "volume_disk_xml", "volume_by_path_or_key",
-              "volume_export_nbd"}
+              "volume_export_nbd",
+              # handles and conveniences built on the declared methods
+              "volume", "secret", "job", "define_pool", "define_secret"}
 
 
 # Parameters that never cross the wire: where a download's bytes go, and whether holes

@@ -235,7 +235,7 @@ def test_embedded_engine_keeps_pools_off_its_state_root(tmp_path: Path) -> None:
         link.symlink_to(root)
         with pytest.raises(Forbidden, match="is inside the state root"):
             conn.pool_define_xml(dir_pool_xml("x", link))
-        assert [p.name for p in conn.list_pools()] == ["default"]
+        assert conn.list_pools() == []
         # its own pool directory may hold another pool's directory
         assert conn.pool_define_xml(dir_pool_xml("sub", root / "images" / "sub")) == "sub"
     finally:

@@ -3,6 +3,10 @@
 ``connect`` picks the transport: the embedded engine (``virtstore.api.embedded``) or a
 client of virtstored (``virtstore.client``). It lives here, above both, so that neither
 layer imports the other.
+
+The public types (``Connection``, ``Pool``, ``Volume``, ``Secret``, ``Job``, the info
+records and the errors) are importable from here; they load on first use, so that
+``import virtstore`` (and ``virtstore --help``) stays cheap.
 """
 
 from __future__ import annotations
@@ -13,7 +17,56 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from virtstore.api import Connection
+    from virtstore.api import (
+        Connection,
+        Event,
+        Job,
+        JobInfo,
+        NbdExport,
+        Pool,
+        PoolFilter,
+        PoolInfo,
+        Secret,
+        SecretInfo,
+        SnapshotInfo,
+        Volume,
+        VolumeCreateArgs,
+        VolumeInfo,
+    )
+    from virtstore.errors import VirtstoreError
+
+__all__ = [
+    "Connection",
+    "Event",
+    "Job",
+    "JobInfo",
+    "NbdExport",
+    "Pool",
+    "PoolFilter",
+    "PoolInfo",
+    "Secret",
+    "SecretInfo",
+    "SnapshotInfo",
+    "VirtstoreError",
+    "Volume",
+    "VolumeCreateArgs",
+    "VolumeInfo",
+    "connect",
+    "open_connection",
+]
+_API_NAMES = frozenset(__all__) - {"VirtstoreError", "connect", "open_connection"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _API_NAMES:
+        import virtstore.api
+
+        return getattr(virtstore.api, name)
+    if name == "VirtstoreError":
+        from virtstore.errors import VirtstoreError
+
+        return VirtstoreError
+    raise AttributeError(f"module 'virtstore' has no attribute '{name}'")
 
 
 def connect(uri: str | None = None, *, root: str | None = None, token: str | None = None,

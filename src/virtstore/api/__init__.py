@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from typing import Any, BinaryIO
 
-from virtstore.errors import Unsupported
+from virtstore.errors import InternalError, Unsupported
 from virtstore.types import (
     JOB_CANCELLED,
     JOB_DONE,
@@ -50,16 +50,20 @@ __all__ = [
     "POOL_RUNNING",
     "Connection",
     "Event",
+    "Job",
     "JobInfo",
     "NbdExport",
     "Pool",
     "PoolFilter",
     "PoolInfo",
+    "Secret",
     "SecretInfo",
     "SnapshotInfo",
+    "Volume",
     "VolumeCreateArgs",
     "VolumeInfo",
     "default_root",
+    "size_arg",
 ]
 
 
@@ -70,7 +74,8 @@ class Connection(abc.ABC):
 
     # -- pools -----------------------------------------------------------------
     @abc.abstractmethod
-    def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]: ...
+    def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]:
+        """The pools (``pool-list --all``), filtered by ``flt`` when given."""
 
     @abc.abstractmethod
     def pool_info(self, name: str) -> PoolInfo:
@@ -81,7 +86,8 @@ class Connection(abc.ABC):
         """Pool name for a UUID."""
 
     @abc.abstractmethod
-    def pool_lookup_by_target_path(self, path: str) -> str: ...
+    def pool_lookup_by_target_path(self, path: str) -> str:
+        """Pool name for a target path (NoSuchPool if none)."""
 
     @abc.abstractmethod
     def pool_define_xml(self, xml: str) -> str:
@@ -93,7 +99,8 @@ class Connection(abc.ABC):
         """Create and start a transient pool; returns its name."""
 
     @abc.abstractmethod
-    def pool_xml(self, name: str, *, inactive: bool = False) -> str: ...
+    def pool_xml(self, name: str, *, inactive: bool = False) -> str:
+        """libvirt's pool XML; ``inactive``: the definition, with the last known sizes."""
 
     @abc.abstractmethod
     def pool_build(self, name: str, *, overwrite: bool | None = None) -> None:
@@ -101,7 +108,8 @@ class Connection(abc.ABC):
 
     @abc.abstractmethod
     def pool_start(self, name: str, *, build: bool = False,
-                   overwrite: bool | None = None) -> None: ...
+                   overwrite: bool | None = None) -> None:
+        """Start a defined pool, building it first if ``build``."""
 
     @abc.abstractmethod
     def pool_stop(self, name: str) -> None:
@@ -112,16 +120,20 @@ class Connection(abc.ABC):
         """Remove the pool's storage (the directory); the pool must be inactive."""
 
     @abc.abstractmethod
-    def pool_undefine(self, name: str) -> None: ...
+    def pool_undefine(self, name: str) -> None:
+        """Forget an inactive persistent pool's definition."""
 
     @abc.abstractmethod
-    def pool_refresh(self, name: str) -> None: ...
+    def pool_refresh(self, name: str) -> None:
+        """Scan the pool's storage again for volumes made or removed outside."""
 
     @abc.abstractmethod
-    def pool_set_autostart(self, name: str, autostart: bool) -> None: ...
+    def pool_set_autostart(self, name: str, autostart: bool) -> None:
+        """Start the pool (or not) when the host starts."""
 
     @abc.abstractmethod
-    def pool_capabilities_xml(self) -> str: ...
+    def pool_capabilities_xml(self) -> str:
+        """libvirt's ``<storagepoolCapabilities>`` document for this host."""
 
     @abc.abstractmethod
     def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
@@ -133,26 +145,32 @@ class Connection(abc.ABC):
         """All volumes of an active pool from the index, in name order (one query)."""
 
     @abc.abstractmethod
-    def volume_info(self, pool: str, name: str) -> VolumeInfo: ...
+    def volume_info(self, pool: str, name: str) -> VolumeInfo:
+        """One volume of an active pool (NoSuchVolume if none)."""
 
     @abc.abstractmethod
-    def volume_lookup_by_key(self, key: str) -> VolumeInfo: ...
+    def volume_lookup_by_key(self, key: str) -> VolumeInfo:
+        """The volume with this key, in any pool."""
 
     @abc.abstractmethod
-    def volume_lookup_by_path(self, path: str) -> VolumeInfo: ...
+    def volume_lookup_by_path(self, path: str) -> VolumeInfo:
+        """The volume with this path, in any pool."""
 
     @abc.abstractmethod
-    def volume_xml(self, pool: str, name: str) -> str: ...
+    def volume_xml(self, pool: str, name: str) -> str:
+        """libvirt's volume XML (``vol-dumpxml``)."""
 
     @abc.abstractmethod
     def volume_create_xml(self, pool: str, xml: str, *, prealloc_metadata: bool = False) -> str:
         """Create a volume from libvirt volume XML; returns its name."""
 
     @abc.abstractmethod
-    def volume_create(self, pool: str, args: VolumeCreateArgs) -> str: ...
+    def volume_create(self, pool: str, args: VolumeCreateArgs) -> str:
+        """Create a volume as ``vol-create-as`` does; returns its name."""
 
     @abc.abstractmethod
-    def volume_delete(self, pool: str, name: str) -> None: ...
+    def volume_delete(self, pool: str, name: str) -> None:
+        """Delete a volume and its storage."""
 
     # -- secrets ---------------------------------------------------------------
     @abc.abstractmethod
@@ -160,26 +178,32 @@ class Connection(abc.ABC):
         """Define a secret; returns its UUID."""
 
     @abc.abstractmethod
-    def list_secrets(self) -> list[SecretInfo]: ...
+    def list_secrets(self) -> list[SecretInfo]:
+        """Every defined secret."""
 
     @abc.abstractmethod
-    def secret_info(self, uuid: str) -> SecretInfo: ...
+    def secret_info(self, uuid: str) -> SecretInfo:
+        """A secret's usage and flags (NoSuchSecret if none)."""
 
     @abc.abstractmethod
-    def secret_lookup_by_usage(self, usage_type: str, usage_id: str) -> str: ...
+    def secret_lookup_by_usage(self, usage_type: str, usage_id: str) -> str:
+        """The UUID of the secret with this usage."""
 
     @abc.abstractmethod
-    def secret_xml(self, uuid: str) -> str: ...
+    def secret_xml(self, uuid: str) -> str:
+        """libvirt's secret XML."""
 
     @abc.abstractmethod
-    def secret_set_value(self, uuid: str, value: bytes) -> None: ...
+    def secret_set_value(self, uuid: str, value: bytes) -> None:
+        """Set a secret's value (raw bytes)."""
 
     @abc.abstractmethod
     def secret_get_value(self, uuid: str) -> bytes:
         """Raises Forbidden for a private secret."""
 
     @abc.abstractmethod
-    def secret_undefine(self, uuid: str) -> None: ...
+    def secret_undefine(self, uuid: str) -> None:
+        """Remove a secret and its value."""
 
     # -- jobs and data operations ------------------------------------------------
     # Not abstract: a transport without them answers "unsupported" rather than failing
@@ -188,9 +212,11 @@ class Connection(abc.ABC):
         return Unsupported(f"{what} is not supported by this connection")
 
     def list_jobs(self, *, include_finished: bool = True) -> list[JobInfo]:
+        """Every recorded job, or only running ones without ``include_finished``."""
         raise self._missing("jobs")
 
     def job_info(self, job_id: str) -> JobInfo:
+        """One job's state: bytes done of the total, rate, state, error."""
         raise self._missing("jobs")
 
     def job_wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
@@ -198,6 +224,7 @@ class Connection(abc.ABC):
         raise self._missing("jobs")
 
     def job_cancel(self, job_id: str) -> None:
+        """Ask a job (of any process on this host) to stop; returns at once."""
         raise self._missing("jobs")
 
     def volume_clone(self, pool: str, name: str, new_name: str, *,
@@ -217,10 +244,13 @@ class Connection(abc.ABC):
 
     def volume_resize(self, pool: str, name: str, capacity: int, *, delta: bool = False,
                       shrink: bool = False, allocate: bool = False) -> JobInfo:
+        """Change a volume's capacity (``delta``: by that much; shrinking needs
+        ``shrink``); returns the job at once."""
         raise self._missing("volume resize")
 
     def volume_wipe(self, pool: str, name: str, algorithm: str = "zero", *,
                     bandwidth: int | None = None) -> JobInfo:
+        """Overwrite a volume's contents with ``algorithm``; returns the job at once."""
         raise self._missing("volume wipe")
 
     def volume_upload(self, pool: str, name: str, source: BinaryIO, *, offset: int = 0,
@@ -238,15 +268,19 @@ class Connection(abc.ABC):
 
     def volume_snapshot_create(self, pool: str, name: str, snapshot: str, *,
                                external: bool = False) -> SnapshotInfo:
+        """Take a storage snapshot of a volume."""
         raise self._missing("storage snapshots")
 
     def volume_snapshot_list(self, pool: str, name: str) -> list[SnapshotInfo]:
+        """A volume's storage snapshots."""
         raise self._missing("storage snapshots")
 
     def volume_snapshot_revert(self, pool: str, name: str, snapshot: str) -> None:
+        """Bring a volume back to a snapshot's contents."""
         raise self._missing("storage snapshots")
 
     def volume_snapshot_delete(self, pool: str, name: str, snapshot: str) -> None:
+        """Drop a storage snapshot."""
         raise self._missing("storage snapshots")
 
     def volume_export_nbd(self, pool: str, name: str, *, socket_path: str | None = None,
@@ -264,6 +298,7 @@ class Connection(abc.ABC):
         raise self._missing("events")
 
     def latest_event_id(self) -> int:
+        """The id of the newest event, to follow events from now on."""
         raise self._missing("events")
 
     # -- host ------------------------------------------------------------------
@@ -384,8 +419,30 @@ class Connection(abc.ABC):
 
     # -- conveniences shared by both transports --------------------------------
     def pool(self, name: str) -> Pool:
+        """A handle on one pool (NoSuchPool if there is none by that name)."""
         self.pool_info(name)
         return Pool(self, name)
+
+    def volume(self, pool: str, name: str) -> Volume:
+        """A handle on one volume (NoSuchVolume if there is none)."""
+        return self.pool(pool).volume(name)
+
+    def secret(self, uuid: str) -> Secret:
+        """A handle on one secret (NoSuchSecret if there is none)."""
+        self.secret_info(uuid)
+        return Secret(self, uuid)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on a job of any process on this host."""
+        return Job(self, self.job_info(job_id))
+
+    def define_pool(self, xml: str) -> Pool:
+        """Define a persistent pool from libvirt XML (``pool-define``)."""
+        return Pool(self, self.pool_define_xml(xml))
+
+    def define_secret(self, xml: str) -> Secret:
+        """Define a secret from libvirt XML (``secret-define``)."""
+        return Secret(self, self.secret_define_xml(xml))
 
     def volume_disk_xml(self, pool: str, name: str, *, target_dev: str = "vda",
                         bus: str = "virtio", source: str = "path") -> str:
@@ -414,37 +471,274 @@ class Connection(abc.ABC):
             return self.volume_lookup_by_path(ident)
 
 
+class Job:
+    """A handle on one job (long work: clone, resize, wipe, upload, download, ...).
+
+    The call that starts a job returns its handle at once; the work goes on in the
+    process that started it (the embedded engine) or in virtstored. ``wait()`` blocks
+    until it ends and raises the job's error if it failed.
+    """
+
+    def __init__(self, conn: Connection, info: JobInfo) -> None:
+        self.conn = conn
+        self.id = info.id
+        self.last = info
+
+    def info(self) -> JobInfo:
+        """The job's current state: bytes done of the total, rate, state, error."""
+        self.last = self.conn.job_info(self.id)
+        return self.last
+
+    def wait(self, timeout: float | None = None, *, check: bool = True) -> JobInfo:
+        """Block until the job ends (or ``timeout`` seconds pass); its latest state.
+        With ``check`` (the default) a failed or cancelled job raises its error."""
+        self.last = self.conn.job_wait(self.id, timeout)
+        if check and self.last.state in (JOB_FAILED, JOB_CANCELLED):
+            from virtstore.errors import Cancelled, error_for_code
+
+            job = self.last
+            cls = (error_for_code(job.error_code) if job.error_code
+                   else Cancelled if job.state == JOB_CANCELLED else InternalError)
+            raise cls(job.error or f"{job.kind} job '{job.id}' {job.state}")
+        return self.last
+
+    def cancel(self) -> None:
+        """Ask the job to stop; what it was making is removed. Returns at once."""
+        self.conn.job_cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.last.kind} {self.last.state}>"
+
+
+class Volume:
+    """A handle on one volume, by pool and name (libvirt-python's ``virStorageVol``).
+
+    Methods that start long work (``clone``, ``resize``, ``wipe``, ``upload``,
+    ``download``) return a ``Job`` at once; call ``job.wait()`` for the result.
+    """
+
+    def __init__(self, conn: Connection, pool: str, name: str) -> None:
+        self.conn = conn
+        self.pool = pool
+        self.name = name
+
+    def info(self) -> VolumeInfo:
+        """Type, path, key, format, capacity, allocation, physical size."""
+        return self.conn.volume_info(self.pool, self.name)
+
+    def xml(self) -> str:
+        """libvirt's volume XML (``vol-dumpxml``)."""
+        return self.conn.volume_xml(self.pool, self.name)
+
+    def path(self) -> str:
+        """The volume's path (``vol-path``)."""
+        return self.info().path
+
+    def key(self) -> str:
+        """The volume's key (``vol-key``)."""
+        return self.info().key
+
+    def delete(self) -> None:
+        """Delete the volume and its storage (``vol-delete``)."""
+        self.conn.volume_delete(self.pool, self.name)
+
+    def clone(self, new_name: str, *, target_pool: str | None = None,
+              format: str | None = None, reflink: bool = False, linked: bool = False,
+              prealloc_metadata: bool = False,
+              bandwidth: int | str | None = None) -> Job:
+        """Copy into ``new_name`` (in ``target_pool``, default this pool), converted to
+        ``format`` if given; ``linked`` makes a qcow2 overlay instead of a copy;
+        ``bandwidth`` in bytes per second (``"100M"`` too). Returns the job at once;
+        ``Volume(conn, pool, new_name)`` exists once it is done."""
+        return Job(self.conn, self.conn.volume_clone(
+            self.pool, self.name, new_name, target_pool=target_pool, format=format,
+            reflink=reflink, linked=linked, prealloc_metadata=prealloc_metadata,
+            bandwidth=_bandwidth(bandwidth)))
+
+    def resize(self, capacity: int | str, *, delta: bool = False, shrink: bool = False,
+               allocate: bool = False) -> Job:
+        """New capacity (bytes, or ``"10G"``); with ``delta`` it is added (or, with
+        ``shrink``, taken away). Shrinking needs ``shrink``. Returns the job at once."""
+        return Job(self.conn, self.conn.volume_resize(
+            self.pool, self.name, size_arg(capacity, "capacity"), delta=delta,
+            shrink=shrink, allocate=allocate))
+
+    def wipe(self, algorithm: str = "zero", *, bandwidth: int | str | None = None) -> Job:
+        """Overwrite the contents (``zero``, ``nnsa``, ``dod``, ``random``, ``trim``, ...,
+        as virsh's vol-wipe). Returns the job at once."""
+        return Job(self.conn, self.conn.volume_wipe(self.pool, self.name, algorithm,
+                                                    bandwidth=_bandwidth(bandwidth)))
+
+    def upload(self, source: BinaryIO, *, offset: int | str = 0,
+               length: int | str | None = None,
+               bandwidth: int | str | None = None) -> Job:
+        """Write ``source``'s bytes into the volume at ``offset``. Returns the job at
+        once; keep ``source`` open until it is done."""
+        return Job(self.conn, self.conn.volume_upload(
+            self.pool, self.name, source, offset=size_arg(offset, "offset"),
+            length=None if length is None else size_arg(length, "length"),
+            bandwidth=_bandwidth(bandwidth)))
+
+    def download(self, sink: BinaryIO, *, offset: int | str = 0,
+                 length: int | str | None = None,
+                 bandwidth: int | str | None = None) -> Job:
+        """Copy the volume's bytes into ``sink`` (holes kept in a regular file). Returns
+        the job at once; keep ``sink`` open until it is done."""
+        return Job(self.conn, self.conn.volume_download(
+            self.pool, self.name, sink, offset=size_arg(offset, "offset"),
+            length=None if length is None else size_arg(length, "length"),
+            bandwidth=_bandwidth(bandwidth)))
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The volume's storage snapshots."""
+        return self.conn.volume_snapshot_list(self.pool, self.name)
+
+    def snapshot(self, name: str, *, external: bool = False) -> SnapshotInfo:
+        """Take a storage snapshot (``external``: a qcow2 overlay on the frozen image)."""
+        return self.conn.volume_snapshot_create(self.pool, self.name, name,
+                                                external=external)
+
+    def revert(self, snapshot: str) -> None:
+        """Back to a snapshot's contents; later writes are lost."""
+        self.conn.volume_snapshot_revert(self.pool, self.name, snapshot)
+
+    def delete_snapshot(self, snapshot: str) -> None:
+        """Drop a storage snapshot."""
+        self.conn.volume_snapshot_delete(self.pool, self.name, snapshot)
+
+    def features(self) -> dict[str, bool]:
+        """Which operations this volume offers now (snapshot, clone-linked, resize-grow,
+        ...)."""
+        return self.conn.volume_features(self.pool, self.name)
+
+    def disk_xml(self, *, target_dev: str = "vda", bus: str = "virtio",
+                 source: str = "path") -> str:
+        """libvirt's domain ``<disk>`` element for this volume."""
+        return self.conn.volume_disk_xml(self.pool, self.name, target_dev=target_dev,
+                                         bus=bus, source=source)
+
+    def __repr__(self) -> str:
+        return f"<Volume {self.pool!r}/{self.name!r}>"
+
+
+class Secret:
+    """A handle on one secret by UUID (libvirt-python's ``virSecret``)."""
+
+    def __init__(self, conn: Connection, uuid: str) -> None:
+        self.conn = conn
+        self.uuid = uuid
+
+    def info(self) -> SecretInfo:
+        """Usage, ephemeral and private flags."""
+        return self.conn.secret_info(self.uuid)
+
+    def xml(self) -> str:
+        """libvirt's secret XML (``secret-dumpxml``)."""
+        return self.conn.secret_xml(self.uuid)
+
+    def value(self) -> bytes:
+        """The secret's value; Forbidden for a private secret."""
+        return self.conn.secret_get_value(self.uuid)
+
+    def set_value(self, value: bytes) -> None:
+        """Set the secret's value (raw bytes, not base64)."""
+        self.conn.secret_set_value(self.uuid, value)
+
+    def undefine(self) -> None:
+        """Remove the secret and its value."""
+        self.conn.secret_undefine(self.uuid)
+
+    def __repr__(self) -> str:
+        return f"<Secret {self.uuid}>"
+
+
 class Pool:
-    """A handle on one pool by name."""
+    """A handle on one pool by name (libvirt-python's ``virStoragePool``)."""
 
     def __init__(self, conn: Connection, name: str) -> None:
         self.conn = conn
         self.name = name
 
     def info(self) -> PoolInfo:
+        """State, sizes, autostart, persistence, target path."""
         return self.conn.pool_info(self.name)
 
     def xml(self, *, inactive: bool = False) -> str:
+        """libvirt's pool XML (``pool-dumpxml``; ``inactive``: ``--inactive``)."""
         return self.conn.pool_xml(self.name, inactive=inactive)
 
-    def start(self, *, build: bool = False) -> None:
-        self.conn.pool_start(self.name, build=build)
+    def build(self, *, overwrite: bool | None = None) -> None:
+        """Make the pool's storage (a directory, a filesystem, a volume group);
+        ``overwrite`` True/False as virsh's ``--overwrite``/``--no-overwrite``."""
+        self.conn.pool_build(self.name, overwrite=overwrite)
+
+    def start(self, *, build: bool = False, overwrite: bool | None = None) -> None:
+        """Start the pool (``pool-start``), building it first if ``build``."""
+        self.conn.pool_start(self.name, build=build, overwrite=overwrite)
 
     def stop(self) -> None:
+        """Stop the pool (``pool-destroy``); a transient pool disappears."""
         self.conn.pool_stop(self.name)
 
+    def delete(self) -> None:
+        """Remove the pool's storage (``pool-delete``); the pool must be inactive."""
+        self.conn.pool_delete(self.name)
+
+    def undefine(self) -> None:
+        """Forget the pool's definition (``pool-undefine``); it must be inactive."""
+        self.conn.pool_undefine(self.name)
+
     def refresh(self) -> None:
+        """Scan the pool's storage again for volumes made or removed outside."""
         self.conn.pool_refresh(self.name)
 
+    def set_autostart(self, autostart: bool = True) -> None:
+        """Start the pool when the host starts (``pool-autostart``)."""
+        self.conn.pool_set_autostart(self.name, autostart)
+
     def volumes(self) -> list[VolumeInfo]:
+        """Every volume of the running pool, in name order."""
         return self.conn.list_volumes(self.name)
 
-    def volume(self, name: str) -> VolumeInfo:
-        return self.conn.volume_info(self.name, name)
+    def volume(self, name: str) -> Volume:
+        """A handle on one volume (NoSuchVolume if there is none by that name); its
+        ``info()`` is the VolumeInfo."""
+        self.conn.volume_info(self.name, name)
+        return Volume(self.conn, self.name, name)
 
-    def create_volume(self, name: str, capacity: int, **kw: Any) -> VolumeInfo:
-        made = self.conn.volume_create(self.name, VolumeCreateArgs(name, capacity, **kw))
-        return self.conn.volume_info(self.name, made)
+    def create_volume(self, name: str, capacity: int | str, *,
+                      allocation: int | str | None = None, format: str | None = None,
+                      backing_vol: str | None = None,
+                      backing_vol_format: str | None = None,
+                      prealloc_metadata: bool = False) -> Volume:
+        """A new volume (``vol-create-as``); sizes in bytes or as ``"10G"``."""
+        made = self.conn.volume_create(self.name, VolumeCreateArgs(
+            name, size_arg(capacity, "capacity"),
+            allocation=None if allocation is None else size_arg(allocation, "allocation"),
+            format=format, backing_vol=backing_vol, backing_vol_format=backing_vol_format,
+            prealloc_metadata=prealloc_metadata))
+        return Volume(self.conn, self.name, made)
+
+    def create_volume_xml(self, xml: str, *, prealloc_metadata: bool = False) -> Volume:
+        """A new volume from libvirt volume XML (``vol-create``)."""
+        made = self.conn.volume_create_xml(self.name, xml,
+                                           prealloc_metadata=prealloc_metadata)
+        return Volume(self.conn, self.name, made)
 
     def __repr__(self) -> str:
         return f"<Pool {self.name!r}>"
+
+
+def size_arg(value: int | str, what: str = "size") -> int:
+    """A size in bytes, or virsh's scaled integer (``"512M"``, ``"10GiB"``, ``"1GB"``)."""
+    from virtstore.xml.units import size_arg as parse
+
+    return parse(value, what)
+
+
+def _bandwidth(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lower().endswith("/s"):
+        value = value[:-2]
+    return size_arg(value, "bandwidth")

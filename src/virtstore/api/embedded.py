@@ -45,10 +45,13 @@ _T = TypeVar("_T")
 
 class EmbeddedConnection(Connection):
     def __init__(self, root: str, *, confinement: Confinement | None = None,
-                 cluster: ClusterConfig | None = None) -> None:
+                 cluster: ClusterConfig | None = None, default_pool: bool = False) -> None:
         """``confinement``: what the engine refuses to touch for its callers
         (engine/confine.py); permissive by default, virtstored passes its own.
-        ``cluster``: the etcd cluster this engine is a member of (engine/cluster.py)."""
+        ``cluster``: the etcd cluster this engine is a member of (engine/cluster.py).
+        ``default_pool``: on the first such start on this state root, define, build and
+        autostart a ``default`` dir pool under it (virtstored asks for it; a command or
+        a script never gets a pool it did not ask for)."""
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
         store = self.state.store
@@ -65,24 +68,34 @@ class EmbeddedConnection(Connection):
         self.backups = BackupOps(self.volumes, self.index, self.jobs)
         self.cluster = Cluster(cluster) if cluster is not None else None
         self.volumes.cluster = self.cluster
-        self._startup()
+        self._startup(default_pool)
 
     # -- start-up --------------------------------------------------------------
-    def _startup(self) -> None:
+    def _startup(self, default_pool: bool) -> None:
         store = self.state.store
         self.jobs.recover()
         journal.recover(store, self._discard_leftover, self.volumes.settle)
         self.state.sync_definitions()
-        first_use = store.get_meta("initialized") is None
-        if first_use:
+        # Offered once per state root: a default pool the user undefined stays gone.
+        offer_default = default_pool and store.get_meta("default_pool") is None
+        if offer_default:
             self._make_default_pool()
         current = boot_id()
         if store.get_meta("boot_id") != current:
             # First process since the host booted: this is the engine's start.
             store.set_meta("boot_id", current)
             self.pools.on_host_start()
-        if first_use:
-            store.set_meta("initialized", "1")
+        elif offer_default and self.state.is_autostart(DEFAULT_POOL):
+            self._start_default_pool()
+        if offer_default:
+            store.set_meta("default_pool", "1")
+
+    def _start_default_pool(self) -> None:
+        try:
+            if not self.state.row(DEFAULT_POOL).active:
+                self.pools.start(DEFAULT_POOL)
+        except VirtstoreError as exc:
+            log.warning("could not start the default pool: %s", exc)
 
     def _discard_leftover(self, pool: str, name: str, tmp_path: str) -> None:
         row = self.state.row(pool)
@@ -104,12 +117,30 @@ class EmbeddedConnection(Connection):
         except VirtstoreError as exc:
             log.warning("could not set up the default pool: %s", exc)
 
-    def close(self) -> None:
-        self.jobs.join_local()
+    def close(self, *, cancel_jobs: bool = False) -> None:
+        """Wait for the jobs this process started, then release the state root.
+
+        Jobs run in threads of this process, and the process does not exit before they
+        end (nothing else would finish them or clean up after them); this is where a
+        caller that did not ``wait()`` waits. ``cancel_jobs=True`` cancels them instead:
+        each stops and removes what it was making.
+        """
+        self.jobs.join_local(cancel=cancel_jobs)
+        self.events.close()
         if self.cluster is not None:
             self.cluster.close()
         self.state.backend.close()
         self.state.store.close()
+
+    def stop_jobs(self, grace: float) -> int:
+        """Give this process's jobs ``grace`` seconds to finish, then cancel the rest and
+        wait until they have cleaned up; how many were cancelled (a daemon stopping)."""
+        self.jobs.join_local(grace)
+        return self.jobs.join_local(cancel=True)
+
+    def stop_waiting(self) -> None:
+        """Readers blocked waiting for events return now (before ``close``)."""
+        self.events.close()
 
     # -- pools -----------------------------------------------------------------
     def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]:

@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
+
+from virtstore.errors import VirtstoreError
 
 if TYPE_CHECKING:
     from virtstore.api import Connection
     from virtstore.cli.parser import Args
+
+
+class CommandFailed(Exception):
+    """A failure reported as virsh does: what failed (``failed to get pool 'x'``), then
+    the reason, each on its own ``error:`` line."""
+
+    def __init__(self, what: str, cause: VirtstoreError) -> None:
+        super().__init__(f"{what}: {cause}")
+        self.what = what
+        self.cause = cause
+
+
+@contextmanager
+def failing(what: str) -> Iterator[None]:
+    """Report a failure inside as ``what`` and then its reason; an inner report wins,
+    as in virsh, where a failed lookup stops the command before its action."""
+    try:
+        yield
+    except VirtstoreError as err:
+        raise CommandFailed(what, err) from err
 
 
 class Context:

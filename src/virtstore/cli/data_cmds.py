@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from virtstore.cli.context import failing
 from virtstore.cli.parser import Args, Command, Opt
 
 if TYPE_CHECKING:
@@ -102,13 +103,15 @@ def vol_clone(ctx: Context, args: Args) -> None:
     if args.flag("print-xml"):
         ctx.out.write(clone_xml(conn.volume_xml(src.pool, src.name), new_name))
         return
-    job = conn.volume_clone(src.pool, src.name, new_name,
-                            target_pool=pool_name(conn, target) if target else None,
-                            format=args.get("format"), reflink=args.flag("reflink"),
-                            linked=args.flag("linked"),
-                            prealloc_metadata=args.flag("prealloc-metadata"),
-                            bandwidth=_bandwidth(args))
-    _wait(ctx, args, job, f"clone {src.name}")
+    target_name = pool_name(conn, target) if target else None
+    bandwidth = _bandwidth(args)
+    with failing(f"Failed to clone vol from {src.name}"):
+        job = conn.volume_clone(src.pool, src.name, new_name, target_pool=target_name,
+                                format=args.get("format"), reflink=args.flag("reflink"),
+                                linked=args.flag("linked"),
+                                prealloc_metadata=args.flag("prealloc-metadata"),
+                                bandwidth=bandwidth)
+        _wait(ctx, args, job, f"clone {src.name}")
     _done(ctx, args, f"Vol {new_name} cloned from {src.name}")
 
 
@@ -118,13 +121,16 @@ def vol_create_from(ctx: Context, args: Args) -> None:
 
     conn = ctx.conn
     pool = pool_name(conn, args.req("pool"))
-    xml = read_text_file(args.req("file"))
-    src = volume(conn, args.req("vol"), args.get("inputpool"))
-    job = conn.volume_create_from(pool, xml, src.pool, src.name,
-                                  reflink=args.flag("reflink"),
-                                  prealloc_metadata=args.flag("prealloc-metadata"),
-                                  bandwidth=_bandwidth(args))
-    job = _wait(ctx, args, job, f"create from {src.name}")
+    path = args.req("file")
+    xml = read_text_file(path)
+    src = volume(conn, args.req("vol"), args.get("inputpool"), pool_option="inputpool")
+    bandwidth = _bandwidth(args)
+    with failing(f"Failed to create vol from {path}"):
+        job = conn.volume_create_from(pool, xml, src.pool, src.name,
+                                      reflink=args.flag("reflink"),
+                                      prealloc_metadata=args.flag("prealloc-metadata"),
+                                      bandwidth=bandwidth)
+        job = _wait(ctx, args, job, f"create from {src.name}")
     _done(ctx, args, f"Vol {job.target_volume} created from input vol {src.name}")
 
 
@@ -132,7 +138,7 @@ def vol_resize(ctx: Context, args: Args) -> None:
     from virtstore.cli.output import parse_scaled
     from virtstore.errors import InvalidArgument
 
-    text = args.req("capacity")
+    text = args.req("capacity").lstrip()
     delta, shrink = args.flag("delta"), args.flag("shrink")
     if text.startswith("-"):
         # virsh: a negative size is a delta, and only with --shrink.
@@ -140,13 +146,16 @@ def vol_resize(ctx: Context, args: Args) -> None:
         delta = True
         if not shrink:
             raise InvalidArgument("negative size requires --shrink")
-    capacity = parse_scaled(text)
+    # A leading '+' is allowed, as virsh's strtoull allows it: '+512M' is 512M (a
+    # delta only with --delta, as in virsh).
+    capacity = parse_scaled(text[1:] if text.startswith("+") else text)
     vol = _vol(ctx, args)
-    job = ctx.conn.volume_resize(vol.pool, vol.name, capacity, delta=delta, shrink=shrink,
-                                 allocate=args.flag("allocate"))
-    _wait(ctx, args, job, f"resize {vol.name}")
-    _done(ctx, args, f"Size of volume '{vol.name}' successfully changed "
-                     f"{'by' if delta else 'to'} {text}")
+    change = f"{'by' if delta else 'to'} {text}"
+    with failing(f"Failed to change size of volume '{vol.name}' {change}"):
+        job = ctx.conn.volume_resize(vol.pool, vol.name, capacity, delta=delta,
+                                     shrink=shrink, allocate=args.flag("allocate"))
+        _wait(ctx, args, job, f"resize {vol.name}")
+    _done(ctx, args, f"Size of volume '{vol.name}' successfully changed {change}")
 
 
 def vol_wipe(ctx: Context, args: Args) -> None:
@@ -156,8 +165,10 @@ def vol_wipe(ctx: Context, args: Args) -> None:
     vol = _vol(ctx, args)
     if algorithm not in WIPE_ALGORITHMS:
         raise InvalidArgument(f"Unsupported algorithm '{algorithm}'")
-    job = ctx.conn.volume_wipe(vol.pool, vol.name, algorithm, bandwidth=_bandwidth(args))
-    _wait(ctx, args, job, f"wipe {vol.name}")
+    bandwidth = _bandwidth(args)
+    with failing(f"Failed to wipe vol {args.req('vol')}"):
+        job = ctx.conn.volume_wipe(vol.pool, vol.name, algorithm, bandwidth=bandwidth)
+        _wait(ctx, args, job, f"wipe {vol.name}")
     _done(ctx, args, f"Vol {args.req('vol')} wiped")
 
 
@@ -173,7 +184,7 @@ def vol_upload(ctx: Context, args: Args) -> None:
         source = open(path, "rb")
     except OSError:
         raise InvalidArgument(f"cannot read {path}") from None
-    with source:
+    with source, failing(f"cannot upload to volume {args.req('vol')}"):
         job = ctx.conn.volume_upload(vol.pool, vol.name, source, offset=offset,
                                      length=length, sparse=True, bandwidth=bandwidth)
         _wait(ctx, args, job, f"upload {vol.name}")
@@ -204,7 +215,8 @@ def vol_download(ctx: Context, args: Args) -> None:
         raise InvalidArgument(f"cannot create {path}") from None
     ok = False
     try:
-        with os.fdopen(fd, "wb") as sink:
+        with os.fdopen(fd, "wb") as sink, \
+                failing(f"cannot download from volume {args.req('vol')}"):
             job = ctx.conn.volume_download(vol.pool, vol.name, sink, offset=offset,
                                            length=length, sparse=True, bandwidth=bandwidth)
             _wait(ctx, args, job, f"download {vol.name}")

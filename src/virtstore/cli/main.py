@@ -31,6 +31,7 @@ USAGE = f"""\
                             the XDG data directory otherwise)
     -h | --help             this help
     -q | --quiet            quiet mode
+         --json             the command's --json (listings, info, long operations)
     -v | --version          version
 """
 
@@ -101,6 +102,7 @@ class _GlobalOptions:
         self.quiet = False
         self.help = False
         self.version = False
+        self.json = False
 
 
 def parse_global(argv: Sequence[str]) -> tuple[_GlobalOptions, list[str]]:
@@ -135,6 +137,8 @@ def parse_global(argv: Sequence[str]) -> tuple[_GlobalOptions, list[str]]:
                 opts.uri = value
         elif arg in ("-q", "--quiet"):
             opts.quiet = True
+        elif arg == "--json":  # the command's --json, given before its name
+            opts.json = True
         elif arg in ("-h", "--help"):
             opts.help = True
         elif arg in ("-v", "-V", "--version", "--version=short", "--version=long"):
@@ -174,6 +178,11 @@ def run(argv: Sequence[str]) -> int:
     if "--help" in cmd_argv[:cmd_argv.index("--") if "--" in cmd_argv else None]:
         sys.stdout.write(help_text(cmd) + ("" if opts.quiet else "\n"))
         return 0
+    if opts.json:
+        if not any(o.name == "json" for o in cmd.opts):
+            raise InvalidArgument(f"command '{name}' doesn't support option --json")
+        if "--json" not in cmd_argv:
+            cmd_argv = ["--json", *cmd_argv]
     args = parse(cmd, cmd_argv)
     ctx = Context(uri=opts.uri, root=opts.root, quiet=opts.quiet)
     try:
@@ -186,6 +195,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from virtstore.cli.context import CommandFailed
     from virtstore.errors import VirtstoreError
 
     if argv is None:
@@ -194,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = run(argv)
         sys.stdout.flush()
         return status
+    except CommandFailed as err:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {err.what}\nerror: {err.cause}\n")
+        return 1
     except VirtstoreError as err:
         sys.stdout.flush()
         sys.stderr.write(f"error: {err}\n")

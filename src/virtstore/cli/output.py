@@ -67,20 +67,7 @@ def yes_no(value: bool) -> str:
 
 
 def parse_scaled(text: str, what: str = "size") -> int:
-    """A size as virsh's scaled integers take it: ``100`` bytes, ``10G``/``10GiB``
-    (powers of 1024), ``10GB`` (powers of 1000), suffix case-insensitive; no sign,
-    no fraction. Raises InvalidArgument("Malformed size -5G") like virsh."""
-    import re
+    """A size as virsh's scaled integers take it (``virtstore.xml.units.parse_scaled``)."""
+    from virtstore.xml.units import parse_scaled as parse
 
-    from virtstore.errors import InvalidArgument
-
-    m = re.fullmatch(r"([0-9]+)\s*([A-Za-z]*)", text)
-    if m is None:
-        raise InvalidArgument(f"Malformed {what} {text}")
-    number, suffix = m.groups()
-    from virtstore.xml.units import parse_size
-
-    try:
-        return parse_size(number, suffix or None)
-    except (InvalidArgument, ValueError) as err:
-        raise InvalidArgument(f"Malformed {what} {text}: {err}") from None
+    return parse(text, what)

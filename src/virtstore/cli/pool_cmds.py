@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from virtstore.cli.context import read_text_file
+from virtstore.cli.context import failing, read_text_file
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 if TYPE_CHECKING:
@@ -161,14 +161,18 @@ def _pool_features(ctx: Context, args: Args) -> None:
 
 def pool_define(ctx: Context, args: Args) -> None:
     path = args.req("file")
-    name = ctx.conn.pool_define_xml(read_text_file(path))
+    xml = read_text_file(path)
+    with failing(f"Failed to define pool from {path}"):
+        name = ctx.conn.pool_define_xml(xml)
     ctx.extra(f"Pool {name} defined from {path}")
 
 
 def pool_create(ctx: Context, args: Args) -> None:
     build, overwrite = _build_flags(args)
     path = args.req("file")
-    name = ctx.conn.pool_create_xml(read_text_file(path), build=build, overwrite=overwrite)
+    xml = read_text_file(path)
+    with failing(f"Failed to create pool from {path}"):
+        name = ctx.conn.pool_create_xml(xml, build=build, overwrite=overwrite)
     ctx.extra(f"Pool {name} created from {path}")
 
 
@@ -216,21 +220,23 @@ def _xml_from_args(args: Args) -> tuple[str, str]:
 
 
 def pool_define_as(ctx: Context, args: Args) -> None:
-    _, xml = _xml_from_args(args)
+    name, xml = _xml_from_args(args)
     if args.flag("print-xml"):
         ctx.out.write(xml)
         return
-    name = ctx.conn.pool_define_xml(xml)
+    with failing(f"Failed to define pool {name}"):
+        name = ctx.conn.pool_define_xml(xml)
     ctx.extra(f"Pool {name} defined")
 
 
 def pool_create_as(ctx: Context, args: Args) -> None:
     build, overwrite = _build_flags(args)
-    _, xml = _xml_from_args(args)
+    name, xml = _xml_from_args(args)
     if args.flag("print-xml"):
         ctx.out.write(xml)
         return
-    name = ctx.conn.pool_create_xml(xml, build=build, overwrite=overwrite)
+    with failing(f"Failed to create pool {name}"):
+        name = ctx.conn.pool_create_xml(xml, build=build, overwrite=overwrite)
     ctx.extra(f"Pool {name} created")
 
 
@@ -238,7 +244,8 @@ def pool_undefine(ctx: Context, args: Args) -> None:
     from virtstore.cli.lookup import pool_name as lookup
 
     name = lookup(ctx.conn, args.req("pool"))
-    ctx.conn.pool_undefine(name)
+    with failing(f"Failed to undefine pool {name}"):
+        ctx.conn.pool_undefine(name)
     ctx.extra(f"Pool {name} has been undefined")
 
 
@@ -256,7 +263,8 @@ def pool_build(ctx: Context, args: Args) -> None:
     args.exclusive("overwrite", "no-overwrite")
     overwrite = True if args.flag("overwrite") else False if args.flag("no-overwrite") else None
     name = lookup(ctx.conn, args.req("pool"))
-    ctx.conn.pool_build(name, overwrite=overwrite)
+    with failing(f"Failed to build pool {name}"):
+        ctx.conn.pool_build(name, overwrite=overwrite)
     ctx.extra(f"Pool {name} built")
 
 
@@ -265,7 +273,8 @@ def pool_start(ctx: Context, args: Args) -> None:
 
     build, overwrite = _build_flags(args)
     name = lookup(ctx.conn, args.req("pool"))
-    ctx.conn.pool_start(name, build=build, overwrite=overwrite)
+    with failing(f"Failed to start pool {name}"):
+        ctx.conn.pool_start(name, build=build, overwrite=overwrite)
     ctx.extra(f"Pool {name} started")
 
 
@@ -273,7 +282,8 @@ def pool_destroy(ctx: Context, args: Args) -> None:
     from virtstore.cli.lookup import pool_name as lookup
 
     name = lookup(ctx.conn, args.req("pool"))
-    ctx.conn.pool_stop(name)
+    with failing(f"Failed to destroy pool {name}"):
+        ctx.conn.pool_stop(name)
     ctx.extra(f"Pool {name} destroyed")
 
 
@@ -281,7 +291,8 @@ def pool_delete(ctx: Context, args: Args) -> None:
     from virtstore.cli.lookup import pool_name as lookup
 
     name = lookup(ctx.conn, args.req("pool"))
-    ctx.conn.pool_delete(name)
+    with failing(f"Failed to delete pool {name}"):
+        ctx.conn.pool_delete(name)
     ctx.extra(f"Pool {name} deleted")
 
 
@@ -289,7 +300,8 @@ def pool_refresh(ctx: Context, args: Args) -> None:
     from virtstore.cli.lookup import pool_name as lookup
 
     name = lookup(ctx.conn, args.req("pool"))
-    ctx.conn.pool_refresh(name)
+    with failing(f"Failed to refresh pool {name}"):
+        ctx.conn.pool_refresh(name)
     ctx.extra(f"Pool {name} refreshed")
 
 
@@ -298,7 +310,9 @@ def pool_autostart(ctx: Context, args: Args) -> None:
 
     name = lookup(ctx.conn, args.req("pool"))
     enable = not args.flag("disable")
-    ctx.conn.pool_set_autostart(name, enable)
+    with failing(f"failed to mark pool {name} as autostarted" if enable
+                 else f"failed to unmark pool {name} as autostarted"):
+        ctx.conn.pool_set_autostart(name, enable)
     ctx.extra(f"Pool {name} marked as autostarted" if enable
               else f"Pool {name} unmarked as autostarted")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from virtstore.cli.context import read_text_file
+from virtstore.cli.context import failing, read_text_file
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 if TYPE_CHECKING:
@@ -16,19 +16,30 @@ GROUP = "Secret"
 SECRET = Opt("secret", "secret UUID", required=True)
 
 
+def _secret(ctx: Context, args: Args) -> str:
+    """The secret's UUID, after virsh's lookup (and its message when there is none)."""
+    uuid = args.req("secret")
+    with failing(f"failed to get secret '{uuid}'"):
+        ctx.conn.secret_info(uuid)
+    return uuid
+
+
 def secret_define(ctx: Context, args: Args) -> None:
     path = args.req("file")
-    uuid = ctx.conn.secret_define_xml(read_text_file(path))
+    xml = read_text_file(path)
+    with failing(f"Failed to set attributes from {path}"):
+        uuid = ctx.conn.secret_define_xml(xml)
     ctx.extra(f"Secret {uuid} created")
 
 
 def secret_dumpxml(ctx: Context, args: Args) -> None:
-    ctx.dump_xml(ctx.conn.secret_xml(args.req("secret")), args)
+    ctx.dump_xml(ctx.conn.secret_xml(_secret(ctx, args)), args)
 
 
 def secret_undefine(ctx: Context, args: Args) -> None:
-    uuid = args.req("secret")
-    ctx.conn.secret_undefine(uuid)
+    uuid = _secret(ctx, args)
+    with failing(f"Failed to delete secret {uuid}"):
+        ctx.conn.secret_undefine(uuid)
     ctx.extra(f"Secret {uuid} deleted")
 
 
@@ -57,7 +68,7 @@ def secret_set_value(ctx: Context, args: Args) -> None:
     from virtstore.errors import InvalidArgument
 
     args.exclusive("file", "base64", "interactive")
-    uuid = args.req("secret")
+    uuid = _secret(ctx, args)
     plain = args.flag("plain")
     data: bytes | None = None
     if args.get("file") is not None:
@@ -83,14 +94,15 @@ def secret_set_value(ctx: Context, args: Args) -> None:
             raise InvalidArgument("Invalid base64 data in secret value") from None
     if args.get("base64") is not None:
         ctx.warn("Passing secret value as command-line argument is insecure!")
-    ctx.conn.secret_set_value(uuid, data)
+    with failing("Failed to set secret value"):
+        ctx.conn.secret_set_value(uuid, data)
     ctx.extra("Secret value set")
 
 
 def secret_get_value(ctx: Context, args: Args) -> None:
     import base64
 
-    value = ctx.conn.secret_get_value(args.req("secret"))
+    value = ctx.conn.secret_get_value(_secret(ctx, args))
     if args.flag("plain"):
         # The bytes as they are; virsh's closing empty line (unless -q) follows them.
         ctx.out.flush()

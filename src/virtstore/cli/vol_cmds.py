@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from virtstore.cli.context import failing
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 from virtstore.errors import Unsupported
 
@@ -19,10 +20,10 @@ VOL = Opt("vol", "vol name, key or path", required=True)
 JSON = Opt("json", "print a JSON document (sizes in bytes) instead of text", flag=True)
 
 
-def _vol(ctx: Context, args: Args) -> VolumeInfo:
+def _vol(ctx: Context, args: Args, *, pool_option: str | None = "pool") -> VolumeInfo:
     from virtstore.cli.lookup import volume
 
-    return volume(ctx.conn, args.req("vol"), args.get("pool"))
+    return volume(ctx.conn, args.req("vol"), args.get("pool"), pool_option=pool_option)
 
 
 def vol_list(ctx: Context, args: Args) -> None:
@@ -88,8 +89,10 @@ def vol_create(ctx: Context, args: Args) -> None:
     conn = ctx.conn
     pool = pool_name(conn, args.req("pool"))
     path = args.req("file")
-    name = conn.volume_create_xml(pool, read_text_file(path),
-                                  prealloc_metadata=args.flag("prealloc-metadata"))
+    xml = read_text_file(path)
+    with failing(f"Failed to create vol from {path}"):
+        name = conn.volume_create_xml(pool, xml,
+                                      prealloc_metadata=args.flag("prealloc-metadata"))
     ctx.extra(f"Vol {name} created from {path}")
 
 
@@ -116,17 +119,19 @@ def vol_create_as(ctx: Context, args: Args) -> None:
         return
     conn = ctx.conn
     pool = pool_name(conn, args.req("pool"))
-    made = conn.volume_create(pool, VolumeCreateArgs(
-        name=name, capacity=capacity, allocation=alloc, format=args.get("format"),
-        backing_vol=args.get("backing-vol"),
-        backing_vol_format=args.get("backing-vol-format"),
-        prealloc_metadata=args.flag("prealloc-metadata")))
+    with failing(f"Failed to create vol {name}"):
+        made = conn.volume_create(pool, VolumeCreateArgs(
+            name=name, capacity=capacity, allocation=alloc, format=args.get("format"),
+            backing_vol=args.get("backing-vol"),
+            backing_vol_format=args.get("backing-vol-format"),
+            prealloc_metadata=args.flag("prealloc-metadata")))
     ctx.extra(f"Vol {made} created")
 
 
 def vol_delete(ctx: Context, args: Args) -> None:
     vol = _vol(ctx, args)
-    ctx.conn.volume_delete(vol.pool, vol.name)
+    with failing(f"Failed to delete vol {args.req('vol')}"):
+        ctx.conn.volume_delete(vol.pool, vol.name)
     ctx.extra(f"Vol {args.req('vol')} deleted")
 
 
@@ -135,7 +140,7 @@ def vol_path(ctx: Context, args: Args) -> None:
 
 
 def vol_name(ctx: Context, args: Args) -> None:
-    ctx.print(_vol(ctx, args).name)
+    ctx.print(_vol(ctx, args, pool_option=None).name)  # no --pool to suggest
 
 
 def vol_key(ctx: Context, args: Args) -> None:
@@ -143,7 +148,7 @@ def vol_key(ctx: Context, args: Args) -> None:
 
 
 def vol_pool(ctx: Context, args: Args) -> None:
-    vol = _vol(ctx, args)
+    vol = _vol(ctx, args, pool_option=None)
     ctx.print(ctx.conn.pool_info(vol.pool).uuid if args.flag("uuid") else vol.pool)
 
 

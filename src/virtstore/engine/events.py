@@ -8,6 +8,7 @@ CLI command, the daemon and a test all watch the same host without a message bus
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 from virtstore.engine.store import Store
@@ -23,6 +24,12 @@ class EventLog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._since_prune = 0
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Readers waiting in ``since`` return at once, and later calls find nothing:
+        the store is about to close under them."""
+        self._closed.set()
 
     def emit(self, kind: str, action: str, *, pool: str | None = None,
              name: str | None = None, job: JobInfo | None = None) -> None:
@@ -46,6 +53,8 @@ class EventLog:
             return []
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
+            if self._closed.is_set():
+                return []
             rows = self.store.query("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?",
                                     (last_id, limit))
             if rows or time.monotonic() >= deadline:
@@ -53,4 +62,4 @@ class EventLog:
                               pool=r["pool"], name=r["name"],
                               job=JobInfo(**json.loads(r["job"])) if r["job"] else None)
                         for r in rows]
-            time.sleep(_POLL)
+            self._closed.wait(_POLL)

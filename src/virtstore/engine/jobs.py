@@ -269,12 +269,23 @@ class JobManager:
             log.warning("job %s was interrupted: its process ended", job_id)
         return [r["id"] for r in dead]
 
-    def join_local(self, timeout: float | None = None) -> None:
-        """Wait for this process's jobs (on close)."""
+    def join_local(self, timeout: float | None = None, *, cancel: bool = False) -> int:
+        """Wait for this process's jobs (on close); with ``cancel``, ask them to stop
+        first (each removes what it was making before it ends). How many were asked."""
         with self._lock:
-            items = list(self._local.values())
-        for local in items:
-            local.done.wait(timeout)
+            items = list(self._local.items())
+        asked = 0
+        if cancel:
+            for job_id, local in items:
+                if not local.done.is_set():
+                    with self.store.write() as db:
+                        db.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+                    local.cancel.set()
+                    asked += 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _, local in items:
+            local.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return asked
 
     def running_in_pool(self, pool: str) -> bool:
         row = self.store.query_one("SELECT 1 FROM jobs WHERE state NOT IN (?,?,?) AND "

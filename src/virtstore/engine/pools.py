@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid as uuidlib
@@ -19,11 +20,16 @@ from virtstore.errors import (
     NoSuchPool,
     OperationInvalid,
     Unsupported,
+    VirtstoreError,
 )
+from virtstore.host.files import live_stat
 from virtstore.types import POOL_INACTIVE, POOL_RUNNING, PoolInfo
-from virtstore.xml import PoolDef, format_pool_xml, parse_pool_xml
+from virtstore.xml import Permissions, PoolDef, format_pool_xml, parse_pool_xml
 
 log = logging.getLogger("virtstore")
+
+# Pool types whose target is a local directory: libvirt reports its owner and mode.
+_LOCAL_TARGET = ("dir", "fs", "netfs")
 
 
 def _clean_path(path: str | None) -> str | None:
@@ -91,14 +97,62 @@ class PoolManager:
         row = self.state.row(name)
         pool = self.state.definition(row, inactive=inactive)
         if row.active and not inactive:
+            self._fill_live(pool)
             backend = self.state.backend(row.type, row.name)
-            sizes = backend.sizes(pool)
-            pool.capacity, pool.allocation, pool.available = (
-                sizes.capacity, sizes.allocation, sizes.available)
             if isinstance(backend, nesting.LiveSource):
                 backend.live_source(pool)  # e.g. a disk pool's free extents
             return format_pool_xml(pool)
+        if row.active:
+            # libvirt's --inactive of a running pool is its live definition, unless it
+            # was redefined since it started (then the new definition, without sizes).
+            live = self.state.definition(row)
+            if format_pool_xml(live, inactive=True) != format_pool_xml(pool, inactive=True):
+                return format_pool_xml(pool, inactive=True)
+            self._fill_live(pool)
+            return format_pool_xml(pool)
+        if self._fill_last_known(pool):
+            return format_pool_xml(pool)
         return format_pool_xml(pool, inactive=True)
+
+    def _fill_live(self, pool: PoolDef) -> None:
+        """Sizes, and the target directory's owner and mode, as a refresh reads them."""
+        sizes = self.state.backend(pool.type, pool.name).sizes(pool)
+        pool.capacity, pool.allocation, pool.available = (
+            sizes.capacity, sizes.allocation, sizes.available)
+        if pool.type in _LOCAL_TARGET and pool.target.path:
+            st = live_stat(pool.target.path)
+            if st is not None:
+                # A new target: the parsed live definition is cached and shared.
+                pool.target = dataclasses.replace(pool.target, permissions=Permissions(
+                    mode=st.st_mode & 0o777, owner=st.st_uid, group=st.st_gid,
+                    label=pool.target.permissions.label))
+
+    def _remember(self, pool: PoolDef) -> None:
+        """Keep what the running pool looked like, for the XML of the stopped pool (libvirt
+        keeps its last refresh's values in memory)."""
+        try:
+            self._fill_live(pool)
+        except VirtstoreError as exc:
+            log.debug("pool %s: sizes not recorded: %s", pool.name, exc)
+            return
+        perms = pool.target.permissions
+        with self.state.store.write() as db:
+            db.execute("INSERT OR REPLACE INTO pool_runtime(name, capacity, allocation, "
+                       "available, mode, owner, grp) VALUES(?,?,?,?,?,?,?)",
+                       (pool.name, pool.capacity, pool.allocation, pool.available,
+                        perms.mode, perms.owner, perms.group))
+
+    def _fill_last_known(self, pool: PoolDef) -> bool:
+        r = self.state.store.query_one("SELECT * FROM pool_runtime WHERE name=?", (pool.name,))
+        if r is None:
+            return False
+        pool.capacity, pool.allocation, pool.available = (
+            r["capacity"], r["allocation"], r["available"])
+        if r["mode"] is not None:
+            pool.target = dataclasses.replace(pool.target, permissions=Permissions(
+                mode=r["mode"], owner=r["owner"], group=r["grp"],
+                label=pool.target.permissions.label))
+        return True
 
     # -- definitions -----------------------------------------------------------
     def _parse_new(self, xml: str) -> PoolDef:
@@ -182,6 +236,7 @@ class PoolManager:
                                        f"'{name}' is still active")
             self.state.remove_def_file(name)
             db.execute("DELETE FROM pools WHERE name=?", (name,))
+            db.execute("DELETE FROM pool_runtime WHERE name=?", (name,))
             db.execute("DELETE FROM volumes WHERE pool=?", (name,))
         self.state.backend.drop(name)
         self._emit("undefined", name)
@@ -242,6 +297,7 @@ class PoolManager:
                                        f"'{name}' is already active")
             db.execute("UPDATE pools SET active=1, live_xml=?, target_path=? WHERE name=?",
                        (format_pool_xml(pool, inactive=True), pool.target.path, name))
+        self._remember(pool)
         self._emit("started", name)
 
     def stop(self, name: str) -> None:
@@ -257,6 +313,8 @@ class PoolManager:
                 raise OperationInvalid(f"Requested operation is not valid: pool '{name}' "
                                        "has asynchronous jobs running")
             pool = self.state.definition(row)
+            if row.persistent:
+                self._remember(dataclasses.replace(pool))
             self.state.backend(row.type, row.name).stop(pool)
             nesting.detach_sources(self.state, pool)
             if row.persistent:
@@ -264,6 +322,7 @@ class PoolManager:
             else:
                 db.execute("DELETE FROM pools WHERE name=?", (name,))
                 db.execute("DELETE FROM volumes WHERE pool=?", (name,))
+                db.execute("DELETE FROM pool_runtime WHERE name=?", (name,))
         if not row.persistent:
             self.state.backend.drop(name)
         self._emit("stopped", name)
@@ -284,7 +343,9 @@ class PoolManager:
         if not row.active:
             raise OperationInvalid(f"Requested operation is not valid: storage pool "
                                    f"'{name}' is not active")
-        self._scan_into_index(self.state.definition(row))
+        pool = self.state.definition(row)
+        self._scan_into_index(pool)
+        self._remember(pool)
         self._emit("refreshed", name)
 
     def _scan_into_index(self, pool: PoolDef) -> None:

@@ -98,6 +98,15 @@ CREATE TABLE IF NOT EXISTS events(
     name TEXT,
     job TEXT
 );
+CREATE TABLE IF NOT EXISTS pool_runtime(
+    name TEXT PRIMARY KEY,
+    capacity INTEGER NOT NULL,
+    allocation INTEGER NOT NULL,
+    available INTEGER NOT NULL,
+    mode INTEGER,
+    owner INTEGER,
+    grp INTEGER
+);
 CREATE TABLE IF NOT EXISTS snapshots(
     pool TEXT NOT NULL,
     volume TEXT NOT NULL,

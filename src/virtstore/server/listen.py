@@ -66,6 +66,8 @@ class Server:
         self._refused: dict[str, tuple[float, int]] = {}  # listener: last logged, since
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Open connections, so that a stop can end them (event streams never end alone).
+        self._conns: dict[threading.Thread, socket.socket] = {}
         self._wake_r, self._wake_w = socket.socketpair()
 
     def serve_forever(self) -> None:
@@ -138,6 +140,8 @@ class Server:
             return
         t = threading.Thread(target=self._run, args=(lst, sock, peer, key), daemon=True,
                              name=f"conn-{lst.kind}")
+        with self._lock:
+            self._conns[t] = sock
         t.start()
 
     def _refuse(self, lst: Listener, sock: socket.socket, why: str) -> None:
@@ -177,6 +181,8 @@ class Server:
                 if cert:
                     peer.cert_subject = _subject(cert)
                 sock = tls_sock
+                with self._lock:
+                    self._conns[threading.current_thread()] = sock
             HTTPConnection(sock, peer, self.app, head_timeout=self.limits.head_timeout).serve()
         except Exception:
             log.exception("connection on %s failed", lst.label)
@@ -187,6 +193,7 @@ class Server:
         finally:
             with self._lock:
                 self._count(lst.kind, key, -1)
+                self._conns.pop(threading.current_thread(), None)
 
     def _counted(self, app: Callable[[Request], Response]) -> Callable[[Request], Response]:
         def call(req: Request) -> Response:
@@ -209,6 +216,25 @@ class Server:
             if not busy or time.monotonic() >= deadline:
                 return busy
             time.sleep(0.05)
+
+    def close_connections(self, timeout: float,
+                          unblock: Callable[[], None] | None = None) -> int:
+        """After shutdown and drain: end every open connection (idle keep-alives, event
+        streams) and wait for their threads; how many were open. ``unblock`` wakes
+        handlers waiting inside the engine, once their sockets are shut."""
+        with self._lock:
+            conns = list(self._conns.items())
+        for _, sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed by its thread meanwhile
+        if unblock is not None:
+            unblock()
+        deadline = time.monotonic() + timeout
+        for thread, _ in conns:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return len(conns)
 
     def active_connections(self) -> int:
         with self._lock:

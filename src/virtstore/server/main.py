@@ -97,7 +97,12 @@ def _pid_lock(run_dir: str) -> Iterator[None]:
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        try:
+            yield
+        finally:
+            # Still holding the lock: no other daemon can have written it since.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     finally:
         os.close(fd)
 
@@ -149,8 +154,9 @@ def serve(opts: Options) -> None:
         log.info("opening the engine on %s", root)
         # Confined: the daemon acts for callers who may not own the host's files.
         conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots),
-                                  cluster=_cluster_config(opts))
+                                  cluster=_cluster_config(opts), default_pool=True)
         listeners: list[Listener] = []
+        summary = "stopped"
         try:
             listeners.append(Listener(_bind_unix(rw_path, 0o600), "unix-rw",
                                       f"unix://{rw_path}"))
@@ -171,8 +177,10 @@ def serve(opts: Options) -> None:
                             head_timeout=opts.head_timeout)
             server = Server(app, listeners, limits=limits)
 
+            stopped_by: list[int] = []
+
             def stop(signum: int, frame: object) -> None:
-                log.info("signal %d: stopping", signum)
+                stopped_by.append(signum)
                 server.shutdown()
 
             signal.signal(signal.SIGTERM, stop)
@@ -184,8 +192,16 @@ def serve(opts: Options) -> None:
             for lst in listeners:
                 lst.sock.close()
             left = server.drain(DRAIN_TIMEOUT)
+            closed = server.close_connections(DRAIN_TIMEOUT, conn.stop_waiting)
+            # Jobs started for clients run here: let them finish, else cancel them, so
+            # that none is left half done under its final name.
+            cancelled = conn.stop_jobs(DRAIN_TIMEOUT)
+            how = (f"signal {signal.Signals(stopped_by[0]).name}" if stopped_by
+                   else "request")
+            summary = (f"stopped on {how}: {closed} connection(s) closed, "
+                       f"{cancelled} job(s) cancelled")
             if left:
-                log.warning("stopping with %d request(s) still running", left)
+                summary += f", {left} request(s) cut short"
         finally:
             for lst in listeners:
                 lst.sock.close()
@@ -193,7 +209,7 @@ def serve(opts: Options) -> None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             conn.close()
-    log.info("stopped")
+    log.info("%s", summary)
 
 
 def main(argv: list[str] | None = None) -> int:

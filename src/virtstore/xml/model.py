@@ -148,6 +148,7 @@ class BackingStore:
     path: str
     format: str | None = None
     permissions: Permissions = field(default_factory=Permissions)
+    timestamps: Timestamps | None = None
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from virtstore.errors import XMLError
+from virtstore.errors import InvalidArgument, XMLError
 
 UINT64_MAX = 2**64 - 1
 INT64_MAX = 2**63 - 1  # off_t is signed: libvirt caps capacity and allocation here
@@ -63,3 +63,29 @@ def format_size_human(n: int) -> tuple[float, str]:
             return n / (limit // 1024), unit
         limit *= 1024
     return n / (limit // 1024), _HUMAN_UNITS[-1]
+
+
+def parse_scaled(text: str, what: str = "size") -> int:
+    """A size as virsh's scaled integers take it: ``100`` bytes, ``10G``/``10GiB``
+    (powers of 1024), ``10GB`` (powers of 1000), suffix case-insensitive; no sign,
+    no fraction. Raises InvalidArgument("Malformed size -5G") like virsh."""
+    m = re.fullmatch(r"([0-9]+)\s*([A-Za-z]*)", text)
+    if m is None:
+        raise InvalidArgument(f"Malformed {what} {text}")
+    number, suffix = m.groups()
+    try:
+        return parse_size(number, suffix or None)
+    except (InvalidArgument, ValueError) as err:
+        raise InvalidArgument(f"Malformed {what} {text}: {err}") from None
+
+
+def size_arg(value: int | str, what: str = "size") -> int:
+    """A size given to the Python API: bytes as an int, or virsh's scaled integer."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidArgument(f"{what} must be an int or a size such as '10G', "
+                              f"not {type(value).__name__}")
+    if isinstance(value, str):
+        return parse_scaled(value.strip(), what)
+    if value < 0:
+        raise InvalidArgument(f"Malformed {what} {value}")
+    return value

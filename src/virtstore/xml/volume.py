@@ -200,6 +200,7 @@ def format_volume_xml(vol: VolDef, pool: PoolDef) -> str:
         if ptype.vol_formats:
             out.line(f"<format type='{esc(bs.format or ptype.default_vol_format)}'/>")
         format_permissions(out, bs.permissions)
+        _format_timestamps(out, bs.timestamps)
         out.close("</backingStore>")
     out.close("</volume>")
     return out.text()
