@@ -51,6 +51,20 @@ class VolumeInfo:
         return asdict(self)
 
 
+# How a page of volumes may be sorted ('-' before one: descending).
+VOLUME_SORT_KEYS = ("name", "type", "format", "capacity", "allocation")
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class VolumePage:
+    """One page of a pool's volumes, sorted and filtered, and how many match in all."""
+
+    total: int
+    offset: int
+    volumes: list[VolumeInfo]
+
+
 @dataclass(frozen=True)
 class SecretInfo:
     uuid: str

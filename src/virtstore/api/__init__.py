@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from typing import Any, BinaryIO
 
-from virtstore.errors import InternalError, Unsupported
+from virtstore.errors import InternalError, InvalidArgument, Unsupported
 from virtstore.types import (
     JOB_CANCELLED,
     JOB_DONE,
@@ -19,11 +19,13 @@ from virtstore.types import (
     JOB_FINAL,
     JOB_QUEUED,
     JOB_RUNNING,
+    MAX_PAGE,
     POOL_BUILDING,
     POOL_DEGRADED,
     POOL_INACCESSIBLE,
     POOL_INACTIVE,
     POOL_RUNNING,
+    VOLUME_SORT_KEYS,
     Event,
     JobInfo,
     NbdExport,
@@ -33,6 +35,7 @@ from virtstore.types import (
     SnapshotInfo,
     VolumeCreateArgs,
     VolumeInfo,
+    VolumePage,
     default_root,
 )
 
@@ -62,9 +65,22 @@ __all__ = [
     "Volume",
     "VolumeCreateArgs",
     "VolumeInfo",
+    "VolumePage",
     "default_root",
     "size_arg",
 ]
+
+
+def check_page(offset: int, limit: int, sort: str) -> tuple[str, bool]:
+    """The sort key and whether it is descending; InvalidArgument for a bad page."""
+    key = sort.removeprefix("-")
+    if key not in VOLUME_SORT_KEYS:
+        raise InvalidArgument(f"cannot sort volumes by '{sort}': one of "
+                              f"{', '.join(VOLUME_SORT_KEYS)}, '-' first for descending")
+    if offset < 0 or not 1 <= limit <= MAX_PAGE:
+        raise InvalidArgument(f"a page has 1 to {MAX_PAGE} volumes from an offset of 0 or "
+                              "more")
+    return key, sort.startswith("-")
 
 
 class Connection(abc.ABC):
@@ -143,6 +159,21 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def list_volumes(self, pool: str) -> list[VolumeInfo]:
         """All volumes of an active pool from the index, in name order (one query)."""
+
+    def list_volumes_page(self, pool: str, *, offset: int = 0, limit: int = 100,
+                          sort: str = "name", filter: str = "") -> VolumePage:
+        """``limit`` volumes from ``offset``, of those whose name contains ``filter``
+        (case-insensitive), ordered by ``sort`` (a key of ``VOLUME_SORT_KEYS``, '-' first
+        for descending; ties in name order); with how many match in all."""
+        key, desc = check_page(offset, limit, sort)
+        flt = filter.casefold()
+        vols = [v for v in self.list_volumes(pool) if flt in v.name.casefold()]
+        if key != "name":
+            blank = "" if key in ("type", "format") else 0
+            vols.sort(key=lambda v: getattr(v, key) or blank)
+        if desc:
+            vols.reverse()
+        return VolumePage(len(vols), offset, vols[offset:offset + limit])
 
     @abc.abstractmethod
     def volume_info(self, pool: str, name: str) -> VolumeInfo:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
-from virtstore.api import Connection
+from virtstore.api import Connection, check_page
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.backup.ops import BackupOps
 from virtstore.engine import journal
@@ -34,6 +34,7 @@ from virtstore.types import (
     SnapshotInfo,
     VolumeCreateArgs,
     VolumeInfo,
+    VolumePage,
 )
 
 log = logging.getLogger("virtstore")
@@ -255,6 +256,12 @@ class EmbeddedConnection(Connection):
     def list_volumes(self, pool: str) -> list[VolumeInfo]:
         self._require_active(pool)
         return self.index.list(pool)
+
+    def list_volumes_page(self, pool: str, *, offset: int = 0, limit: int = 100,
+                          sort: str = "name", filter: str = "") -> VolumePage:
+        key, desc = check_page(offset, limit, sort)
+        self._require_active(pool)
+        return self.index.page(pool, offset, limit, key, desc, filter)
 
     def volume_info(self, pool: str, name: str) -> VolumeInfo:
         self._require_active(pool)

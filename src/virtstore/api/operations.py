@@ -25,6 +25,7 @@ from virtstore.types import (
     SnapshotInfo,
     VolumeCreateArgs,
     VolumeInfo,
+    VolumePage,
 )
 
 # Access: ``read`` is allowed to read-only callers; ``write`` changes something;
@@ -153,6 +154,10 @@ OPS: tuple[Op, ...] = (
        call=False, custom=True),
     Op("version", "GET", "/v1/version", "Server version, API level and the caller's role",
        result=OBJECT, call=False, custom=True),
+    Op("download_ticket", "POST", "/v1/tickets",
+       "A ticket for one GET of a volume's download path within a minute, given as "
+       "?ticket= instead of the Authorization header (a browser's link cannot send one)",
+       (_b("path", required=True),), SECRET, OBJECT, call=False, custom=True),
     Op("pool_capabilities_xml", "GET", "/v1/capabilities",
        "Pool capabilities (libvirt's XML)", result=XML),
     Op("pool_type_features", "GET", "/v1/pool-types",
@@ -216,6 +221,13 @@ OPS: tuple[Op, ...] = (
        (_q("path", required=True),), result=RECORD, record=VolumeInfo, select="path"),
     Op("list_volumes", "GET", "/v1/pools/{pool}/volumes", "The pool's volumes, in name order",
        (IN_POOL,), result=RECORDS, record=VolumeInfo),
+    Op("list_volumes_page", "GET", "/v1/pools/{pool}/volumes",
+       "A page of the pool's volumes (with limit): from offset, sorted by sort (name, type, "
+       "format, capacity, allocation; '-' first: descending), names containing filter; "
+       "and how many match",
+       (IN_POOL, _q("offset", int, default=0), _q("limit", int, required=True, minimum=1),
+        _q("sort", default="name"), _q("filter", default="")),
+       result=RECORD, record=VolumePage, select="limit"),
     Op("volume_create", "POST", "/v1/pools/{pool}/volumes",
        "Create a volume: from XML, from arguments, or (with source) filled from another "
        "volume as a job",

@@ -21,6 +21,8 @@ from virtstore.api import (
     Connection,
     Event,
     JobInfo,
+    VolumeInfo,
+    VolumePage,
 )
 from virtstore.api.operations import (
     BODY,
@@ -46,6 +48,8 @@ _WAIT_STEP = 55.0
 def _record(cls: type, d: dict[str, Any]) -> Any:
     if cls is Event and d.get("job"):
         d = {**d, "job": JobInfo(**d["job"])}
+    elif cls is VolumePage:
+        d = {**d, "volumes": [VolumeInfo(**v) for v in d["volumes"]]}
     return cls(**d)
 
 
@@ -182,6 +186,7 @@ class RemoteConnection(Connection):
     import_libvirt_pools = _remote("import_libvirt_pools")
     # -- volumes ---------------------------------------------------------------
     list_volumes = _remote("list_volumes")
+    list_volumes_page = _remote("list_volumes_page")
     volume_info = _remote("volume_info")
     volume_lookup_by_key = _remote("volume_lookup_by_key")
     volume_lookup_by_path = _remote("volume_lookup_by_path")

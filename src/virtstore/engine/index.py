@@ -23,7 +23,7 @@ from virtstore.backends.base import ScanResult, Stamp, VolumeRecord
 from virtstore.engine.store import Store
 from virtstore.errors import NoSuchVolume
 from virtstore.host.files import live_stat
-from virtstore.types import VolumeInfo
+from virtstore.types import VolumeInfo, VolumePage
 
 _COLS = ("pool, name, type, format, capacity, allocation, physical, ino, size, mtime_ns, "
          "ctime_ns, state, path, key, extra")
@@ -113,6 +113,25 @@ class VolumeIndex:
         rows = self.store.query(f"{_SELECT_INFO} WHERE v.pool=? AND v.state='ready' "
                                 "ORDER BY v.name", (pool,))
         return [_info(r) for r in rows]
+
+    def page(self, pool: str, offset: int, limit: int, key: str, desc: bool,
+             flt: str) -> VolumePage:
+        """One query for the count and one for the rows: the name order comes from the
+        primary key, other orders sort only the matching rows."""
+        where = "v.pool=? AND v.state='ready'"
+        args: list[object] = [pool]
+        if flt:
+            # LIKE is case-insensitive for ASCII; escape its wildcards in the filter.
+            esc = flt.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where += " AND v.name LIKE ? ESCAPE '\\'"
+            args.append(f"%{esc}%")
+        count = self.store.query_one(f"SELECT count(*) AS n FROM volumes v WHERE {where}",
+                                     tuple(args))
+        order = "DESC" if desc else "ASC"
+        by = f"v.name {order}" if key == "name" else f"v.{key} {order}, v.name"
+        rows = self.store.query(f"{_SELECT_INFO} WHERE {where} ORDER BY {by} LIMIT ? OFFSET ?",
+                                (*args, limit, offset))
+        return VolumePage(int(count["n"]) if count else 0, offset, [_info(r) for r in rows])
 
     def get(self, pool: str, name: str) -> VolumeRecord:
         row = self.store.query_one(f"{_SELECT_REC} WHERE v.pool=? AND v.name=? AND "

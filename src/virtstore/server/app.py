@@ -29,7 +29,7 @@ from virtstore.api.operations import (
     Op,
 )
 from virtstore.errors import Forbidden, InvalidArgument, VirtstoreError
-from virtstore.server import streams
+from virtstore.server import streams, web
 from virtstore.server.auth import Authenticator
 from virtstore.server.http import ClientGone, HTTPError, Request, Response, error_response
 from virtstore.server.wire import (
@@ -106,6 +106,11 @@ class App:
 
     def __call__(self, req: Request) -> Response:
         route_: Route | None = None
+        if web.is_page(req):
+            try:
+                return web.serve(req)
+            except HTTPError as err:
+                return error_response(err)
         try:
             role = self.auth.authenticate(req)
             route_, params = self._match(req)
@@ -195,6 +200,12 @@ class App:
         return json_response({"version": __version__, "api": 1,
                               "role": self.auth.role_of(req)})
 
+    def download_ticket(self, req: Request, p: list[str]) -> Response:
+        op = BY_NAME["download_ticket"]
+        bound = bind(op, req, p, load(req, (op,)))
+        ticket = self.auth.ticket(req, bound["path"])
+        return json_response({"ticket": ticket, "url": f"{bound['path']}?ticket={ticket}"})
+
     def _confine_remote(self, req: Request, xml: str) -> None:
         """A remote caller names host directories only under the configured roots."""
         if req.peer.listener != "tcp":
@@ -228,6 +239,7 @@ class App:
 _OWN: dict[str, Handler] = {
     "openapi": App.openapi,
     "version": App.version,
+    "download_ticket": App.download_ticket,
     "pool_define_xml": App.pools_post,
     "pool_redefine_xml": App.pool_put,
     "volume_upload": lambda app, req, p: streams.volume_upload(app.conn, req, p),

@@ -3,16 +3,26 @@
 - The read-write unix socket (0600, root's): the peer's uid (SO_PEERCRED) must be root
   or the daemon's own; role ``rw``.
 - The read-only unix socket (0666): anyone; role ``ro``.
-- TCP (always TLS): an ``Authorization: Bearer TOKEN`` header naming a token of the
-  tokens file; its role is the token's. No token or an unknown one: 401.
+- TCP (TLS, or plain HTTP on loopback for the web page): an ``Authorization: Bearer
+  TOKEN`` header naming a token of the tokens file (or one of the web page's, made at
+  start); its role is the token's. No token or an unknown one: 401.
+- A download ticket (``?ticket=``) instead of the header, for one GET of one volume's
+  bytes: a browser's link cannot carry a header. A read-write caller asks for it; it is
+  good once, for a minute, and only for the path it names.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import logging
 import os
+import re
+import secrets
 import stat
+import threading
+import time
 from dataclasses import dataclass
 
 from virtstore.errors import InvalidArgument
@@ -20,6 +30,9 @@ from virtstore.server.http import HTTPError, Request
 
 log = logging.getLogger("virtstored")
 ROLES = ("ro", "rw")
+TICKET_TTL = 60
+# The only requests a ticket stands in for: a volume's bytes.
+TICKET_PATH = re.compile(r"/v1/pools/[^/?#]+/volumes/[^/?#]+/download")
 
 
 @dataclass(frozen=True)
@@ -58,10 +71,72 @@ def load_tokens(path: str) -> dict[bytes, Token]:
     return tokens
 
 
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_token_file(path: str, token: str) -> None:
+    """The token alone, readable by the daemon's user only (the file is made anew)."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, f"{token}\n".encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class Authenticator:
     def __init__(self, tokens: dict[bytes, Token] | None = None) -> None:
         self.tokens = tokens or {}
         self.own_uid = os.geteuid()
+        self._ticket_key = os.urandom(32)  # tickets die with the daemon
+        self._redeemed: dict[str, float] = {}  # ticket MAC: expiry
+        self._lock = threading.Lock()
+
+    def add_token(self, token: str, role: str, name: str) -> None:
+        self.tokens[_digest(token)] = Token(name, role)
+
+    def _mac(self, expiry: int, name: str, path: str) -> str:
+        msg = f"{expiry}\n{name}\n{path}".encode()
+        return hmac.new(self._ticket_key, msg, hashlib.sha256).hexdigest()
+
+    def ticket(self, req: Request, path: str) -> str:
+        """A ticket for one GET of ``path`` (a volume's download) by ``req``'s caller."""
+        if not TICKET_PATH.fullmatch(path):
+            raise InvalidArgument("a ticket is only for a volume's download: "
+                                  "/v1/pools/POOL/volumes/VOLUME/download")
+        name = req.who.split("@", 1)[0]
+        expiry = int(time.time()) + TICKET_TTL
+        who = base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+        return f"{expiry}.{who}.{self._mac(expiry, name, path)}"
+
+    def _redeem(self, req: Request, ticket: str) -> str:
+        try:
+            expiry_s, who, mac = ticket.split(".")
+            name = base64.urlsafe_b64decode(who + "=" * (-len(who) % 4)).decode()
+            expiry = int(expiry_s)
+        except (ValueError, UnicodeDecodeError):
+            expiry, name, mac = 0, "", ""
+        now = time.time()
+        good = (expiry >= now and TICKET_PATH.fullmatch(req.raw_path) is not None
+                and hmac.compare_digest(mac, self._mac(expiry, name, req.raw_path)))
+        with self._lock:
+            for old in [m for m, e in self._redeemed.items() if e < now]:
+                del self._redeemed[old]
+            if good and mac in self._redeemed:
+                good = False
+            elif good:
+                self._redeemed[mac] = expiry
+        if not good:
+            log.warning("authentication failed: bad or used ticket from %s for %s %s",
+                        req.peer.addr, req.method, req.raw_path)
+            raise HTTPError(401, "auth-failed", "authentication failed: the download "
+                            "ticket is unknown, expired or used")
+        req.who = f"ticket:{name}@{req.peer.addr}"
+        return "rw"
 
     def authenticate(self, req: Request) -> str:
         """The request's role (``ro``/``rw``); sets ``req.who`` for the audit log."""
@@ -78,6 +153,8 @@ class Authenticator:
             return "ro"
         cert = f" cert:{peer.cert_subject}" if peer.cert_subject else ""
         auth = req.headers.get("authorization", "")
+        if not auth and "ticket" in req.query and req.method == "GET":
+            return self._redeem(req, req.query.pop("ticket"))
         scheme, _, value = auth.partition(" ")
         token = self.tokens.get(_digest(value.strip())) if scheme.lower() == "bearer" else None
         if token is None:

@@ -26,6 +26,8 @@ class Options:
     root: str | None = None
     socket_dir: str | None = None  # default ROOT/run
     listen: str | None = None  # HOST:PORT, TLS
+    # HOST:PORT on loopback, plain HTTP: the web page (and the API) for this host's user
+    web: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None  # clients must present a certificate signed by it
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
                    "as root)")
     p.add_argument("--socket-dir", help="directory of the unix sockets (default ROOT/run)")
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve HTTPS on this address")
+    p.add_argument("--web", metavar="HOST:PORT", help="also serve the web page and the API "
+                   "over plain HTTP on this loopback address (e.g. 127.0.0.1:8080); its "
+                   "login tokens are written to RUN/web-token and RUN/web-token-ro")
     p.add_argument("--tls-cert", help="server certificate (PEM) for --listen")
     p.add_argument("--tls-key", help="server private key (PEM) for --listen")
     p.add_argument("--tls-ca", help="require client certificates signed by this CA")
@@ -187,7 +192,24 @@ def load(argv: list[str] | None = None) -> Options:
     if opts.listen and not (opts.tls_cert and opts.tls_key):
         raise InvalidArgument("--listen needs --tls-cert and --tls-key: TCP is served over "
                               "TLS only")
+    if opts.web:
+        check_loopback(opts.web)
     return opts
+
+
+def check_loopback(value: str) -> None:
+    """Plain HTTP carries bearer tokens in the clear: only on this host's loopback."""
+    import ipaddress
+
+    host, _ = parse_listen(value)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise InvalidArgument(f"--web serves plain HTTP: it binds a loopback address only "
+                              f"(127.0.0.1, ::1), not '{host}'; use --listen with TLS for "
+                              "other hosts")
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from virtstore.errors import InvalidArgument, VirtstoreError
+from virtstore.server.auth import Authenticator, new_token, write_token_file
 from virtstore.server.config import Options, load, parse_listen
 from virtstore.server.http import Limits
 from virtstore.server.listen import Listener, Server
@@ -70,7 +71,8 @@ def _tls_context(opts: Options) -> ssl.SSLContext:
     return ctx
 
 
-def _bind_tcp(value: str, ctx: ssl.SSLContext) -> Listener:
+def _bind_tcp(value: str, ctx: ssl.SSLContext | None) -> Listener:
+    """A TCP listener: TLS with ``ctx``, plain HTTP (the loopback web listener) without."""
     host, port = parse_listen(value)
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
@@ -80,7 +82,21 @@ def _bind_tcp(value: str, ctx: ssl.SSLContext) -> Listener:
     sock.listen(128)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
-    return Listener(sock, "tcp", f"https://{shown}:{bound[1]}", ctx)
+    scheme = "http" if ctx is None else "https"
+    return Listener(sock, "tcp", f"{scheme}://{shown}:{bound[1]}", ctx)
+
+
+def _web_tokens(run_dir: str, auth: Authenticator) -> str:
+    """Fresh login tokens for the web page at each start (read-write and read-only), in
+    root-only files beside the sockets: whoever can read them is root already, as for
+    the read-write socket. Returns the read-write file's path."""
+    paths = {}
+    for role, name in (("rw", "web-token"), ("ro", "web-token-ro")):
+        token = new_token()
+        paths[role] = os.path.join(run_dir, name)
+        write_token_file(paths[role], token)
+        auth.add_token(token, role, "web" if role == "rw" else "web-ro")
+    return paths["rw"]
 
 
 @contextlib.contextmanager
@@ -133,7 +149,7 @@ def serve(opts: Options) -> None:
     from virtstore.api.embedded import EmbeddedConnection
     from virtstore.engine.confine import Confinement
     from virtstore.server.app import App
-    from virtstore.server.auth import Authenticator, load_tokens
+    from virtstore.server.auth import load_tokens
     from virtstore.server.openapi import document_bytes
     from virtstore.types import default_root
 
@@ -168,7 +184,12 @@ def serve(opts: Options) -> None:
                 if not tokens:
                     log.warning("no tokens configured: every request over TCP will be "
                                 "refused (401)")
-            app = App(conn, Authenticator(tokens), document_bytes,
+            auth = Authenticator(tokens)
+            web_note = ""
+            if opts.web:
+                listeners.append(_bind_tcp(opts.web, None))
+                web_note = f" (log in with the token in {_web_tokens(run_dir, auth)})"
+            app = App(conn, auth, document_bytes,
                       remote_pool_roots=opts.remote_pool_roots)
             assert opts.rw_reserve is not None  # load() sets it
             limits = Limits(total=opts.max_connections, rw_reserve=opts.rw_reserve,
@@ -187,6 +208,8 @@ def serve(opts: Options) -> None:
             signal.signal(signal.SIGINT, stop)
             for lst in listeners:
                 log.info("listening on %s (%s)", lst.label, lst.kind)
+            if opts.web:
+                log.info("web page: %s/%s", listeners[-1].label, web_note)
             _notify_systemd()
             server.serve_forever()
             for lst in listeners:

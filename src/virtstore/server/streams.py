@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from typing import Any
+from urllib.parse import quote
 
 from virtstore.api import Connection
 from virtstore.api.operations import BY_NAME, MAX_INT
@@ -55,6 +56,9 @@ def volume_download(conn: Connection, req: Request, p: list[str]) -> Response:
 
     def run(writer: StreamWriter) -> Response | None:
         sink = _LazySink(writer, SPARSE if framed else OCTETS)
+        # A browser following a download link saves the bytes under the volume's name.
+        sink.extra = [("Content-Disposition",
+                       f"attachment; filename*=UTF-8''{quote(a['name'], safe='')}")]
         try:
             try:
                 job = conn.volume_download(a["pool"], a["name"], sink,  # type: ignore[arg-type]
@@ -74,7 +78,8 @@ def volume_download(conn: Connection, req: Request, p: list[str]) -> Response:
                 return None  # the connection closes without the last chunk
             return job_final(job)
         if not writer.started:
-            writer.start(200, SPARSE if framed else OCTETS, [("X-Virtstore-Job", job.id)])
+            writer.start(200, SPARSE if framed else OCTETS,
+                         [("X-Virtstore-Job", job.id), *sink.extra])
         if sink.encoder is not None:
             sink.encoder.finish()
         writer.finish()
@@ -135,6 +140,7 @@ class _LazySink:
         self.writer = writer
         self.content_type = content_type
         self.job_id: str | None = None
+        self.extra: list[tuple[str, str]] = []
         self.job_known = threading.Event()
         self.encoder = SparseEncoder(self._send) if content_type == SPARSE else None
 
@@ -146,7 +152,7 @@ class _LazySink:
             # An engine that copies before returning never sets it: go on without.
             self.job_known.wait(2.0)
             headers = [("X-Virtstore-Job", self.job_id)] if self.job_id else []
-            self.writer.start(200, self.content_type, headers)
+            self.writer.start(200, self.content_type, headers + self.extra)
         if self.encoder is not None:
             return self.encoder.write(data)
         return self.writer.write(data)

@@ -238,6 +238,8 @@ def flat(obj: Any) -> dict[str, Any]:
     d = dict(obj.__dict__)
     if d.get("job") is not None:  # an event's job
         d["job"] = dict(d["job"].__dict__)
+    elif isinstance(d.get("volumes"), list):  # a page of volumes
+        d["volumes"] = [dict(v.__dict__) for v in d["volumes"]]
     return d
 
 
