@@ -7,10 +7,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.server_fixtures import start_daemon
 from tests.web_fixtures import Web, browser_fixture, open_page, web_daemon_fixture
 
-__all__ = ["browser_fixture", "start_daemon", "web_daemon_fixture"]
+__all__ = ["browser_fixture", "web_daemon_fixture"]
 
 
 def test_define_pool_and_create_volume_from_the_page(web_daemon: Web, browser: Any) -> None:

@@ -309,8 +309,13 @@ async function openVolume(name) {
   const path = volPath(pool, name);
   $("#vd-actions").replaceChildren(
     button("Download", async () => {
-      const t = await api("POST", "/v1/tickets", { json: { path } });
-      el("a", { href: t.url, download: name }).click();
+      // A link cannot send the Authorization header: a one-time ticket stands in for it,
+      // and the browser streams the bytes to disk itself.
+      const t = await api("POST", "/v1/tickets", { json: { path: `${path}/download` } });
+      const a = el("a", { href: t.url, download: name, hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
     }, { name: `Download volume ${name}` }),
     button("Wipe", async () => {
       if (!confirm(`Overwrite all of ${name} with zeros?`)) return;
