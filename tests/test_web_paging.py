@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from tests.server_fixtures import Setup, setup_fixture
 from tests.web_fixtures import Web, browser_fixture, open_page, web_daemon_fixture
 
 import virtstore
+from virtstore.errors import InvalidArgument
 
-__all__ = ["browser_fixture", "web_daemon_fixture"]
+__all__ = ["browser_fixture", "setup_fixture", "web_daemon_fixture"]
 COUNT = 3000
 
 
@@ -67,3 +70,30 @@ def test_paging_sorting_filtering(web_daemon: Web, browser: Any) -> None:
                            ".getAttribute('aria-sort') === 'descending'")
     page.wait_for_function("() => document.querySelector('#vol-table tbody tr')"
                            ".dataset.volume === 'vol-01203.img'")
+
+
+def test_volume_page_from_the_python_api(setup: Setup) -> None:
+    """list_volumes_page answers the same embedded and remote; list_volumes is unchanged."""
+    conn, _, tmp = setup
+    target = tmp / "pp"
+    conn.pool_define_xml(f"<pool type='dir'><name>pp</name><target><path>{target}</path>"
+                         "</target></pool>")
+    conn.pool_start("pp", build=True)
+    for i, name in enumerate(["b_1.raw", "a.raw", "B2.raw", "c.raw", "b%x.raw"]):
+        conn.volume_create("pp", virtstore.VolumeCreateArgs(name=name, capacity=(i + 1) * 1024,
+                                                            format="raw"))
+    page = conn.list_volumes_page("pp", limit=2)
+    assert page.total == 5 and page.offset == 0
+    assert [v.name for v in page.volumes] == ["B2.raw", "a.raw"]
+    page = conn.list_volumes_page("pp", offset=2, limit=2, sort="-capacity")
+    assert [v.name for v in page.volumes] == ["B2.raw", "a.raw"]
+    # The filter is a substring, case-insensitive; % and _ are no wildcards.
+    assert [v.name for v in conn.list_volumes_page("pp", filter="b").volumes] == [
+        "B2.raw", "b%x.raw", "b_1.raw"]
+    assert [v.name for v in conn.list_volumes_page("pp", filter="b_").volumes] == ["b_1.raw"]
+    assert [v.name for v in conn.list_volumes_page("pp", filter="%").volumes] == ["b%x.raw"]
+    assert len(conn.list_volumes("pp")) == 5
+    with pytest.raises(InvalidArgument):
+        conn.list_volumes_page("pp", sort="path")
+    with pytest.raises(InvalidArgument):
+        conn.list_volumes_page("pp", limit=0)
