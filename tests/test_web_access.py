@@ -9,9 +9,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import pytest
 from tests.web_fixtures import Web, browser_fixture, open_page, web_daemon_fixture
 
 import virtstore
+from virtstore.errors import InvalidArgument
+from virtstore.server.config import load
 
 __all__ = ["browser_fixture", "web_daemon_fixture"]
 
@@ -103,3 +106,21 @@ def test_without_a_token_only_the_page_is_served_and_tickets_are_single_use(
         urllib.request.urlopen(base + other)
     except urllib.error.HTTPError as err:
         assert err.code == 401
+
+
+def test_token_in_the_link_logs_in_and_leaves_the_address(web_daemon: Web,
+                                                          browser: Any) -> None:
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(f"{web_daemon.url}#token={web_daemon.rw_token}")
+    page.wait_for_selector("#app:not([hidden])")
+    assert "read-write" in page.locator("#who").inner_text()
+    assert "token" not in page.url
+    ctx.close()
+
+
+def test_web_listener_only_on_loopback() -> None:
+    for where in ("0.0.0.0:8080", "192.0.2.1:8080", "example.org:8080"):
+        with pytest.raises(InvalidArgument, match="loopback"):
+            load(["--web", where])
+    assert load(["--web", "[::1]:0"]).web == "[::1]:0"
