@@ -194,3 +194,34 @@ def test_sparse_framing_on_the_wire(daemon: Daemon) -> None:
                     {"Content-Type": SPARSE})
         assert r.status == 400, (bad, r)
         assert vol.read_bytes() == data
+
+
+def test_conventions_for_curl_users(daemon: Daemon, tmp_path: Path) -> None:
+    """JSON without a Content-Type header, sizes as virsh's strings, and one OpenAPI tag
+    per resource."""
+    target = tmp_path / "c"
+    r = request(daemon.rw_socket, "POST", "/v1/pools?transient=true&build=true",
+                dir_pool_xml("c", target).encode(), {"Content-Type": "application/xml"})
+    assert r.status == 201, r.body
+    # curl -d '{...}' sends no JSON content type (or a form one, which is refused)
+    body = json.dumps({"name": "v.img", "capacity": "10M"}).encode()
+    r = request(daemon.rw_socket, "POST", "/v1/pools/c/volumes", body)
+    assert r.status == 201, r.body
+    assert (target / "v.img").stat().st_size == 10 << 20
+    r = request(daemon.rw_socket, "POST", "/v1/pools/c/volumes/v.img/resize",
+                json.dumps({"capacity": "1GiB"}).encode())
+    assert r.status == 202, r.body
+    job = r.json()["id"]  # type: ignore[index]
+    request(daemon.rw_socket, "GET", f"/v1/jobs/{job}/wait?timeout=30")
+    assert (target / "v.img").stat().st_size == 1 << 30
+    r = request(daemon.rw_socket, "POST", "/v1/pools/c/volumes",
+                json.dumps({"name": "w.img", "capacity": "ten"}).encode())
+    assert r.status == 400 and b"Malformed" in r.body
+    assert not (target / "w.img").exists()
+    doc = request(daemon.ro_socket, "GET", "/openapi.json").json()
+    tags = {m: op["tags"][0] for p, ops in doc["paths"].items()  # type: ignore[union-attr]
+            for m, op in ops.items() if p.startswith("/v1/pools/{pool}/volumes/{volume}/resize")}
+    assert tags == {"post": "volumes"}
+    all_tags = {op["tags"][0] for ops in doc["paths"].values()  # type: ignore[union-attr]
+                for op in ops.values()}
+    assert {"pools", "volumes", "snapshots", "jobs", "secrets", "host", "events"} <= all_tags

@@ -63,6 +63,7 @@ class Arg:
     minimum: int = 0  # for numbers
     fields: tuple[Arg, ...] = ()  # for a dict: its members, each required
     param: bool = True  # False: read by the server's handler, not passed to the method
+    size: bool = False  # bytes: an integer, or a size string as virsh takes it ("10G")
 
     @property
     def key(self) -> str:
@@ -231,8 +232,8 @@ OPS: tuple[Op, ...] = (
     Op("volume_create", "POST", "/v1/pools/{pool}/volumes",
        "Create a volume: from XML, from arguments, or (with source) filled from another "
        "volume as a job",
-       (IN_POOL, _b("name", required=True), _b("capacity", int, required=True),
-        _b("allocation", int), _b("format"), _b("backing_vol"), _b("backing_vol_format"),
+       (IN_POOL, _b("name", required=True), _b("capacity", int, required=True, size=True),
+        _b("allocation", int, size=True), _b("format"), _b("backing_vol"), _b("backing_vol_format"),
         _flag("prealloc_metadata", EITHER)),
        WRITE, RECORD, VolumeInfo, created=True, answer=("volume_info", "name"),
        pack=("args", VolumeCreateArgs)),
@@ -299,18 +300,19 @@ OPS: tuple[Op, ...] = (
         _flag("reflink"), _flag("linked"), _flag("prealloc_metadata"), BANDWIDTH),
        WRITE, RECORD, JobInfo, job=True),
     Op("volume_resize", "POST", _V + "/resize", "Resize the volume (a job)",
-       (*VOL, _b("capacity", int, required=True), _flag("delta"), _flag("shrink"),
+       (*VOL, _b("capacity", int, required=True, size=True), _flag("delta"), _flag("shrink"),
         _flag("allocate")), WRITE, RECORD, JobInfo, job=True),
     Op("volume_wipe", "POST", _V + "/wipe", "Wipe the volume (a job)",
        (*VOL, _b("algorithm", default="zero"), BANDWIDTH), WRITE, RECORD, JobInfo, job=True),
     Op("volume_upload", "PUT", _V + "/upload",
        "Write the request body into the volume (at offset); answers when done",
-       (*VOL, Arg("source", bytes, RAW, True), _q("offset", int, default=0),
-        _q("length", int), _q("sparse", bool, default=True), _q("bandwidth", int)),
+       (*VOL, Arg("source", bytes, RAW, True), _q("offset", int, default=0, size=True),
+        _q("length", int, size=True), _q("sparse", bool, default=True), _q("bandwidth", int)),
        WRITE, RECORD, JobInfo, custom=True),
     Op("volume_download", "GET", _V + "/download",
        "The volume's bytes (from offset, length bytes)",
-       (*VOL, _q("offset", int, default=0), _q("length", int), _q("bandwidth", int)),
+       (*VOL, _q("offset", int, default=0, size=True), _q("length", int, size=True),
+        _q("bandwidth", int)),
        SECRET, BYTES, custom=True),
     Op("volume_snapshot_list", "GET", _V + "/snapshots", "The volume's storage snapshots",
        VOL, result=RECORDS, record=SnapshotInfo),

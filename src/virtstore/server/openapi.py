@@ -93,9 +93,23 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+# The resource a path is about, for the document's tags: its last known noun.
+_TAGS = ("pools", "volumes", "snapshots", "jobs", "secrets", "host", "events", "backups",
+         "cluster", "leases", "capabilities", "pool-types", "pool-sources", "tickets")
+
+
+def _tag(path: str) -> str:
+    nouns = [seg for seg in path.strip("/").split("/") if seg in _TAGS]
+    return nouns[-1] if nouns else "misc"
+
+
 def _arg_schema(arg: Arg) -> dict[str, Any]:
     if arg.type is bool:
         return _BOOL
+    if arg.type is int and arg.size:
+        return {"oneOf": [{"type": "integer", "minimum": arg.minimum},
+                          {"type": "string", "pattern": "^[0-9]+ *[A-Za-z]*$",
+                           "description": "a size as virsh takes it: 10G, 512MiB, 1TB"}]}
     if arg.type is int:
         return {"type": "integer", "minimum": arg.minimum}
     if arg.type is float:
@@ -159,7 +173,7 @@ def _operation(r: Route) -> dict[str, Any]:
                 if arg.required and one:
                     required.append(arg.key)
     out: dict[str, Any] = {"operationId": ops[0].name, "summary": r.summary,
-                           "tags": [r.pattern[1] if len(r.pattern) > 1 else "misc"],
+                           "tags": [_tag(r.path)],
                            "x-operations": [op.name for op in ops]}
     if params:
         out["parameters"] = params

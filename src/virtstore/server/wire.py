@@ -26,6 +26,7 @@ from virtstore.api.operations import (
 )
 from virtstore.errors import InvalidArgument, error_for_code
 from virtstore.server.http import HTTPError, Request, Response
+from virtstore.xml.units import parse_scaled
 
 # Bodies other than volume data: definitions, JSON arguments, secret values.
 MAX_BODY = 1024 * 1024
@@ -105,6 +106,8 @@ def _query_value(arg: Arg, raw: str) -> Any:
         try:
             return _number(arg, int(raw), what)
         except ValueError:
+            if arg.size:
+                return _number(arg, parse_scaled(raw, what), what)
             raise InvalidArgument(f"{what} must be an integer, not '{raw}'") from None
     if arg.type is float:
         try:
@@ -136,6 +139,8 @@ _JSON_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
 
 def _json_value(arg: Arg, value: Any) -> Any:
     what = f"field '{arg.key}'"
+    if arg.size and isinstance(value, str):
+        return _number(arg, parse_scaled(value, what), what)
     types, desc = _JSON_TYPES[arg.type]
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         raise InvalidArgument(f"{what} must be {desc}")
