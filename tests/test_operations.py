@@ -191,7 +191,9 @@ def _cases(op: Op, world: dict[str, str]) -> Iterator[tuple[str, str, bytes, str
         yield "not an object", "", b"[1]", "object"
     for arg in fields:
         if arg.param:
-            yield "wrong type", "", body({**good, arg.key: _WRONG[arg.type]}), arg.key
+            # A size also takes virsh's size strings: a wrong one is a word.
+            wrong = "ten" if arg.size else _WRONG[arg.type]
+            yield "wrong type", "", body({**good, arg.key: wrong}), arg.key
         if arg.type is int:
             yield "past 2^63-1", "", body({**good, arg.key: 2**63}), "at most"
         if arg.type is str:
@@ -200,8 +202,8 @@ def _cases(op: Op, world: dict[str, str]) -> Iterator[tuple[str, str, bytes, str
             yield "missing", "", body({k: v for k, v in good.items() if k != arg.key}), ""
     for arg in queries:
         if arg.type in _WRONG_QUERY:  # any text is a string
-            yield ("wrong type (query)", f"{arg.key}={_WRONG_QUERY[arg.type]}", body(good),
-                   arg.key)
+            wrong = "ten" if arg.size else _WRONG_QUERY[arg.type]
+            yield ("wrong type (query)", f"{arg.key}={wrong}", body(good), arg.key)
         if arg.type is int:
             yield "past 2^63-1 (query)", f"{arg.key}={2**63}", body(good), "at most"
 
