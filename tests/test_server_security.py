@@ -159,7 +159,7 @@ def test_oversized_and_malformed_bodies(daemon: Daemon, tmp_path: Path) -> None:
     cases = [
         ("POST", "/v1/pools/default/volumes", b"{not json", "application/json", 400),
         ("POST", "/v1/pools/default/volumes", b"[1, 2]", "application/json", 400),
-        ("POST", "/v1/pools/default/volumes", b'{"name": "a", "capacity": "1G"}',
+        ("POST", "/v1/pools/default/volumes", b'{"name": "a", "capacity": "-1G"}',
          "application/json", 400),
         ("POST", "/v1/pools/default/volumes", b'{"name": "a", "capacity": 1, "x": 1}',
          "application/json", 400),
