@@ -10,11 +10,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from virtstore.engine.connection import EmbeddedConnection
 
 from block_fixtures import BlockLab
 from conftest import ploop
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.host import loop, runner
 
 MiB = 1 << 20

@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from virtstore.engine.connection import EmbeddedConnection
 
 from block_fixtures import BlockLab
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.host import mounts
 
 MiB = 1 << 20

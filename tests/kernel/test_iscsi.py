@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from virtstore.engine.connection import EmbeddedConnection
 
 from net_fixtures import ISCSI_CHAP, ISCSI_SECURE, ISCSI_STORAGE, Server, iscsi_fixture  # noqa: F401
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AuthFailed
 
 MiB = 1 << 20

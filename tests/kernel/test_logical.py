@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from virtstore.engine.connection import EmbeddedConnection
 
 from block_fixtures import BlockLab, lvm
 from conftest import virtstore_cli
 from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends.logical import LogicalBackend
 from virtstore.cli.main import main
 from virtstore.errors import InvalidArgument
