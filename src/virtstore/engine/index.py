@@ -13,7 +13,6 @@ mode and timestamps are read from the file when a volume's XML is asked for.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
 import stat
@@ -67,6 +66,8 @@ def _row(pool: str, prefix: str | None, rec: VolumeRecord, state: str = "ready")
 @functools.lru_cache(maxsize=256)
 def _encode_extra(items: tuple[tuple[str, object], ...]) -> str:
     # Many images share the same details (compat, cluster size): encode each set once.
+    import json
+
     return json.dumps(dict(items))
 
 
@@ -78,6 +79,8 @@ def record(row: sqlite3.Row) -> VolumeRecord:
                        ino=row["ino"] or 0, size=row["size"] or 0,
                        mtime_ns=row["mtime_ns"] or 0, ctime_ns=row["ctime_ns"] or 0)
     if row["extra"]:
+        import json
+
         for k, v in json.loads(row["extra"]).items():
             if k in _EXTRA:
                 setattr(rec, k, v)

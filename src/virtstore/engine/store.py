@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -109,6 +110,8 @@ CREATE TABLE IF NOT EXISTS snapshots(
 );
 """
 
+_DDL_DIGEST = format(zlib.crc32(SCHEMA.encode()), "08x")
+
 
 class Store:
     """One SQLite connection per Store; a Store is used by one thread at a time."""
@@ -128,6 +131,10 @@ class Store:
         # NORMAL in WAL mode: a commit is durable at the next checkpoint; the index can be
         # rebuilt by a refresh, so it does not need a sync per commit.
         self.db.execute("PRAGMA synchronous=NORMAL")
+        if self._schema_current():
+            # Every open after the first: no DDL and no write lock, which a read-only
+            # command would otherwise take (and wait for) just to open the store.
+            return
         # executescript() commits on its own, so it runs outside write(); the statements
         # are idempotent, which makes concurrent first opens safe.
         self.db.executescript(SCHEMA)
@@ -140,6 +147,19 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?)",
                             (str(SCHEMA_VERSION),))
         self.db.executescript(SCHEMA)
+        with self.write():
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) "
+                            "VALUES('schema_ddl', ?)", (_DDL_DIGEST,))
+
+    def _schema_current(self) -> bool:
+        """Whether this store was set up with this very SCHEMA (version and text: a
+        table added without a version bump still gets made)."""
+        try:
+            rows = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN "
+                                        "('schema', 'schema_ddl')").fetchall())
+        except sqlite3.OperationalError:  # no meta table yet: a new store
+            return False
+        return rows == {"schema": str(SCHEMA_VERSION), "schema_ddl": _DDL_DIGEST}
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tempfile
-from typing import BinaryIO
+from typing import TYPE_CHECKING
 
 from virtstore.errors import OperationInvalid
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 
 def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
@@ -19,6 +21,8 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
     """
     raw = data.encode() if isinstance(data, str) else data
     directory = os.path.dirname(path) or "."
+    import tempfile  # only writers need it
+
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, mode)
