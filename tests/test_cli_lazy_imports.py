@@ -68,6 +68,12 @@ def test_read_commands_import_no_heavy_layers(state: Path, argv: tuple[str, ...]
     assert _loaded(mods, NOT_FOR_READS) == []
 
 
+def test_dumpxml_of_a_dir_volume_parses_no_xml(state: Path) -> None:
+    out, mods = _run(state, "vol-dumpxml", "a.img", "--pool", "p")
+    assert "<name>a.img</name>" in out
+    assert _loaded(mods, NOT_FOR_READS) == []
+
+
 def test_a_write_still_loads_what_it_needs(state: Path) -> None:
     _out, mods = _run(state, "vol-create-as", "p", "b.img", "1M")
     assert "virtstore.engine.volumes" in mods

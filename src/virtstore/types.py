@@ -38,6 +38,8 @@ else:
         return wrap if cls is None else wrap(cls)
 
     def _make_record(cls: Any, frozen: bool, slots: bool) -> Any:
+        if any(hasattr(b, "__record_fields__") for b in cls.__mro__[1:]):
+            raise TypeError(f"{cls.__name__}: a record does not inherit another's fields")
         names = [n for n, t in cls.__dict__.get("__annotations__", {}).items()  # noqa: RUF063
                  if not str(t).startswith(("ClassVar", "typing.ClassVar"))]
         scope: dict[str, Any] = {"_object_setattr": object.__setattr__}

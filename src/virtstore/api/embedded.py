@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from virtstore.engine.events import EventLog
     from virtstore.engine.jobs import JobManager
     from virtstore.engine.pools import PoolManager
-    from virtstore.engine.secrets import SecretStore
+    from virtstore.engine.secrets import EphemeralSecrets, SecretStore
     from virtstore.engine.snapshots import SnapshotManager
     from virtstore.engine.volumes import VolumeManager
 
@@ -56,12 +56,16 @@ class EmbeddedConnection(Connection):
     the store, the index and the pool reader, not the XML layer, the lifecycle code,
     the jobs or the data layer (see "Start-up" in docs/engine.md)."""
 
-    def __init__(self, root: str, *, confinement: Confinement | None = None) -> None:
+    def __init__(self, root: str, *, confinement: Confinement | None = None,
+                 ephemeral_secrets: EphemeralSecrets | None = None) -> None:
         """``confinement``: what the engine refuses to touch for its callers
-        (engine/confine.py); permissive by default, virtstored passes its own."""
+        (engine/confine.py); permissive by default, virtstored passes its own.
+        ``ephemeral_secrets``: where ephemeral secrets are kept (default: in this
+        process; virtstored's workers share theirs)."""
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
         self.confinement = confinement
+        self.ephemeral_secrets = ephemeral_secrets
         self.index = VolumeIndex(self.state.store)
         self.pool_reader = PoolReader(self.state)
         self.state.secret_source = lambda: self.secrets  # pools' auth secrets
@@ -77,7 +81,7 @@ class EmbeddedConnection(Connection):
     def secrets(self) -> SecretStore:
         from virtstore.engine.secrets import SecretStore
 
-        return SecretStore(self.state.secrets_dir, self.state.store)
+        return SecretStore(self.state.secrets_dir, self.state.store, self.ephemeral_secrets)
 
     @functools.cached_property
     def pools(self) -> PoolManager:
@@ -285,6 +289,9 @@ class EmbeddedConnection(Connection):
         return self.index.list(pool)
 
     def volume_info(self, pool: str, name: str) -> VolumeInfo:
+        found = self.index.info_if_active(pool, name)
+        if found is not None:
+            return found
         self._require_active(pool)
         return self.index.info(pool, name)
 
@@ -295,7 +302,9 @@ class EmbeddedConnection(Connection):
         return self.index.by_path(path)
 
     def volume_xml(self, pool: str, name: str) -> str:
-        return self.volumes.xml(pool, name)
+        from virtstore.engine.volxml import volume_xml
+
+        return volume_xml(self.state, self.index, pool, name)
 
     def volume_create_xml(self, pool: str, xml: str, *, prealloc_metadata: bool = False) -> str:
         return self.volumes.create_xml(pool, xml, prealloc_metadata=prealloc_metadata)

@@ -133,6 +133,13 @@ class VolumeIndex:
             raise _missing("name", name)
         return _info(row)
 
+    def info_if_active(self, pool: str, name: str) -> VolumeInfo | None:
+        """The volume when its pool is running and holds it, in one query (a daemon's
+        most frequent request); None: ask again the long way for the reason why not."""
+        row = self.store.query_one(f"{_SELECT_INFO} WHERE v.pool=? AND v.name=? AND "
+                                   "v.state='ready' AND p.active=1", (pool, name))
+        return None if row is None else _info(row)
+
     def _by_path(self, path: str) -> VolumeInfo | None:
         active = "AND v.state='ready' AND p.active=1 LIMIT 1"
         row = self.store.query_one(f"{_SELECT_INFO} WHERE v.path=? {active}", (path,))

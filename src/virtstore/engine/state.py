@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from virtstore.engine.store import Store
 from virtstore.errors import InternalError, NoSuchPool, VirtstoreError
-from virtstore.types import record
+from virtstore.types import record, replace
 
 if TYPE_CHECKING:
     import sqlite3
@@ -154,10 +154,8 @@ class StateRoot:
     def definition(self, row: PoolRow, *, inactive: bool = False) -> PoolDef:
         """The definition in effect (live while active), or the persistent one if asked."""
         if row.active and row.live_xml and not (inactive and row.persistent):
-            import dataclasses
-
             # A copy: callers may fill in sizes; the parse itself is cached.
-            return dataclasses.replace(_parse_live(row.live_xml))
+            return replace(_parse_live(row.live_xml))
         if row.persistent:
             return self.read_def_file(row.name)
         if row.live_xml:

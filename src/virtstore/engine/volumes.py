@@ -15,6 +15,7 @@ from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_volume_name
 from virtstore.engine.secrets import SecretStore
 from virtstore.engine.state import StateRoot
+from virtstore.engine.volxml import volume_xml
 from virtstore.errors import (
     AlreadyExists,
     Busy,
@@ -31,12 +32,9 @@ if TYPE_CHECKING:
 
 from virtstore.xml import (
     BackingStore,
-    Permissions,
     PoolDef,
-    Timestamps,
     VolDef,
     VolTarget,
-    format_volume_xml,
     parse_volume_xml,
 )
 
@@ -56,10 +54,6 @@ class StagedTarget:
 
 # Largest size we accept: what qemu-img and the kernel can address (2^63 - 1 bytes).
 MAX_SIZE = (1 << 63) - 1
-
-
-def _ts(ns: int) -> str:
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
 
 
 class VolumeManager:
@@ -312,29 +306,4 @@ class VolumeManager:
 
     # -- XML -------------------------------------------------------------------
     def xml(self, pool_name: str, name: str) -> str:
-        pool, backend = self._active_pool(pool_name)
-        rec = self.index.get(pool_name, name)
-        vol = self.to_def(rec)
-        source = backend.volume_source(pool, name)
-        if isinstance(source, list):
-            source = source[0] if source else None
-        vol.source = source
-        return format_volume_xml(vol, pool)
-
-    @staticmethod
-    def to_def(rec: VolumeRecord) -> VolDef:
-        # libvirt reports compat, cluster size and features only for qcow2 v3 images.
-        v3 = rec.format == "qcow2" and rec.compat not in (None, "0.10")
-        target = VolTarget(path=rec.path, format=rec.format,
-                           permissions=Permissions(mode=rec.mode, owner=rec.uid, group=rec.gid),
-                           compat=rec.compat if v3 else None,
-                           cluster_size=rec.cluster_size if v3 else None,
-                           lazy_refcounts=rec.lazy_refcounts, has_features=v3)
-        if rec.mtime_ns:
-            target.timestamps = Timestamps(atime=_ts(rec.atime_ns), mtime=_ts(rec.mtime_ns),
-                                           ctime=_ts(rec.ctime_ns), btime="0")
-        vol = VolDef(name=rec.name, type=rec.type, key=rec.key, capacity=rec.capacity,
-                     allocation=rec.allocation, physical=rec.physical, target=target)
-        if rec.backing_path:
-            vol.backing_store = BackingStore(path=rec.backing_path, format=rec.backing_format)
-        return vol
+        return volume_xml(self.state, self.index, pool_name, name)
