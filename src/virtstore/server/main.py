@@ -11,12 +11,18 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from virtstore.errors import InvalidArgument, VirtstoreError
 from virtstore.server.config import Options, load, parse_listen
 from virtstore.server.http import Limits
 from virtstore.server.listen import Listener, Server
+from virtstore.server.workers import default_workers
+
+if TYPE_CHECKING:
+    from virtstore.api.embedded import EmbeddedConnection
+    from virtstore.server.app import App
 
 log = logging.getLogger("virtstored")
 
@@ -80,7 +86,7 @@ def _bind_tcp(value: str, ctx: ssl.SSLContext) -> Listener:
 
 
 @contextlib.contextmanager
-def _pid_lock(run_dir: str) -> Iterator[None]:
+def _pid_lock(run_dir: str) -> Iterator[int]:
     """One daemon per state root: an flock on run/virtstored.pid."""
     path = os.path.join(run_dir, "virtstored.pid")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -93,7 +99,7 @@ def _pid_lock(run_dir: str) -> Iterator[None]:
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -132,11 +138,18 @@ def serve(opts: Options) -> None:
             raise InvalidArgument(f"cannot read tokens file '{opts.tokens}': "
                                   f"{exc.strerror or exc}") from None
     ctx = _tls_context(opts) if opts.listen else None
-    with _pid_lock(run_dir):
+    workers = opts.workers or default_workers()
+    with _pid_lock(run_dir) as lock_fd:
         # The engine recovers its journal and starts the autostart pools as it opens.
         log.info("opening the engine on %s", root)
         # Confined: the daemon acts for callers who may not own the host's files.
-        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots))
+        confinement = Confinement.daemon(opts.backing_roots)
+        conn: EmbeddedConnection | None = EmbeddedConnection(root, confinement=confinement)
+        if workers > 1:
+            # Each worker opens its own: no SQLite connection may cross a fork.
+            assert conn is not None
+            conn.close()
+            conn = None
         listeners: list[Listener] = []
         try:
             listeners.append(Listener(_bind_unix(rw_path, 0o600), "unix-rw",
@@ -149,38 +162,96 @@ def serve(opts: Options) -> None:
                 if not tokens:
                     log.warning("no tokens configured: every request over TCP will be "
                                 "refused (401)")
-            app = App(conn, Authenticator(tokens), document_bytes,
-                      remote_pool_roots=opts.remote_pool_roots)
             assert opts.rw_reserve is not None  # load() sets it
             limits = Limits(total=opts.max_connections, rw_reserve=opts.rw_reserve,
                             ro=opts.max_connections_ro, tcp=opts.max_connections_tcp,
                             per_peer=opts.max_connections_per_peer,
                             head_timeout=opts.head_timeout)
-            server = Server(app, listeners, limits=limits)
 
-            def stop(signum: int, frame: object) -> None:
-                log.info("signal %d: stopping", signum)
-                server.shutdown()
+            def make_app(engine: EmbeddedConnection) -> App:
+                return App(engine, Authenticator(tokens), document_bytes,
+                           remote_pool_roots=opts.remote_pool_roots)
 
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
-            for lst in listeners:
-                log.info("listening on %s (%s)", lst.label, lst.kind)
-            _notify_systemd()
-            server.serve_forever()
-            for lst in listeners:
-                lst.sock.close()
-            left = server.drain(DRAIN_TIMEOUT)
-            if left:
-                log.warning("stopping with %d request(s) still running", left)
+            if conn is not None:
+                _serve_here(make_app(conn), listeners, limits)
+            else:
+                from virtstore.engine.secrets import SharedEphemeralSecrets
+
+                shared_secrets = SharedEphemeralSecrets()
+                _serve_workers(workers, lambda: EmbeddedConnection(
+                    root, confinement=confinement, ephemeral_secrets=shared_secrets),
+                    make_app, listeners, limits, lock_fd)
         finally:
             for lst in listeners:
                 lst.sock.close()
             for path in (rw_path, ro_path):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            conn.close()
+            if conn is not None:
+                conn.close()
     log.info("stopped")
+
+
+def _announce(listeners: list[Listener]) -> None:
+    for lst in listeners:
+        log.info("listening on %s (%s)", lst.label, lst.kind)
+    _notify_systemd()
+
+
+def _serve_here(app: App, listeners: list[Listener], limits: Limits) -> None:
+    """One process: this one accepts and serves."""
+    server = Server(app, listeners, limits=limits)
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        server.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _announce(listeners)
+    server.serve_forever()
+    for lst in listeners:
+        lst.sock.close()
+    left = server.drain(DRAIN_TIMEOUT)
+    if left:
+        log.warning("stopping with %d request(s) still running", left)
+
+
+def _serve_workers(workers: int, open_engine: Callable[[], EmbeddedConnection],
+                   make_app: Callable[[EmbeddedConnection], App],
+                   listeners: list[Listener], limits: Limits, lock_fd: int) -> None:
+    """Pre-forked workers accept on the inherited sockets; this process supervises."""
+    from virtstore.server.workers import SharedCounts, Supervisor
+
+    counts = SharedCounts(limits, workers)
+
+    def work(slot: int) -> None:
+        os.close(lock_fd)  # the supervisor alone holds the one-daemon lock
+        engine = open_engine()
+        try:
+            server = Server(make_app(engine), listeners, limits=limits, counts=counts)
+            signal.signal(signal.SIGTERM, lambda _s, _f: server.shutdown())
+            server.serve_forever()
+            for lst in listeners:
+                lst.sock.close()
+            left = server.drain(DRAIN_TIMEOUT)
+            if left:
+                log.warning("worker %d stopping with %d request(s) still running", slot,
+                            left)
+        finally:
+            engine.close()
+
+    sup = Supervisor(workers, work, counts, grace=DRAIN_TIMEOUT + 2)
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        sup.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving with %d worker processes", workers)
+    _announce(listeners)
+    sup.run()
 
 
 def main(argv: list[str] | None = None) -> int:
