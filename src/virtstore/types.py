@@ -58,10 +58,16 @@ else:
             else:
                 params.append(n)
                 value = n
-            body.append(f"_object_setattr(self, '{n}', {value})" if frozen
-                        else f"self.{n} = {value}")
+            if frozen and not slots:  # past __setattr__, straight into the instance
+                body.append(f"_d['{n}'] = {value}")
+            elif frozen:
+                body.append(f"_object_setattr(self, '{n}', {value})")
+            else:
+                body.append(f"self.{n} = {value}")
             if default is not _MISSING and slots:
                 delattr(cls, n)
+        if frozen and not slots:
+            body.insert(0, "_d = self.__dict__")
         src = (f"def __init__(self, {', '.join(params)}):\n    "
                + "\n    ".join(body or ["pass"]))
         exec(src, scope)  # the source is made from the class's own field names

@@ -36,7 +36,9 @@ _UPSERT_SCANNED = (
     + ", ".join(f"{c.strip()}=excluded.{c.strip()}" for c in _COLS.split(",")[2:])
     + " WHERE volumes.state='ready'")
 _PATH = "COALESCE(v.path, p.target_path || '/' || v.name)"
-_SELECT_INFO = (f"SELECT v.pool, v.name, {_PATH} AS path, v.key, v.type, v.format, "
+# The columns in VolumeInfo's order, so that a row is its arguments.
+_SELECT_INFO = (f"SELECT v.pool, v.name, COALESCE(NULLIF(v.key, ''), {_PATH}) AS key, "
+                f"{_PATH} AS path, v.type, v.format, "
                 "v.capacity, v.allocation, v.physical FROM volumes v "
                 "JOIN pools p ON p.name = v.pool")
 _SELECT_REC = (f"SELECT v.*, {_PATH} AS full_path FROM volumes v "
@@ -45,11 +47,8 @@ _EXTRA = ("backing_path", "backing_format", "compat", "cluster_size", "lazy_refc
           "encryption")
 
 
-def _info(row: sqlite3.Row) -> VolumeInfo:
-    path = row["path"]
-    return VolumeInfo(pool=row["pool"], name=row["name"], key=row["key"] or path, path=path,
-                      type=row["type"], format=row["format"], capacity=row["capacity"],
-                      allocation=row["allocation"], physical=row["physical"])
+def _info(row: sqlite3.Row | tuple[object, ...]) -> VolumeInfo:
+    return VolumeInfo(*row)
 
 
 def _row(pool: str, prefix: str | None, rec: VolumeRecord, state: str = "ready") -> tuple[
@@ -113,7 +112,7 @@ class VolumeIndex:
 
     # -- reads -----------------------------------------------------------------
     def list(self, pool: str) -> list[VolumeInfo]:
-        rows = self.store.query(f"{_SELECT_INFO} WHERE v.pool=? AND v.state='ready' "
+        rows = self.store.query_tuples(f"{_SELECT_INFO} WHERE v.pool=? AND v.state='ready' "
                                 "ORDER BY v.name", (pool,))
         return [_info(r) for r in rows]
 
