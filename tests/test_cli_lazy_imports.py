@@ -17,7 +17,7 @@ from virtstore.api.embedded import EmbeddedConnection
 # Modules these commands must not load (prefix match on the dotted name).
 NOT_FOR_READS = ("lxml", "dataclasses", "inspect", "subprocess", "virtstore.engine.pools",
                  "virtstore.engine.volumes", "virtstore.engine.jobs", "virtstore.data",
-                 "virtstore.formats", "logging")
+                 "virtstore.formats", "logging", "threading")
 
 _PROBE = """
 import json, sys

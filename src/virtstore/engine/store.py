@@ -9,8 +9,8 @@ from creating the same volume name twice.
 
 from __future__ import annotations
 
+import _thread
 import sqlite3
-import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,7 +123,8 @@ class Store:
         self.db = sqlite3.connect(path, timeout=60.0, isolation_level=None,
                                   check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
+        # _thread, not threading: a command reading one row need not import the latter.
+        self._lock = _thread.RLock()
         self._depth = 0
         self.db.execute("PRAGMA busy_timeout=60000")
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
