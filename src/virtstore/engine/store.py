@@ -10,6 +10,8 @@ from creating the same volume name twice.
 from __future__ import annotations
 
 import _thread
+import fcntl
+import os
 import sqlite3
 import zlib
 from collections.abc import Iterator
@@ -126,6 +128,7 @@ class Store:
         # _thread, not threading: a command reading one row need not import the latter.
         self._lock = _thread.RLock()
         self._depth = 0
+        self._writer_fd: int | None = None  # opened at the first write
         self.db.execute("PRAGMA busy_timeout=60000")
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":  # e.g. a filesystem without shared memory: still correct, slower
@@ -174,16 +177,38 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self.db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+            writer_fd = self._take_writer_lock()
             try:
-                yield self.db
-            except BaseException:
+                self.db.execute("BEGIN IMMEDIATE")
+                self._depth = 1
+                try:
+                    yield self.db
+                except BaseException:
+                    self._depth = 0
+                    self.db.execute("ROLLBACK")
+                    raise
                 self._depth = 0
-                self.db.execute("ROLLBACK")
-                raise
-            self._depth = 0
-            self.db.execute("COMMIT")
+                self.db.execute("COMMIT")
+            finally:
+                if writer_fd is not None:
+                    fcntl.flock(writer_fd, fcntl.LOCK_UN)
+
+    def _take_writer_lock(self) -> int | None:
+        """Queue for the write lock on a lock file first: a process waiting there wakes
+        the moment the writer before it is done, where SQLite's busy handler sleeps 1,
+        2, 5, 10... ms between tries, which is most of the latency of concurrent writes
+        (several daemon workers, several CLI commands). False: no lock file to use
+        (a read-only state root); SQLite's own lock still orders the writers."""
+        if self._writer_fd is None:
+            try:
+                self._writer_fd = os.open(self.path + ".lock",
+                                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self._writer_fd = -1
+        if self._writer_fd < 0:
+            return None
+        fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
+        return self._writer_fd
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -212,3 +237,6 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self._writer_fd is not None and self._writer_fd >= 0:
+            os.close(self._writer_fd)
+            self._writer_fd = None
