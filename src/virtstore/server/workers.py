@@ -198,6 +198,8 @@ class Supervisor:
     def run(self) -> None:
         for slot in range(self.workers):
             self._spawn(slot)
+        if self.stopping:  # a stop that came while they were being started
+            self.stop()
         deadline: float | None = None
         while self.children:
             if self.stopping and deadline is None:
