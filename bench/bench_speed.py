@@ -25,9 +25,7 @@ import argparse
 import compileall
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +40,7 @@ import multiprocessing as mp
 import virtstore
 from _data import dir_pool_xml, make_templates, make_workdir, populate
 from _libvirt import DEFAULT_URI, Libvirt
+from bench_core import run_command, virtstore_command
 from bench_load import (
     LABELS,
     Clients,
@@ -90,13 +89,8 @@ class Report:
 def _run_once(argv: list[str]) -> float:
     """Wall seconds of one whole command; a failure is an error, not a timing."""
     start = time.perf_counter()
-    res = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         check=False)
-    elapsed = time.perf_counter() - start
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {res.returncode}: {last}")
-    return elapsed
+    run_command(argv)
+    return time.perf_counter() - start
 
 
 def time_commands(row: CliRow, sides: dict[str, list[str]], runs: int) -> None:
@@ -141,16 +135,6 @@ def cli_commands(vol: str, lv_pool: str | None) -> list[tuple[str, list[str], li
         ("vol-list", ["vol-list", POOL], ["vol-list", lv]),
         ("--help", ["--help"], ["--help"]),
     ]
-
-
-def virtstore_command() -> str:
-    beside = Path(sys.executable).parent / "virtstore"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("virtstore")
-    if found is None:
-        raise RuntimeError("the virtstore command is not installed")
-    return found
 
 
 def compile_package() -> None:
