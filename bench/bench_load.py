@@ -56,9 +56,11 @@ RESULTS = HERE / "results" / "load.json"
 POOL = "load"
 MEMORY_POOL = "load-memory"
 LOOKUP_GOAL = 7600.0  # libvirt's lookups per second for one client, measured here before
-WORKLOADS = ("lookup", "lookup-path", "list", "list-sizes", "create")
-LABELS = {"lookup": "lookup by name", "lookup-path": "lookup by path", "list": "list volumes",
-          "list-sizes": "list with sizes", "create": "create raw 1 MiB"}
+WORKLOADS = ("lookup", "vol-info", "lookup-path", "list", "list-sizes", "create", "mix")
+DEFAULT_WORKLOADS = ("lookup", "lookup-path", "list", "list-sizes", "create")
+LABELS = {"lookup": "lookup by name", "vol-info": "vol-info", "lookup-path": "lookup by path",
+          "list": "list volumes", "list-sizes": "list with sizes",
+          "create": "create raw 1 MiB", "mix": "mix 90/10"}
 CREATE_SIZE = 1 * MiB
 CLIENT_START_TIMEOUT = 120.0
 
@@ -100,6 +102,22 @@ class _Side:
                 return lambda i: conn.volume_lookup_by_path(paths[i % n])
             if workload in ("list", "list-sizes"):
                 return lambda i: conn.list_volumes(pool)
+            if workload == "vol-info":  # the lookup answers the info already
+                return lambda i: conn.volume_info(pool, names[i % n])
+            if workload == "mix":
+                def mix_vs(i: int) -> object:
+                    if i % 10 != 9:
+                        return conn.volume_info(pool, names[i % n])
+                    if not self.made:
+                        name = f"vs-{tag}-c{self.index}-{i}.img"
+                        made = conn.volume_create_xml(pool, volume_xml(name, "raw",
+                                                                       CREATE_SIZE, 0))
+                        self.made.append(made)
+                        return made
+                    conn.volume_delete(pool, self.made.pop())
+                    return None
+
+                return mix_vs
 
             def create_vs(i: int) -> object:
                 name = f"vs-{tag}-c{self.index}-{i}.img"
@@ -117,6 +135,21 @@ class _Side:
             return lambda i: lvpool.listAllVolumes(0)
         if workload == "list-sizes":  # what virtstore's listing answers: types and sizes
             return lambda i: [v.info() for v in lvpool.listAllVolumes(0)]
+        if workload == "vol-info":  # what virsh vol-info does: look up, then info()
+            return lambda i: lvpool.storageVolLookupByName(names[i % n]).info()
+        if workload == "mix":
+            def mix_lv(i: int) -> object:
+                if i % 10 != 9:
+                    return lvpool.storageVolLookupByName(names[i % n])
+                if not self.made:
+                    name = f"lv-{tag}-c{self.index}-{i}.img"
+                    vol = lvpool.createXML(volume_xml(name, "raw", CREATE_SIZE, 0), 0)
+                    self.made.append(vol)
+                    return vol
+                self.made.pop().delete(0)
+                return None
+
+            return mix_lv
 
         def create_lv(i: int) -> object:
             name = f"lv-{tag}-c{self.index}-{i}.img"
@@ -157,7 +190,7 @@ def _client(side: str, where: str, pool: str, names: list[str], pool_dir: str,
         _, workload, seconds, tag = cmd
         try:
             op = client.op(workload, tag)
-            if workload != "create":
+            if workload not in ("create", "mix"):
                 for i in range(20):  # warm up: connection, caches
                     op(i)
             lat = array.array("q")
@@ -210,6 +243,7 @@ class Memory:
     rss_before_kib: int | None = None
     rss_kib: int | None = None
     hwm_kib: int | None = None
+    pss_kib: int | None = None
     note: str = ""
 
 
@@ -335,24 +369,58 @@ class Clients:
 
 
 def _status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in KiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
+    """VmRSS and VmHWM of a process and its children (a daemon's workers), summed, and
+    their proportional set size (Pss, shared pages divided among their users), in KiB."""
+    out = {"VmRSS": 0, "VmHWM": 0, "Pss": 0}
+    for p in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+            lines += Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in out:
+                out[key] += int(value.split()[0])
+    return out
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a daemon's worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
     return out
 
 
 def _cpu(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process (None: unknown)."""
+    """User + system CPU seconds of a process and its live children (None: unknown)."""
     if pid is None:
         return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid):
+        fields = _stat(p)
+        if fields is None:
+            if p == pid:
+                return None
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _pidof_libvirtd() -> int | None:
@@ -364,9 +432,11 @@ def _pidof_libvirtd() -> int | None:
 class Virtstored:
     """A virtstored this benchmark started, stopped by its PID."""
 
-    def __init__(self, root: Path, run: Path) -> None:
+    def __init__(self, root: Path, run: Path, workers: int | None = None) -> None:
         exe = Path(sys.executable).parent / "virtstored"
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "virtstore.server.main"]
+        if workers is not None:
+            argv += ["--workers", str(workers)]
         self.sock = run / "virtstored.sock"
         self.uri = f"unix://{self.sock}"
         self.proc = subprocess.Popen([*argv, "--root", str(root), "--socket-dir", str(run),
@@ -392,11 +462,12 @@ class Virtstored:
                 self.proc.wait(10)
 
 
-def memory_virtstore(work: Path, pool_dir: Path, count: int) -> Memory:
+def memory_virtstore(work: Path, pool_dir: Path, count: int,
+                     workers: int | None = None) -> Memory:
     import virtstore
 
     mem = Memory("virtstore", volumes=count)
-    d = Virtstored(work / "mem-state", work / "mem-run")
+    d = Virtstored(work / "mem-state", work / "mem-run", workers)
     try:
         mem.pid = d.pid
         with virtstore.connect(d.uri) as conn:
@@ -406,7 +477,7 @@ def memory_virtstore(work: Path, pool_dir: Path, count: int) -> Memory:
             conn.pool_start(MEMORY_POOL)
             mem.listed = len(conn.list_volumes(MEMORY_POOL))
         st = _status(d.pid)
-        mem.rss_kib, mem.hwm_kib = st["VmRSS"], st["VmHWM"]
+        mem.rss_kib, mem.hwm_kib, mem.pss_kib = st["VmRSS"], st["VmHWM"], st["Pss"]
     finally:
         d.stop()
     return mem
@@ -424,7 +495,7 @@ def memory_libvirt(lv: Libvirt, pool_dir: Path, count: int) -> Memory:
     pool = lv.define_started_pool(dir_pool_xml(f"vsbench-{os.getpid()}-memory", pool_dir))
     mem.listed = len(pool.listAllVolumes(0))
     st = _status(pid)
-    mem.rss_kib, mem.hwm_kib = st["VmRSS"], st["VmHWM"]
+    mem.rss_kib, mem.hwm_kib, mem.pss_kib = st["VmRSS"], st["VmHWM"], st["Pss"]
     return mem
 
 
@@ -472,14 +543,15 @@ def table(rep: Report) -> str:
     if rep.memory:
         lines.append("")
         lines.append(f"{'memory (VmRSS)':<16} {'volumes':>7} | {'before':>10} {'after':>10} "
-                     f"{'peak':>10} | pid")
+                     f"{'peak':>10} {'Pss':>10} | pid")
         for m in rep.memory:
             def mib(k: int | None) -> str:
                 return "-" if k is None else f"{k / 1024:.1f} MiB"
 
             name = "virtstored" if m.side == "virtstore" else "libvirtd"
             lines.append(f"{name:<16} {m.listed:>7} | {mib(m.rss_before_kib):>10} "
-                         f"{mib(m.rss_kib):>10} {mib(m.hwm_kib):>10} | {m.pid}"
+                         f"{mib(m.rss_kib):>10} {mib(m.hwm_kib):>10} "
+                         f"{mib(m.pss_kib):>10} | {m.pid}"
                          + (f" ({m.note})" if m.note else ""))
     lines.append("")
     for name, goal in rep.goals.items():
@@ -487,6 +559,35 @@ def table(rep: Report) -> str:
         lines.append(f"goal {name}: {goal['text']}: {met}")
     lines += rep.notes
     return "\n".join(lines)
+
+
+def clean_up(daemon: Virtstored | None, lv: Libvirt | str, work: Path,
+             keep: bool) -> list[str]:
+    """Stop our daemon, drop libvirt's pools, remove the work directory; problems met."""
+    if daemon is not None:
+        daemon.stop()
+    problems = []
+    if isinstance(lv, Libvirt):
+        problems = [f"libvirt clean-up: {p}" for p in lv.close()]
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return problems
+
+
+def busy_note(host: dict[str, Any]) -> list[str]:
+    """Records the load average after the run; a note when the host was busy."""
+    host["load_after"] = os.getloadavg()[0]
+    if max(host["load_before"], host["load_after"]) <= 0.5 * (os.cpu_count() or 1):
+        return []
+    return [f"note: the host was busy (load average {host['load_before']:.2f} before, "
+            f"{host['load_after']:.2f} after): rates are low"]
+
+
+def write_json(path: str, data: object) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"\nwritten to {out}", file=sys.stderr)
 
 
 def _goals(rep: Report) -> None:
@@ -518,7 +619,10 @@ def main() -> int:
     ap.add_argument("--volumes", type=int, default=1000, help="volumes in the load pool")
     ap.add_argument("--memory-volumes", type=int, default=10000,
                     help="volumes in the memory pool (0: no memory measurement)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                    help=f"of {', '.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
+    ap.add_argument("--workers", type=int,
+                    help="virtstored's worker processes (default: the daemon's own)")
     ap.add_argument("--workdir", default="/var/lib",
                     help="where the work directory goes (default /var/lib: file creation "
                          "on this host's /tmp is slow)")
@@ -538,7 +642,8 @@ def main() -> int:
                        "load_before": os.getloadavg()[0]},
                  options={"clients": levels, "seconds": opts.seconds,
                           "volumes": opts.volumes, "memory_volumes": opts.memory_volumes,
-                          "workloads": workloads, "uri": opts.uri})
+                          "workloads": workloads, "uri": opts.uri,
+                          "workers": opts.workers})
     work = make_workdir(opts.workdir)
     ctx = mp.get_context("spawn")  # no libvirt or socket state shared with the clients
     lv: Libvirt | str = "not asked for" if opts.no_libvirt else Libvirt.open(opts.uri)
@@ -548,7 +653,7 @@ def main() -> int:
         templates = make_templates(work / "templates")
         contents = populate(work / "pool", opts.volumes, templates)
         names = contents.names
-        daemon = Virtstored(work / "state", work / "run")
+        daemon = Virtstored(work / "state", work / "run", opts.workers)
         import virtstore
 
         with virtstore.connect(daemon.uri) as conn:
@@ -584,21 +689,13 @@ def main() -> int:
             print(f"memory: making {opts.memory_volumes:,} volumes", file=sys.stderr)
             mem_dir = work / "memory-pool"
             populate(mem_dir, opts.memory_volumes, templates, seed=2)
-            rep.memory.append(memory_virtstore(work, mem_dir, opts.memory_volumes))
+            rep.memory.append(memory_virtstore(work, mem_dir, opts.memory_volumes,
+                                               opts.workers))
             if isinstance(lv, Libvirt):
                 rep.memory.append(memory_libvirt(lv, mem_dir, opts.memory_volumes))
     finally:
-        if daemon is not None:
-            daemon.stop()
-        if isinstance(lv, Libvirt):
-            rep.notes += [f"libvirt clean-up: {p}" for p in lv.close()]
-        if not opts.keep:
-            shutil.rmtree(work, ignore_errors=True)
-
-    rep.host["load_after"] = os.getloadavg()[0]
-    if max(rep.host["load_before"], rep.host["load_after"]) > 0.5 * (os.cpu_count() or 1):
-        rep.notes.append(f"note: the host was busy (load average {rep.host['load_before']:.2f}"
-                         f" before, {rep.host['load_after']:.2f} after): rates are low")
+        rep.notes += clean_up(daemon, lv, work, opts.keep)
+    rep.notes += busy_note(rep.host)
     rep.notes.append("cpu us: CPU per request, clients' + daemon's (a libvirtd that was "
                      "already running counts its other work too).")
     rep.notes.append(f"{os.cpu_count()} CPUs, shared by the clients and the daemon; "
@@ -607,10 +704,7 @@ def main() -> int:
                      "too.")
     _goals(rep)
     print(table(rep))
-    out = Path(opts.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(asdict(rep), indent=2) + "\n")
-    print(f"\nwritten to {out}", file=sys.stderr)
+    write_json(opts.json, asdict(rep))
     return 0
 
 

@@ -34,6 +34,7 @@ from virtstore.api.operations import (
 )
 from virtstore.client import RemoteConnection
 from virtstore.server.app import ROUTES
+from virtstore.types import field_names
 
 # Connection methods that stay on the caller's side: conveniences built on the others,
 # and the NBD export, which runs beside the volume.
@@ -60,7 +61,7 @@ def _params(op: Op) -> set[str]:
         if arg.param:
             names.update(f.name for f in arg.fields) if arg.fields else names.add(arg.name)
     if op.pack is not None:
-        packed = {f for f in op.pack[1].__dataclass_fields__}  # type: ignore[attr-defined]
+        packed = set(field_names(op.pack[1]))
         assert packed <= names, (op.name, packed - names)
         names = (names - packed) | {op.pack[0]}
     return names

@@ -87,10 +87,15 @@ def open_connection(uri: str | None = None, *, root: str | None = None,
     uri = uri or os.environ.get("VIRTSTORE_DEFAULT_URI") or None
     if uri in (None, "", "embedded://", "embedded:///"):
         from virtstore.api.embedded import EmbeddedConnection
-        from virtstore.engine.cluster import ClusterConfig
         from virtstore.types import default_root
 
-        return EmbeddedConnection(root or default_root(), cluster=ClusterConfig.from_env())
+        cluster = None
+        if os.environ.get("VIRTSTORE_CLUSTER", "").strip():
+            # Only then: the etcd client (ssl, http) is heavy for a one-row command.
+            from virtstore.engine.cluster import ClusterConfig
+
+            cluster = ClusterConfig.from_env()
+        return EmbeddedConnection(root or default_root(), cluster=cluster)
     assert uri is not None
     if uri.startswith(("unix:", "https:")):
         from virtstore.client import RemoteConnection

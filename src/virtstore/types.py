@@ -6,8 +6,132 @@ so the engine, the backends, the transports and the CLI can all use it without c
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+_R = TypeVar("_R")
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as record
+    from dataclasses import field
+
+    __all__ = ["field", "record"]  # re-exported: the records' decorator, as typed
+else:
+    # The standard dataclasses module imports inspect (ast, dis, tokenize): a few
+    # milliseconds that every single-object command would pay. The records here and
+    # the backends' need only __init__, __repr__, __eq__, __hash__, frozen, slots and
+    # default factories; type checkers see the real decorator above.
+    _MISSING = object()
+
+    class _Field:
+        __slots__ = ("default_factory",)
+
+        def __init__(self, default_factory: Any) -> None:
+            self.default_factory = default_factory
+
+    def field(*, default_factory: Any) -> Any:
+        return _Field(default_factory)
+
+    def record(cls: Any = None, /, *, frozen: bool = False, slots: bool = False) -> Any:
+        def wrap(cls: type) -> type:
+            return _make_record(cls, frozen, slots)
+
+        return wrap if cls is None else wrap(cls)
+
+    def _make_record(cls: Any, frozen: bool, slots: bool) -> Any:
+        if any(hasattr(b, "__record_fields__") for b in cls.__mro__[1:]):
+            raise TypeError(f"{cls.__name__}: a record does not inherit another's fields")
+        names = [n for n, t in cls.__dict__.get("__annotations__", {}).items()  # noqa: RUF063
+                 if not str(t).startswith(("ClassVar", "typing.ClassVar"))]
+        scope: dict[str, Any] = {"_object_setattr": object.__setattr__}
+        params, body = [], []
+        for n in names:
+            default = cls.__dict__.get(n, _MISSING)
+            if isinstance(default, _Field):
+                scope[f"_f_{n}"] = default.default_factory
+                params.append(f"{n}=_MISSING")
+                value = f"_f_{n}() if {n} is _MISSING else {n}"
+                scope["_MISSING"] = _MISSING
+            elif default is not _MISSING:
+                scope[f"_d_{n}"] = default
+                params.append(f"{n}=_d_{n}")
+                value = n
+            else:
+                params.append(n)
+                value = n
+            if frozen and not slots:  # past __setattr__, straight into the instance
+                body.append(f"_d['{n}'] = {value}")
+            elif frozen:
+                body.append(f"_object_setattr(self, '{n}', {value})")
+            else:
+                body.append(f"self.{n} = {value}")
+            if default is not _MISSING and slots:
+                delattr(cls, n)
+        if frozen and not slots:
+            body.insert(0, "_d = self.__dict__")
+        src = (f"def __init__(self, {', '.join(params)}):\n    "
+               + "\n    ".join(body or ["pass"]))
+        exec(src, scope)  # the source is made from the class's own field names
+        ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        ns["__init__"] = scope["__init__"]
+        ns["__match_args__"] = tuple(names)
+        ns["__record_fields__"] = tuple(names)
+        fields_of = _fields_getter(names)
+
+        def __repr__(self: Any) -> str:
+            inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+            return f"{type(self).__qualname__}({inner})"
+
+        def __eq__(self: Any, other: object) -> bool:
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return bool(fields_of(self) == fields_of(other))
+
+        ns["__repr__"], ns["__eq__"] = __repr__, __eq__
+        if frozen:
+            def __setattr__(self: Any, name: str, value: object) -> None:
+                raise AttributeError(f"cannot assign to field '{name}'")
+
+            def __delattr__(self: Any, name: str) -> None:
+                raise AttributeError(f"cannot delete field '{name}'")
+
+            def __hash__(self: Any) -> int:
+                return hash(fields_of(self))
+
+            ns["__setattr__"], ns["__delattr__"] = __setattr__, __delattr__
+            ns["__hash__"] = __hash__
+        else:
+            ns["__hash__"] = None
+        if slots:
+            ns["__slots__"] = tuple(names)
+        new = type(cls)(cls.__name__, cls.__bases__, ns)
+        new.__qualname__ = cls.__qualname__
+        return new
+
+    def _fields_getter(names: list[str]) -> Any:
+        if not names:
+            return lambda _obj: ()
+        if len(names) == 1:
+            name = names[0]
+            return lambda obj: (getattr(obj, name),)
+        import operator
+
+        return operator.attrgetter(*names)
+
+
+def replace(obj: _R, /, **changes: Any) -> _R:
+    """A copy of a record with some fields changed (dataclasses.replace for records)."""
+    values = {n: getattr(obj, n) for n in field_names(obj)}
+    values.update(changes)
+    return type(obj)(**values)
+
+
+def field_names(obj: Any) -> tuple[str, ...]:
+    """A record's (or a record class's) field names, in order."""
+    names = getattr(obj, "__record_fields__", None)
+    if names is None:
+        names = tuple(obj.__dataclass_fields__)
+    return tuple(names)
+
 
 # Pool states, as libvirt names them (virStoragePoolState).
 POOL_INACTIVE = "inactive"
@@ -17,7 +141,7 @@ POOL_DEGRADED = "degraded"
 POOL_INACCESSIBLE = "inaccessible"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PoolInfo:
     name: str
     uuid: str
@@ -32,10 +156,10 @@ class PoolInfo:
     shared: bool = False  # the pool's storage is reachable from other hosts too
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {n: getattr(self, n) for n in field_names(self)}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VolumeInfo:
     pool: str
     name: str
@@ -48,7 +172,7 @@ class VolumeInfo:
     physical: int
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {n: getattr(self, n) for n in field_names(self)}
 
 
 # How a page of volumes may be sorted ('-' before one: descending).
@@ -56,7 +180,7 @@ VOLUME_SORT_KEYS = ("name", "type", "format", "capacity", "allocation")
 MAX_PAGE = 1000
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VolumePage:
     """One page of a pool's volumes, sorted and filtered, and how many match in all."""
 
@@ -65,7 +189,7 @@ class VolumePage:
     volumes: list[VolumeInfo]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SecretInfo:
     uuid: str
     usage_type: str | None
@@ -75,7 +199,7 @@ class SecretInfo:
     private: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {n: getattr(self, n) for n in field_names(self)}
 
 
 # Job states.
@@ -87,7 +211,7 @@ JOB_CANCELLED = "cancelled"
 JOB_FINAL = (JOB_DONE, JOB_FAILED, JOB_CANCELLED)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JobInfo:
     """Long work (clone, convert, wipe, upload, download, resize, build) and its progress."""
 
@@ -112,10 +236,10 @@ class JobInfo:
         return self.state in JOB_FINAL
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {n: getattr(self, n) for n in field_names(self)}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SnapshotInfo:
     pool: str
     volume: str
@@ -125,10 +249,10 @@ class SnapshotInfo:
     size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {n: getattr(self, n) for n in field_names(self)}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Event:
     """A lifecycle or progress event. ``kind``: pool, volume or job."""
 
@@ -142,7 +266,10 @@ class Event:
     job: JobInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {n: getattr(self, n) for n in field_names(self)}
+        if self.job is not None:
+            d["job"] = self.job.to_dict()
+        return d
 
 
 class NbdExport(Protocol):
@@ -161,7 +288,7 @@ class NbdExport(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PoolFilter:
     """Filters of pool-list; None means "either"."""
 
@@ -180,7 +307,7 @@ class PoolFilter:
         return not (self.types and info.type not in self.types)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VolumeCreateArgs:
     """vol-create-as in arguments rather than XML."""
 

@@ -18,7 +18,6 @@ state root.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import subprocess
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from reliability import summary
 from reliability.harness import work_area
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import InvalidArgument, VirtstoreError, XMLError
+from virtstore.types import replace
 from virtstore.xml import (
     PoolDef,
     VolDef,
@@ -89,7 +89,7 @@ def _normal_vol(v: VolDef) -> VolDef:
     if not v.capacity_given:
         v.capacity, v.capacity_given = v.capacity or 0, True
     v.allocation_given = True
-    v.target = dataclasses.replace(v.target, nocow=False)
+    v.target = replace(v.target, nocow=False)
     return v
 
 

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 from collections.abc import Callable
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from virtstore.api import Connection, check_page
 from virtstore.backends import POOL_TYPES, backend_for
-from virtstore.backup.ops import BackupOps
-from virtstore.engine import journal
-from virtstore.engine.cluster import Cluster, ClusterConfig, storage_id
-from virtstore.engine.confine import Confinement
-from virtstore.engine.dataops import DataOps
-from virtstore.engine.events import EventLog
 from virtstore.engine.index import VolumeIndex
-from virtstore.engine.jobs import JobManager
-from virtstore.engine.pools import PoolManager
-from virtstore.engine.secrets import SecretStore
-from virtstore.engine.snapshots import SnapshotManager
+from virtstore.engine.poolinfo import PoolReader
 from virtstore.engine.state import StateRoot
-from virtstore.engine.volumes import VolumeManager
 from virtstore.errors import InvalidArgument, NoSuchPool, Unsupported, VirtstoreError
-from virtstore.host.files import boot_id
+from virtstore.host.files import boot_id, process_alive
 from virtstore.types import (
+    JOB_FINAL,
     Event,
     JobInfo,
     NbdExport,
@@ -37,7 +28,26 @@ from virtstore.types import (
     VolumePage,
 )
 
-log = logging.getLogger("virtstore")
+if TYPE_CHECKING:
+    from virtstore.backup.ops import BackupOps
+    from virtstore.engine.cluster import Cluster, ClusterConfig
+    from virtstore.engine.confine import Confinement
+    from virtstore.engine.dataops import DataOps
+    from virtstore.engine.events import EventLog
+    from virtstore.engine.jobs import JobManager
+    from virtstore.engine.pools import PoolManager
+    from virtstore.engine.secrets import EphemeralSecrets, SecretStore
+    from virtstore.engine.snapshots import SnapshotManager
+    from virtstore.engine.volumes import VolumeManager
+
+
+def _warn(msg: str, *args: object) -> None:
+    # logging (with traceback, string, weakref) is imported only when there is
+    # something to say: most commands never log.
+    import logging
+
+    logging.getLogger("virtstore").warning(msg, *args)
+
 
 DEFAULT_POOL = "default"
 
@@ -45,44 +55,109 @@ _T = TypeVar("_T")
 
 
 class EmbeddedConnection(Connection):
+    """The engine's parts are made on first use: a command that reads one row imports
+    the store, the index and the pool reader, not the XML layer, the lifecycle code,
+    the jobs or the data layer (see "Start-up" in docs/engine.md)."""
+
     def __init__(self, root: str, *, confinement: Confinement | None = None,
-                 cluster: ClusterConfig | None = None, default_pool: bool = False) -> None:
+                 cluster: ClusterConfig | None = None, default_pool: bool = False,
+                 ephemeral_secrets: EphemeralSecrets | None = None) -> None:
         """``confinement``: what the engine refuses to touch for its callers
         (engine/confine.py); permissive by default, virtstored passes its own.
         ``cluster``: the etcd cluster this engine is a member of (engine/cluster.py).
         ``default_pool``: on the first such start on this state root, define, build and
         autostart a ``default`` dir pool under it (virtstored asks for it; a command or
-        a script never gets a pool it did not ask for)."""
+        a script never gets a pool it did not ask for).
+        ``ephemeral_secrets``: where ephemeral secrets are kept (default: in this
+        process; virtstored's workers share theirs)."""
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
-        store = self.state.store
-        self.index = VolumeIndex(store)
-        self.events = EventLog(store)
-        self.secrets = SecretStore(self.state.secrets_dir, store)
-        self.state.backend.hooks.secret_store = self.secrets  # pools' auth secrets
-        self.pools = PoolManager(self.state, self.index, self.events, confinement)
-        self.volumes = VolumeManager(self.state, self.index, self.secrets, self.events,
-                                     confinement)
-        self.jobs = JobManager(store, self.events, reread=self.volumes.reread)
-        self.dataops = DataOps(self.volumes, self.index, self.jobs, self.events)
-        self.snapshots = SnapshotManager(self.volumes, self.index)
-        self.backups = BackupOps(self.volumes, self.index, self.jobs)
-        self.cluster = Cluster(cluster) if cluster is not None else None
-        self.volumes.cluster = self.cluster
+        self.confinement = confinement
+        self.ephemeral_secrets = ephemeral_secrets
+        self.index = VolumeIndex(self.state.store)
+        self.pool_reader = PoolReader(self.state)
+        self.state.secret_source = lambda: self.secrets  # pools' auth secrets
+        self.cluster: Cluster | None = None
+        if cluster is not None:
+            from virtstore.engine.cluster import Cluster
+
+            self.cluster = Cluster(cluster)
         self._startup(default_pool)
+
+    @functools.cached_property
+    def events(self) -> EventLog:
+        from virtstore.engine.events import EventLog
+
+        return EventLog(self.state.store)
+
+    @functools.cached_property
+    def secrets(self) -> SecretStore:
+        from virtstore.engine.secrets import SecretStore
+
+        return SecretStore(self.state.secrets_dir, self.state.store, self.ephemeral_secrets)
+
+    @functools.cached_property
+    def pools(self) -> PoolManager:
+        from virtstore.engine.pools import PoolManager
+
+        return PoolManager(self.state, self.index, self.events, self.confinement)
+
+    @functools.cached_property
+    def volumes(self) -> VolumeManager:
+        from virtstore.engine.volumes import VolumeManager
+
+        volumes = VolumeManager(self.state, self.index, self.secrets, self.events,
+                                self.confinement)
+        volumes.cluster = self.cluster
+        return volumes
+
+    @functools.cached_property
+    def jobs(self) -> JobManager:
+        from virtstore.engine.jobs import JobManager
+
+        return JobManager(self.state.store, self.events,
+                          reread=lambda pool, name: self.volumes.reread(pool, name))
+
+    @functools.cached_property
+    def dataops(self) -> DataOps:
+        from virtstore.engine.dataops import DataOps
+
+        return DataOps(self.volumes, self.index, self.jobs, self.events)
+
+    @functools.cached_property
+    def snapshots(self) -> SnapshotManager:
+        from virtstore.engine.snapshots import SnapshotManager
+
+        return SnapshotManager(self.volumes, self.index)
+
+    @functools.cached_property
+    def backups(self) -> BackupOps:
+        from virtstore.backup.ops import BackupOps
+
+        return BackupOps(self.volumes, self.index, self.jobs)
 
     # -- start-up --------------------------------------------------------------
     def _startup(self, default_pool: bool) -> None:
+        """Recovery, definition sync, the default pool and the boot's autostart, each
+        run when its cheap check says there is work: the checks are a few queries,
+        and the managers that do the work are imported only then."""
         store = self.state.store
-        self.jobs.recover()
-        journal.recover(store, self._discard_leftover, self.volumes.settle)
+        if self._dead_owners("SELECT pid, pid_start FROM jobs WHERE state NOT IN "
+                             "(?,?,?)", JOB_FINAL):
+            self.jobs.recover()
+        if self._dead_owners("SELECT pid, pid_start FROM journal"):
+            from virtstore.engine import journal
+
+            journal.recover(store, self._discard_leftover, self.volumes.settle)
         self.state.sync_definitions()
+        meta = {str(r["key"]): r["value"] for r in store.query(
+            "SELECT key, value FROM meta WHERE key IN ('default_pool', 'boot_id')")}
         # Offered once per state root: a default pool the user undefined stays gone.
-        offer_default = default_pool and store.get_meta("default_pool") is None
+        offer_default = default_pool and meta.get("default_pool") is None
         if offer_default:
             self._make_default_pool()
         current = boot_id()
-        if store.get_meta("boot_id") != current:
+        if meta.get("boot_id") != current:
             # First process since the host booted: this is the engine's start.
             store.set_meta("boot_id", current)
             self.pools.on_host_start()
@@ -91,12 +166,17 @@ class EmbeddedConnection(Connection):
         if offer_default:
             store.set_meta("default_pool", "1")
 
+    def _dead_owners(self, sql: str, params: tuple[object, ...] = ()) -> bool:
+        """Whether a row the query returns belongs to a process that is gone."""
+        return any(not process_alive(int(r["pid"]), str(r["pid_start"]))
+                   for r in self.state.store.query(sql, params))
+
     def _start_default_pool(self) -> None:
         try:
             if not self.state.row(DEFAULT_POOL).active:
                 self.pools.start(DEFAULT_POOL)
         except VirtstoreError as exc:
-            log.warning("could not start the default pool: %s", exc)
+            _warn("could not start the default pool: %s", exc)
 
     def _discard_leftover(self, pool: str, name: str, tmp_path: str) -> None:
         row = self.state.row(pool)
@@ -116,7 +196,7 @@ class EmbeddedConnection(Connection):
             self.pools.build(DEFAULT_POOL, overwrite=None)
             self.state.set_autostart(DEFAULT_POOL, True)
         except VirtstoreError as exc:
-            log.warning("could not set up the default pool: %s", exc)
+            _warn("could not set up the default pool: %s", exc)
 
     def close(self, *, cancel_jobs: bool = False) -> None:
         """Wait for the jobs this process started, then release the state root.
@@ -126,11 +206,15 @@ class EmbeddedConnection(Connection):
         caller that did not ``wait()`` waits. ``cancel_jobs=True`` cancels them instead:
         each stops and removes what it was making.
         """
-        self.jobs.join_local(cancel=cancel_jobs)
-        self.events.close()
+        # Only the parts this connection made (they are made on first use).
+        if "jobs" in self.__dict__:
+            self.jobs.join_local(cancel=cancel_jobs)
+        if "events" in self.__dict__:
+            self.events.close()
         if self.cluster is not None:
             self.cluster.close()
-        self.state.backend.close()
+        if "backend" in self.state.__dict__:
+            self.state.backend.close()
         self.state.store.close()
 
     def stop_jobs(self, grace: float) -> int:
@@ -145,17 +229,17 @@ class EmbeddedConnection(Connection):
 
     # -- pools -----------------------------------------------------------------
     def list_pools(self, flt: PoolFilter | None = None) -> list[PoolInfo]:
-        pools = self.pools.list()
+        pools = self.pool_reader.list()
         return [p for p in pools if flt is None or flt.matches(p)]
 
     def pool_info(self, name: str) -> PoolInfo:
-        return self.pools.info(name)
+        return self.pool_reader.info(name)
 
     def pool_lookup_by_uuid(self, uuid: str) -> str:
-        return self.pools.by_uuid(uuid)
+        return self.pool_reader.by_uuid(uuid)
 
     def pool_lookup_by_target_path(self, path: str) -> str:
-        return self.pools.by_target_path(path)
+        return self.pool_reader.by_target_path(path)
 
     def pool_define_xml(self, xml: str) -> str:
         return self.pools.define(xml)
@@ -237,7 +321,7 @@ class EmbeddedConnection(Connection):
             try:
                 name = self.pools.define(data.decode("utf-8"))
             except VirtstoreError as exc:
-                log.warning("not imported: %s: %s", path, exc)
+                _warn("not imported: %s: %s", path, exc)
                 continue
             if os.path.lexists(os.path.join(config_dir, "autostart", fn)):
                 self.pools.set_autostart(name, True)
@@ -264,6 +348,9 @@ class EmbeddedConnection(Connection):
         return self.index.page(pool, offset, limit, key, desc, filter)
 
     def volume_info(self, pool: str, name: str) -> VolumeInfo:
+        found = self.index.info_if_active(pool, name)
+        if found is not None:
+            return found
         self._require_active(pool)
         return self.index.info(pool, name)
 
@@ -274,7 +361,9 @@ class EmbeddedConnection(Connection):
         return self.index.by_path(path)
 
     def volume_xml(self, pool: str, name: str) -> str:
-        return self.volumes.xml(pool, name)
+        from virtstore.engine.volxml import volume_xml
+
+        return volume_xml(self.state, self.index, pool, name)
 
     def volume_create_xml(self, pool: str, xml: str, *, prealloc_metadata: bool = False) -> str:
         return self.volumes.create_xml(pool, xml, prealloc_metadata=prealloc_metadata)
@@ -522,4 +611,6 @@ class EmbeddedConnection(Connection):
         cluster = self._clustered()
         if pool is None:
             return cluster.leases()
+        from virtstore.engine.cluster import storage_id
+
         return cluster.leases(storage_id(self._shared_pool(pool)))

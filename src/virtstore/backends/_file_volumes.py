@@ -12,8 +12,8 @@ engine (``EngineHooks.scratch``) and removed after a crash.
 from __future__ import annotations
 
 import os
-import secrets as pysecrets
 import time
+from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 from virtstore.backends.base import (
@@ -24,12 +24,11 @@ from virtstore.backends.base import (
 )
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
 from virtstore.host.files import open_volume, refuse_symlink, regular_size
-from virtstore.host.runner import run
 from virtstore.types import SnapshotInfo
-from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
+    from virtstore.xml import PoolDef
 
 # Our own files in a pool directory (staging files, snapshot files) are hidden and carry
 # this prefix, so a refresh never lists them as volumes.
@@ -359,7 +358,7 @@ class FileVolumes(Backend):
 
     def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
         if rec.format == "qcow2":
-            run(["qemu-img", "snapshot", "-c", snap, self.file_of(pool, rec)])
+            _runner().run(["qemu-img", "snapshot", "-c", snap, self.file_of(pool, rec)])
         elif rec.format == "raw":
             self._create_reflink(pool, rec, snap)
         else:
@@ -369,7 +368,7 @@ class FileVolumes(Backend):
 
     def _snap_path(self, pool: PoolDef, rec: VolumeRecord) -> str:
         return os.path.join(os.path.dirname(self.file_of(pool, rec)),
-                            f"{SNAPSHOT_PREFIX}{pysecrets.token_hex(8)}")
+                            f"{SNAPSHOT_PREFIX}{os.urandom(8).hex()}")
 
     def _create_reflink(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
         from virtstore.data.copy import copy_file
@@ -419,7 +418,7 @@ class FileVolumes(Backend):
 
     def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
         if any(s.name == snap for s in self._internal(pool, rec)):
-            run(["qemu-img", "snapshot", "-a", snap, self.file_of(pool, rec)])
+            _runner().run(["qemu-img", "snapshot", "-a", snap, self.file_of(pool, rec)])
             return
         row = self._known(pool, rec, snap)
         if row.kind == EXTERNAL:
@@ -449,7 +448,7 @@ class FileVolumes(Backend):
 
     def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
         if any(s.name == snap for s in self._internal(pool, rec)):
-            run(["qemu-img", "snapshot", "-d", snap, self.file_of(pool, rec)])
+            _runner().run(["qemu-img", "snapshot", "-d", snap, self.file_of(pool, rec)])
             return
         row = self._known(pool, rec, snap)
         if row.kind == EXTERNAL:
@@ -476,7 +475,7 @@ class FileVolumes(Backend):
         was = os.stat(child).st_mode
         os.chmod(child, 0o600)
         try:
-            run([*argv, child], timeout=None)
+            _runner().run([*argv, child], timeout=None)
         finally:
             os.chmod(child, was & 0o7777)
         os.unlink(row.path)
@@ -511,3 +510,11 @@ def reflink_capable(path: str) -> bool:
         if (path + "/").startswith(t) and len(t) > len(best):
             best, fstype = t, m.fstype
     return fstype in ("xfs", "btrfs")
+
+
+def _runner() -> ModuleType:
+    # qemu-img is forked only by snapshot operations: subprocess is not worth importing
+    # for every command that merely reaches this backend.
+    import virtstore.host.runner
+
+    return virtstore.host.runner

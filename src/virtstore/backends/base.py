@@ -17,19 +17,19 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol
 
 from virtstore.errors import AuthFailed, OperationInvalid, Unsupported
-from virtstore.xml import PoolDef, VolDef, VolSource
+from virtstore.types import field, record
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
     from virtstore.types import SnapshotInfo
+    from virtstore.xml import PoolDef, VolDef, VolSource
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BackendCaps:
     """What a backend is, as data (its operations are derived: ``Backend.supports``)."""
 
@@ -41,14 +41,14 @@ class BackendCaps:
     volume_type: str = "file"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PoolSizes:
     capacity: int = 0
     allocation: int = 0
     available: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Stamp:
     """What the index remembers of a volume to tell whether it changed since."""
 
@@ -58,7 +58,7 @@ class Stamp:
     ctime_ns: int
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class VolumeRecord:
     """One volume as the index stores it."""
 
@@ -86,7 +86,7 @@ class VolumeRecord:
     atime_ns: int = 0
 
 
-@dataclass
+@record
 class ScanResult:
     """What a refresh found: changed or new records, names unchanged, and skipped entries."""
 
@@ -102,7 +102,7 @@ class ScanResult:
             self.changed.append(rec)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CreateRequest:
     """A volume to make, resolved by the engine: paths absolute, secrets fetched."""
 
@@ -116,7 +116,7 @@ class CreateRequest:
     encryption_secret: bytes | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CloneOptions:
     """How a clone or create-from fills its target, beyond the plain copy."""
 
@@ -134,7 +134,7 @@ class CloneOptions:
     ivgen: Mapping[str, str] | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SnapshotRow:
     """A storage snapshot the engine remembers for a backend (files beside a volume)."""
 
@@ -262,6 +262,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def sizes(self, pool: PoolDef) -> PoolSizes: ...
 
+    def sizes_at(self, target_path: str) -> PoolSizes | None:
+        """The running pool's sizes from its target path alone, when that is all
+        ``sizes`` reads; None: call ``sizes`` with the definition (which costs a parse)."""
+        return None
+
     @abc.abstractmethod
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         """List the pool's volumes, re-reading only those whose stamp changed."""
@@ -323,7 +328,7 @@ class Backend(abc.ABC):
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
                   linked: bool, monitor: Monitor,
-                  options: CloneOptions = CloneOptions()) -> None:
+                  options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
         """Make ``staging`` (from ``staging_path``) a copy of ``src`` (a volume of
         ``src_pool``, of the same pool type); the engine then commits or discards it
         like any created volume."""

@@ -128,7 +128,7 @@ class BtrfsBackend(FsBackend):
     # -- lifecycle: an fs pool of btrfs, or a btrfs directory ------------------
     @staticmethod
     def _as_btrfs(pool: PoolDef) -> PoolDef:
-        from dataclasses import replace
+        from virtstore.types import replace
 
         src = replace(pool.source, format="btrfs")
         return replace(pool, source=src)

@@ -24,12 +24,12 @@ from virtstore.backends.base import (
 )
 from virtstore.errors import AlreadyExists, NoSpace, OperationInvalid, VirtstoreError
 from virtstore.host.files import fsync_dir, open_volume
-from virtstore.xml import PoolDef
 
 __all__ = ["PRIVATE_PREFIX", "SNAPSHOT_PREFIX", "STAGING_PREFIX", "DirBackend"]
 
 if TYPE_CHECKING:
     from virtstore.formats.probe import ImageInfo
+    from virtstore.xml import PoolDef
 
 # libvirt's default mode for a pool directory it builds, and for a volume it creates.
 DEFAULT_POOL_MODE = 0o711
@@ -140,15 +140,14 @@ class DirBackend(FileVolumes):
                                    f"{_os_message(exc)}") from exc
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
-        try:
-            sv = os.statvfs(self._target(pool))
-        except OSError:
-            return PoolSizes()
-        # As libvirt counts it: free blocks including root's reserve (we run as root).
-        capacity = sv.f_frsize * sv.f_blocks
-        available = sv.f_frsize * sv.f_bfree
-        return PoolSizes(capacity=capacity, allocation=capacity - available,
-                         available=available)
+        return _statvfs_sizes(self._target(pool))
+
+    def sizes_at(self, target_path: str) -> PoolSizes | None:
+        # Only where sizes is this class's own: a subclass that reads them otherwise
+        # (netfs through libnfs) needs its definition.
+        if type(self).sizes is not DirBackend.sizes:
+            return None
+        return _statvfs_sizes(target_path)
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         target = self._target(pool)
@@ -318,3 +317,15 @@ class DirBackend(FileVolumes):
         if not path:
             raise OperationInvalid(f"storage pool '{pool.name}' has no target path")
         return path
+
+
+def _statvfs_sizes(path: str) -> PoolSizes:
+    try:
+        sv = os.statvfs(path)
+    except OSError:
+        return PoolSizes()
+    # As libvirt counts it: free blocks including root's reserve (we run as root).
+    capacity = sv.f_frsize * sv.f_blocks
+    available = sv.f_frsize * sv.f_bfree
+    return PoolSizes(capacity=capacity, allocation=capacity - available,
+                     available=available)

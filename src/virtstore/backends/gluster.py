@@ -307,7 +307,7 @@ class GlusterBackend(FileVolumes):
         if req.backing_path and req.backing_path.startswith(url_base(pool) + "/"):
             # A backing volume of this pool, named by its URL: the image records the
             # relative name, which qemu resolves beside the overlay (URL or mount).
-            from dataclasses import replace
+            from virtstore.types import replace
 
             req = replace(req, backing_path=os.path.basename(req.backing_path))
         self._files.create_volume(pool, staging, req)

@@ -3,17 +3,22 @@ journalled scratch names, and the snapshot rows of snapshots kept as files."""
 
 from __future__ import annotations
 
-import secrets as pysecrets
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from virtstore.backends import new_backend
 from virtstore.backends.base import Backend, SnapshotRow
 from virtstore.engine import journal
-from virtstore.engine.secrets import SecretStore
 from virtstore.engine.store import Store
 from virtstore.errors import AuthFailed, NoSuchSecret
-from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from virtstore.engine.secrets import SecretStore
+    from virtstore.xml import PoolDef
 
 
 class Hooks:
@@ -21,10 +26,11 @@ class Hooks:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.secret_store: SecretStore | None = None  # set by the connection that opens it
+        # Set by the connection that opens it; called only when a pool needs a secret.
+        self.secret_store: Callable[[], SecretStore] | None = None
 
     def secret(self, uuid: str | None, usage: str | None, usage_type: str) -> bytes:
-        store = self.secret_store
+        store = self.secret_store() if self.secret_store is not None else None
         if store is None:
             raise AuthFailed("no secret store is available to read the pool's auth secret")
         try:
@@ -38,7 +44,7 @@ class Hooks:
     @contextmanager
     def scratch(self, backend: Backend, pool: PoolDef, volume: str,
                 op: str) -> Iterator[str]:
-        staging = backend.staging_path(pool, pysecrets.token_hex(8))
+        staging = backend.staging_path(pool, os.urandom(8).hex())
         with self.store.write() as db:
             entry = journal.begin(db, op, pool.name, volume, staging, None)
         try:

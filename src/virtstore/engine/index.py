@@ -13,7 +13,6 @@ mode and timestamps are read from the file when a volume's XML is asked for.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
 import stat
@@ -37,7 +36,9 @@ _UPSERT_SCANNED = (
     + ", ".join(f"{c.strip()}=excluded.{c.strip()}" for c in _COLS.split(",")[2:])
     + " WHERE volumes.state='ready'")
 _PATH = "COALESCE(v.path, p.target_path || '/' || v.name)"
-_SELECT_INFO = (f"SELECT v.pool, v.name, {_PATH} AS path, v.key, v.type, v.format, "
+# The columns in VolumeInfo's order, so that a row is its arguments.
+_SELECT_INFO = (f"SELECT v.pool, v.name, COALESCE(NULLIF(v.key, ''), {_PATH}) AS key, "
+                f"{_PATH} AS path, v.type, v.format, "
                 "v.capacity, v.allocation, v.physical FROM volumes v "
                 "JOIN pools p ON p.name = v.pool")
 _SELECT_REC = (f"SELECT v.*, {_PATH} AS full_path FROM volumes v "
@@ -46,11 +47,8 @@ _EXTRA = ("backing_path", "backing_format", "compat", "cluster_size", "lazy_refc
           "encryption")
 
 
-def _info(row: sqlite3.Row) -> VolumeInfo:
-    path = row["path"]
-    return VolumeInfo(pool=row["pool"], name=row["name"], key=row["key"] or path, path=path,
-                      type=row["type"], format=row["format"], capacity=row["capacity"],
-                      allocation=row["allocation"], physical=row["physical"])
+def _info(row: sqlite3.Row | tuple[object, ...]) -> VolumeInfo:
+    return VolumeInfo(*row)
 
 
 def _row(pool: str, prefix: str | None, rec: VolumeRecord, state: str = "ready") -> tuple[
@@ -67,6 +65,8 @@ def _row(pool: str, prefix: str | None, rec: VolumeRecord, state: str = "ready")
 @functools.lru_cache(maxsize=256)
 def _encode_extra(items: tuple[tuple[str, object], ...]) -> str:
     # Many images share the same details (compat, cluster size): encode each set once.
+    import json
+
     return json.dumps(dict(items))
 
 
@@ -78,6 +78,8 @@ def record(row: sqlite3.Row) -> VolumeRecord:
                        ino=row["ino"] or 0, size=row["size"] or 0,
                        mtime_ns=row["mtime_ns"] or 0, ctime_ns=row["ctime_ns"] or 0)
     if row["extra"]:
+        import json
+
         for k, v in json.loads(row["extra"]).items():
             if k in _EXTRA:
                 setattr(rec, k, v)
@@ -110,7 +112,7 @@ class VolumeIndex:
 
     # -- reads -----------------------------------------------------------------
     def list(self, pool: str) -> list[VolumeInfo]:
-        rows = self.store.query(f"{_SELECT_INFO} WHERE v.pool=? AND v.state='ready' "
+        rows = self.store.query_tuples(f"{_SELECT_INFO} WHERE v.pool=? AND v.state='ready' "
                                 "ORDER BY v.name", (pool,))
         return [_info(r) for r in rows]
 
@@ -148,6 +150,13 @@ class VolumeIndex:
         if row is None:
             raise _missing("name", name)
         return _info(row)
+
+    def info_if_active(self, pool: str, name: str) -> VolumeInfo | None:
+        """The volume when its pool is running and holds it, in one query (a daemon's
+        most frequent request); None: ask again the long way for the reason why not."""
+        row = self.store.query_one(f"{_SELECT_INFO} WHERE v.pool=? AND v.name=? AND "
+                                   "v.state='ready' AND p.active=1", (pool, name))
+        return None if row is None else _info(row)
 
     def _by_path(self, path: str) -> VolumeInfo | None:
         active = "AND v.state='ready' AND p.active=1 LIMIT 1"

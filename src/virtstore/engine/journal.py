@@ -9,7 +9,6 @@ its data is), or none.
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import time
@@ -18,7 +17,13 @@ from collections.abc import Callable
 from virtstore.engine.store import Store
 from virtstore.host.files import process_alive, process_start_time
 
-log = logging.getLogger("virtstore")
+
+def _warn(msg: str, *args: object) -> None:
+    # Imported only when a dead process's work is cleaned up: every command loads
+    # this module, few have anything to log.
+    import logging
+
+    logging.getLogger("virtstore").warning(msg, *args)
 
 _SELF_START = process_start_time(os.getpid()) or "?"
 
@@ -60,20 +65,20 @@ def recover(store: Store, discard: Callable[[str, str, str], None],
                 try:
                     discard(r["pool"], r["name"], r["tmp_path"])
                 except Exception as exc:
-                    log.warning("could not remove leftover '%s': %s", r["tmp_path"], exc)
+                    _warn("could not remove leftover '%s': %s", r["tmp_path"], exc)
                     continue
             try:
                 outcome = settle(r["pool"], r["name"])
             except Exception as exc:
                 # Kept for the next process: the name stays reserved (as a refresh
                 # leaves it) rather than being guessed at.
-                log.warning("could not look at volume '%s' in pool '%s' after an "
+                _warn("could not look at volume '%s' in pool '%s' after an "
                             "interrupted %s: %s", r["name"], r["pool"], r["op"], exc)
                 continue
             db.execute("DELETE FROM journal WHERE id=?", (r["id"],))
         removed = f"removed '{r['tmp_path']}', " if r["tmp_path"] else ""
         what = (f"interrupted {r['op']} of volume '{r['name']}' in pool '{r['pool']}' "
                 f"(process {r['pid']}): {removed}{outcome}")
-        log.warning("cleaned up %s", what)
+        _warn("cleaned up %s", what)
         cleaned.append(what)
     return cleaned

@@ -32,9 +32,14 @@ if TYPE_CHECKING:
 class EngineParts(Protocol):
     """What an export needs of the engine (an EngineParts has it)."""
 
-    state: StateRoot
-    index: VolumeIndex
-    volumes: VolumeManager
+    @property
+    def state(self) -> StateRoot: ...
+
+    @property
+    def index(self) -> VolumeIndex: ...
+
+    @property
+    def volumes(self) -> VolumeManager: ...
 
 
 @dataclass

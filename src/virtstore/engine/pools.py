@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import uuid as uuidlib
 
-from virtstore.backends.base import PoolSizes, Stamp
+from virtstore.backends.base import Stamp
 from virtstore.engine import locks, nesting
 from virtstore.engine.confine import Confinement, check_pool_target
 from virtstore.engine.events import EventLog
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_name
+from virtstore.engine.poolinfo import PoolReader, clean_path
 from virtstore.engine.state import PoolRow, StateRoot
 from virtstore.errors import (
     AlreadyExists,
     InvalidArgument,
-    NoSuchPool,
     OperationInvalid,
     Unsupported,
     VirtstoreError,
 )
 from virtstore.host.files import live_stat
-from virtstore.types import POOL_INACTIVE, POOL_RUNNING, PoolInfo
+from virtstore.types import replace
 from virtstore.xml import Permissions, PoolDef, format_pool_xml, parse_pool_xml
 
 log = logging.getLogger("virtstore")
@@ -32,17 +30,11 @@ log = logging.getLogger("virtstore")
 _LOCAL_TARGET = ("dir", "fs", "netfs")
 
 
-def _clean_path(path: str | None) -> str | None:
-    if not path:
-        return path
-    return os.path.normpath(path) if path.startswith("/") else path
-
-
-class PoolManager:
+class PoolManager(PoolReader):
     def __init__(self, state: StateRoot, index: VolumeIndex,
                  events: EventLog | None = None,
                  confinement: Confinement | None = None) -> None:
-        self.state = state
+        super().__init__(state)
         self.index = index
         self.events = events
         self.confinement = confinement or Confinement()
@@ -53,45 +45,6 @@ class PoolManager:
     def _emit(self, action: str, name: str) -> None:
         if self.events is not None:
             self.events.emit("pool", action, pool=name, name=name)
-
-    # -- lookups ---------------------------------------------------------------
-    def info(self, name: str) -> PoolInfo:
-        return self._info(self.state.row(name))
-
-    def _info(self, row: PoolRow) -> PoolInfo:
-        sizes = PoolSizes()
-        backend = self.state.backend(row.type, row.name)
-        if row.active:
-            sizes = backend.sizes(self.state.definition(row))
-        return PoolInfo(name=row.name, uuid=row.uuid, type=row.type,
-                        state=POOL_RUNNING if row.active else POOL_INACTIVE,
-                        persistent=row.persistent,
-                        autostart=row.persistent and self.state.is_autostart(row.name),
-                        capacity=sizes.capacity, allocation=sizes.allocation,
-                        available=sizes.available, target_path=row.target_path,
-                        shared=backend.caps.shared)
-
-    def list(self) -> list[PoolInfo]:
-        return [self._info(r) for r in self.state.rows()]
-
-    def by_uuid(self, uuid: str) -> str:
-        try:
-            key = str(uuidlib.UUID(uuid))
-        except ValueError:
-            key = uuid
-        r = self.state.store.query_one("SELECT name FROM pools WHERE uuid=?", (key,))
-        if r is None:
-            raise NoSuchPool(f"Storage pool not found: no storage pool with matching "
-                             f"uuid '{uuid}'")
-        return str(r["name"])
-
-    def by_target_path(self, path: str) -> str:
-        clean = _clean_path(path)
-        r = self.state.store.query_one("SELECT name FROM pools WHERE target_path=?", (clean,))
-        if r is None:
-            raise NoSuchPool(f"Storage pool not found: no storage pool with matching "
-                             f"target path '{path}'")
-        return str(r["name"])
 
     def xml(self, name: str, *, inactive: bool = False) -> str:
         row = self.state.row(name)
@@ -123,7 +76,7 @@ class PoolManager:
             st = live_stat(pool.target.path)
             if st is not None:
                 # A new target: the parsed live definition is cached and shared.
-                pool.target = dataclasses.replace(pool.target, permissions=Permissions(
+                pool.target = replace(pool.target, permissions=Permissions(
                     mode=st.st_mode & 0o777, owner=st.st_uid, group=st.st_gid,
                     label=pool.target.permissions.label))
 
@@ -149,7 +102,7 @@ class PoolManager:
         pool.capacity, pool.allocation, pool.available = (
             r["capacity"], r["allocation"], r["available"])
         if r["mode"] is not None:
-            pool.target = dataclasses.replace(pool.target, permissions=Permissions(
+            pool.target = replace(pool.target, permissions=Permissions(
                 mode=r["mode"], owner=r["owner"], group=r["grp"],
                 label=pool.target.permissions.label))
         return True
@@ -160,7 +113,7 @@ class PoolManager:
         check_name(pool.name, "pool")
         if not pool.uuid:
             pool.uuid = str(uuidlib.uuid4())
-        pool.target.path = _clean_path(pool.target.path)
+        pool.target.path = clean_path(pool.target.path)
         if pool.type == "dir" and not pool.target.path:
             raise InvalidArgument("missing storage pool target path")
         if pool.target.path and not pool.target.path.startswith("/"):
@@ -314,7 +267,7 @@ class PoolManager:
                                        "has asynchronous jobs running")
             pool = self.state.definition(row)
             if row.persistent:
-                self._remember(dataclasses.replace(pool))
+                self._remember(replace(pool))
             self.state.backend(row.type, row.name).stop(pool)
             nesting.detach_sources(self.state, pool)
             if row.persistent:

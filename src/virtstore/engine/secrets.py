@@ -9,29 +9,96 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import mmap
 import os
 import uuid as uuidlib
-from dataclasses import dataclass
 
 from virtstore.engine.names import check_uuid
 from virtstore.engine.store import Store
 from virtstore.errors import AlreadyExists, Forbidden, InternalError, NoSuchSecret
 from virtstore.host.files import atomic_write
-from virtstore.types import SecretInfo
+from virtstore.types import SecretInfo, record
 from virtstore.xml import SecretDef, format_secret_xml, parse_secret_xml
 
 
-@dataclass
-class _Ephemeral:
+@record
+class Ephemeral:
     definition: SecretDef
     value: bytes | None = None
 
 
+class EphemeralSecrets:
+    """Ephemeral secrets, in this process's memory only. Changes are made under the
+    store's write lock (SecretStore), reads at any time."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Ephemeral] = {}
+
+    def load(self) -> dict[str, Ephemeral]:
+        return dict(self._items)
+
+    def put(self, uuid: str, item: Ephemeral) -> None:
+        self._items[uuid] = item
+
+    def drop(self, uuid: str) -> None:
+        self._items.pop(uuid, None)
+
+
+class SharedEphemeralSecrets(EphemeralSecrets):
+    """The same in memory shared by a daemon's worker processes (made before they are
+    forked), so that a secret defined through one worker is known to every one, for as
+    long as the daemon runs."""
+
+    SIZE = 8 << 20
+
+    def __init__(self) -> None:
+        from virtstore.engine.shared import SharedRegion
+
+        super().__init__()
+        self.region = SharedRegion(self.SIZE, "virtstore-secrets")
+
+    @staticmethod
+    def _read(mem: mmap.mmap) -> dict[str, Ephemeral]:
+        size = int.from_bytes(mem[:8], "little")
+        if not size:
+            return {}
+        items = json.loads(bytes(mem[8:8 + size]))
+        return {u: Ephemeral(parse_secret_xml(x), None if v is None else base64.b64decode(v))
+                for u, (x, v) in items.items()}
+
+    def _write(self, mem: mmap.mmap, items: dict[str, Ephemeral]) -> None:
+        data = json.dumps({u: [format_secret_xml(e.definition),
+                               None if e.value is None else base64.b64encode(e.value).decode()]
+                           for u, e in items.items()}).encode()
+        if len(data) + 8 > self.SIZE:
+            raise InternalError("no room left for ephemeral secrets")
+        mem[8:8 + len(data)] = data
+        mem[:8] = len(data).to_bytes(8, "little")
+
+    def load(self) -> dict[str, Ephemeral]:
+        with self.region.locked() as mem:
+            return self._read(mem)
+
+    def put(self, uuid: str, item: Ephemeral) -> None:
+        with self.region.locked() as mem:
+            items = self._read(mem)
+            items[uuid] = item
+            self._write(mem, items)
+
+    def drop(self, uuid: str) -> None:
+        with self.region.locked() as mem:
+            items = self._read(mem)
+            if items.pop(uuid, None) is not None:
+                self._write(mem, items)
+
+
 class SecretStore:
-    def __init__(self, directory: str, store: Store) -> None:
+    def __init__(self, directory: str, store: Store,
+                 ephemeral: EphemeralSecrets | None = None) -> None:
         self.dir = directory
         self.store = store  # its write lock serialises changes between processes
-        self._ephemeral: dict[str, _Ephemeral] = {}
+        self._ephemeral = ephemeral if ephemeral is not None else EphemeralSecrets()
 
     def _xml_path(self, uuid: str) -> str:
         return os.path.join(self.dir, uuid + ".xml")
@@ -52,7 +119,7 @@ class SecretStore:
 
     def _all(self) -> dict[str, SecretDef]:
         out = self._persistent()
-        out.update({u: e.definition for u, e in self._ephemeral.items()})
+        out.update({u: e.definition for u, e in self._ephemeral.load().items()})
         return out
 
     def _get(self, uuid: str) -> SecretDef:
@@ -81,8 +148,8 @@ class SecretStore:
                 raise AlreadyExists(f"operation failed: secret '{sdef.uuid}' is already "
                                     "defined with another ephemeral setting")
             if sdef.ephemeral:
-                prev = self._ephemeral.get(sdef.uuid)
-                self._ephemeral[sdef.uuid] = _Ephemeral(sdef, prev.value if prev else None)
+                prev = self._ephemeral.load().get(sdef.uuid)
+                self._ephemeral.put(sdef.uuid, Ephemeral(sdef, prev.value if prev else None))
             else:
                 atomic_write(self._xml_path(sdef.uuid), format_secret_xml(sdef), 0o600)
         return sdef.uuid
@@ -112,7 +179,7 @@ class SecretStore:
         assert sdef.uuid is not None
         with self.store.write():
             if sdef.ephemeral:
-                self._ephemeral[sdef.uuid].value = bytes(value)
+                self._ephemeral.put(sdef.uuid, Ephemeral(sdef, bytes(value)))
             else:
                 atomic_write(self._value_path(sdef.uuid), base64.b64encode(value), 0o600)
 
@@ -123,7 +190,8 @@ class SecretStore:
         if sdef.private and not internal:
             raise Forbidden("operation forbidden: secret is private")
         if sdef.ephemeral:
-            value = self._ephemeral[sdef.uuid].value
+            item = self._ephemeral.load().get(sdef.uuid)
+            value = item.value if item is not None else None
         else:
             try:
                 with open(self._value_path(sdef.uuid), "rb") as fh:
@@ -144,7 +212,7 @@ class SecretStore:
         assert sdef.uuid is not None
         with self.store.write():
             if sdef.ephemeral:
-                self._ephemeral.pop(sdef.uuid, None)
+                self._ephemeral.drop(sdef.uuid)
                 return
             for path in (self._value_path(sdef.uuid), self._xml_path(sdef.uuid)):
                 try:

@@ -7,7 +7,6 @@ read-only copies) through the contract's ``snap_*`` verbs.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets as pysecrets
 
 from virtstore.backends.base import Backend, VolumeRecord
@@ -16,7 +15,7 @@ from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_volume_name
 from virtstore.engine.volumes import VolumeManager
 from virtstore.errors import AlreadyExists, NoSuchVolume
-from virtstore.types import SnapshotInfo
+from virtstore.types import SnapshotInfo, replace
 from virtstore.xml import PoolDef
 
 
@@ -42,7 +41,7 @@ class SnapshotManager:
 
     def list(self, pool_name: str, name: str) -> list[SnapshotInfo]:
         pool, backend, rec = self._volume(pool_name, name)
-        return sorted((dataclasses.replace(s, pool=pool_name, volume=name)
+        return sorted((replace(s, pool=pool_name, volume=name)
                        for s in backend.snap_list(pool, rec)),
                       key=lambda s: (s.created, s.name))
 

@@ -10,23 +10,32 @@ Layout under the root (``--root`` / VIRTSTORE_ROOT):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
 import os
-import sqlite3
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from virtstore.engine.hooks import Backends
 from virtstore.engine.store import Store
 from virtstore.errors import InternalError, NoSuchPool, VirtstoreError
-from virtstore.host.files import atomic_write
-from virtstore.xml import PoolDef, format_pool_xml, parse_pool_xml
+from virtstore.types import record, replace
 
-log = logging.getLogger("virtstore")
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable
+
+    from virtstore.engine.hooks import Backends
+    from virtstore.engine.secrets import SecretStore
+    from virtstore.xml import PoolDef
 
 
-@dataclass(frozen=True)
+def _warn(msg: str, *args: object) -> None:
+    # logging (with traceback, string, weakref) is imported only when there is
+    # something to say: most commands never log.
+    import logging
+
+    logging.getLogger("virtstore").warning(msg, *args)
+
+
+@record(frozen=True)
 class PoolRow:
     name: str
     uuid: str
@@ -45,6 +54,8 @@ class PoolRow:
 @functools.lru_cache(maxsize=64)
 def _parse_live(xml: str) -> PoolDef:
     # Every volume operation needs its pool's live definition: parse each text once.
+    from virtstore.xml import parse_pool_xml
+
     return parse_pool_xml(xml)
 
 
@@ -64,8 +75,18 @@ class StateRoot:
             raise InternalError(f"cannot use state root '{self.root}': "
                                 f"{exc.strerror or exc}") from exc
         self.store = Store(os.path.join(self.root, "state.db"))
-        # This engine's backends, one per pool type, bound to its journal and store.
-        self.backend = Backends(self.store)
+        # What lends the backends the pools' auth secrets (set by the connection).
+        self.secret_source: Callable[[], SecretStore] | None = None
+
+    @functools.cached_property
+    def backend(self) -> Backends:
+        """This engine's backends, one per pool, bound to its journal and store; made on
+        first use, so that commands which never reach a backend do not import them."""
+        from virtstore.engine.hooks import Backends
+
+        backends = Backends(self.store)
+        backends.hooks.secret_store = self.secret_source
+        return backends
 
     # -- pool definitions on disk ----------------------------------------------
     def def_path(self, name: str) -> str:
@@ -81,9 +102,14 @@ class StateRoot:
         except FileNotFoundError:
             raise NoSuchPool(f"Storage pool not found: no storage pool with matching "
                              f"name '{name}'") from None
+        from virtstore.xml import parse_pool_xml
+
         return parse_pool_xml(data)
 
     def write_def_file(self, pool: PoolDef) -> None:
+        from virtstore.host.files import atomic_write
+        from virtstore.xml import format_pool_xml
+
         atomic_write(self.def_path(pool.name), format_pool_xml(pool, inactive=True), 0o600)
 
     def remove_def_file(self, name: str) -> None:
@@ -129,10 +155,12 @@ class StateRoot:
         """The definition in effect (live while active), or the persistent one if asked."""
         if row.active and row.live_xml and not (inactive and row.persistent):
             # A copy: callers may fill in sizes; the parse itself is cached.
-            return dataclasses.replace(_parse_live(row.live_xml))
+            return replace(_parse_live(row.live_xml))
         if row.persistent:
             return self.read_def_file(row.name)
         if row.live_xml:
+            from virtstore.xml import parse_pool_xml
+
             return parse_pool_xml(row.live_xml)
         raise InternalError(f"pool '{row.name}' has no definition")
 
@@ -149,10 +177,10 @@ class StateRoot:
                 try:
                     pool = self.read_def_file(name)
                 except VirtstoreError as exc:
-                    log.warning("ignoring pool definition %s: %s", self.def_path(name), exc)
+                    _warn("ignoring pool definition %s: %s", self.def_path(name), exc)
                     continue
                 if pool.name != name or not pool.uuid:
-                    log.warning("ignoring pool definition %s: name or uuid does not match "
+                    _warn("ignoring pool definition %s: name or uuid does not match "
                                 "its file", self.def_path(name))
                     continue
                 db.execute("INSERT OR IGNORE INTO pools(name, uuid, type, persistent, active, "

@@ -9,10 +9,14 @@ from creating the same volume name twice.
 
 from __future__ import annotations
 
+import _thread
+import fcntl
+import os
 import sqlite3
-import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 SCHEMA_VERSION = 2
 
@@ -118,6 +122,8 @@ CREATE TABLE IF NOT EXISTS snapshots(
 );
 """
 
+_DDL_DIGEST = format(zlib.crc32(SCHEMA.encode()), "08x")
+
 
 class Store:
     """One SQLite connection per Store; a Store is used by one thread at a time."""
@@ -128,8 +134,10 @@ class Store:
         self.db = sqlite3.connect(path, timeout=60.0, isolation_level=None,
                                   check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
+        # _thread, not threading: a command reading one row need not import the latter.
+        self._lock = _thread.RLock()
         self._depth = 0
+        self._writer_fd: int | None = None  # opened at the first write
         self.db.execute("PRAGMA busy_timeout=60000")
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":  # e.g. a filesystem without shared memory: still correct, slower
@@ -137,6 +145,10 @@ class Store:
         # NORMAL in WAL mode: a commit is durable at the next checkpoint; the index can be
         # rebuilt by a refresh, so it does not need a sync per commit.
         self.db.execute("PRAGMA synchronous=NORMAL")
+        if self._schema_current():
+            # Every open after the first: no DDL and no write lock, which a read-only
+            # command would otherwise take (and wait for) just to open the store.
+            return
         # executescript() commits on its own, so it runs outside write(); the statements
         # are idempotent, which makes concurrent first opens safe.
         self.db.executescript(SCHEMA)
@@ -149,6 +161,19 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?)",
                             (str(SCHEMA_VERSION),))
         self.db.executescript(SCHEMA)
+        with self.write():
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) "
+                            "VALUES('schema_ddl', ?)", (_DDL_DIGEST,))
+
+    def _schema_current(self) -> bool:
+        """Whether this store was set up with this very SCHEMA (version and text: a
+        table added without a version bump still gets made)."""
+        try:
+            rows = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN "
+                                        "('schema', 'schema_ddl')").fetchall())
+        except sqlite3.OperationalError:  # no meta table yet: a new store
+            return False
+        return rows == {"schema": str(SCHEMA_VERSION), "schema_ddl": _DDL_DIGEST}
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -161,20 +186,50 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self.db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+            writer_fd = self._take_writer_lock()
             try:
-                yield self.db
-            except BaseException:
+                self.db.execute("BEGIN IMMEDIATE")
+                self._depth = 1
+                try:
+                    yield self.db
+                except BaseException:
+                    self._depth = 0
+                    self.db.execute("ROLLBACK")
+                    raise
                 self._depth = 0
-                self.db.execute("ROLLBACK")
-                raise
-            self._depth = 0
-            self.db.execute("COMMIT")
+                self.db.execute("COMMIT")
+            finally:
+                if writer_fd is not None:
+                    fcntl.flock(writer_fd, fcntl.LOCK_UN)
+
+    def _take_writer_lock(self) -> int | None:
+        """Queue for the write lock on a lock file first: a process waiting there wakes
+        the moment the writer before it is done, where SQLite's busy handler sleeps 1,
+        2, 5, 10... ms between tries, which is most of the latency of concurrent writes
+        (several daemon workers, several CLI commands). False: no lock file to use
+        (a read-only state root); SQLite's own lock still orders the writers."""
+        if self._writer_fd is None:
+            try:
+                self._writer_fd = os.open(self.path + ".lock",
+                                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self._writer_fd = -1
+        if self._writer_fd < 0:
+            return None
+        fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
+        return self._writer_fd
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self.db.execute(sql, params).fetchall()
+
+    def query_tuples(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows as plain tuples: cheaper than sqlite3.Row when there are many."""
+        with self._lock:
+            cur = self.db.cursor()
+            cur.row_factory = None
+            rows: list[tuple[Any, ...]] = cur.execute(sql, params).fetchall()
+            return rows
 
     def query_one(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Row | None:
         with self._lock:
@@ -191,3 +246,6 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self._writer_fd is not None and self._writer_fd >= 0:
+            os.close(self._writer_fd)
+            self._writer_fd = None

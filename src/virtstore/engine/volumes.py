@@ -15,6 +15,7 @@ from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_volume_name
 from virtstore.engine.secrets import SecretStore
 from virtstore.engine.state import StateRoot
+from virtstore.engine.volxml import volume_xml
 from virtstore.errors import (
     AlreadyExists,
     Busy,
@@ -23,7 +24,7 @@ from virtstore.errors import (
     OperationInvalid,
     Unsupported,
 )
-from virtstore.host.files import existing_path, live_stat
+from virtstore.host.files import existing_path
 from virtstore.types import VolumeCreateArgs
 
 if TYPE_CHECKING:
@@ -32,12 +33,9 @@ if TYPE_CHECKING:
 
 from virtstore.xml import (
     BackingStore,
-    Permissions,
     PoolDef,
-    Timestamps,
     VolDef,
     VolTarget,
-    format_volume_xml,
     parse_volume_xml,
 )
 
@@ -57,21 +55,6 @@ class StagedTarget:
 
 # Largest size we accept: what qemu-img and the kernel can address (2^63 - 1 bytes).
 MAX_SIZE = (1 << 63) - 1
-
-
-def _ts(ns: int) -> str:
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
-
-
-def _describe_backing(bs: BackingStore) -> None:
-    """The backing file's owner, mode and times, as libvirt reads them when it
-    describes a volume; nothing for a backing store that is not a local path."""
-    st = live_stat(bs.path)
-    if st is None:
-        return
-    bs.permissions = Permissions(mode=st.st_mode & 0o777, owner=st.st_uid, group=st.st_gid)
-    bs.timestamps = Timestamps(atime=_ts(st.st_atime_ns), mtime=_ts(st.st_mtime_ns),
-                               ctime=_ts(st.st_ctime_ns), btime="0")
 
 
 class VolumeManager:
@@ -351,32 +334,4 @@ class VolumeManager:
 
     # -- XML -------------------------------------------------------------------
     def xml(self, pool_name: str, name: str) -> str:
-        pool, backend = self._active_pool(pool_name)
-        rec = self.index.get(pool_name, name)
-        vol = self.to_def(rec)
-        source = backend.volume_source(pool, name)
-        if isinstance(source, list):
-            source = source[0] if source else None
-        vol.source = source
-        if vol.backing_store is not None:
-            _describe_backing(vol.backing_store)
-        return format_volume_xml(vol, pool)
-
-    @staticmethod
-    def to_def(rec: VolumeRecord) -> VolDef:
-        # libvirt reports the cluster size of every qcow2 image, compat and features only
-        # of qcow2 v3 ones.
-        v3 = rec.format == "qcow2" and rec.compat not in (None, "0.10")
-        target = VolTarget(path=rec.path, format=rec.format,
-                           permissions=Permissions(mode=rec.mode, owner=rec.uid, group=rec.gid),
-                           compat=rec.compat if v3 else None,
-                           cluster_size=rec.cluster_size if rec.format == "qcow2" else None,
-                           lazy_refcounts=rec.lazy_refcounts, has_features=v3)
-        if rec.mtime_ns:
-            target.timestamps = Timestamps(atime=_ts(rec.atime_ns), mtime=_ts(rec.mtime_ns),
-                                           ctime=_ts(rec.ctime_ns), btime="0")
-        vol = VolDef(name=rec.name, type=rec.type, key=rec.key, capacity=rec.capacity,
-                     allocation=rec.allocation, physical=rec.physical, target=target)
-        if rec.backing_path:
-            vol.backing_store = BackingStore(path=rec.backing_path, format=rec.backing_format)
-        return vol
+        return volume_xml(self.state, self.index, pool_name, name)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tempfile
-from typing import BinaryIO
+from typing import TYPE_CHECKING
 
 from virtstore.errors import OperationInvalid
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 
 def atomic_write(path: str, data: bytes | str | memoryview, mode: int = 0o600, *,
@@ -21,6 +23,8 @@ def atomic_write(path: str, data: bytes | str | memoryview, mode: int = 0o600, *
     """
     raw = data.encode() if isinstance(data, str) else data
     directory = os.path.dirname(path) or "."
+    import tempfile  # only writers need it
+
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, mode)
@@ -55,20 +59,30 @@ def remove_quietly(path: str) -> bool:
     return True
 
 
-def process_start_time(pid: int) -> str | None:
-    """The start time of ``pid`` (clock ticks since boot), to tell a live PID from a reused one."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from its third field (the state) on."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read().decode(errors="replace")
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2:].split()
-    return fields[19] if len(fields) > 19 else None
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (clock ticks since boot), to tell a live PID from a reused one."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def process_alive(pid: int, start: str) -> bool:
-    return process_start_time(pid) == start
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) <= 19 or fields[19] != start:
+        return False
+    # A zombie has ended; its parent (say a daemon killed with its workers, under an
+    # init that does not reap) may never collect it.
+    return fields[0] not in ("Z", "X")
 
 
 def boot_id() -> str:

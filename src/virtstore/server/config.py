@@ -39,6 +39,7 @@ class Options:
     max_connections_tcp: int = 128
     max_connections_per_peer: int = 32  # per uid (read-only socket), per address (TCP)
     head_timeout: float = 20.0  # seconds for a request's whole head
+    workers: int | None = None  # processes serving requests; default one per processor
     log_level: str = "info"
     # Where remote (TCP) callers may put file pools; none: nowhere.
     remote_pool_roots: list[str] = field(default_factory=list)
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
                    help="concurrent connections over TCP (128)")
     p.add_argument("--max-connections-per-peer", type=int, help="concurrent connections per "
                    "uid on the read-only socket and per address over TCP (32)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes serving requests "
+                   "(default: one per processor the daemon may run on)")
     p.add_argument("--head-timeout", type=float, metavar="SECONDS",
                    help="time for a request's whole head to arrive (20)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -187,6 +190,8 @@ def load(argv: list[str] | None = None) -> Options:
         opts.rw_reserve = min(opts.max_connections - 1, max(1, opts.max_connections // 8))
     if not 0 <= opts.rw_reserve < opts.max_connections:
         raise InvalidArgument("rw_reserve must be at least 0 and less than max_connections")
+    if opts.workers is not None and not 1 <= opts.workers <= 256:
+        raise InvalidArgument("workers must be at least 1 and at most 256")
     if not 0 < opts.head_timeout <= 3600:  # also refuses NaN
         raise InvalidArgument("head_timeout must be more than 0 and at most 3600 seconds")
     if opts.listen and not (opts.tls_cert and opts.tls_key):

@@ -51,18 +51,92 @@ def _peer_for(listener: Listener, sock: socket.socket, addr: Any) -> tuple[Peer,
     return Peer(listener.kind, addr=where), f"address {host}"
 
 
+class Counts:
+    """The connections held, by listener kind and by peer, against ``Limits``: one
+    place decides whether one more is let in."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
+    def admit(self, kind: str, key: str | None) -> str | None:
+        """Count one more connection of ``kind`` from ``key``, or say why not."""
+        raise NotImplementedError
+
+    def release(self, kind: str, key: str | None) -> None:
+        raise NotImplementedError
+
+    def active(self) -> int:
+        raise NotImplementedError
+
+    def why_full(self, active: int, by_kind: dict[str, int], kind: str,
+                 key: str | None, of_peer: int) -> str | None:
+        """Why one more connection of ``kind`` (``of_peer`` already open from ``key``)
+        is refused, given what is held; None if it is not."""
+        lim = self.limits
+        if active >= lim.total:
+            return f"all {lim.total} connections in use"
+        if kind == "unix-rw":
+            return None
+        others = active - by_kind.get("unix-rw", 0)
+        if others >= lim.total - lim.rw_reserve:
+            return "the remaining connections are kept for the read-write socket"
+        own = lim.ro if kind == "unix-ro" else lim.tcp
+        if by_kind.get(kind, 0) >= own:
+            return f"all {own} connections of this listener in use"
+        if key is not None and of_peer >= lim.per_peer:
+            return f"{lim.per_peer} connections already open from {key}"
+        return None
+
+
+class LocalCounts(Counts):
+    """The counts of a server that is the only process on its listeners."""
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(limits)
+        self._lock = threading.Lock()
+        self._active = 0
+        self._by_kind: dict[str, int] = {}
+        self._by_peer: dict[str, int] = {}
+
+    def admit(self, kind: str, key: str | None) -> str | None:
+        with self._lock:
+            of_peer = self._by_peer.get(key, 0) if key is not None else 0
+            why = self.why_full(self._active, self._by_kind, kind, key, of_peer)
+            if why is None:
+                self._count(kind, key, 1)
+            return why
+
+    def release(self, kind: str, key: str | None) -> None:
+        with self._lock:
+            self._count(kind, key, -1)
+
+    def active(self) -> int:
+        with self._lock:
+            return self._active
+
+    def _count(self, kind: str, key: str | None, step: int) -> None:
+        self._active += step
+        self._by_kind[kind] = self._by_kind.get(kind, 0) + step
+        if key is not None:
+            left = self._by_peer.get(key, 0) + step
+            if left:
+                self._by_peer[key] = left
+            else:
+                del self._by_peer[key]
+
+
 class Server:
     """Accepts on every listener from one thread; each connection gets its own thread."""
 
     def __init__(self, app: Callable[[Request], Response], listeners: list[Listener], *,
-                 limits: Limits = Limits()) -> None:  # noqa: B008 - frozen
+                 limits: Limits = Limits(),  # noqa: B008 - frozen
+                 counts: Counts | None = None) -> None:
         self.app = self._counted(app)
         self.listeners = listeners
         self.limits = limits
+        # Several worker processes share one set of counts (server/workers.py).
+        self.counts = counts if counts is not None else LocalCounts(limits)
         self._busy = 0
-        self._active = 0
-        self._by_kind: dict[str, int] = {}
-        self._by_peer: dict[str, int] = {}
         self._refused: dict[str, tuple[float, int]] = {}  # listener: last logged, since
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -94,35 +168,6 @@ class Server:
         finally:
             sel.close()
 
-    def _full(self, kind: str, key: str | None) -> str | None:
-        """Why one more connection of ``kind`` from ``key`` is refused; None if it is not.
-        Called with the lock held."""
-        lim = self.limits
-        if self._active >= lim.total:
-            return f"all {lim.total} connections in use"
-        if kind == "unix-rw":
-            return None
-        others = self._active - self._by_kind.get("unix-rw", 0)
-        if others >= lim.total - lim.rw_reserve:
-            return "the remaining connections are kept for the read-write socket"
-        own = lim.ro if kind == "unix-ro" else lim.tcp
-        if self._by_kind.get(kind, 0) >= own:
-            return f"all {own} connections of this listener in use"
-        if key is not None and self._by_peer.get(key, 0) >= lim.per_peer:
-            return f"{lim.per_peer} connections already open from {key}"
-        return None
-
-    def _count(self, kind: str, key: str | None, step: int) -> None:
-        """Called with the lock held."""
-        self._active += step
-        self._by_kind[kind] = self._by_kind.get(kind, 0) + step
-        if key is not None:
-            left = self._by_peer.get(key, 0) + step
-            if left:
-                self._by_peer[key] = left
-            else:
-                del self._by_peer[key]
-
     def _start(self, lst: Listener, sock: socket.socket, addr: Any) -> None:
         sock.setblocking(True)
         try:
@@ -131,10 +176,7 @@ class Server:
             log.debug("connection on %s ended at once: %s", lst.label, exc)
             sock.close()
             return
-        with self._lock:
-            why = self._full(lst.kind, key)
-            if why is None:
-                self._count(lst.kind, key, 1)
+        why = self.counts.admit(lst.kind, key)
         if why is not None:
             self._refuse(lst, sock, why)
             return
@@ -191,8 +233,8 @@ class Server:
             except OSError:
                 pass
         finally:
+            self.counts.release(lst.kind, key)
             with self._lock:
-                self._count(lst.kind, key, -1)
                 self._conns.pop(threading.current_thread(), None)
 
     def _counted(self, app: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -237,8 +279,7 @@ class Server:
         return len(conns)
 
     def active_connections(self) -> int:
-        with self._lock:
-            return self._active
+        return self.counts.active()
 
     def shutdown(self) -> None:
         self._stop.set()

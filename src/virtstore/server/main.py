@@ -11,7 +11,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from virtstore.errors import InvalidArgument, VirtstoreError
@@ -21,7 +21,9 @@ from virtstore.server.http import Limits
 from virtstore.server.listen import Listener, Server
 
 if TYPE_CHECKING:
+    from virtstore.api.embedded import EmbeddedConnection
     from virtstore.engine.cluster import ClusterConfig
+    from virtstore.server.app import App
 
 log = logging.getLogger("virtstored")
 
@@ -100,7 +102,7 @@ def _web_tokens(run_dir: str, auth: Authenticator) -> str:
 
 
 @contextlib.contextmanager
-def _pid_lock(run_dir: str) -> Iterator[None]:
+def _pid_lock(run_dir: str) -> Iterator[int]:
     """One daemon per state root: an flock on run/virtstored.pid."""
     path = os.path.join(run_dir, "virtstored.pid")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -114,7 +116,7 @@ def _pid_lock(run_dir: str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         try:
-            yield
+            yield fd
         finally:
             # Still holding the lock: no other daemon can have written it since.
             with contextlib.suppress(OSError):
@@ -151,6 +153,7 @@ def serve(opts: Options) -> None:
     from virtstore.server.app import App
     from virtstore.server.auth import load_tokens
     from virtstore.server.openapi import document_bytes
+    from virtstore.server.workers import default_workers
     from virtstore.types import default_root
 
     root = os.path.abspath(opts.root or default_root())
@@ -165,12 +168,20 @@ def serve(opts: Options) -> None:
             raise InvalidArgument(f"cannot read tokens file '{opts.tokens}': "
                                   f"{exc.strerror or exc}") from None
     ctx = _tls_context(opts) if opts.listen else None
-    with _pid_lock(run_dir):
+    workers = opts.workers or default_workers()
+    cluster = _cluster_config(opts)
+    with _pid_lock(run_dir) as lock_fd:
         # The engine recovers its journal and starts the autostart pools as it opens.
         log.info("opening the engine on %s", root)
         # Confined: the daemon acts for callers who may not own the host's files.
-        conn = EmbeddedConnection(root, confinement=Confinement.daemon(opts.backing_roots),
-                                  cluster=_cluster_config(opts), default_pool=True)
+        confinement = Confinement.daemon(opts.backing_roots)
+        conn: EmbeddedConnection | None = EmbeddedConnection(
+            root, confinement=confinement, cluster=cluster, default_pool=True)
+        if workers > 1:
+            # Each worker opens its own: no SQLite connection may cross a fork.
+            assert conn is not None
+            conn.close()
+            conn = None
         listeners: list[Listener] = []
         summary = "stopped"
         try:
@@ -189,50 +200,113 @@ def serve(opts: Options) -> None:
             if opts.web:
                 listeners.append(_bind_tcp(opts.web, None))
                 web_note = f" (log in with the token in {_web_tokens(run_dir, auth)})"
-            app = App(conn, auth, document_bytes,
-                      remote_pool_roots=opts.remote_pool_roots)
             assert opts.rw_reserve is not None  # load() sets it
             limits = Limits(total=opts.max_connections, rw_reserve=opts.rw_reserve,
                             ro=opts.max_connections_ro, tcp=opts.max_connections_tcp,
                             per_peer=opts.max_connections_per_peer,
                             head_timeout=opts.head_timeout)
-            server = Server(app, listeners, limits=limits)
 
-            stopped_by: list[int] = []
+            def make_app(engine: EmbeddedConnection) -> App:
+                return App(engine, auth, document_bytes,
+                           remote_pool_roots=opts.remote_pool_roots)
 
-            def stop(signum: int, frame: object) -> None:
-                stopped_by.append(signum)
-                server.shutdown()
-
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
             for lst in listeners:
                 log.info("listening on %s (%s)", lst.label, lst.kind)
             if opts.web:
                 log.info("web page: %s/%s", listeners[-1].label, web_note)
-            _notify_systemd()
-            server.serve_forever()
-            for lst in listeners:
-                lst.sock.close()
-            left = server.drain(DRAIN_TIMEOUT)
-            closed = server.close_connections(DRAIN_TIMEOUT, conn.stop_waiting)
-            # Jobs started for clients run here: let them finish, else cancel them, so
-            # that none is left half done under its final name.
-            cancelled = conn.stop_jobs(DRAIN_TIMEOUT)
-            how = (f"signal {signal.Signals(stopped_by[0]).name}" if stopped_by
-                   else "request")
-            summary = (f"stopped on {how}: {closed} connection(s) closed, "
-                       f"{cancelled} job(s) cancelled")
-            if left:
-                summary += f", {left} request(s) cut short"
+            if conn is not None:
+                summary = _serve_here(conn, make_app(conn), listeners, limits)
+            else:
+                from virtstore.engine.secrets import SharedEphemeralSecrets
+
+                shared_secrets = SharedEphemeralSecrets()
+                summary = _serve_workers(workers, lambda: EmbeddedConnection(
+                    root, confinement=confinement, cluster=cluster,
+                    ephemeral_secrets=shared_secrets),
+                    make_app, listeners, limits, lock_fd)
         finally:
             for lst in listeners:
                 lst.sock.close()
             for path in (rw_path, ro_path):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            conn.close()
+            if conn is not None:
+                conn.close()
     log.info("%s", summary)
+
+
+def _stop_serving(server: Server, engine: EmbeddedConnection) -> tuple[int, int, int]:
+    """After the accept loop ended: let requests finish, end every connection (event
+    streams too), then let the jobs run for clients finish or cancel them, so that none
+    is left half done under its final name. (requests cut short, connections closed,
+    jobs cancelled)"""
+    for lst in server.listeners:
+        lst.sock.close()
+    left = server.drain(DRAIN_TIMEOUT)
+    closed = server.close_connections(DRAIN_TIMEOUT, engine.stop_waiting)
+    cancelled = engine.stop_jobs(DRAIN_TIMEOUT)
+    return left, closed, cancelled
+
+
+def _serve_here(engine: EmbeddedConnection, app: App, listeners: list[Listener],
+                limits: Limits) -> str:
+    """One process: this one accepts and serves. Returns the line to log at the end."""
+    server = Server(app, listeners, limits=limits)
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        server.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _notify_systemd()
+    server.serve_forever()
+    left, closed, cancelled = _stop_serving(server, engine)
+    how = f"signal {signal.Signals(stopped_by[0]).name}" if stopped_by else "request"
+    summary = (f"stopped on {how}: {closed} connection(s) closed, "
+               f"{cancelled} job(s) cancelled")
+    return summary + (f", {left} request(s) cut short" if left else "")
+
+
+def _serve_workers(workers: int, open_engine: Callable[[], EmbeddedConnection],
+                   make_app: Callable[[EmbeddedConnection], App],
+                   listeners: list[Listener], limits: Limits, lock_fd: int) -> str:
+    """Pre-forked workers accept on the inherited sockets; this process supervises.
+    Returns the line to log at the end."""
+    from virtstore.server.workers import SharedCounts, Supervisor
+
+    counts = SharedCounts(limits, workers)
+
+    def work(slot: int) -> None:
+        os.close(lock_fd)  # the supervisor alone holds the one-daemon lock
+        engine = open_engine()
+        try:
+            server = Server(make_app(engine), listeners, limits=limits, counts=counts)
+            signal.signal(signal.SIGTERM, lambda _s, _f: server.shutdown())
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes it on
+            server.serve_forever()
+            left, closed, cancelled = _stop_serving(server, engine)
+            log.debug("worker %d stopped: %d connection(s) closed, %d job(s) cancelled, "
+                      "%d request(s) cut short", slot, closed, cancelled, left)
+        finally:
+            engine.close()
+
+    # Long enough for a worker's drain, connections and jobs.
+    sup = Supervisor(workers, work, counts, grace=3 * DRAIN_TIMEOUT + 2)
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        sup.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving with %d worker processes", workers)
+    _notify_systemd()
+    sup.run()
+    how = f"signal {signal.Signals(stopped_by[0]).name}" if stopped_by else "request"
+    return f"stopped on {how}: {workers} worker process(es) stopped"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.model import Adapter
 from virtstore.xml.values import parse_c_uint, parse_int, parse_yes_no, shown
 from virtstore.xml.writer import Writer, esc
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 ADAPTER_TYPES = ("scsi_host", "fc_host")
 _WWN = re.compile(r"(0x)?[0-9a-fA-F]{16}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.model import Auth, AuthSecret
 from virtstore.xml.values import parse_uuid, shown
 from virtstore.xml.writer import Writer, esc
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 AUTH_TYPES = ("chap", "ceph")
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from virtstore.types import field, record
 from virtstore.xml.pooltypes import POOL_TYPES
 from virtstore.xml.writer import Writer, esc
 
 
-@dataclass
+@record
 class PoolTypeCaps:
     type: str
     supported: bool = False

@@ -6,10 +6,10 @@ Sizes are in bytes. ``None`` means "not given" wherever libvirt distinguishes th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from virtstore.types import field, record
 
 
-@dataclass
+@record
 class Permissions:
     mode: int | None = None
     owner: int | None = None
@@ -17,7 +17,7 @@ class Permissions:
     label: str | None = None
 
 
-@dataclass
+@record
 class Timestamps:
     """libvirt's "sec.nsec" strings, as the engine reads them from stat()."""
 
@@ -27,26 +27,26 @@ class Timestamps:
     btime: str | None = None
 
 
-@dataclass
+@record
 class SourceHost:
     name: str
     port: int | None = None
 
 
-@dataclass
+@record
 class FreeExtent:
     start: int
     end: int
 
 
-@dataclass
+@record
 class SourceDevice:
     path: str
     part_separator: bool | None = None
     free_extents: list[FreeExtent] = field(default_factory=list)
 
 
-@dataclass
+@record
 class Adapter:
     type: str | None = None
     name: str | None = None
@@ -61,21 +61,21 @@ class Adapter:
     parent_addr: tuple[int, int, int, int] | None = None  # (domain, bus, slot, function)
 
 
-@dataclass
+@record
 class AuthSecret:
     uuid: str | None = None
     usage: str | None = None
     type: str | None = None  # the optional <secret type=...> libvirt keeps verbatim
 
 
-@dataclass
+@record
 class Auth:
     type: str
     username: str
     secret: AuthSecret
 
 
-@dataclass
+@record
 class PoolSource:
     hosts: list[SourceHost] = field(default_factory=list)
     devices: list[SourceDevice] = field(default_factory=list)
@@ -90,13 +90,13 @@ class PoolSource:
     product: str | None = None
 
 
-@dataclass
+@record
 class PoolTarget:
     path: str | None = None
     permissions: Permissions = field(default_factory=Permissions)
 
 
-@dataclass
+@record
 class PoolDef:
     type: str
     name: str
@@ -112,14 +112,14 @@ class PoolDef:
     refresh_volume_allocation: str | None = None  # <refresh><volume allocation=.../>
 
 
-@dataclass
+@record
 class EncryptionSecret:
     type: str
     uuid: str | None = None
     usage: str | None = None
 
 
-@dataclass
+@record
 class Encryption:
     format: str
     secrets: list[EncryptionSecret] = field(default_factory=list)
@@ -128,7 +128,7 @@ class Encryption:
     engine: str | None = None
 
 
-@dataclass
+@record
 class VolTarget:
     path: str | None = None
     format: str | None = None
@@ -143,7 +143,7 @@ class VolTarget:
     has_features: bool = False  # a <features> element was given, even an empty one
 
 
-@dataclass
+@record
 class BackingStore:
     path: str
     format: str | None = None
@@ -151,19 +151,19 @@ class BackingStore:
     timestamps: Timestamps | None = None
 
 
-@dataclass
+@record
 class Extent:
     start: int
     end: int
 
 
-@dataclass
+@record
 class VolSource:
     device_path: str | None = None
     extents: list[Extent] = field(default_factory=list)
 
 
-@dataclass
+@record
 class VolDef:
     name: str
     type: str | None = None
@@ -178,7 +178,7 @@ class VolDef:
     allocation_given: bool = False
 
 
-@dataclass
+@record
 class SecretDef:
     uuid: str | None = None
     ephemeral: bool = False

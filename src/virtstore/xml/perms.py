@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.model import Permissions
 from virtstore.xml.values import parse_int, text_of
 from virtstore.xml.writer import Writer, esc
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 _ID_UNSET = 2**32 - 1  # (uid_t) -1: libvirt prints neither -1 nor 4294967295
 

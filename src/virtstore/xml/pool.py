@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.adapter import validate_adapter
@@ -13,6 +13,9 @@ from virtstore.xml.safe import parse_document
 from virtstore.xml.source import check_source_name, format_source, parse_source
 from virtstore.xml.values import check_name, parse_uuid, parse_yes_no, sanitize_path, shown, text_of
 from virtstore.xml.writer import Writer, esc
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 REFRESH_ALLOCATION = ("default", "capacity")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Flag, auto
+
+from virtstore.types import record
 
 
 class Src(Flag):
@@ -35,7 +36,7 @@ FS_NS = "http://libvirt.org/schemas/storagepool/fs/1.0"
 RBD_NS = "http://libvirt.org/schemas/storagepool/rbd/1.0"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PoolType:
     name: str
     flags: Src

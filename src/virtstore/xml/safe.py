@@ -8,10 +8,12 @@ size and depth, UTF-8 only.
 from __future__ import annotations
 
 import re
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_DEPTH = 64
@@ -22,6 +24,9 @@ _MARKUP_DECL = re.compile(rb"<!(DOCTYPE|ENTITY|ELEMENT|ATTLIST|NOTATION)\b")
 
 
 def _parser() -> etree.XMLParser:
+    # lxml is loaded when a document is parsed, not by the modules that only format.
+    from lxml import etree
+
     # A fresh parser each time: lxml parsers keep error state and are not thread-safe.
     return etree.XMLParser(
         resolve_entities=False,
@@ -75,6 +80,8 @@ def _check_raw(data: bytes) -> bytes:
 
 
 def _check_tree(root: etree._Element) -> None:
+    from lxml import etree
+
     tree = root.getroottree()
     docinfo = tree.docinfo
     if getattr(docinfo, "doctype", "") or docinfo.internalDTD is not None:
@@ -96,6 +103,8 @@ def parse_document(text: str | bytes, root: str, label: str) -> etree._Element:
     ``label`` is libvirt's name for the document in syntax errors, e.g.
     ``(storage_pool_definition)``.
     """
+    from lxml import etree
+
     data = _check_raw(_to_bytes(text))
     try:
         element = etree.fromstring(data, _parser())

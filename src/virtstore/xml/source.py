@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.adapter import format_adapter, parse_adapter
@@ -13,6 +12,9 @@ from virtstore.xml.model import PoolSource, SourceDevice, SourceHost
 from virtstore.xml.pooltypes import PoolType, Src
 from virtstore.xml.values import attr_of, parse_int, parse_yes_no, sanitize_path, shown, text_of
 from virtstore.xml.writer import Writer, esc
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 _PROTOCOL_VER = re.compile(r"[0-9]+(\.[0-9]+)*")
 # LVM volume group names, as lvm(8) accepts them.

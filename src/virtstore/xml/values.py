@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 NAME_MAX_BYTES = 255
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.encryption import format_encryption, parse_encryption
@@ -16,6 +15,9 @@ from virtstore.xml.safe import parse_document
 from virtstore.xml.units import INT64_MAX, UINT64_MAX, parse_size
 from virtstore.xml.values import attr_of, check_name, shown, text_of
 from virtstore.xml.writer import Writer, esc
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 FILE_FEATURES = ("lazy_refcounts", "extended_l2")
 _COMPAT = re.compile(r"[0-9]+\.[0-9]+")
@@ -170,9 +172,10 @@ def _format_target(out: Writer, vt: VolTarget, ptype: PoolType) -> None:
     out.close("</target>")
 
 
-def format_volume_xml(vol: VolDef, pool: PoolDef) -> str:
-    """Print a volume as libvirt's virStorageVolDefFormat does for a volume of ``pool``."""
-    ptype = pool_type_info(pool.type)
+def format_volume_xml(vol: VolDef, pool: PoolDef | str) -> str:
+    """Print a volume as libvirt's virStorageVolDefFormat does for a volume of ``pool``
+    (a definition, or only its type: that is all the format depends on)."""
+    ptype = pool_type_info(pool if isinstance(pool, str) else pool.type)
     check_name(vol.name, "volume")  # printing would silently drop control characters
     out = Writer()
     out.open(f"<volume type='{esc(vol.type or ptype.default_vol_type)}'>")
