@@ -17,9 +17,9 @@ HERE = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(HERE), str(HERE / "tests")]
 
 from playwright.sync_api import sync_playwright  # noqa: E402
+from tests.web_fixtures import CHROMIUM, CHROMIUM_ARGS, start_web  # noqa: E402
 
 import virtstore  # noqa: E402
-from tests.web_fixtures import CHROMIUM, CHROMIUM_ARGS, start_web  # noqa: E402
 
 OUT = HERE / "docs" / "screenshots"
 
