@@ -253,9 +253,10 @@ def test_a_mounted_volume_is_not_overwritten(vg_pool: str, conn: EmbeddedConnect
     subprocess.run(["mount", dev, str(mnt)], check=True)
     try:
         (mnt / "keep").write_text("still here")
-        for job in (conn.volume_wipe(vg, "fs", "zero"),
-                    conn.volume_upload(vg, "fs", io.BytesIO(bytes(MiB)))):
-            info = conn.job_wait(job.id, 120)
+        # One after the other: each job holds the volume's write lock until it ends.
+        for start in (lambda: conn.volume_wipe(vg, "fs", "zero"),
+                      lambda: conn.volume_upload(vg, "fs", io.BytesIO(bytes(MiB)))):
+            info = conn.job_wait(start().id, 120)
             assert info.state == "failed" and "in use" in (info.error or ""), info
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
