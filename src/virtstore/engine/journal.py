@@ -81,4 +81,17 @@ def recover(store: Store, discard: Callable[[str, str, str], None],
                 f"(process {r['pid']}): {removed}{outcome}")
         _warn("cleaned up %s", what)
         cleaned.append(what)
+    discarded = [r for r in dead if r["tmp_path"]]
+    if discarded:
+        # A tool the dead process ran (qemu-img) is killed with it (PDEATHSIG), but the
+        # signal is delivered asynchronously: it may still create its output file in the
+        # instant after. Look once more, a little later.
+        import time
+
+        time.sleep(0.2)
+        for r in discarded:
+            try:
+                discard(r["pool"], r["name"], r["tmp_path"])
+            except Exception as exc:
+                _warn("could not remove leftover '%s': %s", r["tmp_path"], exc)
     return cleaned
