@@ -290,6 +290,10 @@ class Backend(abc.ABC):
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         raise self.unsupported("volume deletion")
 
+    def live_source(self, pool: PoolDef) -> None:  # noqa: B027 - most have none
+        """Add a running pool's runtime state to its ``<source>`` (a disk pool's free
+        extents), for its XML."""
+
     def volume_source(self, pool: PoolDef, name: str) -> VolSource | list[VolSource] | None:
         """Where a volume lies on the pool's devices (partitions, LVs), for its XML."""
         return None
@@ -396,6 +400,8 @@ class Backend(abc.ABC):
                           f"supported by '{self.caps.pool_type}' pools")
 
     def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        """Put the volume back as it was at ``snap``; NoSuchVolume if there is none.
+        (``snap_delete`` likewise.)"""
         raise self.unsupported("storage snapshots")
 
     def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:

@@ -251,10 +251,16 @@ class ZfsBackend(Backend):
     def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
         self.snapshot_volume(pool, rec.name, snap)
 
+    def _need_snap(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        if not any(s.name == snap for s in self.snap_list(pool, rec)):
+            raise NoSuchVolume(f"no snapshot '{snap}' of volume '{rec.name}'")
+
     def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self._need_snap(pool, rec, snap)
         self.revert_snapshot(pool, rec.name, snap)
 
     def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        self._need_snap(pool, rec, snap)
         self.delete_snapshot(pool, rec.name, snap)
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,

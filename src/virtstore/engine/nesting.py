@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 from virtstore.errors import Busy, NoSuchVolume, OperationInvalid
 from virtstore.xml import PoolDef
@@ -30,13 +30,6 @@ if TYPE_CHECKING:
 
 # Pool types whose <source><device path=...> is a local block device (or a file for one).
 BLOCK_SOURCE_TYPES = ("fs", "disk", "logical", "zfs", "btrfs")
-
-
-@runtime_checkable
-class LiveSource(Protocol):
-    """A backend that adds runtime state to a running pool's <source> (free extents)."""
-
-    def live_source(self, pool: PoolDef) -> None: ...
 
 
 def _record_path(state: StateRoot, pool: str) -> str:

@@ -52,8 +52,7 @@ class PoolManager(PoolReader):
         if row.active and not inactive:
             self._fill_live(pool)
             backend = self.state.backend(row.type, row.name)
-            if isinstance(backend, nesting.LiveSource):
-                backend.live_source(pool)  # e.g. a disk pool's free extents
+            backend.live_source(pool)  # e.g. a disk pool's free extents
             return format_pool_xml(pool)
         if row.active:
             # libvirt's --inactive of a running pool is its live definition, unless it

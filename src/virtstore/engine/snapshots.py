@@ -14,7 +14,7 @@ from virtstore.engine import locks
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.names import check_volume_name
 from virtstore.engine.volumes import VolumeManager
-from virtstore.errors import AlreadyExists, NoSuchVolume
+from virtstore.errors import AlreadyExists
 from virtstore.types import SnapshotInfo, replace
 from virtstore.xml import PoolDef
 
@@ -71,8 +71,8 @@ class SnapshotManager:
         pool, backend, rec = self._volume(pool_name, name)
         owner = self._locked(pool_name, name)
         try:
-            if not any(s.name == snap for s in backend.snap_list(pool, rec)):
-                raise NoSuchVolume(f"no snapshot '{snap}' of volume '{name}'")
+            # The backend refuses a snapshot it does not have (NoSuchVolume): listing
+            # them here first would read the image twice (qemu-img info).
             if verb == "revert":
                 backend.snap_revert(pool, rec, snap)
             else:
