@@ -110,8 +110,10 @@ class FileVolumes(Backend):
     def local_files(self, pool: PoolDef) -> bool:
         return True
 
-    def data_size(self, rec: VolumeRecord) -> int:
-        return rec.physical
+    def data_size(self, pool: PoolDef, rec: VolumeRecord) -> int:
+        # A file's bytes on this host; a volume reached from userspace (libnfs,
+        # libgfapi) is indexed without them, by its capacity.
+        return rec.physical if self.local_files(pool) else rec.capacity
 
     def backing_of(self, pool: PoolDef, fmt: str, path: str,
                    given_format: str | None) -> tuple[str | None, int | None]:

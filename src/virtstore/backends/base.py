@@ -365,7 +365,7 @@ class Backend(abc.ABC):
                      shrink: bool, allocate: bool) -> None:
         """Refuse, before any job starts, a resize ``vol_resize`` cannot do."""
 
-    def data_size(self, rec: VolumeRecord) -> int:
+    def data_size(self, pool: PoolDef, rec: VolumeRecord) -> int:
         """The bytes a wipe or a whole download goes through."""
         return rec.capacity
 

@@ -347,9 +347,6 @@ class GlusterBackend(FileVolumes):
     def local_files(self, pool: PoolDef) -> bool:
         return not self.gfapi()
 
-    def data_size(self, rec: VolumeRecord) -> int:
-        return rec.capacity if self.gfapi() else rec.physical
-
     def check_clone(self, pool: PoolDef, src_pool: PoolDef, src_backend: Backend,
                     src: VolumeRecord, *, linked: bool, options: CloneOptions,
                     what: str) -> None:

@@ -197,10 +197,6 @@ class NetfsBackend(RemoteFiles, DirBackend):
     def local_files(self, pool: PoolDef) -> bool:
         return not userspace(pool)
 
-    def data_size(self, rec: VolumeRecord) -> int:
-        # A userspace volume's path is its URL; its index row has no allocation.
-        return rec.capacity if "://" in rec.path else rec.physical
-
     def pool_has(self, feature: str, pool: PoolDef) -> bool:
         # In userspace the volumes are files on the server: no snapshots, no export by
         # path (qemu opens the URL), data verbs through the NFS client.

@@ -191,7 +191,7 @@ class DataOps:
                                   f"{', '.join(ALGORITHMS)}")
         return self._in_place("wipe", pool_name, pool, backend, rec,
                               lambda mon: backend.vol_wipe(pool, rec, algorithm, mon),
-                              total=backend.data_size(rec), bandwidth=bandwidth)
+                              total=backend.data_size(pool, rec), bandwidth=bandwidth)
 
     def upload(self, pool_name: str, name: str, source: BinaryIO, *, offset: int,
                length: int | None, sparse: bool, bandwidth: int | None) -> JobInfo:
@@ -212,7 +212,7 @@ class DataOps:
         pool, backend, rec = self._source(pool_name, name)
         self._need(backend, "vol_download", "volume download")
         _check_range(offset, length)
-        total = length if length is not None else max(0, backend.data_size(rec) - offset)
+        total = length if length is not None else max(0, backend.data_size(pool, rec) - offset)
         return self._in_place(
             "download", pool_name, pool, backend, rec,
             lambda mon: backend.vol_download(pool, rec, sink, offset=offset, length=length,
