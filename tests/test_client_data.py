@@ -64,6 +64,16 @@ def test_upload_and_download(setup: Setup) -> None:
         conn.volume_upload("d", "missing.img", io.BytesIO(b"abc"))
 
 
+def test_upload_refused_before_its_body_is_read(setup: Setup) -> None:
+    # The daemon answers before reading a body it will not take; the client still gets
+    # that answer, not a broken connection, however much it had left to send.
+    _pool(setup)
+    for size in (3, 64 * MiB):
+        with pytest.raises(NoSuchVolume):
+            setup.conn.volume_upload("d", "missing.img", io.BytesIO(b"\1" * size))
+    assert setup.conn.list_volumes("d") == []
+
+
 @requires_qemu_img
 def test_clone_resize_wipe_and_jobs(setup: Setup) -> None:
     conn = setup.conn

@@ -343,7 +343,17 @@ class Transport:
         for attempt in (0, 1):
             conn, reused = self._conn()
             try:
-                conn.request(method, path, body, hdrs)
+                try:
+                    conn.request(method, path, body, hdrs)
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    # The server may have answered (an error, say) before reading the
+                    # whole body and closed its side: that answer is what the caller needs.
+                    if body is None or isinstance(body, bytes):
+                        raise
+                    try:
+                        return conn.getresponse()
+                    except (OSError, http.client.HTTPException):
+                        raise exc from None
                 return conn.getresponse()
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
                     http.client.BadStatusLine) as exc:

@@ -51,6 +51,10 @@ IDLE_TIMEOUT = 120.0
 IO_TIMEOUT = 60.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 RECV_SIZE = 256 * 1024  # reads of a request body
+# After an answer given before its request body was read, how much of that body and
+# for how long to take in before closing (see _discard_rest).
+LINGER_BYTES = 4 * 1024 * 1024
+LINGER_TIMEOUT = 1.0
 # Reads of a request's head: below malloc's mmap threshold (128 KiB), so a read's buffer
 # comes from the heap instead of an mmap, mremap and munmap for every request.
 HEAD_RECV_SIZE = 64 * 1024
@@ -386,6 +390,7 @@ class HTTPConnection:
         self.proto.parser = self.parser
         self._continue_sent: _Message | None = None
         self._keep = True
+        self._linger = False
         self.head_timeout = head_timeout
         # The first request's head is due from the connection's start, so a peer cannot
         # hold a connection open by sending nothing.
@@ -518,10 +523,28 @@ class HTTPConnection:
         except ClientGone as exc:
             log.debug("connection from %s ended: %s", self.peer.addr or "unix", exc)
         finally:
+            if self._linger:
+                self._discard_rest()
             try:
                 self.sock.close()
             except OSError:
                 pass
+
+    def _discard_rest(self) -> None:
+        """Answered before the body was read: read a little of what the client still
+        sends before closing, as closing a socket with unread input resets it (TCP) and
+        the client could lose the answer it is about to read."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self._set_timeout(LINGER_TIMEOUT)
+            left = LINGER_BYTES
+            while left > 0:
+                data = self.sock.recv(min(left, RECV_SIZE))
+                if not data:
+                    break
+                left -= len(data)
+        except (TimeoutError, ssl.SSLError, OSError):
+            pass
 
     def _serve_one(self) -> bool:
         try:
@@ -552,6 +575,7 @@ class HTTPConnection:
         else:
             if not msg.complete:
                 close = True  # an unread body: no way to find the next request
+                self._linger = True
             self._send(resp, head_only, close)
         if close or not msg.complete:
             return False
