@@ -8,14 +8,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from virtstore.api import Connection, check_page
+from virtstore.api.startup import startup, warn
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.poolinfo import PoolReader
 from virtstore.engine.state import StateRoot
-from virtstore.errors import InvalidArgument, NoSuchPool, Unsupported, VirtstoreError
-from virtstore.host.files import boot_id, process_alive
+from virtstore.errors import InvalidArgument, Unsupported, VirtstoreError
 from virtstore.types import (
-    JOB_FINAL,
     Event,
     JobInfo,
     NbdExport,
@@ -40,16 +39,6 @@ if TYPE_CHECKING:
     from virtstore.engine.snapshots import SnapshotManager
     from virtstore.engine.volumes import VolumeManager
 
-
-def _warn(msg: str, *args: object) -> None:
-    # logging (with traceback, string, weakref) is imported only when there is
-    # something to say: most commands never log.
-    import logging
-
-    logging.getLogger("virtstore").warning(msg, *args)
-
-
-DEFAULT_POOL = "default"
 
 _T = TypeVar("_T")
 
@@ -82,7 +71,7 @@ class EmbeddedConnection(Connection):
             from virtstore.engine.cluster import Cluster
 
             self.cluster = Cluster(cluster)
-        self._startup(default_pool)
+        startup(self, default_pool)
 
     @functools.cached_property
     def events(self) -> EventLog:
@@ -137,67 +126,6 @@ class EmbeddedConnection(Connection):
         return BackupOps(self.volumes, self.index, self.jobs)
 
     # -- start-up --------------------------------------------------------------
-    def _startup(self, default_pool: bool) -> None:
-        """Recovery, definition sync, the default pool and the boot's autostart, each
-        run when its cheap check says there is work: the checks are a few queries,
-        and the managers that do the work are imported only then."""
-        store = self.state.store
-        if self._dead_owners("SELECT pid, pid_start FROM jobs WHERE state NOT IN "
-                             "(?,?,?)", JOB_FINAL):
-            self.jobs.recover()
-        if self._dead_owners("SELECT pid, pid_start FROM journal"):
-            from virtstore.engine import journal
-
-            journal.recover(store, self._discard_leftover, self.volumes.settle)
-        self.state.sync_definitions()
-        meta = {str(r["key"]): r["value"] for r in store.query(
-            "SELECT key, value FROM meta WHERE key IN ('default_pool', 'boot_id')")}
-        # Offered once per state root: a default pool the user undefined stays gone.
-        offer_default = default_pool and meta.get("default_pool") is None
-        if offer_default:
-            self._make_default_pool()
-        current = boot_id()
-        if meta.get("boot_id") != current:
-            # First process since the host booted: this is the engine's start.
-            store.set_meta("boot_id", current)
-            self.pools.on_host_start()
-        elif offer_default and self.state.is_autostart(DEFAULT_POOL):
-            self._start_default_pool()
-        if offer_default:
-            store.set_meta("default_pool", "1")
-
-    def _dead_owners(self, sql: str, params: tuple[object, ...] = ()) -> bool:
-        """Whether a row the query returns belongs to a process that is gone."""
-        return any(not process_alive(int(r["pid"]), str(r["pid_start"]))
-                   for r in self.state.store.query(sql, params))
-
-    def _start_default_pool(self) -> None:
-        try:
-            if not self.state.row(DEFAULT_POOL).active:
-                self.pools.start(DEFAULT_POOL)
-        except VirtstoreError as exc:
-            _warn("could not start the default pool: %s", exc)
-
-    def _discard_leftover(self, pool: str, name: str, tmp_path: str) -> None:
-        row = self.state.row(pool)
-        self.state.backend(row.type, row.name).discard_staging(tmp_path)
-
-    def _make_default_pool(self) -> None:
-        """A `default` dir pool, autostarted, as libvirt installs one."""
-        try:
-            self.state.row(DEFAULT_POOL)
-            return
-        except NoSuchPool:
-            pass
-        xml = (f"<pool type='dir'><name>{DEFAULT_POOL}</name><target>"
-               f"<path>{self.state.images_dir}</path></target></pool>")
-        try:
-            self.pools.define(xml)
-            self.pools.build(DEFAULT_POOL, overwrite=None)
-            self.state.set_autostart(DEFAULT_POOL, True)
-        except VirtstoreError as exc:
-            _warn("could not set up the default pool: %s", exc)
-
     def close(self, *, cancel_jobs: bool = False) -> None:
         """Wait for the jobs this process started, then release the state root.
 
@@ -321,7 +249,7 @@ class EmbeddedConnection(Connection):
             try:
                 name = self.pools.define(data.decode("utf-8"))
             except VirtstoreError as exc:
-                _warn("not imported: %s: %s", path, exc)
+                warn("not imported: %s: %s", path, exc)
                 continue
             if os.path.lexists(os.path.join(config_dir, "autostart", fn)):
                 self.pools.set_autostart(name, True)
