@@ -6,16 +6,19 @@ so the engine, the backends, the transports and the CLI can all use it without c
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-_R = TypeVar("_R")
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from dataclasses import dataclass as record
     from dataclasses import field
+    from typing import Any, Protocol, TypeVar
+
+    _R = TypeVar("_R")
 
     __all__ = ["field", "record"]  # re-exported: the records' decorator, as typed
 else:
+    Protocol = object  # only type checkers look at the protocols' structure
+
     # The standard dataclasses module imports inspect (ast, dis, tokenize): a few
     # milliseconds that every single-object command would pay. The records here and
     # the backends' need only __init__, __repr__, __eq__, __hash__, frozen, slots and
@@ -70,9 +73,16 @@ else:
             body.insert(0, "_d = self.__dict__")
         src = (f"def __init__(self, {', '.join(params)}):\n    "
                + "\n    ".join(body or ["pass"]))
-        exec(src, scope)  # the source is made from the class's own field names
+
+        def __init__(self: Any, *args: object, **kwargs: object) -> None:
+            # Compiling an __init__ is most of a record class's cost, and a command
+            # uses few of the records it imports: each is compiled when first made.
+            exec(src, scope)  # the source is made from the class's own field names
+            new.__init__ = scope["__init__"]
+            scope["__init__"](self, *args, **kwargs)
+
         ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        ns["__init__"] = scope["__init__"]
+        ns["__init__"] = __init__
         ns["__match_args__"] = tuple(names)
         ns["__record_fields__"] = tuple(names)
         fields_of = _fields_getter(names)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from types import ModuleType
-from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 from virtstore.backends.base import (
     Backend,
@@ -26,7 +25,10 @@ from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsuppo
 from virtstore.host.files import open_volume, refuse_symlink, regular_size
 from virtstore.types import SnapshotInfo
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import BinaryIO, ClassVar
+
     from virtstore.data.monitor import Monitor
     from virtstore.xml import PoolDef
 

@@ -7,10 +7,9 @@ comma-separated) as VIRTSTORE_CLUSTER_MEMBER (default the host name).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.parser import Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.cli.context import Context
 

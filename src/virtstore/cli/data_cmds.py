@@ -7,11 +7,10 @@ progress bar on a terminal, JSON lines with ``--json``, and Ctrl-C to cancel it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.context import failing
 from virtstore.cli.parser import Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.api import JobInfo, VolumeInfo
     from virtstore.cli.context import Context

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.context import failing
 from virtstore.errors import InvalidArgument, NoSuchPool, NoSuchVolume
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.api import Connection, PoolInfo, VolumeInfo
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from virtstore.backends import new_backend
 from virtstore.backends.base import Backend, SnapshotRow
@@ -14,6 +13,7 @@ from virtstore.engine import journal
 from virtstore.engine.store import Store
 from virtstore.errors import AuthFailed, NoSuchSecret
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 

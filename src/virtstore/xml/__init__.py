@@ -6,9 +6,10 @@ messages; formatting prints libvirt's exact layout. Both are pure functions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from virtstore.xml.caps import PoolTypeCaps, default_pool_type_caps, pool_capabilities_xml
     from virtstore.xml.model import (
         Adapter,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.errors import XMLError
 from virtstore.xml.adapter import validate_adapter
 from virtstore.xml.model import PoolDef, PoolSource, PoolTarget
@@ -14,6 +12,7 @@ from virtstore.xml.source import check_source_name, format_source, parse_source
 from virtstore.xml.values import check_name, parse_uuid, parse_yes_no, sanitize_path, shown, text_of
 from virtstore.xml.writer import Writer, esc
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 

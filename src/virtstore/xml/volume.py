@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.encryption import format_encryption, parse_encryption
@@ -16,6 +15,7 @@ from virtstore.xml.units import INT64_MAX, UINT64_MAX, parse_size
 from virtstore.xml.values import attr_of, check_name, shown, text_of
 from virtstore.xml.writer import Writer, esc
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 
