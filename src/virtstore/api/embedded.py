@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from virtstore.api import Connection, check_page
 from virtstore.api.startup import startup, warn
-from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.poolinfo import PoolReader
 from virtstore.engine.state import StateRoot
@@ -203,6 +202,7 @@ class EmbeddedConnection(Connection):
         self.pools.set_autostart(name, autostart)
 
     def pool_capabilities_xml(self) -> str:
+        from virtstore.backends import POOL_TYPES, backend_for
         from virtstore.xml import default_pool_type_caps, pool_capabilities_xml
 
         entries = []
@@ -213,6 +213,7 @@ class EmbeddedConnection(Connection):
         return pool_capabilities_xml(entries)
 
     def pool_type_features(self) -> list[dict[str, Any]]:
+        from virtstore.backends import backend_for
         from virtstore.xml import POOL_TYPES as XML_POOL_TYPES
 
         out = []

@@ -10,12 +10,15 @@ its data is), or none.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 
 from virtstore.engine.store import Store
 from virtstore.host.files import process_alive, process_start_time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
 
 
 def _warn(msg: str, *args: object) -> None:
