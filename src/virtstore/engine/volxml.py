@@ -7,7 +7,7 @@ from __future__ import annotations
 from virtstore.errors import OperationInvalid
 from virtstore.host.files import live_stat
 from virtstore.xml.model import BackingStore, Permissions, Timestamps, VolDef, VolTarget
-from virtstore.xml.volume import format_volume_xml
+from virtstore.xml.volformat import format_volume_xml
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
