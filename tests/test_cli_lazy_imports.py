@@ -111,3 +111,27 @@ def test_reboot_is_seen_by_a_read_only_command(state: Path, monkeypatch: pytest.
     out, _mods = _run(state, "pool-list", "--all")
     line = next(ln for ln in out.splitlines() if ln.split()[:1] == ["p"])
     assert line.split()[1] == "inactive"
+
+
+_ENTRY = "import sys; from virtstore.cli.main import entry; sys.argv[0] = 'virtstore'; entry()"
+
+
+def test_the_command_s_quick_exit_loses_no_output(state: Path, tmp_path: Path) -> None:
+    """``virtstore`` ends a read command without the interpreter's teardown: what it
+    printed is all there, in a file as in a pipe, and a failure keeps its status."""
+    env = dict(os.environ, VIRTSTORE_ROOT=str(state))
+    out = tmp_path / "out.txt"
+    with out.open("w") as fh:
+        res = subprocess.run([sys.executable, "-c", _ENTRY, "vol-info", "a.img", "p"],
+                             stdout=fh, stderr=subprocess.PIPE, text=True, env=env,
+                             check=False)
+    assert res.returncode == 0, res.stderr
+    assert out.read_text().splitlines()[:2] == ["Name:           a.img",
+                                                "Type:           file"]
+    listing = subprocess.run([sys.executable, "-c", _ENTRY, "vol-list", "p"],
+                             capture_output=True, text=True, env=env, check=False)
+    assert listing.returncode == 0 and "a.img" in listing.stdout
+    missing = subprocess.run([sys.executable, "-c", _ENTRY, "vol-info", "b.img", "p"],
+                             capture_output=True, text=True, env=env, check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: failed to get vol 'b.img'")
