@@ -76,6 +76,20 @@ def process_start_time(pid: int) -> str | None:
     return fields[19] if fields is not None and len(fields) > 19 else None
 
 
+_own_start: tuple[int, str | None] = (-1, None)
+
+
+def own_start_time() -> str | None:
+    """This process's start time, read once per process (a forked child reads its own):
+    the journal and the locks record it on every write, and /proc/PID/stat of a busy
+    process with threads is no cheap read."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start[0] != pid:
+        _own_start = (pid, process_start_time(pid))
+    return _own_start[1]
+
+
 def process_alive(pid: int, start: str) -> bool:
     fields = _stat_fields(pid)
     if fields is None or len(fields) <= 19 or fields[19] != start:
