@@ -9,7 +9,6 @@ from contextlib import contextmanager
 
 from virtstore.backends import new_backend
 from virtstore.backends.base import Backend, SnapshotRow
-from virtstore.engine import journal
 from virtstore.engine.store import Store
 from virtstore.errors import AuthFailed, NoSuchSecret
 
@@ -44,6 +43,8 @@ class Hooks:
     @contextmanager
     def scratch(self, backend: Backend, pool: PoolDef, volume: str,
                 op: str) -> Iterator[str]:
+        from virtstore.engine import journal  # here: reading a pool's sizes needs none
+
         staging = backend.staging_path(pool, os.urandom(8).hex())
         with self.store.write() as db:
             entry = journal.begin(db, op, pool.name, volume, staging, None)
