@@ -439,6 +439,18 @@ class Connection(abc.ABC):
         """The write leases held in the cluster (of one pool's storage if given)."""
         raise self._missing("volume leases")
 
+    def pool_overrides(self, pool: str) -> dict[str, dict[str, str]]:
+        """Each member's own values of the host-local keys of a cluster-wide pool."""
+        raise self._missing("cluster pools")
+
+    def pool_override(self, pool: str, key: str, value: str | None = None, *,
+                      member: str | None = None) -> dict[str, str]:
+        """Set (or, with None, unset) one member's own value of a host-local key of a
+        cluster-wide pool (this member's by default): target.path, source.device,
+        source.host, source.initiator. That member's definition follows at once; its
+        values after the change."""
+        raise self._missing("cluster pools")
+
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release resources; the default has none."""

@@ -30,6 +30,7 @@ from virtstore.types import (
 if TYPE_CHECKING:
     from virtstore.backup.ops import BackupOps
     from virtstore.engine.cluster import Cluster, ClusterConfig
+    from virtstore.engine.clusterpools import ClusterPools
     from virtstore.engine.confine import Confinement
     from virtstore.engine.dataops import DataOps
     from virtstore.engine.events import EventLog
@@ -89,7 +90,12 @@ class EmbeddedConnection(Connection):
     def pools(self) -> PoolManager:
         from virtstore.engine.pools import PoolManager
 
-        return PoolManager(self.state, self.index, self.events, self.confinement)
+        pools = PoolManager(self.state, self.index, self.events, self.confinement)
+        if self.cluster is not None:
+            from virtstore.engine.clusterpools import ClusterPools
+
+            pools.cluster_pools = ClusterPools(self.cluster, self.state, pools)
+        return pools
 
     @functools.cached_property
     def volumes(self) -> VolumeManager:
@@ -140,10 +146,20 @@ class EmbeddedConnection(Connection):
         if "events" in self.__dict__:
             self.events.close()
         if self.cluster is not None:
+            if "pools" in self.__dict__ and self.pools.cluster_pools is not None:
+                self.pools.cluster_pools.stop()
             self.cluster.close()
         if "backend" in self.state.__dict__:
             self.state.backend.close()
         self.state.store.close()
+
+    def follow_cluster_pools(self) -> None:
+        """Keep this engine's pool definitions in step with the cluster's, in a thread
+        (one engine per daemon does this; the others publish their changes)."""
+        if self.cluster is not None:
+            cp = self.pools.cluster_pools
+            assert cp is not None
+            cp.follow()
 
     def stop_jobs(self, grace: float) -> int:
         """Give this process's jobs ``grace`` seconds to finish, then cancel the rest and
@@ -505,27 +521,49 @@ class EmbeddedConnection(Connection):
                               "endpoints (VIRTSTORE_CLUSTER, or cluster in virtstored.conf)")
         return self.cluster
 
-    def _shared_pool(self, pool: str) -> Any:
+    def _shared_pool(self, pool: str) -> tuple[Any, str]:
+        """A shared pool's definition and the storage id its leases are keyed on."""
         pool_def, backend = self.volumes._active_pool(pool)
         if not backend.caps.shared:
             raise InvalidArgument(f"pool '{pool}' ({pool_def.type}) is this host's own "
                                   "storage: its volumes take no cluster leases")
-        return pool_def
+        from virtstore.engine.clusterpools import lease_storage
+
+        return pool_def, lease_storage(self.state.store, pool, pool_def)
 
     def cluster_status(self) -> dict[str, Any]:
         if self.cluster is None:
             return {"clustered": False}
-        return {"clustered": True, **self.cluster.status()}
+        cp = self.pools.cluster_pools
+        assert cp is not None
+        from virtstore.engine.clusterpools import marked
+
+        pools = sorted(r.name for r in self.state.rows() if marked(self.state.store, r.name))
+        return {"clustered": True, **self.cluster.status(),
+                "pools": {"cluster_pools": pools, "not_applied": dict(cp.conflicts)}}
+
+    def _cluster_pools(self) -> ClusterPools:
+        self._clustered()
+        cp = self.pools.cluster_pools
+        assert cp is not None
+        return cp
+
+    def pool_overrides(self, pool: str) -> dict[str, dict[str, str]]:
+        return self._cluster_pools().overrides(pool)
+
+    def pool_override(self, pool: str, key: str, value: str | None = None, *,
+                      member: str | None = None) -> dict[str, str]:
+        return self._cluster_pools().set_overrides(pool, member, {key: value})
 
     def volume_lease(self, pool: str, name: str, *, holder: str | None = None,
                      ttl: int | None = None) -> dict[str, Any]:
         cluster = self._clustered()
-        pool_def = self._shared_pool(pool)
+        pool_def, storage = self._shared_pool(pool)
         self.index.info(pool, name)  # NoSuchVolume as any lookup
         if ttl is not None and ttl < 2:
             raise InvalidArgument("a lease's TTL must be at least 2 seconds")
         lease = cluster.acquire(pool, pool_def, name, op="lease", holder=holder or "guest",
-                                ttl=ttl or cluster.config.ttl)
+                                ttl=ttl or cluster.config.ttl, storage=storage)
         return {"pool": pool, "volume": name, "holder": lease.holder,
                 "member": cluster.member, "lease": f"{lease.etcd_lease:x}",
                 "ttl": ttl or cluster.config.ttl}
@@ -533,12 +571,11 @@ class EmbeddedConnection(Connection):
     def volume_unlease(self, pool: str, name: str, *, holder: str | None = None,
                        force: bool = False) -> None:
         cluster = self._clustered()
-        cluster.unlease(pool, self._shared_pool(pool), name, holder=holder, force=force)
+        pool_def, storage = self._shared_pool(pool)
+        cluster.unlease(pool, pool_def, name, holder=holder, force=force, storage=storage)
 
     def volume_lease_list(self, pool: str | None = None) -> list[dict[str, Any]]:
         cluster = self._clustered()
         if pool is None:
             return cluster.leases()
-        from virtstore.engine.cluster import storage_id
-
-        return cluster.leases(storage_id(self._shared_pool(pool)))
+        return cluster.leases(self._shared_pool(pool)[1])

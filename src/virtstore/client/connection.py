@@ -209,6 +209,8 @@ class RemoteConnection(Connection):
     volume_lease = _remote("volume_lease")
     volume_unlease = _remote("volume_unlease")
     volume_lease_list = _remote("volume_lease_list")
+    pool_overrides = _remote("pool_overrides")
+    pool_override = _remote("pool_override")
     # -- secrets ---------------------------------------------------------------
     secret_define_xml = _remote("secret_define_xml")
     list_secrets = _remote("list_secrets")

@@ -37,7 +37,6 @@ log = logging.getLogger("virtstore")
 PREFIX = "/virtstore/v1/"
 MEMBERS = PREFIX + "members/"
 LEASES = PREFIX + "vol/"
-POOLS = PREFIX + "pools/"
 
 # Pool types whose storage is named by its source alone: the monitors or portals a
 # member lists may differ from host to host while the storage is the same.
@@ -273,12 +272,14 @@ class Cluster:
                 f"({self._last_error}): it takes no new write leases")
 
     def acquire(self, pool_name: str, pool: PoolDef, volume: str, *, op: str,
-                holder: str | None = None, ttl: int | None = None) -> Lease:
+                holder: str | None = None, ttl: int | None = None,
+                storage: str | None = None) -> Lease:
         """The write lease on ``volume`` of the shared ``pool``, or Busy naming who
         has it. ``ttl``: an explicit lease with an etcd lease of its own (renewed if
-        this member and ``holder`` already hold it)."""
+        this member and ``holder`` already hold it). ``storage``: the pool's storage
+        id when it is not the definition's own (a cluster pool's)."""
         self._refuse_if_cut_off()
-        key = lease_key(storage_id(pool), volume)
+        key = lease_key(storage or storage_id(pool), volume)
         holder = holder or f"{op}@{os.getpid()}"
         own = ttl is not None
         try:
@@ -363,10 +364,10 @@ class Cluster:
                 self._start_keepalive()
 
     def unlease(self, pool_name: str, pool: PoolDef, volume: str, *, holder: str | None,
-                force: bool = False) -> None:
+                force: bool = False, storage: str | None = None) -> None:
         """End an explicit lease: this member's with ``holder`` (any holder of this
         member when None), or anyone's with ``force`` (the holder is known dead)."""
-        key = lease_key(storage_id(pool), volume)
+        key = lease_key(storage or storage_id(pool), volume)
         cur = self.client.get(key)
         if cur is None:
             raise InvalidArgument(f"volume '{volume}' of pool '{pool_name}' has no lease")

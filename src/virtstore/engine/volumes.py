@@ -77,7 +77,10 @@ class VolumeManager:
         holder has it. A new volume's name is claimed with it before it is made."""
         if self.cluster is None or not backend.caps.shared:
             return None
-        return self.cluster.acquire(pool_name, pool, name, op=op)
+        from virtstore.engine.clusterpools import lease_storage
+
+        return self.cluster.acquire(pool_name, pool, name, op=op,
+                                    storage=lease_storage(self.state.store, pool_name, pool))
 
     def end_lease(self, lease: Lease | None) -> None:
         if lease is not None and self.cluster is not None:
