@@ -56,9 +56,12 @@ class Member:
 def members(tmp_path: Path, ceph_fixture: Server,  # noqa: F811
             etcd_cluster: Server) -> Iterator[list[Member]]:  # noqa: F811
     made = []
+    # Pool definitions are cluster-wide, and etcd outlives one test: names of this test.
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
     for i in range(3):
         # Each member names the shared Ceph pool its own way.
-        m = Member(tmp_path / f"m{i}", f"host{i}", f"ceph{i}", etcd_cluster.info["endpoints"])
+        m = Member(tmp_path / f"m{i}", f"host{i}", f"ceph{i}-{tag}",
+                   etcd_cluster.info["endpoints"])
         conn = m.connect()
         u = conn.secret_define_xml("<secret ephemeral='no' private='yes'><usage type='ceph'>"
                                    "<name>client.admin secret</name></usage></secret>")
@@ -73,6 +76,9 @@ def members(tmp_path: Path, ceph_fixture: Server,  # noqa: F811
     for v in conn.list_volumes(made[0].pool):
         if v.name.startswith("cl-"):
             conn.volume_delete(made[0].pool, v.name)
+    conn.pool_stop(made[0].pool)
+    for m in made:
+        conn.pool_undefine(m.pool)  # from the whole cluster
     conn.close()
 
 
@@ -228,3 +234,51 @@ def test_cli_leases_a_volume_for_a_guest_across_members(
     rc, out, _ = cli(b, "vol-lease-list", "--json")
     assert rc == 0 and "cl-cli" not in out
     assert cli(b, "vol-delete", "cl-cli", "--pool", b.pool)[0] == 0
+
+
+def test_snapshots_and_a_writable_nbd_export_hold_the_write_lease(
+        members: list[Member]) -> None:
+    a, b, _ = members
+    conn_a, conn_b = a.connect(), b.connect()
+    try:
+        conn_a.volume_create(a.pool, VolumeCreateArgs("cl-s", 4 * MiB))
+        conn_b.pool_refresh(b.pool)
+        refused = 0
+        # A guest runs on it on host0: host1 neither snapshots it nor serves it for writing.
+        conn_a.volume_lease(a.pool, "cl-s", holder="vm1")
+        with pytest.raises(Busy, match="host0"):
+            conn_b.volume_snapshot_create(b.pool, "cl-s", "s1")
+        refused += 1
+        assert conn_b.volume_snapshot_list(b.pool, "cl-s") == []
+        with pytest.raises(Busy, match="host0"):
+            conn_b.volume_export_nbd(b.pool, "cl-s")
+        refused += 1
+        with conn_b.volume_export_nbd(b.pool, "cl-s", read_only=True) as ro:
+            assert ro.running  # a reader needs no lease
+        conn_a.volume_unlease(a.pool, "cl-s", holder="vm1")
+
+        conn_b.volume_snapshot_create(b.pool, "cl-s", "s1")
+        with conn_b.volume_export_nbd(b.pool, "cl-s") as exp:
+            assert exp.running
+            held = {x["volume"]: x for x in conn_a.volume_lease_list(a.pool)}
+            assert (held["cl-s"]["member"], held["cl-s"]["op"]) == ("host1", "nbd-export")
+            for verb in ("create", "revert", "delete"):
+                with pytest.raises(Busy, match="host1"):
+                    if verb == "create":
+                        conn_a.volume_snapshot_create(a.pool, "cl-s", "s2")
+                    elif verb == "revert":
+                        conn_a.volume_snapshot_revert(a.pool, "cl-s", "s1")
+                    else:
+                        conn_a.volume_snapshot_delete(a.pool, "cl-s", "s1")
+                refused += 1
+        assert [s.name for s in conn_a.volume_snapshot_list(a.pool, "cl-s")] == ["s1"]
+        # The export stopped, its lease went with it.
+        conn_a.volume_snapshot_revert(a.pool, "cl-s", "s1")
+        conn_a.volume_snapshot_delete(a.pool, "cl-s", "s1")
+        assert conn_a.volume_snapshot_list(a.pool, "cl-s") == []
+        assert not [x for x in conn_a.volume_lease_list(a.pool) if x["volume"] == "cl-s"]
+        print(f"\n[snapshot and NBD writers: {refused} operations refused while another "
+              "member held the lease]")
+    finally:
+        conn_a.close()
+        conn_b.close()
