@@ -178,6 +178,26 @@ def test_a_name_the_cluster_has_is_refused_and_nothing_changes(
         other.close()
     a.pool_undefine(pool)
 
+    # A pool this host had before it joined, under a name the cluster uses: kept as it
+    # is, and the cluster's is reported as not taken in.
+    clash = f"clash-{members.tag}"
+    alone = EmbeddedConnection(str(tmp_path / "early"))
+    alone.pool_define_xml(netfs_xml(clash, tmp_path / "early-mnt"))
+    own_uuid = alone.pool_info(clash).uuid
+    alone.close()
+    a.pool_define_xml(netfs_xml(clash, tmp_path / "a-mnt2"))
+    joined = EmbeddedConnection(str(tmp_path / "early"), cluster=ClusterConfig(
+        tuple(members.endpoints), members.name("early"), ttl=3))
+    try:
+        assert joined.pool_info(clash).uuid == own_uuid
+        st = joined.cluster_status()["pools"]
+        assert clash in st["cluster_pools"]
+        assert "of its own" in st["not_applied"][clash]
+        assert clash not in a.cluster_status()["pools"]["not_applied"]
+    finally:
+        joined.close()
+    a.pool_undefine(clash)
+
 
 def test_a_member_without_etcd_defines_no_shared_pool(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"

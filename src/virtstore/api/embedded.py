@@ -534,13 +534,12 @@ class EmbeddedConnection(Connection):
     def cluster_status(self) -> dict[str, Any]:
         if self.cluster is None:
             return {"clustered": False}
-        cp = self.pools.cluster_pools
-        assert cp is not None
-        from virtstore.engine.clusterpools import marked
-
-        pools = sorted(r.name for r in self.state.rows() if marked(self.state.store, r.name))
-        return {"clustered": True, **self.cluster.status(),
-                "pools": {"cluster_pools": pools, "not_applied": dict(cp.conflicts)}}
+        st = self.cluster.status()
+        try:
+            st["pools"] = self._cluster_pools().view()
+        except VirtstoreError as exc:
+            st["pools"] = {"cluster_pools": [], "not_applied": {}, "error": str(exc)}
+        return {"clustered": True, **st}
 
     def _cluster_pools(self) -> ClusterPools:
         self._clustered()

@@ -42,7 +42,10 @@ def cluster_status(ctx: Context, args: Args) -> None:
         ("Cut off", yes_no(bool(me["cut_off"]))), ("Leases held", str(me["held"])),
         ("Leases lost", str(me["leases_lost"])),
         ("Refused", f"{me['refused_busy']} busy, {me['refused_unavailable']} unavailable"),
-        ("Cluster leases", str(st["leases"]))]))
+        ("Cluster leases", str(st["leases"])),
+        ("Cluster pools", ", ".join(st["pools"]["cluster_pools"]) or "-")]))
+    for pool, why in sorted(st["pools"]["not_applied"].items()):
+        ctx.print(f"Pool {pool} not taken in here: {why}")
     ctx.print()
     ctx.print(table(["Endpoint", "Health", "Leader", "Version"],
                     [[e["endpoint"], "healthy" if e["healthy"] else e.get("error", "down"),

@@ -25,7 +25,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
@@ -165,7 +164,6 @@ class ClusterPools:
         self.revision = 0  # the last revision the follower has seen
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.on_applied: Callable[[str], None] | None = None  # tests and views
 
     # -- publishing (inside the pool manager's write transaction) ---------------
     def _mark(self, db: sqlite3.Connection, pool: PoolDef, storage: str) -> None:
@@ -268,6 +266,21 @@ class ClusterPools:
             self.apply(name)  # at once here, not only when the watch says so
         return ov
 
+    def view(self) -> dict[str, Any]:
+        """The cluster's pools, and those this member has not taken in (and why, when
+        this process tried)."""
+        kvs, _ = self.client.get_prefix(POOLS)
+        names = sorted(_split_key(kv.key)[0] for kv in kvs if kv.key.endswith("/def")
+                       and _split_key(kv.key)[1] is None)
+        missing = {}
+        for kv in kvs:
+            name, member = _split_key(kv.key)
+            if member is None and kv.key.endswith("/def"):
+                mark = marked(self.state.store, name)
+                if mark is None or mark["uuid"] != _load(kv).get("uuid"):
+                    missing[name] = self.conflicts.get(name, "not defined on this member")
+        return {"cluster_pools": names, "not_applied": missing}
+
     # -- following ---------------------------------------------------------------
     def apply(self, name: str) -> None:
         cur = self.client.get(def_key(name))
@@ -303,8 +316,6 @@ class ClusterPools:
             self.conflicts[name] = str(exc)
             log.warning("cluster pool '%s' not applied on member %s: %s", name,
                         self.member, exc)
-        if self.on_applied is not None:
-            self.on_applied(name)
 
     def _row_uuid(self, name: str) -> tuple[str, bool, bool] | None:
         try:
@@ -333,8 +344,9 @@ class ClusterPools:
             self.pools.define(want, publish=False)
         if self.state.is_autostart(name) != bool(doc.get("autostart")):
             self.pools.set_autostart(name, bool(doc.get("autostart")), publish=False)
-        with self.state.store.write() as db:
-            self._mark(db, base, storage_id(base))
+        if mark != {"uuid": base.uuid, "storage": storage_id(base)}:
+            with self.state.store.write() as db:
+                self._mark(db, base, storage_id(base))
 
     def _drop(self, name: str) -> None:
         if marked(self.state.store, name) is None:
