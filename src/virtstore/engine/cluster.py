@@ -44,6 +44,8 @@ _NAMED_BY_SOURCE = ("rbd", "sheepdog")
 # A session is trusted for this share of its TTL after the keepalive that confirmed it
 # was sent: the rest is the margin for clocks and the request itself.
 _TRUST = 0.8
+# How often the watchdog looks at the trust windows (seconds).
+_WATCHDOG = 0.2
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class Cluster:
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self.counters = {"leases_taken": 0, "leases_lost": 0, "refused_busy": 0,
                          "refused_unavailable": 0}
 
@@ -193,6 +196,31 @@ class Cluster:
             self._thread = threading.Thread(target=self._keepalive_loop,
                                             name="cluster-keepalive", daemon=True)
             self._thread.start()
+        if self._watchdog is None or not self._watchdog.is_alive():
+            self._watchdog = threading.Thread(target=self._watchdog_loop,
+                                              name="cluster-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _watchdog_loop(self) -> None:
+        """Give leases up the moment their trust window ends, not when a keepalive stuck
+        on an unreachable etcd finally times out (that may be after the TTL, when
+        another member can already have the lease)."""
+        while not self._stop.wait(_WATCHDOG):
+            with self._lock:
+                now = time.monotonic()
+                expired = self._session and now >= self._confirmed_until
+                owned = [ls for ls in self._held.values()
+                         if ls.own and now >= ls.confirmed_until]
+                if not expired and not owned:
+                    continue
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.time()
+                    log.warning("member %s: etcd confirmed nothing within the trust window",
+                                self.member)
+                if expired:
+                    self._lose_session("no keepalive was confirmed within the lease TTL")
+                for ls in owned:
+                    self._lose(ls)
 
     def _keepalive_loop(self) -> None:
         while not self._stop.wait(self._interval()):
@@ -445,6 +473,7 @@ class Cluster:
                 self.client.revoke(session)
         except VirtstoreError as exc:
             log.warning("closing the cluster session: %s", exc)
-        if self._thread is not None:
-            self._thread.join(timeout=self._interval() + 1)
+        for t in (self._thread, self._watchdog):
+            if t is not None:
+                t.join(timeout=self._interval() + 1)
         self.client.close()
