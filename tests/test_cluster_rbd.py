@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixtures import etcd_cluster  # noqa: F401
+from cluster_fixtures import etcd_cluster, etcd_kill, etcd_restart  # noqa: F401
 from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.engine.cluster import ClusterConfig
-from virtstore.errors import Busy
+from virtstore.errors import Busy, ClusterUnavailable
 from virtstore.types import VolumeCreateArgs
 
 TTL = 3
@@ -282,3 +282,38 @@ def test_snapshots_and_a_writable_nbd_export_hold_the_write_lease(
     finally:
         conn_a.close()
         conn_b.close()
+
+
+def test_a_writable_export_stops_when_its_member_loses_etcd(
+        members: list[Member], etcd_cluster: Server) -> None:  # noqa: F811
+    m = members[0]
+    # This member reaches etcd only through etcd member 2.
+    lonely = Member(m.root, "lonely", m.pool, [etcd_cluster.info["endpoints"][2]])
+    conn = lonely.connect()
+    try:
+        conn.volume_create(m.pool, VolumeCreateArgs("cl-nbd", 4 * MiB))
+        exp = conn.volume_export_nbd(m.pool, "cl-nbd")
+        assert exp.running
+        etcd_kill(etcd_cluster, 2)
+        try:
+            deadline = time.monotonic() + TTL + 10
+            while exp.running and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not exp.running, "the export went on writing without a lease"
+            exp.stop()  # its local lock too
+            with pytest.raises(ClusterUnavailable, match="takes no new write leases"):
+                conn.volume_export_nbd(m.pool, "cl-nbd")
+            with pytest.raises(ClusterUnavailable):
+                conn.volume_snapshot_create(m.pool, "cl-nbd", "s")
+        finally:
+            etcd_restart(etcd_cluster, 2)
+        assert conn.volume_snapshot_list(m.pool, "cl-nbd") == []
+        # Back in touch: what it gave up is gone from etcd, the volume free for anyone.
+        deadline = time.monotonic() + 15
+        while conn.cluster_status()["this_member"]["cut_off"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [x for x in conn.volume_lease_list(m.pool) if x["volume"] == "cl-nbd"]
+        conn.volume_snapshot_create(m.pool, "cl-nbd", "s")
+        conn.volume_snapshot_delete(m.pool, "cl-nbd", "s")
+    finally:
+        conn.close()

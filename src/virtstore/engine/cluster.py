@@ -165,6 +165,9 @@ class Cluster:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
+        # etcd leases given up here while etcd could not be told: revoked once it can,
+        # so their keys do not wait out the TTL after this member is back.
+        self._stale: list[int] = []
         self.counters = {"leases_taken": 0, "leases_lost": 0, "refused_busy": 0,
                          "refused_unavailable": 0}
 
@@ -235,7 +238,9 @@ class Cluster:
             session = self._session
             owned = [ls for ls in self._held.values() if ls.own]
             pending = list(self._unreleased)
-        if not session and not owned and not pending and self._unreachable_since is None:
+            stale = list(self._stale)
+        if (not session and not owned and not pending and not stale
+                and self._unreachable_since is None):
             return
         sent = time.monotonic()
         try:
@@ -275,9 +280,22 @@ class Cluster:
             self._unreleased = [ls for ls in self._unreleased if ls not in pending]
         for ls in pending:
             self._release_now(ls, retry=True)
+        self._revoke_stale(stale)
+
+    def _revoke_stale(self, stale: list[int]) -> None:
+        for lease in stale:
+            try:
+                self.client.revoke(lease)
+            except VirtstoreError as exc:
+                log.warning("revoking lost lease %x: %s (will retry)", lease, exc)
+                continue
+            with self._lock:
+                self._stale.remove(lease)
 
     def _lose(self, ls: Lease) -> None:
         if self._held.pop(ls.key, None) is not None:
+            if ls.own:
+                self._stale.append(ls.etcd_lease)
             self.counters["leases_lost"] += 1
             log.warning("member %s lost its write lease on %s/%s", self.member, ls.pool,
                         ls.volume)
@@ -287,6 +305,8 @@ class Cluster:
         log.warning("member %s: %s; its job leases are lost", self.member, why)
         for ls in [ls for ls in self._held.values() if not ls.own]:
             self._lose(ls)
+        if self._session:
+            self._stale.append(self._session)
         self._session = 0
         self._last_error = why
 
@@ -464,6 +484,8 @@ class Cluster:
             session = self._session
             self._held.clear()
             self._session = 0
+            stale = list(self._stale)
+        self._revoke_stale(stale)
         for ls in held:
             if ls.own:
                 continue  # an explicit lease outlives this process until its TTL
