@@ -214,3 +214,37 @@ def test_a_member_without_etcd_defines_no_shared_pool(tmp_path: Path) -> None:
         assert has_pool(conn, "d")
     finally:
         conn.close()
+
+
+def test_a_broken_definition_in_etcd_does_not_stop_the_others(
+        etcd_cluster: Server, tmp_path: Path) -> None:  # noqa: F811
+    import json
+
+    from virtstore.engine.clusterpools import POOLS, def_key
+    from virtstore.host.etcd import EtcdClient
+
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    eps = tuple(etcd_cluster.info["endpoints"])
+    client = EtcdClient(eps)
+    client.put(def_key(f"bad-{tag}"), "not json")
+    client.put(def_key(f"worse-{tag}"), json.dumps({"xml": "<pool", "uuid": "u"}))
+    a = EmbeddedConnection(str(tmp_path / "a"), cluster=ClusterConfig(eps, f"a-{tag}", ttl=3))
+    try:
+        good = f"good-{tag}"
+        a.pool_define_xml(netfs_xml(good, tmp_path / "mnt"))
+        b = EmbeddedConnection(str(tmp_path / "b"), cluster=ClusterConfig(eps, f"b-{tag}",
+                                                                           ttl=3))
+        try:
+            assert has_pool(b, good)
+            assert not has_pool(b, f"bad-{tag}") and not has_pool(b, f"worse-{tag}")
+            broken = b.cluster_status()["pools"]["not_applied"]
+            assert {f"bad-{tag}", f"worse-{tag}"} <= set(broken)
+            assert good not in broken
+        finally:
+            b.close()
+        a.pool_undefine(good)
+    finally:
+        a.close()
+        for name in (f"bad-{tag}", f"worse-{tag}"):
+            client.delete_prefix(f"{POOLS}{name}/")
+        client.close()

@@ -35,7 +35,6 @@ from virtstore.errors import (
     Busy,
     InvalidArgument,
     NoSuchPool,
-    VirtstoreError,
 )
 from virtstore.host.etcd import KV
 from virtstore.types import replace
@@ -312,7 +311,7 @@ class ClusterPools:
             else:
                 self._take(name, _load(cur), ov)
             self.conflicts.pop(name, None)
-        except VirtstoreError as exc:
+        except Exception as exc:  # one broken definition must not stop the others
             self.conflicts[name] = str(exc)
             log.warning("cluster pool '%s' not applied on member %s: %s", name,
                         self.member, exc)
