@@ -5,6 +5,7 @@ values of host-local keys apply on that member only; a member started later catc
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -218,8 +219,6 @@ def test_a_member_without_etcd_defines_no_shared_pool(tmp_path: Path) -> None:
 
 def test_a_broken_definition_in_etcd_does_not_stop_the_others(
         etcd_cluster: Server, tmp_path: Path) -> None:  # noqa: F811
-    import json
-
     from virtstore.engine.clusterpools import POOLS, def_key
     from virtstore.host.etcd import EtcdClient
 
@@ -248,3 +247,47 @@ def test_a_broken_definition_in_etcd_does_not_stop_the_others(
         for name in (f"bad-{tag}", f"worse-{tag}"):
             client.delete_prefix(f"{POOLS}{name}/")
         client.close()
+
+
+def test_cli_sets_lists_and_unsets_a_members_own_values(
+        etcd_cluster: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from virtstore.cli.main import main
+
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("VIRTSTORE_CLUSTER", ",".join(etcd_cluster.info["endpoints"]))
+
+    def cli(member: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("VIRTSTORE_CLUSTER_MEMBER", f"{member}-{tag}")
+        rc = main(["--root", str(tmp_path / member), *args])
+        cap = capsys.readouterr()
+        return rc, cap.out, cap.err
+
+    pool = f"cli-{tag}"
+    (tmp_path / "x.xml").write_text(netfs_xml(pool, tmp_path / "mnt"))
+    assert cli("a", "pool-define", str(tmp_path / "x.xml"))[0] == 0
+    rc, _, err = cli("a", "pool-override", pool, "source.initiator", "iqn.2026-12.test:b")
+    assert rc != 0 and "a netfs pool has no source.initiator" in err
+    rc, out, err = cli("a", "pool-override", pool, "source.host", "198.51.100.7:2049",
+                       "--member", f"b-{tag}")
+    assert rc == 0, err
+    assert "source.host set" in out
+    rc, out, _ = cli("a", "pool-override", pool)
+    assert rc == 0 and f"b-{tag}" in out and "198.51.100.7:2049" in out
+    # b opens: the cluster's pool with its own server address.
+    rc, out, _ = cli("b", "pool-dumpxml", pool, "--inactive")
+    assert rc == 0 and "198.51.100.7" in out
+    rc, out, _ = cli("a", "pool-dumpxml", pool, "--inactive")
+    assert rc == 0 and "198.51.100.7" not in out
+    rc, _, err = cli("b", "pool-override", pool, "source.host")
+    assert rc != 0 and "give either a VALUE or --unset" in err
+    assert cli("b", "pool-override", pool, "source.host", "--unset")[0] == 0
+    rc, out, _ = cli("b", "pool-dumpxml", pool, "--inactive")
+    assert rc == 0 and "198.51.100.7" not in out and "192.0.2.10" in out
+    rc, out, _ = cli("a", "pool-override", pool, "--json")
+    assert rc == 0 and json.loads(out) == {}
+    rc, out, _ = cli("b", "cluster-status")
+    assert rc == 0 and pool in out
+    assert cli("b", "pool-undefine", pool)[0] == 0
+    rc, out, _ = cli("a", "pool-list", "--all")
+    assert rc == 0 and pool not in out

@@ -122,6 +122,16 @@ def _parse_value(key: str, text: str) -> Any:
     return text
 
 
+def _render(pool: PoolDef, key: str) -> str:
+    part, attr = OVERRIDE_KEYS[key]
+    value = getattr(getattr(pool, part), attr)
+    if key == "source.device":
+        return ",".join(d.path for d in value)
+    if key == "source.host":
+        return ",".join(h.name + (f":{h.port}" if h.port else "") for h in value)
+    return str(value or "")
+
+
 def with_overrides(base: PoolDef, values: dict[str, str]) -> PoolDef:
     pool = replace(base)
     for key, text in values.items():
@@ -255,8 +265,12 @@ class ClusterPools:
                 ov.pop(k, None)
             else:
                 ov[k] = v
-        # The result must be a definition this engine would take.
-        parse_pool_xml(format_pool_xml(with_overrides(base, ov), inactive=True))
+        # The result must be a definition this engine would take, and keep each value.
+        want = with_overrides(base, ov)
+        got = parse_pool_xml(format_pool_xml(want, inactive=True))
+        for k, v in values.items():
+            if v is not None and _render(got, k) != _render(want, k):
+                raise InvalidArgument(f"a {base.type} pool has no {k}")
         if ov:
             self.client.put(member_key(name, member), json.dumps(ov, sort_keys=True))
         else:
