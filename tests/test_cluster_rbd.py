@@ -317,3 +317,25 @@ def test_a_writable_export_stops_when_its_member_loses_etcd(
         conn.volume_snapshot_delete(m.pool, "cl-nbd", "s")
     finally:
         conn.close()
+
+
+def test_a_cluster_pool_undefined_while_running_elsewhere_runs_on_until_stopped(
+        members: list[Member], ceph_fixture: Server) -> None:  # noqa: F811
+    a, b, _ = members
+    name = a.pool + "-x"
+    conn_a = a.connect()
+    conn_a.pool_define_xml(pool_xml(name, ceph_fixture))
+    conn_b = b.connect()  # takes it in as it opens
+    conn_b.pool_start(name)
+    conn_b.close()
+    conn_a.pool_undefine(name)
+    conn_a.close()
+    conn_b = b.connect()
+    try:
+        info = conn_b.pool_info(name)
+        assert (info.state, info.persistent) == ("running", False)
+        assert not (b.root / "pools" / f"{name}.xml").exists()
+        conn_b.pool_stop(name)
+        assert name not in {p.name for p in conn_b.list_pools()}
+    finally:
+        conn_b.close()
