@@ -8,7 +8,10 @@ tests/cluster_fixtures.py) and three virtstored daemons on state roots of their 
   next step once b and c have seen the last); the time from the call on a until the
   event reaches b and c (each waits on its event stream: no polling interval counted);
 * leases: N write leases taken and released by one member (a claim transaction and a
-  release transaction each), p50 and p99.
+  release transaction each), p50 and p99;
+* with ``--rbd``: on a one-node Ceph (tests/net_fixtures.py), 1 MiB RBD images created
+  then deleted, each client its own names: an engine alone (no cluster), one member,
+  three members at once (a process each), images per second.
 
 Run as root from the repository: ``.venv/bin/python bench/bench_cluster.py [-n 50]``.
 Everything it starts is stopped at the end.
@@ -127,9 +130,52 @@ def bench_leases(endpoints: list[str], n: int) -> list[str]:
             line("lease release (release transaction)", release)]
 
 
+def bench_rbd(endpoints: list[str], tmp: Path, n: int) -> list[str]:
+    import base64
+    import json
+    import subprocess
+
+    from test_cluster_rbd import WORKER, pool_xml
+    from virtstore.api.embedded import EmbeddedConnection
+
+    ceph = nf.start_server("ceph", nf._start_ceph)
+    try:
+        roots = []
+        for i in range(3):
+            conn = EmbeddedConnection(str(tmp / f"m{i}"))
+            u = conn.secret_define_xml("<secret ephemeral='no' private='yes'><usage "
+                                       "type='ceph'><name>client.admin secret</name></usage>"
+                                       "</secret>")
+            conn.secret_set_value(u, base64.b64decode(ceph.info["admin_key"]))
+            conn.pool_define_xml(pool_xml("ceph", ceph))
+            conn.pool_start("ceph")
+            conn.close()
+            roots.append(tmp / f"m{i}")
+        out = []
+        for label, eps, members in (("alone (no cluster)", "-", 1),
+                                    ("1 member", ",".join(endpoints), 1),
+                                    ("3 members at once", ",".join(endpoints), 3)):
+            per = n // members
+            procs = [subprocess.Popen(
+                [sys.executable, WORKER, "churn", str(roots[i]), f"bench-m{i}", eps, "10",
+                 "ceph", *[f"bench-{label[0]}{i}-{k}" for k in range(per)]],
+                stdout=subprocess.PIPE, text=True) for i in range(members)]
+            res = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+            create = max(r["create_s"] for r in res)
+            delete = max(r["delete_s"] for r in res)
+            total = per * members
+            out.append(f"rbd {label:<20} {total} images: create {total / create:6.1f}/s, "
+                       f"delete {total / delete:6.1f}/s")
+        return out
+    finally:
+        ceph.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=50, help="definitions and leases (default 50)")
+    p.add_argument("--rbd", action="store_true", help="also RBD create/delete rates "
+                   "(starts a one-node Ceph)")
     args = p.parse_args(argv)
     etcd = nf.start_server("etcd", cf._start_etcd)
     try:
@@ -137,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="vsbench-cluster-") as tmp:
             rows = bench_propagation(endpoints, Path(tmp), args.n)
         rows += bench_leases(endpoints, 4 * args.n)
+        if args.rbd:
+            with tempfile.TemporaryDirectory(prefix="vsbench-cluster-") as tmp:
+                rows += bench_rbd(endpoints, Path(tmp), 3 * args.n)
     finally:
         etcd.stop()
     print("\n".join(rows))
