@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -300,18 +301,33 @@ def test_iscsi_direct_pool_as_libvirt(libvirt: Libvirt, tgt: Server, root: Path)
                       fix_theirs=whole_luns)
 
 
+@pytest.mark.xfail(strict=True, reason="virtstore's gluster volume XML still differs from "
+                   "libvirt's: <target><permissions> are missing, and a qcow2 overlay's "
+                   "<backingStore> is the backing file's URL (FUSE) or missing (libgfapi) "
+                   "where libvirt prints the name in the image's header")
 @pytest.mark.parametrize("mode", ["fuse", "gfapi"])
-def test_gluster_pool_as_libvirt(libvirt: Libvirt, gl: Server, root: Path, mode: str,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gluster_pool_as_libvirt(libvirt: Libvirt, gl: Server, lab: BlockLab, root: Path,
+                                 mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if mode == "fuse" and "fuse" not in kernel_filesystems():
         pytest.skip("this kernel has no FUSE: gluster volumes cannot be mounted")
     monkeypatch.setattr(GlusterBackend, "mode", mode)
-    brick = Path(gl.info["brick"])
-    for child in brick.iterdir():
-        if not child.name.startswith("."):
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    xml = (f"<pool type='gluster'><name>vsgluster</name><source>"
-           f"<name>{gl.info['volume']}</name><host name='{gl.info['host']}'/></source></pool>")
-    with EmbeddedConnection(str(root)) as ours:
-        _side_by_side(ours, libvirt, xml, "vsgluster",
-                      backend=("gluster", "libvirt-daemon-driver-storage-gluster"))
+    # A volume of its own, on a filesystem of its own, so that its sizes hold still
+    # between the two runs (the session's volume shares the host's root filesystem).
+    mnt = lab.tmp / "brickfs"
+    mnt.mkdir()
+    dev = lab.loop(128 << 20)
+    sh("mkfs.ext4", "-q", dev)
+    sh("mount", dev, str(mnt))
+    vol = "vscmp" + uuid.uuid4().hex[:6]
+    gluster = ("gluster", "--mode=script", "volume")
+    sh(*gluster, "create", vol, f"{socket.gethostname()}:{mnt / 'brick'}", "force")
+    try:
+        sh(*gluster, "start", vol)
+        xml = (f"<pool type='gluster'><name>vsgluster</name><source><name>{vol}</name>"
+               f"<host name='{gl.info['host']}'/></source></pool>")
+        with EmbeddedConnection(str(root)) as ours:
+            _side_by_side(ours, libvirt, xml, "vsgluster",
+                          backend=("gluster", "libvirt-daemon-driver-storage-gluster"))
+    finally:
+        sh(*gluster, "stop", vol, "force", check=False)
+        sh(*gluster, "delete", vol, check=False)

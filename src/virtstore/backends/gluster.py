@@ -78,11 +78,6 @@ def url_base(pool: PoolDef) -> str:
     return f"gluster://{host}/{volume_name(pool)}" + (f"/{sub}" if sub else "")
 
 
-def key_base(pool: PoolDef) -> str:
-    sub = subdir(pool)
-    return volume_name(pool) + (f"/{sub}" if sub else "")
-
-
 def _host(pool: PoolDef) -> tuple[str, int | None]:
     if not pool.source.hosts:
         raise InvalidArgument("missing source host for gluster pool")
@@ -116,7 +111,7 @@ class _Gfapi(RemoteFiles):
         return f"{url_base(pool)}/{name}"
 
     def rf_key(self, pool: PoolDef, name: str) -> str:
-        return f"{key_base(pool)}/{name}"
+        return self.rf_url(pool, name)  # libvirt's key is the URL too
 
 
 def mount_point(pool: PoolDef) -> str:
@@ -239,14 +234,16 @@ class GlusterBackend(FileVolumes):
             return PoolSizes()
         sv = os.statvfs(self._base(pool))
         capacity = sv.f_frsize * sv.f_blocks
-        available = sv.f_frsize * sv.f_bavail
-        return PoolSizes(capacity=capacity, allocation=capacity - sv.f_frsize * sv.f_bfree,
-                         available=available)
+        # As libvirt counts it: free blocks including root's reserve (the bricks' server
+        # writes as root), the same as through libgfapi.
+        free = sv.f_frsize * sv.f_bfree
+        return PoolSizes(capacity=capacity, allocation=capacity - free, available=free)
 
     # -- volumes ---------------------------------------------------------------
     def _network(self, pool: PoolDef, rec: VolumeRecord) -> VolumeRecord:
         rec.path = f"{url_base(pool)}/{rec.name}"
-        rec.key = f"{key_base(pool)}/{rec.name}"
+        rec.key = rec.path  # as libvirt
+        rec.cluster_size = None  # libvirt's gluster backend does not read it
         rec.type = "netdir" if rec.type == "dir" else "network"
         rec.ino = fold_ino(rec.ino)
         if rec.backing_path and rec.backing_path.startswith(self._base(pool) + "/"):
