@@ -301,10 +301,6 @@ def test_iscsi_direct_pool_as_libvirt(libvirt: Libvirt, tgt: Server, root: Path)
                       fix_theirs=whole_luns)
 
 
-@pytest.mark.xfail(strict=True, reason="virtstore's gluster volume XML still differs from "
-                   "libvirt's: <target><permissions> are missing, and a qcow2 overlay's "
-                   "<backingStore> is the backing file's URL (FUSE) or missing (libgfapi) "
-                   "where libvirt prints the name in the image's header")
 @pytest.mark.parametrize("mode", ["fuse", "gfapi"])
 def test_gluster_pool_as_libvirt(libvirt: Libvirt, gl: Server, lab: BlockLab, root: Path,
                                  mode: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,6 +88,7 @@ class _Gfapi(RemoteFiles):
     """The libgfapi mode's file operations (RemoteFiles over a GfapiClient)."""
 
     staging_tag = "gluster-staging:"
+    rf_backing = True
     caps = BackendCaps(pool_type="gluster")  # for the wording of its errors
 
     def rf_connect(self, pool: PoolDef) -> RemoteFS:
@@ -240,14 +241,19 @@ class GlusterBackend(FileVolumes):
         return PoolSizes(capacity=capacity, allocation=capacity - free, available=free)
 
     # -- volumes ---------------------------------------------------------------
-    def _network(self, pool: PoolDef, rec: VolumeRecord) -> VolumeRecord:
-        rec.path = f"{url_base(pool)}/{rec.name}"
-        rec.key = rec.path  # as libvirt
+    def _network(self, pool: PoolDef, rec: VolumeRecord, st: os.stat_result) -> VolumeRecord:
+        """A record of the FUSE mount's file as libvirt shows the volume through
+        libgfapi: its URL, the file's owner and mode, the backing file as named from
+        the image's directory."""
+        local = rec.path
+        rec.mode, rec.uid, rec.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
         rec.cluster_size = None  # libvirt's gluster backend does not read it
         rec.type = "netdir" if rec.type == "dir" else "network"
         rec.ino = fold_ino(rec.ino)
         if rec.backing_path and rec.backing_path.startswith(self._base(pool) + "/"):
-            rec.backing_path = f"{url_base(pool)}/{os.path.basename(rec.backing_path)}"
+            rec.backing_path = os.path.relpath(rec.backing_path, os.path.dirname(local))
+        rec.path = f"{url_base(pool)}/{rec.name}"
+        rec.key = rec.path  # as libvirt
         return rec
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
@@ -272,8 +278,8 @@ class GlusterBackend(FileVolumes):
                     res.unchanged.append(de.name)
                     continue
                 try:
-                    res.changed.append(self._network(pool, record_from_stat(de.name, de.path,
-                                                                            st)))
+                    res.changed.append(self._network(
+                        pool, record_from_stat(de.name, de.path, st), st))
                 except Exception as exc:  # an unreadable image is listed as skipped
                     res.skipped.append((de.name, str(exc)))
         return res
@@ -286,7 +292,7 @@ class GlusterBackend(FileVolumes):
             st = os.stat(path)
         except FileNotFoundError:
             return None
-        return self._network(pool, record_from_stat(name, path, st))
+        return self._network(pool, record_from_stat(name, path, st), st)
 
     def volume_path(self, pool: PoolDef, name: str) -> str:
         return f"{url_base(pool)}/{name}"
