@@ -1,10 +1,12 @@
 """pool-dumpxml and vol-dumpxml side by side with libvirt's, on the same storage.
 
-libvirtd is started here when none runs (and stopped again); without libvirt the tests
-skip and say why. Each pool type is run by virtstore, then by libvirt, on the same
-device and target, with the same volumes; the documents must be the same except for
-what must differ: the pool's UUID (each side makes its own) and the values of the
-timestamps (reading a file moves its atime). Element order is not normalized.
+Each comparison starts a libvirtd of its own (see Libvirt.run) and stops it again;
+without libvirt, or without the storage backend a pool type needs, the test skips and
+says what is missing. Each pool type is run by virtstore, then by libvirt, on the same
+storage, with the same volumes; the documents must be the same except for what must
+differ: the pool's UUID (each side makes its own) and the values of the timestamps
+(reading a file moves its atime). Element order is not normalized. Where libvirt is
+wrong, the test corrects libvirt's document and says why (iscsi-direct).
 """
 
 from __future__ import annotations
