@@ -2,9 +2,10 @@
 
 Through librados/librbd (Debian's python3-rados, python3-rbd), as libvirt's rbd backend:
 volume paths and keys are ``pool/image`` (``pool/namespace/image``), the format is raw,
-capacity comes from the cluster (``rados_cluster_stat``), allocation of an image from
-its object map when fast-diff is on, else it is the capacity (and it is always the
-capacity with ``<refresh><volume allocation='capacity'/>``).
+capacity comes from the cluster (``rados_cluster_stat``); an image's allocation is all
+its objects (its size rounded up to whole objects) unless the pool says
+``<refresh><volume allocation='default'/>``, then its allocated objects when fast-diff
+is on (libvirt 9.0's rule, pinned by tests/test_xml_vs_libvirt.py).
 
 Beyond libvirt:
 
