@@ -92,8 +92,9 @@ def reads_directly(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> bool:
 
 @contextlib.contextmanager
 def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
-                bitmap: str | None = None) -> Iterator[Reader]:
-    if bitmap is None and reads_directly(backend, pool, rec):
+                bitmap: str | None = None, snapshot: str | None = None) -> Iterator[Reader]:
+    """A reader of the volume as it is now, or as it was at a storage ``snapshot``."""
+    if bitmap is None and snapshot is None and reads_directly(backend, pool, rec):
         from virtstore.host.files import open_volume
 
         fd = open_volume(rec.path, os.O_RDONLY)
@@ -106,7 +107,9 @@ def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
 
     if rec.encryption:
         raise Unsupported(f"backup of encrypted volume '{rec.name}' is not supported")
-    with backend.qemu_source(pool, rec) as src:
+    source = (backend.qemu_source(pool, rec) if snapshot is None
+              else backend.snapshot_source(pool, rec, snapshot))
+    with source as src:
         bitmaps: Sequence[str] = (bitmap,) if bitmap else ()
         with NbdServer(src.image, fmt=src.fmt, image_opts=src.image_opts,
                        objects=src.objects, read_only=True, bitmaps=bitmaps,
@@ -134,14 +137,37 @@ class _NbdWriter:
         self.client.pwrite(data, offset)
 
 
+class _ZeroingWriter:
+    """For a new volume that does not read as zeros (a thick LV): the callers write in
+    ascending order, so each gap before a write, and the tail, is written as zeros
+    (NBD WRITE_ZEROES: the device zeroes it, nothing crosses the socket)."""
+
+    def __init__(self, client: NbdClient, capacity: int) -> None:
+        self.client = client
+        self.capacity = capacity
+        self.pos = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < self.pos:
+            raise ValueError("writes into a volume that is zeroed as it goes must ascend")
+        if offset > self.pos:
+            self.client.zero(self.pos, offset - self.pos)
+        self.client.pwrite(data, offset)
+        self.pos = offset + len(data)
+
+    def finish(self) -> None:
+        if self.pos < self.capacity:
+            self.client.zero(self.pos, self.capacity - self.pos)
+            self.pos = self.capacity
+
+
 @contextlib.contextmanager
 def open_new_volume(backend: Backend, pool: PoolDef, staging: str,
                     fmt: str) -> Iterator[Writer]:
-    """A writer into a just-made staging volume (which reads as zeros everywhere)."""
-    if not staging.startswith("/"):
-        raise Unsupported(f"restore into '{pool.type}' pools is not supported: their new "
-                          "volumes are not reached by a path")
-    if backend.local_files(pool) and fmt == "raw":
+    """A writer into a just-made staging volume. Where the backend's new volumes read
+    as zeros, only what is written is touched; elsewhere the rest (up to the volume's
+    end, which the storage may have rounded up) is written as zeros too."""
+    if backend.local_files(pool) and fmt == "raw" and staging.startswith("/"):
         from virtstore.host.files import open_volume
 
         fd = open_volume(staging, os.O_WRONLY)
@@ -153,6 +179,14 @@ def open_new_volume(backend: Backend, pool: PoolDef, staging: str,
         return
     from virtstore.host.nbd import NbdServer
 
-    with NbdServer(staging, fmt=fmt, export="restore") as srv, srv.client() as client:
-        yield _NbdWriter(client)
+    with backend.staging_source(pool, staging, fmt) as src, \
+            NbdServer(src.image, fmt=src.fmt, image_opts=src.image_opts,
+                      objects=src.objects, export="restore") as srv, \
+            srv.client() as client:
+        if backend.new_volumes_read_zeros:
+            yield _NbdWriter(client)
+        else:
+            zeroing = _ZeroingWriter(client, client.size)
+            yield zeroing
+            zeroing.finish()
         client.flush()

@@ -65,11 +65,13 @@ def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) ->
 
 def tracking_for(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> str:
     """How changes between backups are found: a qcow2 file that qemu-img can mark
-    keeps a persistent dirty bitmap; anything else is read whole and compared by hash."""
+    keeps a persistent dirty bitmap; storage that diffs its own snapshots (RBD) says
+    what changed since the last backup's snapshot; anything else is read whole and
+    compared by hash."""
     if (backend.local_files(pool) and rec.type == "file" and rec.format == "qcow2"
             and rec.compat not in (None, "0.10") and not rec.encryption):
         return TRACK_BITMAP
-    return TRACK_HASH
+    return backend.backup_tracking or TRACK_HASH
 
 
 class BackupOps:
@@ -142,8 +144,12 @@ class BackupOps:
         """A job that makes volume ``new_name`` through staged creation and has ``fill``
         write its content: it takes the name only when all of it is written."""
         # Allocation 0: only what ``fill`` writes is allocated, the rest stays a hole.
+        # A pool whose new volumes hold old bytes (LVs) gets a whole volume, zeroed
+        # where nothing is written: its sparse volumes are snapshots that fill up.
+        allocation = 0 if tbe.new_volumes_read_zeros else capacity
         vol = VolDef(name=new_name, capacity=capacity, capacity_given=True,
-                     allocation=0, allocation_given=True, target=VolTarget(format=fmt))
+                     allocation=allocation, allocation_given=True,
+                     target=VolTarget(format=fmt))
         req = self.volumes._request(tpool, tbe, vol, False)
         holder: list[StagedTarget] = []
 
@@ -288,7 +294,10 @@ class _Backup:
             volume={"pool": pool_name, "name": rec.name, "key": rec.key},
             pool_type=pool.type, format=rec.format or "raw", capacity=rec.capacity,
             chunk_size=self.chunk, tracking=tracking, job=job_id)
-        self.parent = repo.latest() if incremental else None
+        # The directory's newest backup: its storage snapshot is dropped once this one
+        # is made, whatever this one's kind (the chain moves on).
+        self.previous = repo.latest()
+        self.parent = self.previous if incremental else None
         if incremental and self.parent is None:
             self.warn("no earlier backup in the directory: this backup is a full one")
 
@@ -313,8 +322,47 @@ class _Backup:
         parent = self._usable_parent()
         if self.m.tracking == TRACK_BITMAP:
             self._run_bitmap(parent)
+        elif self.m.tracking == self.backend.backup_tracking:
+            self._run_snapshot(parent)
         else:
             self._run_hash(parent)
+
+    def _run_snapshot(self, parent: Manifest | None) -> None:
+        """Read a snapshot taken now: all of its data, or, after a backup whose snapshot
+        is still there, only what the storage says changed since that one."""
+        be, pool, rec = self.backend, self.pool, self.rec
+        since = None
+        if parent is not None:
+            if parent.tracking != self.m.tracking or parent.snapshot is None:
+                self.warn(f"backup {parent.id} recorded no storage snapshot: full backup")
+            elif not be.backup_snapshot_exists(pool, rec, parent.snapshot):
+                self.warn(f"snapshot '{parent.snapshot}' is missing from the volume: "
+                          "full backup")
+            else:
+                since = parent.snapshot
+        snap = be.backup_snapshot(pool, rec, self.m.id)
+        self.m.snapshot = snap
+        try:
+            todo = _chunks_of(be.backup_extents(pool, rec, snap, since), self.chunk,
+                              rec.capacity)
+            base = parent if since is not None else None
+            inherited = ({i: h for i, h in base.chunks.items() if i not in todo}
+                         if base is not None else {})
+            with open_reader(be, pool, rec, snapshot=snap) as reader:
+                self._copy(reader, todo, inherited, base)
+        except BaseException:
+            self._drop_snapshot(snap)
+            raise
+        prev = self.previous
+        if prev is not None and prev.snapshot and prev.tracking == self.m.tracking:
+            self._drop_snapshot(prev.snapshot)
+
+    def _drop_snapshot(self, snap: str) -> None:
+        try:
+            self.backend.backup_snapshot_drop(self.pool, self.rec, snap)
+        except Exception as exc:
+            log.warning("could not remove snapshot '%s' of volume '%s': %s", snap,
+                        self.rec.name, exc)
 
     def _run_hash(self, parent: Manifest | None) -> None:
         """Read every chunk that may hold data; chunks whose hash is stored already (the
