@@ -283,6 +283,15 @@ OPS: tuple[Op, ...] = (
        (_b("directory", required=True),), WRITE, RECORD, JobInfo, job=True, local=True),
     Op("backup_list", "GET", "/v1/backups", "The backups in a directory of the storage host",
        (_q("directory", required=True),), SECRET, OBJECTS, local=True),
+    Op("volume_migrate_info", "GET", _V + "/migrate-info",
+       "What another host needs to take the volume: its storage, format, measured size "
+       "and features", VOL, result=OBJECT),
+    Op("migrate_target_check", "POST", "/v1/migrate-check",
+       "Whether this host can take a volume so described: the same storage, a pool with "
+       "room and its format and features, or why not",
+       (_b("storage", required=True), _b("format", required=True),
+        _b("capacity", int, required=True), _b("required", int, required=True),
+        _flag("backing"), _flag("encrypted"), _b("pool")), result=OBJECT),
     Op("cluster_status", "GET", "/v1/cluster",
        "The cluster: etcd endpoints and health, members, leases held", result=OBJECT),
     Op("volume_lease", "POST", _V + "/lease",

@@ -1,5 +1,5 @@
 """Backups and whole guests: vol-backup, vol-restore, vol-import, backup-verify,
-backup-list, guest-clone, guest-backup (docs/backup.md)."""
+backup-list, guest-clone, guest-backup, migrate-check (docs/backup.md)."""
 
 from __future__ import annotations
 
@@ -141,6 +141,36 @@ def guest_backup(ctx: Context, args: Args) -> None:
         _report(ctx, args, d.directory, d.job, f"disk {d.target} ({d.pool}/{d.volume})")
 
 
+def migrate_check(ctx: Context, args: Args) -> None:
+    import virtstore
+    from virtstore.api.guests import migrate_check as check
+    from virtstore.cli.context import read_text_file
+    from virtstore.cli.output import pretty_size, table
+    from virtstore.errors import OperationInvalid
+
+    xml = read_text_file(args.req("file"))
+    uri = args.req("target")
+    target = virtstore.connect(uri)
+    try:
+        overall, disks = check(ctx.conn, xml, target, pool=args.get("pool"))
+    finally:
+        target.close()
+    if args.flag("json"):
+        ctx.json({"verdict": overall, "disks": [d.to_dict() for d in disks]})
+    else:
+        ctx.print(table(("Disk", "Source", "Verdict", "Target pool", "Needed", "Reason"),
+                        [(d.target, d.source, d.verdict, d.pool or "-",
+                          pretty_size(d.required), d.reason) for d in disks]))
+        ctx.extra(f"Migration to {uri}: {overall}")
+    if overall == "no":
+        bad = ", ".join(d.target for d in disks if d.verdict == "no")
+        raise OperationInvalid(f"the guest cannot move to {uri}: no place there for "
+                               f"disk(s) {bad}")
+    for d in disks:
+        if d.verdict == "unknown":
+            ctx.warn(f"disk {d.target} ({d.source}) is in no pool here: not checked")
+
+
 INCREMENTAL = Opt("incremental", "only what changed since the newest backup in the "
                   "directory (a full backup, with a warning, when that cannot be trusted)",
                   flag=True)
@@ -187,6 +217,17 @@ COMMANDS = (
                  flag=True),
              Opt("output", "write the XML to this file instead of stdout", positional=False)),
             guest_clone),
+    Command("migrate-check", GROUP, "check that another host can take a guest's disks",
+            "Per disk of the guest: whether the host of --target sees the same storage "
+            "(the same RBD pool, NFS export, iSCSI target...), or which of its pools "
+            "(--pool, or the first that fits) has room for a copy (qemu-img measure) and "
+            "holds its format, backing chain and encryption, or why none can; then the "
+            "verdict. Fails when a disk has no place there.",
+            (DOMAIN_FILE, Opt("target", "URI of the target host's virtstored",
+                              required=True, positional=False),
+             Opt("pool", "the target pool copies would go to", positional=False),
+             Opt("json", "print JSON", flag=True)),
+            migrate_check),
     Command("guest-backup", GROUP, "back up every disk of a guest",
             "vol-backup of each writable pool disk of the guest into DIR/TARGET.",
             (DOMAIN_FILE, DIR, INCREMENTAL), guest_backup),

@@ -205,6 +205,8 @@ class RemoteConnection(Connection):
     volume_import = _remote("volume_import")
     backup_verify = _remote("backup_verify")
     backup_list = _remote("backup_list")
+    volume_migrate_info = _remote("volume_migrate_info")
+    migrate_target_check = _remote("migrate_target_check")
     cluster_status = _remote("cluster_status")
     volume_lease = _remote("volume_lease")
     volume_unlease = _remote("volume_unlease")
