@@ -407,6 +407,14 @@ class Connection(abc.ABC):
         name if it fails."""
         raise self._missing("volume import")
 
+    def volume_move(self, pool: str, name: str, to_pool: str, *, new_name: str | None = None,
+                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        """vol-move: copy the volume into ``to_pool`` (as ``new_name``, in ``format``:
+        by default its own name, and its format where that pool makes it), read the copy
+        back against the source, then delete the source; if any step fails the source
+        stays and no copy is left."""
+        raise self._missing("volume move")
+
     def backup_verify(self, directory: str) -> JobInfo:
         """backup-verify: every chunk against its hash, every manifest's chunks and chain;
         the job fails listing what is wrong."""

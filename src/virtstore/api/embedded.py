@@ -454,6 +454,11 @@ class EmbeddedConnection(Connection):
         return self.backups.import_file(source, pool, name, format=format,
                                         bandwidth=bandwidth)
 
+    def volume_move(self, pool: str, name: str, to_pool: str, *, new_name: str | None = None,
+                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        return self.backups.move(pool, name, to_pool, new_name=new_name, format=format,
+                                 bandwidth=bandwidth)
+
     def backup_verify(self, directory: str) -> JobInfo:
         return self.backups.verify(directory)
 

@@ -81,14 +81,15 @@ class BackupOps:
         self.jobs = jobs
 
     # -- backup ----------------------------------------------------------------
-    def backup(self, pool_name: str, name: str, directory: str, *, incremental: bool,
-               bandwidth: int | None = None) -> JobInfo:
+    def readable(self, pool_name: str, name: str,
+                 what: str) -> tuple[PoolDef, Backend, VolumeRecord]:
+        """The volume, checked for being read whole by ``open_reader`` (for ``what``)."""
         pool, backend = self.volumes._active_pool(pool_name)
         rec = self.index.get(pool_name, name)
         backend.check_volume(pool, rec)
         if not reads_directly(backend, pool, rec) and not backend.has_feature("export", pool,
                                                                              rec):
-            raise backend.unsupported("volume backup")
+            raise backend.unsupported(what)
         if backend.local_files(pool) and rec.type == "file":
             # qemu-nbd and qemu-img open the path and read its backing chain themselves:
             # the same checks as an NBD export of the volume.
@@ -96,6 +97,11 @@ class BackupOps:
 
             refuse_symlink(rec.path)
             self.volumes.check_chain(rec)
+        return pool, backend, rec
+
+    def backup(self, pool_name: str, name: str, directory: str, *, incremental: bool,
+               bandwidth: int | None = None) -> JobInfo:
+        pool, backend, rec = self.readable(pool_name, name, "volume backup")
         repo = Repository(directory)
         repo.init({"pool": pool_name, "name": name, "key": rec.key})
         tracking = tracking_for(backend, pool, rec)
@@ -140,9 +146,13 @@ class BackupOps:
 
     def _fill_new(self, pool_name: str, tpool: PoolDef, tbe: Backend, new_name: str,
                   capacity: int, fmt: str, fill: Callable[[Writer, Monitor], None], *,
-                  kind: str, bandwidth: int | None, total: int = 0) -> JobInfo:
+                  kind: str, bandwidth: int | None, total: int = 0,
+                  source: tuple[str, str] | None = None,
+                  after: Callable[[str, Monitor], None] | None = None) -> JobInfo:
         """A job that makes volume ``new_name`` through staged creation and has ``fill``
-        write its content: it takes the name only when all of it is written."""
+        write its content: it takes the name only when all of it is written. ``source``:
+        a volume the job holds for writing too; ``after(job_id, monitor)`` runs once the
+        new volume has its name."""
         # Allocation 0: only what ``fill`` writes is allocated, the rest stays a hole.
         # A pool whose new volumes hold old bytes (LVs) gets a whole volume, zeroed
         # where nothing is written: its sparse volumes are snapshots that fill up.
@@ -152,8 +162,10 @@ class BackupOps:
                      target=VolTarget(format=fmt))
         req = self.volumes._request(tpool, tbe, vol, False)
         holder: list[StagedTarget] = []
+        job_ids: list[str] = []
 
         def prepare(db: sqlite3.Connection, job_id: str) -> None:
+            job_ids.append(job_id)
             holder.append(self.volumes.reserve_target(db, pool_name, tpool, tbe, new_name,
                                                       op=kind))
 
@@ -167,11 +179,17 @@ class BackupOps:
                 self.volumes.abort_target(target)
                 raise
             self.volumes.finish_target(target)
+            if after is not None:
+                after(job_ids[0], mon)
 
-        return self.jobs.start(kind, work, pool=None, volume=None,
+        lock = [(pool_name, new_name, WRITE)]
+        if source is not None:
+            lock.append((*source, WRITE))
+        return self.jobs.start(kind, work, pool=source[0] if source else None,
+                               volume=source[1] if source else None,
                                target_pool=pool_name, target_volume=new_name, total=total,
-                               bandwidth=bandwidth, lock=[(pool_name, new_name, WRITE)],
-                               prepare=prepare)
+                               bandwidth=bandwidth, lock=lock, prepare=prepare,
+                               must_exist=[source] if source else [])
 
     # -- import ----------------------------------------------------------------
     def import_file(self, source: str, pool_name: str, new_name: str, *,
@@ -215,6 +233,14 @@ class BackupOps:
         return self._fill_new(pool_name, tpool, tbe, new_name, capacity,
                               format or tbe.caps.default_vol_format or "raw", fill,
                               kind="import", bandwidth=bandwidth)
+
+    # -- move ------------------------------------------------------------------
+    def move(self, pool_name: str, name: str, to_pool: str, *, new_name: str | None = None,
+             format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        from virtstore.backup.move import start_move
+
+        return start_move(self, pool_name, name, to_pool, new_name=new_name, format=format,
+                          bandwidth=bandwidth)
 
     # -- verify ----------------------------------------------------------------
     def verify(self, directory: str) -> JobInfo:

@@ -1,5 +1,5 @@
 """Backups and whole guests: vol-backup, vol-restore, vol-import, backup-verify,
-backup-list, guest-clone, guest-backup, migrate-check (docs/backup.md)."""
+backup-list, vol-move, guest-clone, guest-backup, migrate-check (docs/backup.md)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,18 @@ def vol_import(ctx: Context, args: Args) -> None:
                                  bandwidth=_bandwidth(args))
     _wait(ctx, args, job, f"import {name}")
     _done(ctx, args, f"Vol {name} imported from {source} into pool {pool}")
+
+
+def vol_move(ctx: Context, args: Args) -> None:
+    from virtstore.cli.lookup import pool_name, volume
+
+    vol = volume(ctx.conn, args.req("vol"), args.get("pool"))
+    to_pool = pool_name(ctx.conn, args.req("to-pool"))
+    new = args.get("name") or vol.name
+    job = ctx.conn.volume_move(vol.pool, vol.name, to_pool, new_name=args.get("name"),
+                               format=args.get("format"), bandwidth=_bandwidth(args))
+    _wait(ctx, args, job, f"move {vol.name}")
+    _done(ctx, args, f"Vol {vol.name} moved from pool {vol.pool} to pool {to_pool} as {new}")
 
 
 def backup_verify(ctx: Context, args: Args) -> None:
@@ -200,6 +212,16 @@ COMMANDS = (
              Opt("pool", "pool name or uuid", required=True),
              Opt("format", "format of the new vol (raw, qcow2, ...)", positional=False),
              BANDWIDTH, JSON), vol_import),
+    Command("vol-move", GROUP, "move a vol to another pool",
+            "Copy the vol into --to-pool (any pool type; in its format where that pool "
+            "makes it, else the pool's default, or --format), read the copy back and "
+            "compare it with the source, then delete the source. If any step fails the "
+            "source stays and no copy is left.",
+            (VOL, POOL_OPT, Opt("to-pool", "pool to move the vol to", required=True,
+                                positional=False),
+             Opt("name", "name in the new pool (default: the same)", positional=False),
+             Opt("format", "format of the moved vol (raw, qcow2, ...)", positional=False),
+             BANDWIDTH, JSON), vol_move),
     Command("backup-verify", GROUP, "check every chunk and manifest of a backup directory",
             "Read every chunk of DIR and check it against its hash; check that every "
             "manifest's chunks are there and its chain is whole.", (DIR, JSON),

@@ -203,6 +203,7 @@ class RemoteConnection(Connection):
     volume_backup = _remote("volume_backup")
     volume_restore = _remote("volume_restore")
     volume_import = _remote("volume_import")
+    volume_move = _remote("volume_move")
     backup_verify = _remote("backup_verify")
     backup_list = _remote("backup_list")
     volume_migrate_info = _remote("volume_migrate_info")
