@@ -38,6 +38,27 @@ class Reader(Protocol):
         ...
 
 
+@contextlib.contextmanager
+def open_source(source: str) -> Iterator[Reader]:
+    """vol-import's source: a file or block device of this host, read as raw bytes, or
+    an NBD export (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``)."""
+    if source.startswith(("nbd:", "nbd+")):
+        from virtstore.host.nbd import NbdClient, parse_url
+
+        addr = parse_url(source)
+        with NbdClient(addr) as client:
+            yield _NbdReader(client, addr, client.size, None)
+        return
+    from virtstore.data.extents import size_of
+    from virtstore.host.files import open_volume
+
+    fd = open_volume(source, os.O_RDONLY)
+    try:
+        yield _FileReader(fd, size_of(fd))
+    finally:
+        os.close(fd)
+
+
 class Writer(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
@@ -115,6 +136,29 @@ def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
                        objects=src.objects, read_only=True, bitmaps=bitmaps,
                        export="backup") as srv, srv.client() as client:
             yield _NbdReader(client, srv.address, client.size, bitmap)
+
+
+# The unit a chunk's zeros are skipped in when it is written into a new volume.
+_SPARSE_BLOCK = 64 << 10
+
+
+def write_data(out: Writer, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` but for its all-zero 64 KiB blocks (runs of the
+    others in one write): a new volume reads as zeros there already, so a restored or
+    imported chunk allocates only what holds data."""
+    from virtstore.data.extents import is_zero
+
+    view = memoryview(data)
+    start: int | None = None
+    for pos in range(0, len(view), _SPARSE_BLOCK):
+        zero = is_zero(view[pos:pos + _SPARSE_BLOCK])
+        if not zero and start is None:
+            start = pos
+        elif zero and start is not None:
+            out.write(offset + start, bytes(view[start:pos]))
+            start = None
+    if start is not None:
+        out.write(offset + start, bytes(view[start:]))
 
 
 class _FileWriter:

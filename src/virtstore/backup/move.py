@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from virtstore.backup.access import open_reader
+from virtstore.backup.access import open_reader, write_data
 from virtstore.backup.repo import CHUNK_SIZE, sha256
 from virtstore.errors import InvalidArgument, OperationInvalid
 from virtstore.types import JobInfo
@@ -66,7 +66,7 @@ def start_move(ops: BackupOps, pool_name: str, name: str, to_pool: str, *,
                 n = _length(index, rec.capacity)
                 data = reader.read(index * CHUNK_SIZE, n)
                 if not is_zero(data):
-                    out.write(index * CHUNK_SIZE, data)
+                    write_data(out, index * CHUNK_SIZE, data)
                     copied[index] = sha256(data)
                 mon.advance(n)
 

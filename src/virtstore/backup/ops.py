@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from virtstore.backends.base import Backend, VolumeRecord
-from virtstore.backup.access import open_new_volume, open_reader, reads_directly
+from virtstore.backup.access import open_new_volume, open_reader, reads_directly, write_data
 from virtstore.backup.repo import (
     TRACK_BITMAP,
     TRACK_HASH,
@@ -49,7 +49,6 @@ BITMAP_PREFIX = "virtstore-backup-"
 # many chunks).
 _WRITERS = 3
 _IN_FLIGHT = 6
-_IMPORT_STEP = 4 << 20
 
 
 def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) -> set[int]:
@@ -137,7 +136,7 @@ class BackupOps:
             for index in sorted(m.chunks):
                 length = m.chunk_length(index)
                 mon.check()
-                out.write(index * m.chunk_size, repo.read_chunk(m.chunks[index], length))
+                write_data(out, index * m.chunk_size, repo.read_chunk(m.chunks[index], length))
                 mon.advance(length)
 
         return self._fill_new(pool_name, tpool, tbe, new_name, m.capacity, fmt, fill,
@@ -194,45 +193,10 @@ class BackupOps:
     # -- import ----------------------------------------------------------------
     def import_file(self, source: str, pool_name: str, new_name: str, *,
                     format: str | None = None, bandwidth: int | None = None) -> JobInfo:
-        """vol-import: a file or block device's bytes (read as raw) into a new volume,
-        made as a restore is: staged, sparse, nothing under the name if it fails."""
-        from virtstore.data.extents import size_of
-        from virtstore.host.files import open_volume
+        from virtstore.backup.importer import start_import
 
-        fd = open_volume(source, os.O_RDONLY)
-        try:
-            capacity = size_of(fd)
-        finally:
-            os.close(fd)
-        tpool, tbe = self.volumes._active_pool(pool_name)
-        if not tbe.supports("create_volume"):
-            raise tbe.unsupported("volume import")
-
-        def fill(out: Writer, mon: Monitor) -> None:
-            from virtstore.data.extents import data_extents, is_zero
-
-            src = open_volume(source, os.O_RDONLY)
-            try:
-                extents = list(data_extents(src, 0, capacity))
-                mon.set_total(sum(n for _, n in extents))
-                for off, length in extents:
-                    end = off + length
-                    while off < end:
-                        mon.check()
-                        n = min(_IMPORT_STEP, end - off)
-                        data = os.pread(src, n, off)
-                        if not data:
-                            raise InvalidArgument(f"'{source}' ended while it was read")
-                        if not is_zero(data):
-                            out.write(off, data)
-                        off += len(data)
-                        mon.advance(len(data))
-            finally:
-                os.close(src)
-
-        return self._fill_new(pool_name, tpool, tbe, new_name, capacity,
-                              format or tbe.caps.default_vol_format or "raw", fill,
-                              kind="import", bandwidth=bandwidth)
+        return start_import(self, source, pool_name, new_name, format=format,
+                            bandwidth=bandwidth)
 
     # -- move ------------------------------------------------------------------
     def move(self, pool_name: str, name: str, to_pool: str, *, new_name: str | None = None,

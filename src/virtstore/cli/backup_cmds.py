@@ -74,7 +74,9 @@ def vol_import(ctx: Context, args: Args) -> None:
 
     pool = pool_name(ctx.conn, args.req("pool"))
     name = args.req("name")
-    source = os.path.abspath(args.req("source"))
+    source = args.req("source")
+    if "://" not in source:
+        source = os.path.abspath(source)
     job = ctx.conn.volume_import(source, pool, name, format=args.get("format"),
                                  bandwidth=_bandwidth(args))
     _wait(ctx, args, job, f"import {name}")
@@ -203,10 +205,12 @@ COMMANDS = (
              Opt("point", "id of the backup to restore (default: the newest)",
                  positional=False), BANDWIDTH, JSON), vol_restore),
     Command("vol-import", GROUP, "import a file or block device as a new vol",
-            "Copy the bytes of SOURCE (a file or block device, read as raw) into a new "
-            "vol NAME in POOL, sparse, in --format (the pool's default format otherwise). "
-            "A failed import leaves no vol.",
-            (Opt("source", "file or block device on the host that runs the engine",
+            "Copy the bytes of SOURCE (a file or block device, read as raw, or an NBD "
+            "export) into a new vol NAME in POOL, sparse, in --format (the pool's default "
+            "format otherwise). A failed import leaves no vol; run again, it goes on from "
+            "the last chunk it checked instead of reading the source again.",
+            (Opt("source", "file or block device on the host that runs the engine, or "
+                 "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
                  required=True),
              Opt("name", "name of the new vol", required=True),
              Opt("pool", "pool name or uuid", required=True),
