@@ -15,8 +15,11 @@ import pytest
 from cli_fixtures import Cli, cli_fixture  # noqa: F401
 from conftest import dir_pool_xml
 from net_fixtures import Server, ceph_fixture  # noqa: F401
+from server_fixtures import Daemon, daemon_fixture  # noqa: F401
 from test_backend_rbd import ceph, download, rconn, rpool  # noqa: F401
 from test_backup_volumes import MiB, done, fill_chunks, qcow2
+from virtstore import connect
+from virtstore.api import VolumeCreateArgs
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import AlreadyExists
 
@@ -102,3 +105,24 @@ def test_move_into_rbd_through_the_cli(rconn: EmbeddedConnection, rpool: str,  #
     assert f"Vol g.qcow2 moved from pool {pool} to pool {rpool} as g" in r.out
     assert download(rconn, rpool, "g") == want
     assert not (pooldir / "g.qcow2").exists()
+
+
+def test_move_and_migrate_info_over_rest(daemon: Daemon, tmp_path: Path) -> None:
+    """The remote client's calls and the server's routes come from one declaration."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    with connect(daemon.rw_uri) as c:
+        for d in (a, b):
+            d.mkdir()
+            c.pool_define_xml(dir_pool_xml(d.name, d))
+            c.pool_start(d.name)
+        c.volume_create("a", VolumeCreateArgs("v.img", 16 * MiB, allocation=0))
+        with open(a / "v.img", "r+b") as fh:
+            fh.seek(4 * MiB)
+            fh.write(b"z" * (3 * MiB))
+        info = c.volume_migrate_info("a", "v.img")
+        assert (info["storage"], info["format"], info["capacity"]) == ("", "raw", 16 * MiB)
+        assert 3 * MiB <= info["required"] < 4 * MiB
+        job = c.volume_move("a", "v.img", "b", new_name="w.img")
+        assert c.job_wait(job.id).state == "done"
+        assert [v.name for v in c.list_volumes("a")] == []
+        assert (b / "w.img").read_bytes() == bytes(4 * MiB) + b"z" * (3 * MiB) + bytes(9 * MiB)
