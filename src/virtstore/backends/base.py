@@ -451,6 +451,13 @@ class Backend(abc.ABC):
         None: every extent that holds data)."""
         raise self.unsupported("backup snapshots")
 
+    def frozen_source(self, pool: PoolDef,
+                      rec: VolumeRecord) -> AbstractContextManager[QemuSource]:
+        """The volume as it is at this instant, readable while the context lasts (a
+        reflink copy of a raw file), where the storage makes one cheaply; a backup reads
+        it instead of a volume a running guest keeps writing."""
+        raise self.unsupported("frozen copies")
+
     def snapshot_source(self, pool: PoolDef, rec: VolumeRecord,
                         snap: str) -> AbstractContextManager[QemuSource]:
         """How qemu opens the volume as it was at a snapshot (read-only)."""

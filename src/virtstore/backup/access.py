@@ -21,7 +21,7 @@ from virtstore.errors import Unsupported
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
-    from virtstore.host.nbd import NbdAddress, NbdClient
+    from virtstore.host.nbd import NbdAddress, NbdClient, QemuSource
 
 
 class Reader(Protocol):
@@ -113,12 +113,14 @@ def reads_directly(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> bool:
 
 @contextlib.contextmanager
 def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
-                bitmap: str | None = None, snapshot: str | None = None) -> Iterator[Reader]:
-    """A reader of the volume as it is now, or as it was at a storage ``snapshot``."""
+                bitmap: str | None = None, snapshot: str | None = None,
+                frozen: QemuSource | None = None) -> Iterator[Reader]:
+    """A reader of the volume as it is now, or as it was at a storage ``snapshot``, or
+    of a ``frozen`` copy of it (``Backend.frozen_source``)."""
     if bitmap is None and snapshot is None and reads_directly(backend, pool, rec):
         from virtstore.host.files import open_volume
 
-        fd = open_volume(rec.path, os.O_RDONLY)
+        fd = open_volume(frozen.image if frozen and frozen.image else rec.path, os.O_RDONLY)
         try:
             yield _FileReader(fd, rec.capacity)
         finally:
@@ -128,7 +130,8 @@ def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
 
     if rec.encryption:
         raise Unsupported(f"backup of encrypted volume '{rec.name}' is not supported")
-    source = (backend.qemu_source(pool, rec) if snapshot is None
+    source = (contextlib.nullcontext(frozen) if frozen is not None
+              else backend.qemu_source(pool, rec) if snapshot is None
               else backend.snapshot_source(pool, rec, snapshot))
     with source as src:
         bitmaps: Sequence[str] = (bitmap,) if bitmap else ()

@@ -10,6 +10,7 @@ staging object at the next start).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -34,7 +35,7 @@ from virtstore.engine.index import VolumeIndex
 from virtstore.engine.jobs import JobManager
 from virtstore.engine.locks import READ, WRITE
 from virtstore.engine.volumes import StagedTarget, VolumeManager
-from virtstore.errors import InvalidArgument
+from virtstore.errors import InvalidArgument, Unsupported
 from virtstore.types import JobInfo
 from virtstore.xml import PoolDef, VolDef, VolTarget
 
@@ -357,7 +358,17 @@ class _Backup:
     def _run_hash(self, parent: Manifest | None) -> None:
         """Read every chunk that may hold data; chunks whose hash is stored already (the
         unchanged ones) are not written again."""
-        with open_reader(self.backend, self.pool, self.rec) as reader:
+        with contextlib.ExitStack() as stack:
+            frozen = None
+            if self.backend.supports("frozen_source"):
+                try:
+                    frozen = stack.enter_context(self.backend.frozen_source(self.pool,
+                                                                            self.rec))
+                    self.m.snapshot = "frozen copy"
+                except Unsupported:
+                    pass  # the live volume is read, as on any other storage
+            reader = stack.enter_context(open_reader(self.backend, self.pool, self.rec,
+                                                     frozen=frozen))
             todo = _chunks_of(reader.data_extents(), self.chunk, self.rec.capacity)
             self._copy(reader, todo, {}, parent)
 
