@@ -1,5 +1,5 @@
-"""vol-import from an NBD export (qemu-nbd on 127.0.0.1), and an import killed half-way
-that goes on from its checkpoint instead of reading the source again."""
+"""vol-import from an NBD export (qemu-nbd on 127.0.0.1 or a unix socket), and an import
+killed half-way that goes on from its checkpoint instead of reading the export again."""
 
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ def test_killed_import_goes_on_from_its_checkpoint(conn: EmbeddedConnection, poo
     src = tmp_path / "disk.bin"
     data = os.urandom(96 * MiB)
     src.write_bytes(data)
+    srv = NbdServer(str(src), read_only=True, export="p2v").start()
+    url = srv.address.url
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     child = subprocess.Popen([sys.executable, "-c", KILLED_IMPORT, str(root), pool,
-                              str(src)], stdout=subprocess.PIPE, text=True, env=env)
+                              url], stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout is not None and child.stdout.readline().strip()
 
     def done_through() -> int:
@@ -74,10 +76,13 @@ def test_killed_import_goes_on_from_its_checkpoint(conn: EmbeddedConnection, poo
     child.wait()
     kept = done_through()
     assert 8 <= kept < 23, "the import was killed before its checkpoint or after its end"
-    with EmbeddedConnection(str(root)) as fresh:
-        assert "imp.img" not in [v.name for v in fresh.list_volumes(pool)]
-        with caplog.at_level(logging.INFO, logger="virtstore"):
-            done(fresh, fresh.volume_import(str(src), pool, "imp.img").id)
+    try:
+        with EmbeddedConnection(str(root)) as fresh:
+            assert "imp.img" not in [v.name for v in fresh.list_volumes(pool)]
+            with caplog.at_level(logging.INFO, logger="virtstore"):
+                done(fresh, fresh.volume_import(url, pool, "imp.img").id)
+    finally:
+        srv.stop()
     assert (pooldir / "imp.img").read_bytes() == data
     assert f"{(kept + 1) * CHUNK} bytes taken from the checkpoint" in caplog.text
     assert not list((root / "imports").iterdir())

@@ -38,11 +38,15 @@ class Reader(Protocol):
         ...
 
 
+def is_nbd(source: str) -> bool:
+    return source.startswith(("nbd:", "nbd+"))
+
+
 @contextlib.contextmanager
 def open_source(source: str) -> Iterator[Reader]:
     """vol-import's source: a file or block device of this host, read as raw bytes, or
     an NBD export (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``)."""
-    if source.startswith(("nbd:", "nbd+")):
+    if is_nbd(source):
         from virtstore.host.nbd import NbdClient, parse_url
 
         addr = parse_url(source)

@@ -207,8 +207,9 @@ COMMANDS = (
     Command("vol-import", GROUP, "import a file or block device as a new vol",
             "Copy the bytes of SOURCE (a file or block device, read as raw, or an NBD "
             "export) into a new vol NAME in POOL, sparse, in --format (the pool's default "
-            "format otherwise). A failed import leaves no vol; run again, it goes on from "
-            "the last chunk it checked instead of reading the source again.",
+            "format otherwise). A failed import leaves no vol; run again, an import from an "
+            "NBD export goes on from the last chunk it checked instead of reading the "
+            "export again.",
             (Opt("source", "file or block device on the host that runs the engine, or "
                  "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
                  required=True),
