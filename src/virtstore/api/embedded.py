@@ -470,6 +470,11 @@ class EmbeddedConnection(Connection):
         return self.backups.import_file(source, pool, name, format=format,
                                         bandwidth=bandwidth)
 
+    def volume_move(self, pool: str, name: str, to_pool: str, *, new_name: str | None = None,
+                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        return self.backups.move(pool, name, to_pool, new_name=new_name, format=format,
+                                 bandwidth=bandwidth)
+
     def backup_verify(self, directory: str) -> JobInfo:
         return self.backups.verify(directory)
 
@@ -477,6 +482,29 @@ class EmbeddedConnection(Connection):
         from virtstore.backup.ops import list_backups
 
         return list_backups(directory)
+
+    # -- pre-migration checks --------------------------------------------------
+    def volume_migrate_info(self, pool: str, name: str) -> dict[str, Any]:
+        from virtstore.backup.migrate import describe
+
+        pdef, backend = self.volumes._active_pool(pool)
+        rec = self.index.get(pool, name)
+        backend.check_volume(pdef, rec)
+        return describe(backend, pdef, rec)
+
+    def migrate_target_check(self, storage: str, format: str, capacity: int,
+                             required: int, *,
+                             backing: bool = False, encrypted: bool = False,
+                             pool: str | None = None) -> dict[str, Any]:
+        from virtstore.backup.migrate import Candidate, place
+
+        candidates = []
+        for p in self.list_pools():
+            if p.state == "running":
+                pdef, backend = self.volumes._active_pool(p.name)
+                candidates.append(Candidate(pdef, backend, p.available))
+        return place(candidates, storage=storage, format=format, capacity=capacity,
+                     required=required, backing=backing, encrypted=encrypted, pool=pool)
 
     # -- host ------------------------------------------------------------------
     def host_devices(self) -> list[dict[str, Any]]:

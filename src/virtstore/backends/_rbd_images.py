@@ -24,6 +24,7 @@ PRIVATE_PREFIX = "virtstore-"
 STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
 CLONE_SNAP_PREFIX = PRIVATE_PREFIX + "clone-"
 TX_SNAP_PREFIX = PRIVATE_PREFIX + "tx-"
+BACKUP_SNAP_PREFIX = PRIVATE_PREFIX + "backup-"  # what the next incremental diffs against
 CHUNK = 4 << 20
 WIPE_CHUNK = 64 << 20
 WIPE_ALGORITHMS = ("zero", "trim")

@@ -305,7 +305,9 @@ class VolumeManager:
         return "the volume is read again"
 
     # -- delete ----------------------------------------------------------------
-    def delete(self, pool_name: str, name: str) -> None:
+    def delete(self, pool_name: str, name: str, *, owner: str = "") -> None:
+        """Delete the volume; ``owner``: the job deleting it, which may hold its lock (a
+        move drops its source)."""
         pool, backend = self._active_pool(pool_name)
         rec = self.index.get(pool_name, name)
         if not backend.supports("delete_volume"):
@@ -316,7 +318,7 @@ class VolumeManager:
         lease = self.write_lease(pool_name, pool, backend, name, "delete")
         try:
             with self.state.store.write() as db:
-                locks.check_free(db, pool_name, name)
+                locks.check_free(db, pool_name, name, owner)
                 cur = db.execute("UPDATE volumes SET state='deleting' WHERE pool=? AND "
                                  "name=? AND state='ready'", (pool_name, name))
                 if cur.rowcount != 1:
