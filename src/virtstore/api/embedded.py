@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from virtstore.api import Connection, check_page
 from virtstore.api.startup import startup, warn
-from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.poolinfo import PoolReader
 from virtstore.engine.state import StateRoot
@@ -218,38 +217,14 @@ class EmbeddedConnection(Connection):
         self.pools.set_autostart(name, autostart)
 
     def pool_capabilities_xml(self) -> str:
-        from virtstore.xml import default_pool_type_caps, pool_capabilities_xml
+        from virtstore.backends.table import capabilities_xml
 
-        entries = []
-        for caps in default_pool_type_caps():
-            if caps.type in POOL_TYPES:
-                caps.supported = backend_for(caps.type).host_problem() is None
-            entries.append(caps)
-        return pool_capabilities_xml(entries)
+        return capabilities_xml()
 
     def pool_type_features(self) -> list[dict[str, Any]]:
-        from virtstore.xml import POOL_TYPES as XML_POOL_TYPES
+        from virtstore.backends.table import type_features
 
-        out = []
-        for ptype in XML_POOL_TYPES:
-            backend = backend_for(ptype)
-            caps = backend.caps
-            problem = backend.host_problem()
-            has = backend.features()
-            out.append({
-                "type": ptype, "supported": problem is None, "reason": problem,
-                "shared": caps.shared, "file_based": caps.file_based,
-                "build": backend.supports("build"), "delete": backend.supports("delete"),
-                "volume_create": backend.supports("create_volume"),
-                "volume_delete": backend.supports("delete_volume"),
-                "volume_formats": list(caps.vol_formats),
-                "resize": has["resize-grow"], "clone": has["clone-full"],
-                "create_from": has["copy"], "wipe": has["wipe"], "upload": has["upload"],
-                "download": has["download"], "features": has,
-                "snapshots": {fmt: list(kinds) for fmt, kinds in
-                              backend.snapshot_kinds.items()} if has["snapshot"] else {},
-            })
-        return out
+        return type_features()
 
     def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
         if not os.path.isdir(config_dir):
