@@ -64,10 +64,12 @@ COMMAND_MODULES = {
     "nbd_cmds": ("nbd-export",),
     "inspect_cmds": ("vol-df", "pool-df", "vol-boot-files", "vol-inspect"),
     "backup_cmds": (
-        "vol-backup", "vol-restore", "vol-import", "backup-verify", "backup-list", "guest-clone",
-        "guest-backup",
+        "vol-backup", "vol-restore", "vol-import", "vol-move", "backup-verify", "backup-list",
+        "guest-clone", "migrate-check", "guest-backup",
     ),
-    "cluster_cmds": ("cluster-status", "vol-lease", "vol-unlease", "vol-lease-list"),
+    "cluster_cmds": (
+        "cluster-status", "pool-override", "vol-lease", "vol-unlease", "vol-lease-list",
+    ),
 }
 
 
