@@ -75,6 +75,18 @@ def test_read_commands_import_no_heavy_layers(state: Path, argv: tuple[str, ...]
     assert _loaded(mods, NOT_FOR_PLAIN_READS) == []
 
 
+@pytest.mark.parametrize("argv", [
+    ("vol-info", "a.img", "--pool", "p"),
+    ("vol-path", "a.img", "--pool", "p"),
+    ("vol-key", "a.img", "--pool", "p"),
+])
+def test_a_volume_named_in_its_pool_is_read_without_the_backend(
+        state: Path, argv: tuple[str, ...]) -> None:
+    out, mods = _run(state, *argv)
+    assert out.strip()
+    assert _loaded(mods, ("virtstore.backends",)) == []
+
+
 def test_command_modules_table_names_each_module_s_commands() -> None:
     """The table that lets a command import only its own module lists every command
     of every command module, under the module that holds it."""
