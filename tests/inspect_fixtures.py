@@ -233,3 +233,149 @@ def can_build() -> str | None:
 
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
+
+
+FEDORA_ID = "5f3e2a1b9c8d4e7f"
+FEDORA_KERNEL = "6.8.5-301.fc40.x86_64"
+
+
+@dataclass
+class FedoraDisk:
+    raw: Path
+    boot_uuid: str
+    root_uuid: str
+    files: dict[str, bytes]  # guest path -> content
+
+
+def _compressible(size: int) -> bytes:
+    """Bytes that zstd shrinks (so btrfs stores compressed extents) but not to nothing."""
+    chunk = os.urandom(4096)
+    out = bytearray()
+    while len(out) < size:
+        out += chunk + bytes(12288) + os.urandom(64)
+    return bytes(out[:size])
+
+
+def _gpt_disk(raw: Path, images: list[Path]) -> None:
+    """A GPT disk holding each image as a partition, in order, 1 MiB aligned."""
+    total = 2 + sum(-(-p.stat().st_size // MiB) for p in images)
+    with open(raw, "wb") as fh:
+        fh.truncate(total * MiB)
+    args = ["sgdisk", "-Z"]
+    start = 2048
+    for n, img in enumerate(images, start=1):
+        end = start + -(-img.stat().st_size // MiB) * 2048 - 1
+        args += [f"-n{n}:{start}:{end}"]
+        start = end + 1
+    sh(*args, str(raw))
+    for n, img in enumerate(images, start=1):
+        offset = int(sh("sgdisk", "-i", str(n), str(raw)).split("First sector: ")[1]
+                     .split()[0])
+        sh("dd", f"if={img}", f"of={raw}", "bs=1M", f"seek={offset * 512}",
+           "oflag=seek_bytes", "conv=notrunc,sparse", "status=none")
+
+
+def _write_tree(mnt: Path, write: dict[str, bytes], links: dict[str, str]) -> None:
+    for rel, data in write.items():
+        p = mnt / rel.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    for rel, target in links.items():
+        p = mnt / rel.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.symlink_to(target)
+
+
+def build_fedora(work: Path) -> FedoraDisk:
+    """A disk laid out as Fedora installs one: GPT, 1 xfs /boot (grub2 with blscfg, the
+    kernel and initramfs), 2 btrfs with subvolumes ``root`` (/) and ``home`` (/home),
+    zstd-compressed, /etc/os-release a relative symlink into /usr/lib; 3 swap."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    boot, root, swap = work / "boot.img", work / "root.img", work / "swap.img"
+    for img, mib in ((boot, 300), (root, 200), (swap, 16)):
+        with open(img, "wb") as fh:
+            fh.truncate(mib * MiB)
+    _mkfs("xfs", boot, "boot")
+    _mkfs("btrfs", root, "fedora")
+    _mkfs("swap", swap, None)
+    boot_uuid, root_uuid = blkid(boot, "UUID"), blkid(root, "UUID")
+    kernel, initrd = os.urandom(2 * MiB + 11), os.urandom(MiB + 3)
+    entry = (f"title Fedora Linux ({FEDORA_KERNEL}) 40 (Cloud Edition)\n"
+             f"version {FEDORA_KERNEL}\nlinux /vmlinuz-{FEDORA_KERNEL}\n"
+             f"initrd /initramfs-{FEDORA_KERNEL}.img\n"
+             "options root=UUID=" + root_uuid + " ro rootflags=subvol=root $kernelopts\n"
+             "grub_users $grub_users\ngrub_arg --unrestricted\ngrub_class fedora\n")
+    grub_cfg = ("set default=\"${saved_entry}\"\nload_env\ninsmod blscfg\nblscfg\n"
+                "menuentry 'UEFI Firmware Settings' $menuentry_id_option 'uefi' {\n"
+                "  fwsetup\n}\n")
+    grubenv = (f"# GRUB Environment Block\nsaved_entry={FEDORA_ID}-{FEDORA_KERNEL}\n"
+               "kernelopts=console=ttyS0 no_timer_check\n").ljust(1024, "#")
+    sh("mount", "-o", "loop", str(boot), str(mnt))
+    try:
+        _write_tree(mnt, {
+            f"/vmlinuz-{FEDORA_KERNEL}": kernel, f"/initramfs-{FEDORA_KERNEL}.img": initrd,
+            "/vmlinuz-0-rescue-" + FEDORA_ID: os.urandom(4096),
+            "/grub2/grub.cfg": grub_cfg.encode(), "/grub2/grubenv": grubenv.encode(),
+            f"/loader/entries/{FEDORA_ID}-{FEDORA_KERNEL}.conf": entry.encode(),
+            f"/loader/entries/{FEDORA_ID}-0-rescue.conf": (
+                "title Fedora Linux (0-rescue)\nversion 0-rescue\n"
+                f"linux /vmlinuz-0-rescue-{FEDORA_ID}\noptions ro\n").encode()},
+            {"/symvers-current": f"vmlinuz-{FEDORA_KERNEL}"})
+        os.sync()
+    finally:
+        sh("umount", str(mnt))
+    os_release = ('NAME="Fedora Linux"\nVERSION="40 (Cloud Edition)"\nID=fedora\n'
+                  'VERSION_ID=40\nPRETTY_NAME="Fedora Linux 40 (Cloud Edition)"\n'
+                  + "# padding so that zstd has something to compress\n" * 200)
+    fstab = (f"UUID={root_uuid} / btrfs subvol=root,compress=zstd:1 0 0\n"
+             f"UUID={boot_uuid} /boot xfs defaults 0 0\n"
+             f"UUID={root_uuid} /home btrfs subvol=home,compress=zstd:1 0 0\n")
+    big = _compressible(3 * MiB)
+    sh("mount", "-o", "loop,compress-force=zstd:1", str(root), str(mnt))
+    try:
+        sh("btrfs", "subvolume", "create", str(mnt / "root"))
+        sh("btrfs", "subvolume", "create", str(mnt / "home"))
+        _write_tree(mnt / "root", {
+            "/usr/lib/os-release": os_release.encode(), "/etc/fstab": fstab.encode(),
+            "/etc/hostname": b"fedora-guest\n", "/usr/share/big.bin": big}, {
+            "/etc/os-release": "../usr/lib/os-release"})
+        _write_tree(mnt / "home", {"/fedora/notes.txt": b"hello\n"}, {})
+        os.sync()
+    finally:
+        sh("umount", str(mnt))
+    raw = work / "fedora.raw"
+    _gpt_disk(raw, [boot, root, swap])
+    files = {f"/boot/vmlinuz-{FEDORA_KERNEL}": kernel,
+             f"/boot/initramfs-{FEDORA_KERNEL}.img": initrd,
+             "/usr/lib/os-release": os_release.encode(), "/usr/share/big.bin": big}
+    return FedoraDisk(raw, boot_uuid, root_uuid, files)
+
+
+def build_btrfs_plain(work: Path) -> tuple[Path, bytes, bytes]:
+    """A whole-disk btrfs as Ubuntu and openSUSE lay one out: the system in subvolume
+    ``@`` made the default, /boot inside it with a zstd-compressed kernel and initrd and
+    no boot loader configuration."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    img = work / "btrfs.raw"
+    with open(img, "wb") as fh:
+        fh.truncate(160 * MiB)
+    _mkfs("btrfs", img, "ubuntu")
+    kernel, initrd = _compressible(2 * MiB + 5), _compressible(MiB + 7)
+    sh("mount", "-o", "loop,compress-force=zstd", str(img), str(mnt))
+    try:
+        sh("btrfs", "subvolume", "create", str(mnt / "@"))
+        _write_tree(mnt / "@", {
+            "/boot/vmlinuz-6.8.0-31-generic": kernel,
+            "/boot/initrd.img-6.8.0-31-generic": initrd,
+            "/boot/vmlinuz-6.5.0-9-generic": b"old",
+            "/etc/os-release": b'ID=ubuntu\nVERSION_ID="24.04"\nNAME="Ubuntu"\n'}, {})
+        subvol_id = sh("btrfs", "inspect-internal", "rootid", str(mnt / "@")).strip()
+        sh("btrfs", "subvolume", "set-default", subvol_id, str(mnt))
+        os.sync()
+    finally:
+        sh("umount", str(mnt))
+    return img, kernel, initrd

@@ -1,0 +1,97 @@
+"""Guest layouts beyond the first disk: Fedora's (xfs /boot, btrfs root in subvolumes,
+zstd-compressed), a whole-disk btrfs whose default subvolume is the system, read through
+the embedded Connection as qcow2 volumes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import dir_pool_xml
+from inspect_fixtures import (
+    FEDORA_ID,
+    FEDORA_KERNEL,
+    FedoraDisk,
+    build_btrfs_plain,
+    build_fedora,
+    can_build,
+)
+from virtstore.api.embedded import EmbeddedConnection
+
+pytestmark = pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+
+
+@pytest.fixture(scope="module")
+def fedora(tmp_path_factory: pytest.TempPathFactory) -> FedoraDisk:
+    return build_fedora(tmp_path_factory.mktemp("fedora"))
+
+
+@pytest.fixture(scope="module")
+def ubuntu(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, bytes]:
+    return build_btrfs_plain(tmp_path_factory.mktemp("ubuntu"))
+
+
+@pytest.fixture
+def pool(root: Path, tmp_path: Path, fedora: FedoraDisk,
+         ubuntu: tuple[Path, bytes, bytes]) -> Iterator[EmbeddedConnection]:
+    """Pool ``l`` with fedora.qcow2 and ubuntu.qcow2."""
+    d = tmp_path / "images"
+    d.mkdir()
+    for src, name in ((fedora.raw, "fedora.qcow2"), (ubuntu[0], "ubuntu.qcow2")):
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), str(d / name)],
+                       check=True)
+    c = EmbeddedConnection(str(root))
+    c.pool_define_xml(dir_pool_xml("l", d))
+    c.pool_start("l")
+    yield c
+    c.close()
+
+
+def by_device(found: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {fs["device"]: fs for fs in found["filesystems"]}
+
+
+def test_fedora_inspect_reads_btrfs_subvolumes(pool: EmbeddedConnection,
+                                               fedora: FedoraDisk) -> None:
+    found = pool.volume_inspect("l", "fedora.qcow2")
+    # /etc/os-release is a relative symlink into /usr/lib inside subvolume "root".
+    assert found["os"] == {"type": "linux", "distro": "fedora", "id_like": None,
+                           "name": "Fedora Linux 40 (Cloud Edition)", "version": "40",
+                           "hostname": "fedora-guest", "root": "/dev/sda2"}
+    mounts = {fs["device"]: fs["mountpoint"] for fs in found["filesystems"]}
+    assert mounts == {"/dev/sda1": "/boot", "/dev/sda2": "/", "/dev/sda3": None}
+    assert [(e["mountpoint"], e["device"], e["options"]) for e in found["fstab"]] == [
+        ("/", "/dev/sda2", "subvol=root,compress=zstd:1"),
+        ("/boot", "/dev/sda1", "defaults"),
+        ("/home", "/dev/sda2", "subvol=home,compress=zstd:1")]
+
+
+def test_fedora_boot_files_from_xfs(pool: EmbeddedConnection, fedora: FedoraDisk,
+                                    tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    found = pool.volume_boot_files("l", "fedora.qcow2", extract_dir=str(out))
+    # grubenv's saved_entry names the BLS entry; $kernelopts comes from grubenv.
+    assert found["config"] == f"/boot/loader/entries/{FEDORA_ID}-{FEDORA_KERNEL}.conf"
+    assert found["kernel"] == f"/boot/vmlinuz-{FEDORA_KERNEL}"
+    assert found["initrd"] == f"/boot/initramfs-{FEDORA_KERNEL}.img"
+    assert found["cmdline"] == (f"root=UUID={fedora.root_uuid} ro rootflags=subvol=root "
+                                "console=ttyS0 no_timer_check")
+    for path in (found["kernel"], found["initrd"]):
+        assert (out / Path(path).name).read_bytes() == fedora.files[path]
+
+
+def test_whole_disk_btrfs_default_subvolume_compressed_kernel(
+        pool: EmbeddedConnection, ubuntu: tuple[Path, bytes, bytes], tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    found = pool.volume_boot_files("l", "ubuntu.qcow2", extract_dir=str(out))
+    assert found["kernel"] == "/boot/vmlinuz-6.8.0-31-generic"
+    assert found["initrd"] == "/boot/initrd.img-6.8.0-31-generic"
+    # Written zstd-compressed (compress-force): the bytes come back decompressed.
+    assert (out / "vmlinuz-6.8.0-31-generic").read_bytes() == ubuntu[1]
+    assert (out / "initrd.img-6.8.0-31-generic").read_bytes() == ubuntu[2]
+    os_ = pool.volume_inspect("l", "ubuntu.qcow2")["os"]
+    assert (os_["distro"], os_["version"], os_["root"]) == ("ubuntu", "24.04", "/dev/sda")
