@@ -184,7 +184,7 @@ def inspect_guest(found: list[Found]) -> Guest:
 def _is_windows(fs: FsReader) -> bool:
     try:
         return fs.kind("/Windows/System32") == "dir"
-    except FileNotFoundError:
+    except (FileNotFoundError, GuestDataError):
         return False
 
 
@@ -226,7 +226,7 @@ def _boot_tree(guest: Guest) -> GuestTree:
 def _exists(fs: FsReader, path: str) -> bool:
     try:
         fs.kind(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, GuestDataError):
         return False
     return True
 
