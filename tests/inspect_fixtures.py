@@ -228,7 +228,8 @@ def can_build() -> str | None:
     if os.geteuid() != 0:
         return "building guest disks mounts loop devices: needs root"
     for tool in ("sgdisk", "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "mkfs.vfat", "mkswap",
-                 "cryptsetup", "mkntfs", "ntfs-3g", "mcopy", "qemu-img", "qemu-nbd"):
+                 "cryptsetup", "mkntfs", "ntfs-3g", "mcopy", "qemu-img", "qemu-nbd", "lvm",
+                 "losetup"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None
@@ -382,3 +383,82 @@ def build_btrfs_plain(work: Path) -> tuple[Path, bytes, bytes]:
     finally:
         sh("umount", str(mnt))
     return img, kernel, initrd
+
+
+@dataclass
+class LvmDisk:
+    raw: Path
+    vg: str
+    lvs: dict[str, Part]  # LV name -> its filesystem, with statvfs
+    boot_uuid: str
+    files: dict[str, bytes]
+
+
+def _lvm(*args: str, device: str) -> str:
+    # Activation off: LVM writes its metadata without device-mapper (this host has
+    # none), and --devices keeps it from looking at anyone else's disks.
+    return sh("lvm", args[0], "--devices", device, "--config", "global{activation=0}",
+              *args[1:])
+
+
+def build_lvm(work: Path) -> LvmDisk:
+    """A GPT disk: 1 ext4 /boot booted by extlinux, 2 an LVM PV whose VG has LVs
+    ``root`` (ext4 /), ``srv-data`` (ext4 /srv, named in fstab through /dev/mapper)
+    and ``swap``. The LVs' filesystems are made in files and copied to their extents."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    vg = "vgguest" + uuidlib.uuid4().hex[:8]
+    pv = work / "pv.img"
+    with open(pv, "wb") as fh:
+        fh.truncate(64 * MiB)
+    loop = sh("losetup", "-f", "--show", str(pv)).strip()
+    try:
+        _lvm("pvcreate", "-q", loop, device=loop)
+        _lvm("vgcreate", "-q", vg, loop, device=loop)
+        for name, mib in (("root", 24), ("srv-data", 12), ("swap", 8)):
+            _lvm("lvcreate", "-q", "-an", "-Zn", "-L", f"{mib}M", "-n", name, vg, device=loop)
+        pe_start = int(_lvm("pvs", "--noheadings", "--nosuffix", "--units", "b", "-o",
+                            "pe_start", device=loop))
+        extent = int(_lvm("vgs", "--noheadings", "--nosuffix", "--units", "b", "-o",
+                          "vg_extent_size", device=loop))
+        ranges = dict(line.split() for line in _lvm(
+            "lvs", "--noheadings", "-o", "lv_name,seg_pe_ranges", device=loop).splitlines())
+    finally:
+        sh("losetup", "-d", loop)
+    boot = Part(1, "ext4", 32, "boot", work / "boot.img")
+    lvs = {"root": Part(0, "ext4", 24, "root"), "srv-data": Part(0, "ext4", 12, "srvdata"),
+           "swap": Part(0, "swap", 8, "lvswap")}
+    for p in (boot, *lvs.values()):
+        if p.image is None:
+            p.image = work / f"lv-{p.label}.img"
+        with open(p.image, "wb") as fh:
+            fh.truncate(p.size_mib * MiB)
+        _mkfs(p.kind, p.image, p.label)
+        p.uuid = blkid(p.image, "UUID")
+    kernel, initrd = os.urandom(MiB + 17), os.urandom(512 << 10)
+    extlinux = ("DEFAULT debian\nTIMEOUT 30\n\nLABEL rescue\n  KERNEL /vmlinuz-rescue\n\n"
+                "LABEL debian\n  MENU LABEL Debian GNU/Linux\n"
+                "  LINUX ../vmlinuz-6.1.0-18-amd64\n"
+                f"  APPEND root=/dev/mapper/{vg}-root ro quiet "
+                "initrd=/initrd.img-6.1.0-18-amd64\n")
+    _fill(boot, mnt, {"/vmlinuz-6.1.0-18-amd64": kernel,
+                      "/initrd.img-6.1.0-18-amd64": initrd, "/vmlinuz-rescue": b"rescue",
+                      "/extlinux/extlinux.conf": extlinux.encode()}, {})
+    fstab = (f"/dev/mapper/{vg}-root / ext4 errors=remount-ro 0 1\n"
+             f"UUID={boot.uuid} /boot ext4 defaults 0 2\n"
+             f"/dev/mapper/{vg}-srv--data /srv ext4 defaults 0 2\n"
+             f"/dev/{vg}/swap none swap sw 0 0\n")
+    _fill(lvs["root"], mnt, {"/etc/os-release": b'ID=debian\nVERSION_ID="12"\n',
+                             "/etc/fstab": fstab.encode(), "/etc/hostname": b"lvmguest\n",
+                             "/srv/.keep": b""}, {})
+    _fill(lvs["srv-data"], mnt, {"/data.bin": os.urandom(3 * MiB)}, {})
+    for name, p in lvs.items():
+        first = int(ranges[name].split(":")[1].split("-")[0])
+        sh("dd", f"if={p.image}", f"of={pv}", "bs=1M", f"seek={pe_start + first * extent}",
+           "oflag=seek_bytes", "conv=notrunc", "status=none")
+    raw = work / "lvm.raw"
+    assert boot.image is not None
+    _gpt_disk(raw, [boot.image, pv])
+    return LvmDisk(raw, vg, lvs, boot.uuid, {"/boot/vmlinuz-6.1.0-18-amd64": kernel,
+                                            "/boot/initrd.img-6.1.0-18-amd64": initrd})

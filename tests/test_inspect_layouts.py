@@ -1,6 +1,7 @@
-"""Guest layouts beyond the first disk: Fedora's (xfs /boot, btrfs root in subvolumes,
-zstd-compressed), a whole-disk btrfs whose default subvolume is the system, read through
-the embedded Connection as qcow2 volumes."""
+"""Guest layouts beyond the first disk, read through the embedded Connection as qcow2
+volumes: Fedora's (xfs /boot, btrfs root in subvolumes, zstd-compressed), a whole-disk
+btrfs whose default subvolume is the system, and LVM inside the volume with an extlinux
+/boot."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from inspect_fixtures import (
     FEDORA_ID,
     FEDORA_KERNEL,
     FedoraDisk,
+    LvmDisk,
     build_btrfs_plain,
     build_fedora,
+    build_lvm,
     can_build,
 )
 from virtstore.api.embedded import EmbeddedConnection
@@ -95,3 +98,59 @@ def test_whole_disk_btrfs_default_subvolume_compressed_kernel(
     assert (out / "initrd.img-6.8.0-31-generic").read_bytes() == ubuntu[2]
     os_ = pool.volume_inspect("l", "ubuntu.qcow2")["os"]
     assert (os_["distro"], os_["version"], os_["root"]) == ("ubuntu", "24.04", "/dev/sda")
+
+
+@pytest.fixture(scope="module")
+def lvm(tmp_path_factory: pytest.TempPathFactory) -> LvmDisk:
+    return build_lvm(tmp_path_factory.mktemp("lvm"))
+
+
+@pytest.fixture
+def lvm_pool(root: Path, tmp_path: Path, lvm: LvmDisk) -> Iterator[EmbeddedConnection]:
+    d = tmp_path / "images"
+    d.mkdir()
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(lvm.raw),
+                    str(d / "lvm.qcow2")], check=True)
+    c = EmbeddedConnection(str(root))
+    c.pool_define_xml(dir_pool_xml("v", d))
+    c.pool_start("v")
+    yield c
+    c.close()
+
+
+def test_lvm_inside_a_volume(lvm_pool: EmbeddedConnection, lvm: LvmDisk) -> None:
+    """The LVs of a VG on a partition of the volume, read from LVM's metadata on the
+    PV: no device-mapper, nothing activated."""
+    fss = by_device(lvm_pool.volume_df("v", "lvm.qcow2"))
+    vg = f"/dev/{lvm.vg}"
+    assert sorted(fss) == sorted(["/dev/sda1", "/dev/sda2", f"{vg}/root", f"{vg}/srv-data",
+                                  f"{vg}/swap"])
+    assert fss["/dev/sda2"]["type"] == "LVM2_member"
+    for name in ("root", "srv-data"):
+        fs, part = fss[f"{vg}/{name}"], lvm.lvs[name]
+        size, used, avail, files, ffree = part.statvfs or (0, 0, 0, 0, 0)
+        assert (fs["type"], fs["label"], fs["uuid"]) == ("ext4", part.label, part.uuid)
+        assert (fs["size"], fs["used"], fs["available"]) == (size, used, avail)
+        assert (fs["inodes"], fs["inodes_free"]) == (files, ffree)
+        assert fs["partition_size"] == part.size_mib << 20
+    assert (fss[f"{vg}/swap"]["type"], fss[f"{vg}/swap"]["label"]) == ("swap", "lvswap")
+    found = lvm_pool.volume_inspect("v", "lvm.qcow2")
+    assert (found["os"]["distro"], found["os"]["hostname"], found["os"]["root"]) == (
+        "debian", "lvmguest", f"{vg}/root")
+    mounts = {fs["device"]: fs["mountpoint"] for fs in found["filesystems"]}
+    assert (mounts["/dev/sda1"], mounts[f"{vg}/root"], mounts[f"{vg}/srv-data"]) == (
+        "/boot", "/", "/srv")
+
+
+def test_extlinux_boot_files(lvm_pool: EmbeddedConnection, lvm: LvmDisk,
+                             tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    found = lvm_pool.volume_boot_files("v", "lvm.qcow2", extract_dir=str(out))
+    # DEFAULT picks the second LABEL; LINUX is relative to extlinux.conf's directory,
+    # initrd= in APPEND is absolute on the /boot filesystem.
+    assert (found["config"], found["title"]) == ("/boot/extlinux/extlinux.conf", "debian")
+    assert found["kernel"] == "/boot/vmlinuz-6.1.0-18-amd64"
+    assert found["initrd"] == "/boot/initrd.img-6.1.0-18-amd64"
+    assert found["cmdline"] == f"root=/dev/mapper/{lvm.vg}-root ro quiet"
+    for path in (found["kernel"], found["initrd"]):
+        assert (out / Path(path).name).read_bytes() == lvm.files[path]

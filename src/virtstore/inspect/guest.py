@@ -253,7 +253,7 @@ def _boot_path(tree: GuestTree, path: str) -> str:
     """A path as a boot loader names it (relative to the filesystem /boot is on) as a
     guest path."""
     path = re.sub(r"^\([^)]*\)", "", path)  # grub's (hd0,gpt2) device prefix
-    path = "/" + path.lstrip("/")
+    path = posixpath.normpath("/" + path.lstrip("/"))
     for candidate in (path, "/boot" + path):
         if tree.exists(candidate) and tree.kind(candidate) == "file":
             return candidate
