@@ -462,3 +462,84 @@ def build_lvm(work: Path) -> LvmDisk:
     _gpt_disk(raw, [boot.image, pv])
     return LvmDisk(raw, vg, lvs, boot.uuid, {"/boot/vmlinuz-6.1.0-18-amd64": kernel,
                                             "/boot/initrd.img-6.1.0-18-amd64": initrd})
+
+
+def minimal_hive() -> bytes:
+    """An empty registry hive: the regf header, one hbin with the root key, its security
+    cell and one free cell. hivex edits it from there."""
+    import struct
+
+    hbin = bytearray(0x1000)
+    hbin[0:32] = struct.pack("<4sIIQQI", b"hbin", 0, 0x1000, 0, 0, 0)
+    name = b"ROOT"
+    nk = struct.pack("<2sHQIIIIIIIIIIIIIIIHH", b"nk", 0x2C, 0, 0, 0, 0, 0, 0xFFFFFFFF,
+                     0xFFFFFFFF, 0, 0xFFFFFFFF, 0x80, 0xFFFFFFFF, 0, 0, 0, 0, 0,
+                     len(name), 0) + name
+    hbin[0x20:0x24 + len(nk)] = struct.pack("<i", -96) + nk
+    sd = struct.pack("<BBHIIII", 1, 0, 0x8000, 0, 0, 0, 0)  # self-relative, empty
+    sk = struct.pack("<2sHIIII", b"sk", 0, 0x80, 0x80, 1, len(sd)) + sd
+    hbin[0x80:0x84 + len(sk)] = struct.pack("<i", -48) + sk
+    struct.pack_into("<i", hbin, 0xB0, 0x1000 - 0xB0)
+    head = bytearray(0x1000)
+    struct.pack_into("<4sIIQIIIIII", head, 0, b"regf", 1, 1, 0, 1, 5, 0, 1, 0x20, 0x1000)
+    struct.pack_into("<I", head, 0x2C, 1)
+    checksum = 0
+    for (word,) in struct.iter_unpack("<I", head[:0x1FC]):
+        checksum ^= word
+    struct.pack_into("<I", head, 0x1FC, checksum)
+    return bytes(head + hbin)
+
+
+def make_hive(path: Path, keys: dict[str, dict[str, str | int]]) -> None:
+    """A hive at ``path`` with ``keys`` (backslash paths) holding REG_SZ / REG_DWORD
+    values, written by hivex."""
+    import struct
+
+    import hivex  # type: ignore[import-not-found, unused-ignore]
+
+    path.write_bytes(minimal_hive())
+    h = hivex.Hivex(str(path), write=True)
+    for key, values in keys.items():
+        node = h.root()
+        for name in key.split("\\"):
+            child = h.node_get_child(node, name)
+            if child is None:
+                h.node_add_child(node, name)
+                child = h.node_get_child(node, name)
+            node = child
+        h.node_set_values(node, [
+            {"key": k, "t": 4, "value": struct.pack("<I", v)} if isinstance(v, int) else
+            {"key": k, "t": 1, "value": (v + "\0").encode("utf-16-le")}
+            for k, v in values.items()])
+    h.commit(str(path))
+
+
+def build_windows(work: Path) -> Path:
+    """A GPT disk with one NTFS partition laid out as Windows Server 2022's: its
+    SOFTWARE and SYSTEM hives (made by hivex) under /Windows/System32/config."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    software, system = work / "SOFTWARE", work / "SYSTEM"
+    make_hive(software, {"Microsoft\\Windows NT\\CurrentVersion": {
+        "ProductName": "Windows Server 2022 Datacenter", "CurrentMajorVersionNumber": 10,
+        "CurrentMinorVersionNumber": 0, "CurrentVersion": "6.3",
+        "CurrentBuildNumber": "20348", "EditionID": "ServerDatacenter",
+        "InstallationType": "Server"}})
+    make_hive(system, {"Select": {"Current": 2, "Default": 2},
+                       "ControlSet001\\Control\\ComputerName\\ComputerName": {
+                           "ComputerName": "OLD-NAME"},
+                       "ControlSet002\\Control\\ComputerName\\ComputerName": {
+                           "ComputerName": "WIN-TEST01"}})
+    part = Part(1, "ntfs", 48, "Windows", work / "c.img")
+    assert part.image is not None
+    with open(part.image, "wb") as fh:
+        fh.truncate(part.size_mib * MiB)
+    _mkfs("ntfs", part.image, part.label)
+    _fill(part, mnt, {"/Windows/System32/config/SOFTWARE": software.read_bytes(),
+                      "/Windows/System32/config/SYSTEM": system.read_bytes(),
+                      "/Windows/System32/config/SAM": minimal_hive(),
+                      "/Windows/System32/ntoskrnl.exe": os.urandom(4096)}, {})
+    raw = work / "windows.raw"
+    _gpt_disk(raw, [part.image])
+    return raw

@@ -154,3 +154,29 @@ def test_extlinux_boot_files(lvm_pool: EmbeddedConnection, lvm: LvmDisk,
     assert found["cmdline"] == f"root=/dev/mapper/{lvm.vg}-root ro quiet"
     for path in (found["kernel"], found["initrd"]):
         assert (out / Path(path).name).read_bytes() == lvm.files[path]
+
+
+def test_windows_registry(root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("hivex", reason="python3-hivex is not installed")
+    from inspect_fixtures import build_windows
+
+    d = tmp_path / "images"
+    d.mkdir()
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2",
+                    str(build_windows(tmp_path / "build")), str(d / "win.qcow2")],
+                   check=True)
+    c = EmbeddedConnection(str(root))
+    try:
+        c.pool_define_xml(dir_pool_xml("w", d))
+        c.pool_start("w")
+        found = c.volume_inspect("w", "win.qcow2")
+    finally:
+        c.close()
+    # The version from the major/minor numbers (CurrentVersion stays "6.3" on Windows
+    # 10 and later); the hostname from the control set that Select\Current names.
+    assert found["os"] == {
+        "type": "windows", "distro": "windows", "systemroot": "/Windows",
+        "hives": ["SOFTWARE", "SYSTEM", "SAM"], "name": "Windows Server 2022 Datacenter",
+        "version": "10.0", "build": "20348", "edition": "ServerDatacenter",
+        "variant": "Server", "hostname": "WIN-TEST01", "root": "/dev/sda1"}
+    assert [fs["mountpoint"] for fs in found["filesystems"]] == ["/"]

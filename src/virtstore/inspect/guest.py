@@ -151,8 +151,10 @@ def inspect_guest(found: list[Found]) -> Guest:
                 guest.os = _os_from_release(parse_os_release(body))
                 break
         if guest.root is None and _is_windows(fs):
+            from virtstore.inspect.windows import windows_info
+
             guest.root = item
-            guest.os = {"type": "windows"}
+            guest.os = windows_info(fs)
         if guest.root is not None:
             break
     if guest.root is None or guest.root.fs is None:
