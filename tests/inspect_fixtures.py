@@ -10,8 +10,11 @@ import shutil
 import subprocess
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MiB = 1 << 20
 BLS_ID = "0123456789abcdef"
@@ -114,14 +117,7 @@ def _fill(part: Part, mnt: Path, write: dict[str, bytes], links: dict[str, str])
     opts = ["-t", "ntfs-3g"] if part.kind == "ntfs" else []
     mount(*opts, "-o", "loop", str(part.image), str(mnt))
     try:
-        for rel, data in write.items():
-            p = mnt / rel.lstrip("/")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(data)
-        for rel, target in links.items():
-            p = mnt / rel.lstrip("/")
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.symlink_to(target)
+        _write_tree(mnt, write, links)
         os.sync()
     finally:
         sh("umount", str(mnt))
@@ -200,22 +196,8 @@ def build_guest(work: Path) -> GuestDisk:
     _fill(parts[5], mnt, {"/big.bin": os.urandom(10 * MiB)}, {})
     _fill(parts[8], mnt, {"/Users/data.bin": os.urandom(5 * MiB)}, {})
     raw = work / "guest.raw"
-    total = 1 + sum(p.size_mib for p in layout) + 1
-    with open(raw, "wb") as fh:
-        fh.truncate(total * MiB)
-    args = ["sgdisk", "-Z"]
-    start = 2048
-    for p in layout:
-        end = start + p.size_mib * 2048 - 1
-        args += [f"-n{p.number}:{start}:{end}", f"-c{p.number}:part{p.number}"]
-        start = end + 1
-    sh(*args, str(raw))
-    for p in layout:
-        assert p.image is not None
-        offset = int(sh("sgdisk", "-i", str(p.number), str(raw)).split("First sector: ")[1]
-                     .split()[0])
-        sh("dd", f"if={p.image}", f"of={raw}", "bs=1M", f"seek={offset * 512}",
-           "oflag=seek_bytes", "conv=notrunc,sparse", "status=none")
+    _gpt_disk(raw, [p.image for p in layout if p.image is not None],
+              names=[f"part{p.number}" for p in layout])
     return GuestDisk(raw, parts, files)
 
 
@@ -237,6 +219,26 @@ def build_plain(work: Path) -> tuple[Path, bytes, bytes]:
                       "/etc/os-release": b"ID=plain\nVERSION_ID=1\n"},
           {"/boot/vmlinuz-5.10.0": "/kernels/../kernels/vmlinuz-5.10.0"})
     return img, kernel, initrd
+
+
+@contextmanager
+def qcow2_pool(root: Path, where: Path, pool: str,
+               disks: dict[str, Path]) -> Iterator[Any]:
+    """An embedded Connection with dir pool ``pool`` in ``where`` holding each raw disk
+    as a qcow2 volume of the given name."""
+    from conftest import dir_pool_xml
+    from virtstore.api.embedded import EmbeddedConnection
+
+    where.mkdir(parents=True, exist_ok=True)
+    for name, raw in disks.items():
+        sh("qemu-img", "convert", "-O", "qcow2", str(raw), str(where / name))
+    c = EmbeddedConnection(str(root))
+    try:
+        c.pool_define_xml(dir_pool_xml(pool, where))
+        c.pool_start(pool)
+        yield c
+    finally:
+        c.close()
 
 
 def can_build() -> str | None:
@@ -276,8 +278,9 @@ def _compressible(size: int) -> bytes:
     return bytes(out[:size])
 
 
-def _gpt_disk(raw: Path, images: list[Path]) -> None:
-    """A GPT disk holding each image as a partition, in order, 1 MiB aligned."""
+def _gpt_disk(raw: Path, images: list[Path], names: list[str] | None = None) -> None:
+    """A GPT disk holding each image as a partition, in order, 1 MiB aligned, with
+    partition ``names`` if given."""
     total = 2 + sum(-(-p.stat().st_size // MiB) for p in images)
     with open(raw, "wb") as fh:
         fh.truncate(total * MiB)
@@ -285,7 +288,7 @@ def _gpt_disk(raw: Path, images: list[Path]) -> None:
     start = 2048
     for n, img in enumerate(images, start=1):
         end = start + -(-img.stat().st_size // MiB) * 2048 - 1
-        args += [f"-n{n}:{start}:{end}"]
+        args += [f"-n{n}:{start}:{end}"] + ([f"-c{n}:{names[n - 1]}"] if names else [])
         start = end + 1
     sh(*args, str(raw))
     for n, img in enumerate(images, start=1):

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
-from conftest import dir_pool_xml
-from inspect_fixtures import GuestDisk, build_guest, build_plain, can_build
+from inspect_fixtures import GuestDisk, build_guest, build_plain, can_build, qcow2_pool
 from virtstore.api.embedded import EmbeddedConnection
 
 pytestmark = pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
@@ -36,16 +35,11 @@ def vols(root: Path, tmp_path: Path, guest: GuestDisk,
     """Pool ``g`` with guest.qcow2 (the GPT disk as qcow2), plain.raw and empty.raw."""
     d = tmp_path / "images"
     d.mkdir()
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(guest.raw),
-                    str(d / "guest.qcow2")], check=True)
     subprocess.run(["cp", "--sparse=always", str(plain[0]), str(d / "plain.raw")], check=True)
     with open(d / "empty.raw", "wb") as fh:
         fh.truncate(8 << 20)
-    c = EmbeddedConnection(str(root))
-    c.pool_define_xml(dir_pool_xml("g", d))
-    c.pool_start("g")
-    yield c
-    c.close()
+    with qcow2_pool(root, d, "g", {"guest.qcow2": guest.raw}) as c:
+        yield c
 
 
 def by_device(found: dict[str, Any]) -> dict[str, dict[str, Any]]:

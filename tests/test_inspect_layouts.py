@@ -5,14 +5,12 @@ btrfs whose default subvolume is the system, and LVM inside the volume with an e
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import dir_pool_xml
 from inspect_fixtures import (
     FEDORA_ID,
     FEDORA_KERNEL,
@@ -22,6 +20,7 @@ from inspect_fixtures import (
     build_fedora,
     build_lvm,
     can_build,
+    qcow2_pool,
 )
 from virtstore.api.embedded import EmbeddedConnection
 
@@ -42,16 +41,9 @@ def ubuntu(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, bytes
 def pool(root: Path, tmp_path: Path, fedora: FedoraDisk,
          ubuntu: tuple[Path, bytes, bytes]) -> Iterator[EmbeddedConnection]:
     """Pool ``l`` with fedora.qcow2 and ubuntu.qcow2."""
-    d = tmp_path / "images"
-    d.mkdir()
-    for src, name in ((fedora.raw, "fedora.qcow2"), (ubuntu[0], "ubuntu.qcow2")):
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), str(d / name)],
-                       check=True)
-    c = EmbeddedConnection(str(root))
-    c.pool_define_xml(dir_pool_xml("l", d))
-    c.pool_start("l")
-    yield c
-    c.close()
+    with qcow2_pool(root, tmp_path / "images", "l", {"fedora.qcow2": fedora.raw,
+                                                     "ubuntu.qcow2": ubuntu[0]}) as c:
+        yield c
 
 
 def by_device(found: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -107,15 +99,8 @@ def lvm(tmp_path_factory: pytest.TempPathFactory) -> LvmDisk:
 
 @pytest.fixture
 def lvm_pool(root: Path, tmp_path: Path, lvm: LvmDisk) -> Iterator[EmbeddedConnection]:
-    d = tmp_path / "images"
-    d.mkdir()
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(lvm.raw),
-                    str(d / "lvm.qcow2")], check=True)
-    c = EmbeddedConnection(str(root))
-    c.pool_define_xml(dir_pool_xml("v", d))
-    c.pool_start("v")
-    yield c
-    c.close()
+    with qcow2_pool(root, tmp_path / "images", "v", {"lvm.qcow2": lvm.raw}) as c:
+        yield c
 
 
 def test_lvm_inside_a_volume(lvm_pool: EmbeddedConnection, lvm: LvmDisk) -> None:
@@ -160,18 +145,9 @@ def test_windows_registry(root: Path, tmp_path: Path) -> None:
     pytest.importorskip("hivex", reason="python3-hivex is not installed")
     from inspect_fixtures import build_windows
 
-    d = tmp_path / "images"
-    d.mkdir()
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2",
-                    str(build_windows(tmp_path / "build")), str(d / "win.qcow2")],
-                   check=True)
-    c = EmbeddedConnection(str(root))
-    try:
-        c.pool_define_xml(dir_pool_xml("w", d))
-        c.pool_start("w")
+    raw = build_windows(tmp_path / "build")
+    with qcow2_pool(root, tmp_path / "images", "w", {"win.qcow2": raw}) as c:
         found = c.volume_inspect("w", "win.qcow2")
-    finally:
-        c.close()
     # The version from the major/minor numbers (CurrentVersion stays "6.3" on Windows
     # 10 and later); the hostname from the control set that Select\Current names.
     assert found["os"] == {
