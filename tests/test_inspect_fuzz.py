@@ -14,26 +14,31 @@ import pytest
 from inspect_fixtures import build_plain, can_build
 from virtstore.errors import OperationInvalid
 from virtstore.inspect import run
+from virtstore.inspect.guest import find_boot, inspect_guest
 from virtstore.inspect.parts import Region, regions
-from virtstore.inspect.source import GuestDataError
-from virtstore.inspect.worker import probe
+from virtstore.inspect.source import FileSource, GuestDataError
+from virtstore.inspect.worker import found_list, probe
 
 MiB = 1 << 20
 
 
 class Mem:
-    def __init__(self, data: bytearray) -> None:
+    """``data`` followed by zeros up to ``size`` bytes (an image whose tail is empty)."""
+
+    def __init__(self, data: bytearray, size: int | None = None) -> None:
         self.data = data
+        self._size = len(data) if size is None else size
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return self._size
 
     def pread(self, offset: int, length: int) -> bytes:
-        return bytes(self.data[offset:offset + length])
+        piece = bytes(self.data[offset:offset + length])
+        return piece + bytes(min(length, self._size - offset) - len(piece))
 
 
-def _image(tmp: Path, kind: str) -> bytearray:
+def _image(tmp: Path, kind: str) -> tuple[bytearray, int]:
     p = tmp / f"{kind}.img"
     with open(p, "wb") as fh:
         fh.truncate((300 if kind == "xfs" else 160 if kind == "btrfs" else 40) * MiB)
@@ -41,10 +46,11 @@ def _image(tmp: Path, kind: str) -> bytearray:
             "btrfs": ["mkfs.btrfs", "-q", "-f"], "vfat": ["mkfs.vfat", "-F", "32"],
             "swap": ["mkswap"]}[kind]
     subprocess.run([*argv, str(p)], check=True, capture_output=True)
-    # Only the first 1 MiB matters to the superblock parsers (btrfs: up to 68 KiB).
+    # Only the first 1 MiB matters to the superblock parsers (btrfs: up to 68 KiB); the
+    # rest reads as zeros.
     with open(p, "rb") as fh:
         head = fh.read(MiB)
-    return bytearray(head) + bytearray(p.stat().st_size - MiB)
+    return bytearray(head), p.stat().st_size
 
 
 def _mutate(rng: random.Random, data: bytearray, span: int) -> bytearray:
@@ -65,13 +71,12 @@ def test_mutated_superblocks_never_escape(tmp_path: Path) -> None:
     started = time.monotonic()
     outcomes: dict[str, int] = {}
     for kind, span in spans.items():
-        clean = _image(tmp_path, kind)
-        assert probe(Region("/dev/sda", Mem(clean), 0, len(clean)))[0].type == \
-            {"vfat": "vfat"}.get(kind, kind)
+        clean, size = _image(tmp_path, kind)
+        assert probe(Region("/dev/sda", Mem(clean, size), 0, size))[0].type == kind
         for _ in range(80):
             data = _mutate(rng, clean, span)
             t0 = time.monotonic()
-            info, err = probe(Region("/dev/sda", Mem(data), 0, len(data)))
+            info, err = probe(Region("/dev/sda", Mem(data, size), 0, size))
             assert time.monotonic() - t0 < 5
             key = "error" if err else info.type
             outcomes[key] = outcomes.get(key, 0) + 1
@@ -138,3 +143,73 @@ def test_mutated_images_in_the_worker(tmp_path: Path) -> None:
         bad.unlink()
     assert sum(results.values()) == 25
     assert time.monotonic() - started < 300
+
+
+class Recorder:
+    """A source that notes every read: the metadata a clean run parses."""
+
+    def __init__(self, inner: FileSource) -> None:
+        self.inner = inner
+        self.reads: list[tuple[int, int]] = []
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return self.inner.pread(offset, length)
+
+
+def _metadata_reads(path: Path) -> list[tuple[int, int]]:
+    """The small reads (metadata, not file contents) past the partition table that a
+    clean inspection and boot file search make."""
+    rec = Recorder(FileSource(str(path)))
+    _table, found = found_list(rec)
+    find_boot(inspect_guest(found))
+    rec.inner.close()
+    return sorted({(o, n) for o, n in rec.reads if n <= 64 << 10 and o >= MiB})
+
+
+@pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+def test_mutated_xfs_and_btrfs_in_the_worker(tmp_path: Path) -> None:
+    """A Fedora-like disk (xfs /boot, btrfs root with subvolumes) with the metadata that
+    a clean run reads mutated, then inspected and its boot files looked for (libfsxfs
+    and dissect.btrfs in the worker): each run ends in a result or one error, inside its
+    time limit."""
+    import os
+
+    from inspect_fixtures import build_fedora
+
+    disk = build_fedora(tmp_path / "src").raw
+    reads = _metadata_reads(disk)
+    assert len(reads) > 10
+    rng = random.Random(1234)
+    started = time.monotonic()
+    results = {"ok": 0, "error": 0}
+    for i in range(30):
+        bad = tmp_path / f"bad{i}.raw"
+        subprocess.run(["cp", "--sparse=always", str(disk), str(bad)], check=True)
+        fd = os.open(bad, os.O_RDWR)
+        try:
+            for offset, length in rng.sample(reads, rng.randint(1, 4)):
+                for _ in range(rng.randint(1, 16)):
+                    os.pwrite(fd, bytes([rng.randrange(256)]), offset + rng.randrange(length))
+        finally:
+            os.close(fd)
+        t0 = time.monotonic()
+        assert len(run.df(str(bad), timeout=20)["filesystems"]) == 3
+        for op, extra in (("inspect", ()), ("boot", ("",))):
+            try:
+                run.single(op, str(bad), *extra, timeout=20)
+                results["ok"] += 1
+            except OperationInvalid as exc:
+                assert str(exc) and "\n" not in str(exc)
+                # The xfs is /boot: a broken one costs its own entry, not the OS that
+                # inspect finds on the btrfs.
+                assert op == "boot" or "xfs" not in str(exc), exc
+                results["error"] += 1
+        assert time.monotonic() - t0 < 70
+        bad.unlink()
+    assert sum(results.values()) == 60
+    assert time.monotonic() - started < 600

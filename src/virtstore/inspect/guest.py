@@ -9,7 +9,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from virtstore.inspect.files import FILE_TYPES, GuestTree, TskFs
+from virtstore.inspect.files import FILE_TYPES, BtrfsFs, FsReader, GuestTree, open_reader
 from virtstore.inspect.parts import Region
 from virtstore.inspect.source import GuestDataError
 from virtstore.inspect.superblocks import FsInfo
@@ -23,7 +23,7 @@ class Found:
     region: Region
     info: FsInfo
     error: str | None = None
-    fs: TskFs | None = None
+    fs: FsReader | None = None
     mountpoint: str | None = None
 
 
@@ -36,16 +36,45 @@ class Guest:
     tree: GuestTree | None = None
 
 
-def open_fs(item: Found) -> TskFs | None:
+def open_fs(item: Found) -> FsReader | None:
     if item.fs is None and item.error is None and item.info.type in FILE_TYPES:
         try:
-            item.fs = TskFs(item.region.source)
+            item.fs = open_reader(item.info.type, item.region.source)
         except GuestDataError as exc:
             item.error = str(exc)
     return item.fs
 
 
-def text(fs: TskFs | GuestTree, path: str) -> str | None:
+def _views(fs: FsReader) -> list[FsReader]:
+    """Where an operating system may be on ``fs``: the filesystem, or for btrfs its
+    default subvolume and then every subvolume (Fedora's ``root``, Ubuntu's ``@``)."""
+    if not isinstance(fs, BtrfsFs):
+        return [fs]
+    try:
+        return [fs, *fs.subvolumes()]
+    except GuestDataError:
+        return [fs]
+
+
+def _mounted(target: Found, options: str) -> FsReader | None:
+    """The filesystem as fstab mounts it: btrfs's ``subvol=``/``subvolid=`` pick a
+    subvolume."""
+    fs = open_fs(target)
+    if not isinstance(fs, BtrfsFs):
+        return fs
+    opts = {}
+    for option in options.split(","):
+        key, _, value = option.partition("=")
+        opts[key] = value
+    try:
+        if opts.get("subvolid", "").isdigit():
+            return fs.subvolume(int(opts["subvolid"]))
+        return fs.subvolume(opts.get("subvol") or None)
+    except GuestDataError:
+        return None
+
+
+def text(fs: FsReader | GuestTree, path: str) -> str | None:
     try:
         if isinstance(fs, GuestTree):
             data = fs.read(path, limit=TEXT_LIMIT)
@@ -77,7 +106,8 @@ def parse_fstab(body: str) -> list[dict[str, str]]:
         fields = line.split("#", 1)[0].split()
         if len(fields) >= 2:
             out.append({"spec": fields[0], "mountpoint": fields[1].replace("\\040", " "),
-                        "type": fields[2] if len(fields) > 2 else "auto"})
+                        "type": fields[2] if len(fields) > 2 else "auto",
+                        "options": fields[3] if len(fields) > 3 else "defaults"})
     return out
 
 
@@ -113,15 +143,18 @@ def inspect_guest(found: list[Found]) -> Guest:
         fs = open_fs(item)
         if fs is None:
             continue
-        for path in ("/etc/os-release", "/usr/lib/os-release"):
-            body = text(fs, path)
+        for view in _views(fs):
+            alone = GuestTree({"/": view})  # follows /etc/os-release -> ../usr/lib/...
+            body = text(alone, "/etc/os-release") or text(alone, "/usr/lib/os-release")
             if body is not None:
-                guest.root = item
+                guest.root, item.fs = item, view
                 guest.os = _os_from_release(parse_os_release(body))
                 break
         if guest.root is None and _is_windows(fs):
+            from virtstore.inspect.windows import windows_info
+
             guest.root = item
-            guest.os = {"type": "windows"}
+            guest.os = windows_info(fs)
         if guest.root is not None:
             break
     if guest.root is None or guest.root.fs is None:
@@ -134,7 +167,7 @@ def inspect_guest(found: list[Found]) -> Guest:
     guest.os["root"] = guest.root.region.device
     body = text(fs, "/etc/fstab")
     guest.fstab = parse_fstab(body) if body else []
-    mounts: dict[str, TskFs] = {"/": fs}
+    mounts: dict[str, FsReader] = {"/": fs}
     for entry in guest.fstab:
         target = _match(entry["spec"], found)
         entry["device"] = target.region.device if target else ""
@@ -143,17 +176,17 @@ def inspect_guest(found: list[Found]) -> Guest:
             continue
         if target.mountpoint is None:
             target.mountpoint = mp
-        sub = open_fs(target)
-        if sub is not None and mp != "/":
+        sub = _mounted(target, entry["options"]) if mp != "/" else None
+        if sub is not None:
             mounts[mp] = sub
     guest.tree = GuestTree(mounts)
     return guest
 
 
-def _is_windows(fs: TskFs) -> bool:
+def _is_windows(fs: FsReader) -> bool:
     try:
         return fs.kind("/Windows/System32") == "dir"
-    except FileNotFoundError:
+    except (FileNotFoundError, GuestDataError):
         return False
 
 
@@ -192,10 +225,10 @@ def _boot_tree(guest: Guest) -> GuestTree:
     raise GuestDataError("no filesystem with an operating system or boot files was found")
 
 
-def _exists(fs: TskFs, path: str) -> bool:
+def _exists(fs: FsReader, path: str) -> bool:
     try:
         fs.kind(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, GuestDataError):
         return False
     return True
 
@@ -222,7 +255,7 @@ def _boot_path(tree: GuestTree, path: str) -> str:
     """A path as a boot loader names it (relative to the filesystem /boot is on) as a
     guest path."""
     path = re.sub(r"^\([^)]*\)", "", path)  # grub's (hd0,gpt2) device prefix
-    path = "/" + path.lstrip("/")
+    path = posixpath.normpath("/" + path.lstrip("/"))
     for candidate in (path, "/boot" + path):
         if tree.exists(candidate) and tree.kind(candidate) == "file":
             return candidate

@@ -80,7 +80,7 @@ def _identify(src: Source) -> FsInfo:
         return _xfs(src, head)
     bt = _read(src, 0x10000, 4096)
     if bt[0x40:0x48] == b"_BHRfS_M":
-        return _btrfs(bt)
+        return _btrfs(src, bt)
     if head[3:11] == b"NTFS    ":
         return _ntfs(src, head)
     if len(head) >= 512 and head[510:512] == b"\x55\xaa" and (
@@ -228,7 +228,7 @@ def _xfs(src: Source, sb: bytes) -> FsInfo:
 
 
 # -- btrfs -------------------------------------------------------------------------
-def _btrfs(sb: bytes) -> FsInfo:
+def _btrfs(src: Source, sb: bytes) -> FsInfo:
     total, used = struct.unpack_from("<QQ", sb, 0x70)
     (num_devices,) = struct.unpack_from("<Q", sb, 0x88)
     (sectorsize,) = struct.unpack_from("<I", sb, 0x90)
@@ -236,12 +236,18 @@ def _btrfs(sb: bytes) -> FsInfo:
                   block_size=sectorsize)
     if used > total or sectorsize < 512 or sectorsize > 65536:
         raise GuestDataError("the btrfs superblock's counts are inconsistent")
+    info.size, info.used, info.available = total, used, total - used
     if num_devices != 1:
         info.notes.append(f"one of {num_devices} devices: the sizes are the whole "
-                          "filesystem's")
-    # statfs on btrfs subtracts what chunk profiles (DUP metadata) cost; from the
-    # superblock alone the size is the device total and "used" the bytes in extents.
-    info.size, info.used, info.available = total, used, total - used
+                          "filesystem's, used is the bytes in extents")
+        return info
+    from virtstore.inspect.btrfs_space import statfs
+
+    try:
+        info.size, info.used, info.available = statfs(src, sb)
+    except (GuestDataError, struct.error) as exc:
+        # The superblock's totals still say something: bytes in extents, no profiles.
+        info.notes.append(f"chunk tree unreadable ({exc}): used is the bytes in extents")
     return info
 
 
