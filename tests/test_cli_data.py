@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
+from cli_fixtures import Cli, Result, cli_fixture, error_of, make_pool, pool_fixture  # noqa: F401
 
 KiB = 1024
 MiB = 1024**2
@@ -22,20 +22,6 @@ needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                     reason="qemu-img is not installed")
 needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None,
                                    reason="qemu-io is not installed")
-
-
-def make_pool(cli: Cli, tmp_path: Path, name: str) -> Path:
-    d = tmp_path / name
-    d.mkdir()
-    cli("pool-define-as", name, "dir", "--target", str(d))
-    cli("pool-start", name)
-    return d
-
-
-@pytest.fixture
-def pool(cli: Cli, tmp_path: Path) -> Path:
-    """A running dir pool named 'images'; its directory."""
-    return make_pool(cli, tmp_path, "images")
 
 
 def sparse_file(path: Path, size: int, chunks: dict[int, bytes]) -> None:

@@ -20,20 +20,11 @@ from typing import Any
 
 import pytest
 
-from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
+from cli_fixtures import Cli, Result, cli_fixture, error_of, pool_fixture  # noqa: F401
 
 MiB = 1024**2
 # Upper bounds for waiting on other processes; never asserted as durations.
 PATIENCE = 60.0
-
-
-@pytest.fixture
-def pool(cli: Cli, tmp_path: Path) -> Path:
-    d = tmp_path / "images"
-    d.mkdir()
-    cli("pool-define-as", "images", "dir", "--target", str(d))
-    cli("pool-start", "images")
-    return d
 
 
 def full_volume(cli: Cli, pool: Path, name: str, size: int) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
+from cli_fixtures import Cli, Result, cli_fixture, error_of, pool_fixture  # noqa: F401
 
 VIRSH = Path(__file__).parent / "data" / "virsh"
 MiB = 1024**2
@@ -20,16 +20,6 @@ GiB = 1024**3
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                     reason="qemu-img is not installed")
-
-
-@pytest.fixture
-def pool(cli: Cli, tmp_path: Path) -> Path:
-    """A running dir pool named 'images'; its directory."""
-    d = tmp_path / "images"
-    d.mkdir()
-    cli("pool-define-as", "images", "dir", "--target", str(d))
-    cli("pool-start", "images")
-    return d
 
 
 def qemu_info(path: Path) -> dict[str, Any]:

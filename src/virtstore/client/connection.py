@@ -38,6 +38,7 @@ from virtstore.api.operations import (
 )
 from virtstore.client.transport import BLOCK, Transport, raise_for
 from virtstore.errors import InternalError, InvalidArgument
+from virtstore.host.files import Bounded
 
 SPARSE = "application/vnd.virtstore.sparse"
 
@@ -111,22 +112,6 @@ def _remote(name: str) -> Any:
     method.__doc__ = getattr(Connection, name).__doc__
     method.__signature__ = sig  # type: ignore[attr-defined]
     return method
-
-
-class _Limited:
-    """At most ``n`` bytes of a file object, for a Content-Length body."""
-
-    def __init__(self, src: BinaryIO, n: int) -> None:
-        self.src = src
-        self.left = n
-
-    def read(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        want = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.src.read(want)
-        self.left -= len(data)
-        return data
 
 
 class RemoteConnection(Connection):
@@ -268,7 +253,7 @@ class RemoteConnection(Connection):
             body = encode_sparse(source.fileno(), start, length, Monitor())
         elif length is not None:
             headers["Content-Length"] = str(length)
-            body = _Limited(source, length)
+            body = Bounded(source, length)
         # else: http.client sends a body of unknown length chunked
         path = self._path("volume_upload", pool=pool, name=name, offset=offset, length=length,
                           sparse=sparse, bandwidth=bandwidth)

@@ -46,19 +46,11 @@ class SnapshotManager:
                       key=lambda s: (s.created, s.name))
 
     def create(self, pool_name: str, name: str, snap: str, *, external: bool) -> SnapshotInfo:
-        pool, backend, rec = self._volume(pool_name, name)
+        had = self.list(pool_name, name)
         check_volume_name(snap, "snapshot")
-        if any(s.name == snap for s in self.list(pool_name, name)):
+        if any(s.name == snap for s in had):
             raise AlreadyExists(f"snapshot '{snap}' of volume '{name}' exists already")
-        owner = self._locked(pool_name, name)
-        try:
-            if external:
-                backend.snap_create_external(pool, rec, snap)
-            else:
-                backend.snap_create(pool, rec, snap)
-            self._reread(pool_name, pool, backend, name)
-        finally:
-            locks.release(self.store, owner)
+        self._change(pool_name, name, snap, "create-external" if external else "create")
         return next(s for s in self.list(pool_name, name) if s.name == snap)
 
     def revert(self, pool_name: str, name: str, snap: str) -> None:
@@ -73,10 +65,9 @@ class SnapshotManager:
         try:
             # The backend refuses a snapshot it does not have (NoSuchVolume): listing
             # them here first would read the image twice (qemu-img info).
-            if verb == "revert":
-                backend.snap_revert(pool, rec, snap)
-            else:
-                backend.snap_delete(pool, rec, snap)
+            act = {"create": backend.snap_create, "create-external": backend.snap_create_external,
+                   "revert": backend.snap_revert, "delete": backend.snap_delete}[verb]
+            act(pool, rec, snap)
             self._reread(pool_name, pool, backend, name)
         finally:
             locks.release(self.store, owner)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from virtstore.host import mounts as mountsmod
+from virtstore.host.files import block_devno
+from virtstore.host.files import read_attr as _read
 from virtstore.host.runner import run
 
 SYS_CLASS_BLOCK = "/sys/class/block"
@@ -57,14 +59,6 @@ class HostDevice:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
 
 
 def _int(text: str | None, default: int = 0) -> int:
@@ -266,14 +260,9 @@ def host_devices(*, probe_contents: bool = True) -> list[HostDevice]:
 
 def device(path: str) -> HostDevice | None:
     """One device by its path (or a /dev/disk/by-* link to it)."""
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError:
+    devno = block_devno(os.path.realpath(path))
+    if devno is None:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     name = None
     try:
         for entry in os.listdir(SYS_CLASS_BLOCK):

@@ -145,6 +145,50 @@ def _symlink_refused(path: str) -> OperationInvalid:
                             "volumes may not be")
 
 
+def read_attr(path: str, errors: str = "replace") -> str | None:
+    """A small text file's content (a sysfs attribute), stripped; None if unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors=errors) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def entries(path: str) -> list[str]:
+    """A directory's names; none where it cannot be read (absent from this kernel)."""
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def block_devno(path: str) -> str | None:
+    """``MAJOR:MINOR`` of the block device at ``path``; None for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+class Bounded:
+    """At most ``limit`` bytes of a stream: a Content-Length body, or what fits on a
+    device that cannot grow."""
+
+    def __init__(self, src: BinaryIO, limit: int) -> None:
+        self.src = src
+        self.left = limit
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.src.read(self.left if n is None or n < 0 else min(n, self.left)) or b""
+        self.left -= len(data)
+        return data
+
+
 def live_stat(path: str) -> os.stat_result | None:
     """A volume's inode as it is now (owner, mode, times), None where it is not a local
     file or device path."""
