@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from virtstore.cli.context import failing, read_text_file
+from virtstore.cli.context import define_from_file, failing
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 if TYPE_CHECKING:
@@ -162,19 +162,16 @@ def _pool_features(ctx: Context, args: Args) -> None:
 # -- definition ------------------------------------------------------------------------
 
 def pool_define(ctx: Context, args: Args) -> None:
-    path = args.req("file")
-    xml = read_text_file(path)
-    with failing(f"Failed to define pool from {path}"):
-        name = ctx.conn.pool_define_xml(xml)
+    name, path = define_from_file(args, "Failed to define pool from {}",
+                                  ctx.conn.pool_define_xml)
     ctx.extra(f"Pool {name} defined from {path}")
 
 
 def pool_create(ctx: Context, args: Args) -> None:
     build, overwrite = _build_flags(args)
-    path = args.req("file")
-    xml = read_text_file(path)
-    with failing(f"Failed to create pool from {path}"):
-        name = ctx.conn.pool_create_xml(xml, build=build, overwrite=overwrite)
+    name, path = define_from_file(args, "Failed to create pool from {}", lambda xml:
+                                  ctx.conn.pool_create_xml(xml, build=build,
+                                                           overwrite=overwrite))
     ctx.extra(f"Pool {name} created from {path}")
 
 

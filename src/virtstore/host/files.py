@@ -3,9 +3,12 @@ process identity."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from virtstore.errors import OperationInvalid
@@ -171,6 +174,19 @@ def block_devno(path: str) -> str | None:
     if not stat.S_ISBLK(st.st_mode):
         return None
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+@contextlib.contextmanager
+def secret_file(value: bytes) -> Iterator[str]:
+    """A temporary file only its owner can read, holding a secret for a program (on its
+    command line, every user would see it); removed afterwards."""
+    fd, path = tempfile.mkstemp(prefix="virtstore-secret-")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(value)
+        yield path
+    finally:
+        remove_quietly(path)
 
 
 class Bounded:

@@ -180,8 +180,7 @@ def format_volume_xml(vol: VolDef, pool: PoolDef | str) -> str:
     out = Writer()
     out.open(f"<volume type='{esc(vol.type or ptype.default_vol_type)}'>")
     out.line(f"<name>{esc(vol.name)}</name>")
-    if vol.key is not None:
-        out.line(f"<key>{esc(vol.key)}</key>")
+    out.elem("key", vol.key)
     if vol.source is not None and vol.source.extents:
         out.open("<source>")
         out.open(f"<device path='{esc(vol.source.device_path or '')}'>")
