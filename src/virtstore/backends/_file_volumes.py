@@ -23,7 +23,7 @@ from virtstore.backends.base import (
     VolumeRecord,
 )
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
-from virtstore.host.files import open_volume, refuse_symlink, regular_size
+from virtstore.host.files import open_volume, refuse_symlink, regular_size, remove_quietly
 from virtstore.types import SnapshotInfo
 
 if TYPE_CHECKING:
@@ -418,9 +418,15 @@ class FileVolumes(Backend):
                 hooks.drop_snapshot_row(pool, rec.name, snap)
                 raise
 
+    def _internal_did(self, pool: PoolDef, rec: VolumeRecord, snap: str, flag: str) -> bool:
+        """``qemu-img snapshot FLAG`` when ``snap`` is an internal snapshot (False if not)."""
+        if not any(s.name == snap for s in self._internal(pool, rec)):
+            return False
+        _runner().run(["qemu-img", "snapshot", flag, snap, self.file_of(pool, rec)])
+        return True
+
     def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        if any(s.name == snap for s in self._internal(pool, rec)):
-            _runner().run(["qemu-img", "snapshot", "-a", snap, self.file_of(pool, rec)])
+        if self._internal_did(pool, rec, snap, "-a"):
             return
         row = self._known(pool, rec, snap)
         if row.kind == EXTERNAL:
@@ -449,8 +455,7 @@ class FileVolumes(Backend):
         return _PathRow(row.name, row.kind, row.path)
 
     def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        if any(s.name == snap for s in self._internal(pool, rec)):
-            _runner().run(["qemu-img", "snapshot", "-d", snap, self.file_of(pool, rec)])
+        if self._internal_did(pool, rec, snap, "-d"):
             return
         row = self._known(pool, rec, snap)
         if row.kind == EXTERNAL:
@@ -486,10 +491,7 @@ class FileVolumes(Backend):
         hooks = self.engine()
         for r in hooks.snapshot_rows(pool, rec.name):
             if r.path:
-                try:
-                    os.unlink(r.path)
-                except FileNotFoundError:
-                    pass
+                remove_quietly(r.path)
             hooks.drop_snapshot_row(pool, rec.name, r.name)
 
 

@@ -109,10 +109,8 @@ class RbdBackend(RbdImages):
             io.close()
 
     def stop(self, pool: PoolDef) -> None:
-        try:
+        with contextlib.suppress(VirtstoreError):
             self._clusters.forget(self._settings(pool))
-        except VirtstoreError:
-            pass
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
         try:

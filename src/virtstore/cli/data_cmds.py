@@ -7,6 +7,7 @@ progress bar on a terminal, JSON lines with ``--json``, and Ctrl-C to cancel it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from virtstore.cli.context import failing
@@ -220,10 +221,8 @@ def vol_download(ctx: Context, args: Args) -> None:
         ok = True
     finally:
         if not ok and created:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
 
 
 # -- storage snapshots ---------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from virtstore.cli.context import failing
@@ -48,10 +49,8 @@ def volume(conn: Connection, ident: str, pool: str | None = None, *,
 
 def _volume(conn: Connection, ident: str, pool: str | None) -> VolumeInfo:
     if pool is not None:
-        try:
+        with contextlib.suppress(NoSuchVolume):
             return conn.volume_info(pool, ident)
-        except NoSuchVolume:
-            pass
         try:
             found = conn.volume_by_path_or_key(ident)
         except NoSuchVolume:

@@ -7,6 +7,7 @@ streams and the long polls (split into requests of at most a minute) are written
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import inspect
 import json
@@ -301,10 +302,8 @@ class RemoteConnection(Connection):
             sink.truncate(sink.tell())
         job_id = resp.getheader("X-Virtstore-Job") or ""
         if job_id:
-            try:
+            with contextlib.suppress(Exception):
                 return cast(JobInfo, self.job_info(job_id))
-            except Exception:
-                pass
         return JobInfo(id=job_id, kind="download", state=JOB_DONE, pool=pool, volume=name,
                        bytes_done=done, bytes_total=done, started=started, ended=time.time())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets as pysecrets
 import sqlite3
@@ -133,14 +134,10 @@ class VolumeManager:
 
     def _resolve_backing(self, pool_name: str, ident: str) -> str:
         """--backing-vol: a volume name in this pool, a key, or a path."""
-        try:
+        with contextlib.suppress(NoSuchVolume):
             return self.index.info(pool_name, ident).path
-        except NoSuchVolume:
-            pass
-        try:
+        with contextlib.suppress(NoSuchVolume):
             return self.index.by_key(ident).path
-        except NoSuchVolume:
-            pass
         path = existing_path(ident)
         if path is not None:
             self.check_backing(ident)

@@ -7,6 +7,7 @@ device itself, so it also works where udev is absent or stale).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Iterable
@@ -185,10 +186,8 @@ def _disk_info(name: str) -> HostDevice | None:
                      _read(os.path.join(devdir, "wwid")))
     dev.transport = _transport(disk_dir, disk_name, udev)
     holders_dir = os.path.join(sysdir, "holders")
-    try:
+    with contextlib.suppress(OSError):
         dev.holders = sorted("/dev/" + h for h in os.listdir(holders_dir))
-    except OSError:
-        pass
     if not is_part:
         try:
             children = sorted(

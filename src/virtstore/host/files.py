@@ -37,10 +37,7 @@ def atomic_write(path: str, data: bytes | str | memoryview, mode: int = 0o600, *
             os.fsync(fh.fileno())
         os.rename(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        remove_quietly(tmp)
         raise
     if sync_dir:
         fsync_dir(directory)
