@@ -16,12 +16,7 @@ import time
 from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
-from virtstore.backends.base import (
-    Backend,
-    CloneOptions,
-    SnapshotRow,
-    VolumeRecord,
-)
+from virtstore.backends.base import Backend, CloneOptions, SnapshotRow, VolumeRecord
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
 from virtstore.host.files import open_volume, refuse_symlink, regular_size, remove_quietly
 from virtstore.types import SnapshotInfo

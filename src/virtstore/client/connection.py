@@ -17,14 +17,7 @@ import time
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlencode
 
-from virtstore.api import (
-    JOB_DONE,
-    Connection,
-    Event,
-    JobInfo,
-    VolumeInfo,
-    VolumePage,
-)
+from virtstore.api import JOB_DONE, Connection, Event, JobInfo, VolumeInfo, VolumePage
 from virtstore.api.operations import (
     BODY,
     BY_NAME,

@@ -32,13 +32,7 @@ if TYPE_CHECKING:
     from virtstore.engine.cluster import Cluster, Lease
     from virtstore.engine.events import EventLog
 
-from virtstore.xml import (
-    BackingStore,
-    PoolDef,
-    VolDef,
-    VolTarget,
-    parse_volume_xml,
-)
+from virtstore.xml import BackingStore, PoolDef, VolDef, VolTarget, parse_volume_xml
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtstore.api import Connection
-from virtstore.api.operations import (
-    BY_NAME,
-    BYTES,
-    NOTHING,
-    OPS,
-    RECORD,
-    RECORDS,
-    XML,
-    Op,
-)
+from virtstore.api.operations import BY_NAME, BYTES, NOTHING, OPS, RECORD, RECORDS, XML, Op
 from virtstore.errors import Forbidden, InvalidArgument, VirtstoreError
 from virtstore.server import streams, web
 from virtstore.server.auth import Authenticator
