@@ -3,6 +3,9 @@
     cluster_worker.py create ROOT MEMBER ENDPOINTS TTL POOL SEED NAME...
         create every NAME (in an order shuffled by SEED), bounded to 120 s; print JSON
         counts: created names, refused (exists / busy), unavailable, other errors
+    cluster_worker.py churn ROOT MEMBER ENDPOINTS TTL POOL NAME...
+        create every NAME, then delete every one; print JSON: how many, and seconds
+        each phase took (ENDPOINTS '-': an engine alone, no cluster; bench_cluster.py)
     cluster_worker.py hold ROOT MEMBER ENDPOINTS TTL POOL VOL GUESTVOL
         start a slow upload into VOL and lease GUESTVOL for a guest, print "ready",
         then sleep until killed
@@ -38,8 +41,21 @@ class Endless(io.RawIOBase):
 
 def main(argv: list[str]) -> int:
     mode, root, member, endpoints, ttl, pool = argv[:6]
-    cfg = ClusterConfig(tuple(endpoints.split(",")), member, ttl=int(ttl))
+    cfg = (ClusterConfig(tuple(endpoints.split(",")), member, ttl=int(ttl))
+           if endpoints != "-" else None)
     conn = EmbeddedConnection(root, cluster=cfg)
+    if mode == "churn":
+        names = argv[6:]
+        t0 = time.monotonic()
+        for name in names:
+            conn.volume_create(pool, VolumeCreateArgs(name, MiB))
+        t1 = time.monotonic()
+        for name in names:
+            conn.volume_delete(pool, name)
+        t2 = time.monotonic()
+        conn.close()
+        print(json.dumps({"n": len(names), "create_s": t1 - t0, "delete_s": t2 - t1}))
+        return 0
     if mode == "create":
         seed, names = int(argv[6]), argv[7:]
         random.Random(seed).shuffle(names)

@@ -87,9 +87,11 @@ class Daemon:
 
 
 def start_daemon(root: Path, *args: str, log_path: Path | None = None,
-                 sock_dir: Path | None = None, tcp: bool | None = None) -> Daemon:
+                 sock_dir: Path | None = None, tcp: bool | None = None,
+                 wrap: tuple[str, ...] = ()) -> Daemon:
     """``sock_dir`` None: a short directory under /tmp (a unix socket's path must fit in
-    108 bytes, which pytest's temporary paths may not)."""
+    108 bytes, which pytest's temporary paths may not). ``wrap``: a command the daemon
+    runs under (``ip netns exec NS``)."""
     root.mkdir(parents=True, exist_ok=True)
     log_path = log_path or root.parent / f"{root.name}-virtstored.log"
     own = sock_dir is None
@@ -99,7 +101,8 @@ def start_daemon(root: Path, *args: str, log_path: Path | None = None,
     env = {k: v for k, v in os.environ.items()
            if k not in ("VIRTSTORE_DEFAULT_URI", "VIRTSTORE_ROOT")}
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([*_daemon_argv(), "--root", str(root), "--log-level", "debug",
+        proc = subprocess.Popen([*wrap, *_daemon_argv(), "--root", str(root), "--log-level",
+                                 "debug",
                                  *args], stdout=out, stderr=subprocess.STDOUT, env=env)
     d = Daemon(root, log_path, proc, sock_dir, extra=list(args), own_sock_dir=own)
     deadline = time.monotonic() + 30

@@ -300,3 +300,36 @@ def test_failed_import_leaves_no_volume(conn: EmbeddedConnection, pool: str, poo
     assert "imp.img" not in [v.name for v in conn.list_volumes(pool)]
     assert not (pooldir / "imp.img").exists()
     assert not [n for n in os.listdir(pooldir) if n.startswith(".virtstore-")]
+
+
+def test_raw_file_on_xfs_is_backed_up_from_a_frozen_copy(conn: EmbeddedConnection,
+                                                         tmp_path: Path) -> None:
+    """What a guest writes while the backup runs is not in it: the backup reads a
+    reflink copy taken when it started."""
+    from conftest import dir_pool_xml
+    from data_fixtures import loop_fs
+
+    with loop_fs(tmp_path, "xfs", "300M") as mnt:
+        conn.pool_define_xml(dir_pool_xml("x", mnt))
+        conn.pool_start("x")
+        conn.volume_create("x", VolumeCreateArgs("d.img", 64 * MiB, allocation=0))
+        img = mnt / "d.img"
+        with open(img, "r+b") as fh:
+            for k in range(8):
+                fh.seek(k * CHUNK)
+                fh.write(bytes([k + 1]) * CHUNK)
+        before = img.read_bytes()
+        job = conn.volume_backup("x", "d.img", str(tmp_path / "bk"), bandwidth=8 * MiB)
+        deadline = time.monotonic() + 30
+        while conn.job_info(job.id).bytes_done == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(img, "r+b") as fh:  # the guest writes the last chunk meanwhile
+            fh.seek(7 * CHUNK)
+            fh.write(b"\xee" * CHUNK)
+        done(conn, job.id)
+        done(conn, conn.volume_restore(str(tmp_path / "bk"), "x", "r.img").id)
+        assert (mnt / "r.img").read_bytes() == before
+        (m,) = manifests(conn, tmp_path / "bk")
+        assert m["snapshot"] == "frozen copy"
+        assert not [n for n in os.listdir(mnt) if n.startswith(".virtstore-")]
+        conn.pool_stop("x")

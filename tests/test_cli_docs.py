@@ -11,7 +11,7 @@ from virtstore.cli.main import commands
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 # Words in backticks that look like commands: a known prefix and a dash.
 _PREFIXES = ("pool-", "vol-", "secret-", "job-", "host-", "guest-", "backup-", "cluster-",
-             "nbd-", "find-")
+             "nbd-", "find-", "migrate-")
 
 
 def _named(text: str) -> set[str]:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixtures import etcd_cluster  # noqa: F401
+from cluster_fixtures import etcd_cluster, etcd_kill, etcd_restart  # noqa: F401
 from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.engine.cluster import ClusterConfig
-from virtstore.errors import Busy
+from virtstore.errors import Busy, ClusterUnavailable
 from virtstore.types import VolumeCreateArgs
 
 TTL = 3
@@ -56,9 +56,12 @@ class Member:
 def members(tmp_path: Path, ceph_fixture: Server,  # noqa: F811
             etcd_cluster: Server) -> Iterator[list[Member]]:  # noqa: F811
     made = []
+    # Pool definitions are cluster-wide, and etcd outlives one test: names of this test.
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
     for i in range(3):
         # Each member names the shared Ceph pool its own way.
-        m = Member(tmp_path / f"m{i}", f"host{i}", f"ceph{i}", etcd_cluster.info["endpoints"])
+        m = Member(tmp_path / f"m{i}", f"host{i}", f"ceph{i}-{tag}",
+                   etcd_cluster.info["endpoints"])
         conn = m.connect()
         u = conn.secret_define_xml("<secret ephemeral='no' private='yes'><usage type='ceph'>"
                                    "<name>client.admin secret</name></usage></secret>")
@@ -73,6 +76,9 @@ def members(tmp_path: Path, ceph_fixture: Server,  # noqa: F811
     for v in conn.list_volumes(made[0].pool):
         if v.name.startswith("cl-"):
             conn.volume_delete(made[0].pool, v.name)
+    conn.pool_stop(made[0].pool)
+    for m in made:
+        conn.pool_undefine(m.pool)  # from the whole cluster
     conn.close()
 
 
@@ -228,3 +234,108 @@ def test_cli_leases_a_volume_for_a_guest_across_members(
     rc, out, _ = cli(b, "vol-lease-list", "--json")
     assert rc == 0 and "cl-cli" not in out
     assert cli(b, "vol-delete", "cl-cli", "--pool", b.pool)[0] == 0
+
+
+def test_snapshots_and_a_writable_nbd_export_hold_the_write_lease(
+        members: list[Member]) -> None:
+    a, b, _ = members
+    conn_a, conn_b = a.connect(), b.connect()
+    try:
+        conn_a.volume_create(a.pool, VolumeCreateArgs("cl-s", 4 * MiB))
+        conn_b.pool_refresh(b.pool)
+        refused = 0
+        # A guest runs on it on host0: host1 neither snapshots it nor serves it for writing.
+        conn_a.volume_lease(a.pool, "cl-s", holder="vm1")
+        with pytest.raises(Busy, match="host0"):
+            conn_b.volume_snapshot_create(b.pool, "cl-s", "s1")
+        refused += 1
+        assert conn_b.volume_snapshot_list(b.pool, "cl-s") == []
+        with pytest.raises(Busy, match="host0"):
+            conn_b.volume_export_nbd(b.pool, "cl-s")
+        refused += 1
+        with conn_b.volume_export_nbd(b.pool, "cl-s", read_only=True) as ro:
+            assert ro.running  # a reader needs no lease
+        conn_a.volume_unlease(a.pool, "cl-s", holder="vm1")
+
+        conn_b.volume_snapshot_create(b.pool, "cl-s", "s1")
+        with conn_b.volume_export_nbd(b.pool, "cl-s") as exp:
+            assert exp.running
+            held = {x["volume"]: x for x in conn_a.volume_lease_list(a.pool)}
+            assert (held["cl-s"]["member"], held["cl-s"]["op"]) == ("host1", "nbd-export")
+            for verb in ("create", "revert", "delete"):
+                with pytest.raises(Busy, match="host1"):
+                    if verb == "create":
+                        conn_a.volume_snapshot_create(a.pool, "cl-s", "s2")
+                    elif verb == "revert":
+                        conn_a.volume_snapshot_revert(a.pool, "cl-s", "s1")
+                    else:
+                        conn_a.volume_snapshot_delete(a.pool, "cl-s", "s1")
+                refused += 1
+        assert [s.name for s in conn_a.volume_snapshot_list(a.pool, "cl-s")] == ["s1"]
+        # The export stopped, its lease went with it.
+        conn_a.volume_snapshot_revert(a.pool, "cl-s", "s1")
+        conn_a.volume_snapshot_delete(a.pool, "cl-s", "s1")
+        assert conn_a.volume_snapshot_list(a.pool, "cl-s") == []
+        assert not [x for x in conn_a.volume_lease_list(a.pool) if x["volume"] == "cl-s"]
+        print(f"\n[snapshot and NBD writers: {refused} operations refused while another "
+              "member held the lease]")
+    finally:
+        conn_a.close()
+        conn_b.close()
+
+
+def test_a_writable_export_stops_when_its_member_loses_etcd(
+        members: list[Member], etcd_cluster: Server) -> None:  # noqa: F811
+    m = members[0]
+    # This member reaches etcd only through etcd member 2.
+    lonely = Member(m.root, "lonely", m.pool, [etcd_cluster.info["endpoints"][2]])
+    conn = lonely.connect()
+    try:
+        conn.volume_create(m.pool, VolumeCreateArgs("cl-nbd", 4 * MiB))
+        exp = conn.volume_export_nbd(m.pool, "cl-nbd")
+        assert exp.running
+        etcd_kill(etcd_cluster, 2)
+        try:
+            deadline = time.monotonic() + TTL + 10
+            while exp.running and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not exp.running, "the export went on writing without a lease"
+            exp.stop()  # its local lock too
+            with pytest.raises(ClusterUnavailable, match="takes no new write leases"):
+                conn.volume_export_nbd(m.pool, "cl-nbd")
+            with pytest.raises(ClusterUnavailable):
+                conn.volume_snapshot_create(m.pool, "cl-nbd", "s")
+        finally:
+            etcd_restart(etcd_cluster, 2)
+        assert conn.volume_snapshot_list(m.pool, "cl-nbd") == []
+        # Back in touch: what it gave up is gone from etcd, the volume free for anyone.
+        deadline = time.monotonic() + 15
+        while conn.cluster_status()["this_member"]["cut_off"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [x for x in conn.volume_lease_list(m.pool) if x["volume"] == "cl-nbd"]
+        conn.volume_snapshot_create(m.pool, "cl-nbd", "s")
+        conn.volume_snapshot_delete(m.pool, "cl-nbd", "s")
+    finally:
+        conn.close()
+
+
+def test_a_cluster_pool_undefined_while_running_elsewhere_runs_on_until_stopped(
+        members: list[Member], ceph_fixture: Server) -> None:  # noqa: F811
+    a, b, _ = members
+    name = a.pool + "-x"
+    conn_a = a.connect()
+    conn_a.pool_define_xml(pool_xml(name, ceph_fixture))
+    conn_b = b.connect()  # takes it in as it opens
+    conn_b.pool_start(name)
+    conn_b.close()
+    conn_a.pool_undefine(name)
+    conn_a.close()
+    conn_b = b.connect()
+    try:
+        info = conn_b.pool_info(name)
+        assert (info.state, info.persistent) == ("running", False)
+        assert not (b.root / "pools" / f"{name}.xml").exists()
+        conn_b.pool_stop(name)
+        assert name not in {p.name for p in conn_b.list_pools()}
+    finally:
+        conn_b.close()

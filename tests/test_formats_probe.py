@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from virtstore.errors import InvalidArgument, NoSuchVolume
-from virtstore.formats.probe import ImageInfo, backing_chain, probe_image
+from virtstore.formats.probe import ImageInfo, backing_chain, probe_image, probe_qcow2_head
 from virtstore.formats.qemuimg import FLAKY_PBKDF
 
 pytestmark = pytest.mark.skipif(
@@ -306,6 +306,20 @@ def test_backing_chain(tmp_path: Path) -> None:
     os.unlink(tmp_path / "base.raw")
     with pytest.raises(NoSuchVolume, match=r"base\.raw"):
         backing_chain(str(tmp_path / "top.qcow2"))
+
+
+def test_qcow2_head_alone(tmp_path: Path) -> None:
+    # What a network client reads of an image: the backing file as its header names it.
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             str(tmp_path / "top.qcow2"), "2M")
+    head = (tmp_path / "top.qcow2").read_bytes()[:65536]
+    info = probe_qcow2_head(head)
+    assert info is not None and not info.corrupt
+    assert (info.backing_file, info.backing_format, info.virtual_size) == \
+        ("base.qcow2", "qcow2", 2 << 20)
+    assert probe_qcow2_head(head[:200]).corrupt  # type: ignore[union-attr]
+    assert probe_qcow2_head(b"\0" * 512) is None
 
 
 def test_backing_chain_raw_backing_is_not_parsed(tmp_path: Path) -> None:

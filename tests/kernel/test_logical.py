@@ -265,3 +265,23 @@ def test_a_mounted_volume_is_not_overwritten(vg_pool: str, conn: EmbeddedConnect
         assert (mnt / "keep").read_text() == "still here"
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_restore_of_a_backup_into_a_logical_pool(vg_pool: str, conn: EmbeddedConnection,
+                                                 pool: str, pooldir: Path,
+                                                 tmp_path: Path) -> None:
+    # An LV full of 0xff, deleted: the restored one gets its extents, and the backup's
+    # holes must read as zeros there all the same.
+    conn.volume_create(vg_pool, VolumeCreateArgs(name="old", capacity=16 * MiB))
+    upload(conn, vg_pool, "old", b"\xff" * (16 * MiB))
+    conn.volume_delete(vg_pool, "old")
+    conn.volume_create(pool, VolumeCreateArgs(name="src.img", capacity=16 * MiB))
+    data = bytes(5 * MiB) + b"\x5a" * MiB + bytes(10 * MiB)
+    with open(pooldir / "src.img", "r+b") as fh:
+        fh.seek(5 * MiB)
+        fh.write(b"\x5a" * MiB)
+    bdir = tmp_path / "bk"
+    wait(conn, conn.volume_backup(pool, "src.img", str(bdir)).id)
+    wait(conn, conn.volume_restore(str(bdir), vg_pool, "restored").id)
+    assert conn.volume_info(vg_pool, "restored").capacity == 16 * MiB
+    assert download(conn, vg_pool, "restored") == data

@@ -407,6 +407,14 @@ class Connection(abc.ABC):
         name if it fails."""
         raise self._missing("volume import")
 
+    def volume_move(self, pool: str, name: str, to_pool: str, *, new_name: str | None = None,
+                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        """vol-move: copy the volume into ``to_pool`` (as ``new_name``, in ``format``:
+        by default its own name, and its format where that pool makes it), read the copy
+        back against the source, then delete the source; if any step fails the source
+        stays and no copy is left."""
+        raise self._missing("volume move")
+
     def backup_verify(self, directory: str) -> JobInfo:
         """backup-verify: every chunk against its hash, every manifest's chunks and chain;
         the job fails listing what is wrong."""
@@ -415,6 +423,25 @@ class Connection(abc.ABC):
     def backup_list(self, directory: str) -> list[dict[str, Any]]:
         """The backups in ``directory``, oldest first, without their chunk lists."""
         raise self._missing("backup listing")
+
+    # -- pre-migration checks (docs/backup.md) ---------------------------------
+    def volume_migrate_info(self, pool: str, name: str) -> dict[str, Any]:
+        """What another host needs to know to take this volume: ``storage`` (a key of
+        the shared storage it lives on, "" for local storage), ``format``, ``capacity``,
+        ``required`` (bytes a copy needs, from qemu-img measure), ``backing``,
+        ``encrypted``, and a ``note`` when it could not be measured."""
+        raise self._missing("migration checks")
+
+    def migrate_target_check(self, storage: str, format: str, capacity: int,
+                             required: int, *,
+                             backing: bool = False, encrypted: bool = False,
+                             pool: str | None = None) -> dict[str, Any]:
+        """On the target host: whether a volume so described is reachable here
+        (``verdict`` "shared": a running pool with the same ``storage``), or which pool
+        (``pool``, or the first that fits) would take a copy ("copy"), or why none can
+        ("no"); with ``pool``, ``available``, ``needed`` (bytes the copy takes there)
+        and a ``reason``."""
+        raise self._missing("migration checks")
 
     # -- cluster (several hosts on shared storage; docs/cluster.md) -------------
     def cluster_status(self) -> dict[str, Any]:
@@ -438,6 +465,18 @@ class Connection(abc.ABC):
     def volume_lease_list(self, pool: str | None = None) -> list[dict[str, Any]]:
         """The write leases held in the cluster (of one pool's storage if given)."""
         raise self._missing("volume leases")
+
+    def pool_overrides(self, pool: str) -> dict[str, dict[str, str]]:
+        """Each member's own values of the host-local keys of a cluster-wide pool."""
+        raise self._missing("cluster pools")
+
+    def pool_override(self, pool: str, key: str, value: str | None = None, *,
+                      member: str | None = None) -> dict[str, str]:
+        """Set (or, with None, unset) one member's own value of a host-local key of a
+        cluster-wide pool (this member's by default): target.path, source.device,
+        source.host, source.initiator. That member's definition follows at once; its
+        values after the change."""
+        raise self._missing("cluster pools")
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from virtstore.api import Connection, check_page
 from virtstore.api.startup import startup, warn
-from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.poolinfo import PoolReader
 from virtstore.engine.state import StateRoot
@@ -30,6 +29,7 @@ from virtstore.types import (
 if TYPE_CHECKING:
     from virtstore.backup.ops import BackupOps
     from virtstore.engine.cluster import Cluster, ClusterConfig
+    from virtstore.engine.clusterpools import ClusterPools
     from virtstore.engine.confine import Confinement
     from virtstore.engine.dataops import DataOps
     from virtstore.engine.events import EventLog
@@ -89,7 +89,12 @@ class EmbeddedConnection(Connection):
     def pools(self) -> PoolManager:
         from virtstore.engine.pools import PoolManager
 
-        return PoolManager(self.state, self.index, self.events, self.confinement)
+        pools = PoolManager(self.state, self.index, self.events, self.confinement)
+        if self.cluster is not None:
+            from virtstore.engine.clusterpools import ClusterPools
+
+            pools.cluster_pools = ClusterPools(self.cluster, self.state, pools)
+        return pools
 
     @functools.cached_property
     def volumes(self) -> VolumeManager:
@@ -140,10 +145,20 @@ class EmbeddedConnection(Connection):
         if "events" in self.__dict__:
             self.events.close()
         if self.cluster is not None:
+            if "pools" in self.__dict__ and self.pools.cluster_pools is not None:
+                self.pools.cluster_pools.stop()
             self.cluster.close()
         if "backend" in self.state.__dict__:
             self.state.backend.close()
         self.state.store.close()
+
+    def follow_cluster_pools(self) -> None:
+        """Keep this engine's pool definitions in step with the cluster's, in a thread
+        (one engine per daemon does this; the others publish their changes)."""
+        if self.cluster is not None:
+            cp = self.pools.cluster_pools
+            assert cp is not None
+            cp.follow()
 
     def stop_jobs(self, grace: float) -> int:
         """Give this process's jobs ``grace`` seconds to finish, then cancel the rest and
@@ -202,38 +217,14 @@ class EmbeddedConnection(Connection):
         self.pools.set_autostart(name, autostart)
 
     def pool_capabilities_xml(self) -> str:
-        from virtstore.xml import default_pool_type_caps, pool_capabilities_xml
+        from virtstore.backends.table import capabilities_xml
 
-        entries = []
-        for caps in default_pool_type_caps():
-            if caps.type in POOL_TYPES:
-                caps.supported = backend_for(caps.type).host_problem() is None
-            entries.append(caps)
-        return pool_capabilities_xml(entries)
+        return capabilities_xml()
 
     def pool_type_features(self) -> list[dict[str, Any]]:
-        from virtstore.xml import POOL_TYPES as XML_POOL_TYPES
+        from virtstore.backends.table import type_features
 
-        out = []
-        for ptype in XML_POOL_TYPES:
-            backend = backend_for(ptype)
-            caps = backend.caps
-            problem = backend.host_problem()
-            has = backend.features()
-            out.append({
-                "type": ptype, "supported": problem is None, "reason": problem,
-                "shared": caps.shared, "file_based": caps.file_based,
-                "build": backend.supports("build"), "delete": backend.supports("delete"),
-                "volume_create": backend.supports("create_volume"),
-                "volume_delete": backend.supports("delete_volume"),
-                "volume_formats": list(caps.vol_formats),
-                "resize": has["resize-grow"], "clone": has["clone-full"],
-                "create_from": has["copy"], "wipe": has["wipe"], "upload": has["upload"],
-                "download": has["download"], "features": has,
-                "snapshots": {fmt: list(kinds) for fmt, kinds in
-                              backend.snapshot_kinds.items()} if has["snapshot"] else {},
-            })
-        return out
+        return type_features()
 
     def import_libvirt_pools(self, config_dir: str = "/etc/libvirt/storage") -> list[str]:
         if not os.path.isdir(config_dir):
@@ -454,6 +445,11 @@ class EmbeddedConnection(Connection):
         return self.backups.import_file(source, pool, name, format=format,
                                         bandwidth=bandwidth)
 
+    def volume_move(self, pool: str, name: str, to_pool: str, *, new_name: str | None = None,
+                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        return self.backups.move(pool, name, to_pool, new_name=new_name, format=format,
+                                 bandwidth=bandwidth)
+
     def backup_verify(self, directory: str) -> JobInfo:
         return self.backups.verify(directory)
 
@@ -461,6 +457,29 @@ class EmbeddedConnection(Connection):
         from virtstore.backup.ops import list_backups
 
         return list_backups(directory)
+
+    # -- pre-migration checks --------------------------------------------------
+    def volume_migrate_info(self, pool: str, name: str) -> dict[str, Any]:
+        from virtstore.backup.migrate import describe
+
+        pdef, backend = self.volumes._active_pool(pool)
+        rec = self.index.get(pool, name)
+        backend.check_volume(pdef, rec)
+        return describe(backend, pdef, rec)
+
+    def migrate_target_check(self, storage: str, format: str, capacity: int,
+                             required: int, *,
+                             backing: bool = False, encrypted: bool = False,
+                             pool: str | None = None) -> dict[str, Any]:
+        from virtstore.backup.migrate import Candidate, place
+
+        candidates = []
+        for p in self.list_pools():
+            if p.state == "running":
+                pdef, backend = self.volumes._active_pool(p.name)
+                candidates.append(Candidate(pdef, backend, p.available))
+        return place(candidates, storage=storage, format=format, capacity=capacity,
+                     required=required, backing=backing, encrypted=encrypted, pool=pool)
 
     # -- host ------------------------------------------------------------------
     def host_devices(self) -> list[dict[str, Any]]:
@@ -505,27 +524,48 @@ class EmbeddedConnection(Connection):
                               "endpoints (VIRTSTORE_CLUSTER, or cluster in virtstored.conf)")
         return self.cluster
 
-    def _shared_pool(self, pool: str) -> Any:
+    def _shared_pool(self, pool: str) -> tuple[Any, str]:
+        """A shared pool's definition and the storage id its leases are keyed on."""
         pool_def, backend = self.volumes._active_pool(pool)
         if not backend.caps.shared:
             raise InvalidArgument(f"pool '{pool}' ({pool_def.type}) is this host's own "
                                   "storage: its volumes take no cluster leases")
-        return pool_def
+        from virtstore.engine.clusterpools import lease_storage
+
+        return pool_def, lease_storage(self.state.store, pool, pool_def)
 
     def cluster_status(self) -> dict[str, Any]:
         if self.cluster is None:
             return {"clustered": False}
-        return {"clustered": True, **self.cluster.status()}
+        st = self.cluster.status()
+        try:
+            st["pools"] = self._cluster_pools().view()
+        except VirtstoreError as exc:
+            st["pools"] = {"cluster_pools": [], "not_applied": {}, "error": str(exc)}
+        return {"clustered": True, **st}
+
+    def _cluster_pools(self) -> ClusterPools:
+        self._clustered()
+        cp = self.pools.cluster_pools
+        assert cp is not None
+        return cp
+
+    def pool_overrides(self, pool: str) -> dict[str, dict[str, str]]:
+        return self._cluster_pools().overrides(pool)
+
+    def pool_override(self, pool: str, key: str, value: str | None = None, *,
+                      member: str | None = None) -> dict[str, str]:
+        return self._cluster_pools().set_overrides(pool, member, {key: value})
 
     def volume_lease(self, pool: str, name: str, *, holder: str | None = None,
                      ttl: int | None = None) -> dict[str, Any]:
         cluster = self._clustered()
-        pool_def = self._shared_pool(pool)
+        pool_def, storage = self._shared_pool(pool)
         self.index.info(pool, name)  # NoSuchVolume as any lookup
         if ttl is not None and ttl < 2:
             raise InvalidArgument("a lease's TTL must be at least 2 seconds")
         lease = cluster.acquire(pool, pool_def, name, op="lease", holder=holder or "guest",
-                                ttl=ttl or cluster.config.ttl)
+                                ttl=ttl or cluster.config.ttl, storage=storage)
         return {"pool": pool, "volume": name, "holder": lease.holder,
                 "member": cluster.member, "lease": f"{lease.etcd_lease:x}",
                 "ttl": ttl or cluster.config.ttl}
@@ -533,12 +573,11 @@ class EmbeddedConnection(Connection):
     def volume_unlease(self, pool: str, name: str, *, holder: str | None = None,
                        force: bool = False) -> None:
         cluster = self._clustered()
-        cluster.unlease(pool, self._shared_pool(pool), name, holder=holder, force=force)
+        pool_def, storage = self._shared_pool(pool)
+        cluster.unlease(pool, pool_def, name, holder=holder, force=force, storage=storage)
 
     def volume_lease_list(self, pool: str | None = None) -> list[dict[str, Any]]:
         cluster = self._clustered()
         if pool is None:
             return cluster.leases()
-        from virtstore.engine.cluster import storage_id
-
-        return cluster.leases(storage_id(self._shared_pool(pool)))
+        return cluster.leases(self._shared_pool(pool)[1])

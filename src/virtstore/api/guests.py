@@ -1,4 +1,5 @@
-"""A guest's disks as a whole: guest-clone and guest-backup over any Connection.
+"""A guest's disks as a whole: guest-clone, guest-backup and migrate-check over any
+Connection.
 
 Built only on the Connection's methods (volume lookups, ``volume_clone``,
 ``volume_backup``, jobs), so they work the same on the embedded engine and a remote
@@ -12,6 +13,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from virtstore.api import Connection
 from virtstore.errors import InvalidArgument, NoSuchVolume, OperationInvalid, VirtstoreError
@@ -47,17 +49,11 @@ def pool_disks(conn: Connection, xml: str) -> list[GuestDisk]:
     for d in domain_disks(xml):
         if not d.copied_by_clone:
             continue
-        try:
-            if d.type == "volume" and d.pool and d.volume:
-                vol = conn.volume_info(d.pool, d.volume)
-            elif d.path:
-                vol = conn.volume_lookup_by_path(d.path)
-            else:
-                raise NoSuchVolume("no path")
-        except NoSuchVolume:
+        vol = _source_volume(conn, d)
+        if vol is None:
             where = d.path or (f"{d.pool}/{d.volume}" if d.volume else d.type)
             raise InvalidArgument(f"disk '{d.target}' ({where}) is not a volume of any "
-                                  "pool: it can only be handled through a pool") from None
+                                  "pool: it can only be handled through a pool")
         out.append(GuestDisk(d, vol))
     return out
 
@@ -151,3 +147,69 @@ def guest_backup(conn: Connection, xml: str, directory: str, *, incremental: boo
 
         atomic_write(os.path.join(directory, "domain.xml"), xml, 0o644)
     return done
+
+
+@dataclass(frozen=True)
+class DiskCheck:
+    target: str  # the guest's device name
+    source: str  # POOL/VOLUME on the source host, or the disk's path
+    verdict: str  # shared, copy, no, unknown
+    pool: str | None  # the target's pool that sees it or would take the copy
+    required: int  # bytes a copy takes on the target (qemu-img measure; 0: shared)
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "source": self.source, "verdict": self.verdict,
+                "pool": self.pool, "required": self.required, "reason": self.reason}
+
+
+def _source_volume(conn: Connection, d: DomainDisk) -> VolumeInfo | None:
+    try:
+        if d.type == "volume" and d.pool and d.volume:
+            return conn.volume_info(d.pool, d.volume)
+        if d.path:
+            return conn.volume_lookup_by_path(d.path)
+    except NoSuchVolume:
+        pass
+    return None
+
+
+def migrate_check(conn: Connection, xml: str, target: Connection, *,
+                  pool: str | None = None) -> tuple[str, list[DiskCheck]]:
+    """Before migrating the guest to the host of ``target``: per disk, whether that host
+    sees the same storage, or which of its pools (``pool``, or the first that fits)
+    would take a copy with room for it and its format and features, or why none can;
+    and the overall verdict ("yes", "no", or "unknown" when a disk is in no pool here).
+    Room is counted for all the disks together: two copies into one pool need both."""
+    out: list[DiskCheck] = []
+    planned: dict[str, int] = {}
+    for d in domain_disks(xml):
+        if not (d.path or d.volume):
+            continue  # an empty CD-ROM drive
+        vol = _source_volume(conn, d)
+        if vol is None:
+            out.append(DiskCheck(d.target, d.path or f"{d.pool}/{d.volume}", "unknown", None,
+                                 0, "not a volume of any pool here: not checked"))
+            continue
+        info = conn.volume_migrate_info(vol.pool, vol.name)
+        ans = target.migrate_target_check(info["storage"], info["format"],
+                                          int(info["capacity"]), int(info["required"]),
+                                          backing=bool(info["backing"]),
+                                          encrypted=bool(info["encrypted"]), pool=pool)
+        verdict, tpool, reason = ans["verdict"], ans.get("pool"), str(ans["reason"])
+        required = int(ans.get("needed", info["required"]))
+        if verdict == "copy" and tpool:
+            need = planned.get(tpool, 0) + required
+            if need > int(ans["available"]):
+                verdict = "no"
+                reason = (f"pool '{tpool}' has {ans['available']} bytes free; with the "
+                          f"disks placed there before this one, {need} are needed")
+            else:
+                planned[tpool] = need
+        if info.get("note"):
+            reason += f" ({info['note']})"
+        out.append(DiskCheck(d.target, f"{vol.pool}/{vol.name}", verdict, tpool, required,
+                             reason))
+    verdicts = {c.verdict for c in out}
+    overall = "no" if "no" in verdicts else "unknown" if "unknown" in verdicts else "yes"
+    return overall, out

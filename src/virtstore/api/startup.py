@@ -38,6 +38,8 @@ def startup(self: EmbeddedConnection, default_pool: bool) -> None:
         journal.recover(store, functools.partial(_discard_leftover, self),
                         self.volumes.settle)
     self.state.sync_definitions()
+    if self.cluster is not None:
+        _sync_cluster_pools(self)
     meta = {str(r["key"]): r["value"] for r in store.query(
         "SELECT key, value FROM meta WHERE key IN ('default_pool', 'boot_id')")}
     # Offered once per state root: a default pool the user undefined stays gone.
@@ -53,6 +55,17 @@ def startup(self: EmbeddedConnection, default_pool: bool) -> None:
         _start_default_pool(self)
     if offer_default:
         store.set_meta("default_pool", "1")
+
+
+def _sync_cluster_pools(self: EmbeddedConnection) -> None:
+    """Take in the cluster's pool definitions (before the boot's autostart, so that a
+    cluster pool marked autostart starts with the others)."""
+    cp = self.pools.cluster_pools
+    assert cp is not None
+    try:
+        cp.sync()
+    except VirtstoreError as exc:
+        warn("could not read the cluster's pool definitions: %s", exc)
 
 
 def _dead_owners(self: EmbeddedConnection, sql: str, params: tuple[object, ...] = ()) -> bool:

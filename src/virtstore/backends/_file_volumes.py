@@ -11,8 +11,10 @@ engine (``EngineHooks.scratch``) and removed after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
@@ -23,6 +25,7 @@ from virtstore.types import SnapshotInfo
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
+    from virtstore.host.nbd import QemuSource
     from virtstore.xml import PoolDef
 
 # Our own files in a pool directory (staging files, snapshot files) are hidden and carry
@@ -362,6 +365,21 @@ class FileVolumes(Backend):
             raise Unsupported(f"unsupported configuration: snapshots of '{rec.format}' "
                               "volumes are not supported (qcow2: internal or external; "
                               "raw: on a reflink-capable filesystem)")
+
+    @contextlib.contextmanager
+    def frozen_source(self, pool: PoolDef, rec: VolumeRecord) -> Iterator[QemuSource]:
+        """A reflink copy of a raw file, under a journalled scratch name (a crash leaves
+        nothing: the next start removes it)."""
+        from virtstore.data.copy import copy_file
+        from virtstore.data.monitor import Monitor
+        from virtstore.host.nbd import QemuSource
+
+        path = self.file_of(pool, rec)
+        if rec.format != "raw" or rec.backing_path or not reflink_capable(path):
+            raise Unsupported("a frozen copy needs a raw file on xfs or btrfs")
+        with self.engine().scratch(self, pool, rec.name, "frozen") as staging:
+            copy_file(path, staging, reflink="always", monitor=Monitor())
+            yield QemuSource(image=staging, fmt="raw")
 
     def _snap_path(self, pool: PoolDef, rec: VolumeRecord) -> str:
         return os.path.join(os.path.dirname(self.file_of(pool, rec)),

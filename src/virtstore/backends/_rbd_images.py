@@ -24,6 +24,7 @@ PRIVATE_PREFIX = "virtstore-"
 STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
 CLONE_SNAP_PREFIX = PRIVATE_PREFIX + "clone-"
 TX_SNAP_PREFIX = PRIVATE_PREFIX + "tx-"
+BACKUP_SNAP_PREFIX = PRIVATE_PREFIX + "backup-"  # what the next incremental diffs against
 CHUNK = 4 << 20
 WIPE_CHUNK = 64 << 20
 WIPE_ALGORITHMS = ("zero", "trim")
@@ -144,22 +145,26 @@ class RbdImages(Backend):
                 mtime_ns = int(mtime.timestamp() * 1e9)
             except _errors(AttributeError):
                 mtime_ns = 0
-            allocation = size
-            if pool.refresh_volume_allocation != "capacity":
-                allocation = self._allocation(img, size)
-            ident = f"{img.id()}/{','.join(snaps)}/{parent_spec}/{allocation}"
+            allocation = self._allocation(img, pool.refresh_volume_allocation)
+            ident = f"{img.id()}/{','.join(snaps)}/{parent_spec}/{allocation}/{mtime_ns}"
         path = self._path(pool, name)
+        # No <physical> and no <timestamps>, as libvirt's rbd backend: the image's
+        # modification time only tells a refresh that it changed.
         return VolumeRecord(name=name, path=path, key=path, type="network", format="raw",
-                            capacity=size, allocation=allocation, physical=size,
-                            ino=zlib.crc32(ident.encode()), size=size, mtime_ns=mtime_ns)
+                            capacity=size, allocation=allocation,
+                            ino=zlib.crc32(ident.encode()), size=size)
 
     @staticmethod
-    def _allocation(img: rbd.Image, size: int) -> int:
-        """Bytes of the image's allocated objects (libvirt's count), when the object map
-        can tell it cheaply; else the capacity, as libvirt reports it."""
-        if not (img.features() & RBD_FEATURE_FAST_DIFF) or \
+    def _allocation(img: rbd.Image, refresh: str | None) -> int:
+        """libvirt 9.0's count: the bytes of the image's allocated objects when the pool
+        says ``<refresh><volume allocation='default'/>`` and the object map can tell it
+        cheaply (fast-diff on and valid); else every object of the image, allocated or
+        not (its size rounded up to whole objects)."""
+        st = img.stat()
+        whole = int(st["obj_size"]) * int(st["num_objs"])
+        if refresh != "default" or not (img.features() & RBD_FEATURE_FAST_DIFF) or \
                 img.flags() & RBD_FLAG_FAST_DIFF_INVALID:
-            return size
+            return whole
         total = 0
 
         def cb(offset: int, length: int, exists: bool) -> int:
@@ -168,7 +173,8 @@ class RbdImages(Backend):
                 total += length
             return 0
 
-        img.diff_iterate(0, size, None, cb, include_parent=False, whole_object=True)
+        img.diff_iterate(0, int(st["size"]), None, cb, include_parent=False,
+                         whole_object=True)
         return total
 
     def _names(self, io: rados.Ioctx) -> list[str]:

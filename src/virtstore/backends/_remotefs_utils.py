@@ -36,6 +36,7 @@ from virtstore.errors import (
     Unsupported,
     VirtstoreError,
 )
+from virtstore.formats.probe import probe_qcow2_head
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
@@ -128,10 +129,18 @@ def _errno(exc: Exception) -> int:
     return int(getattr(exc, "errno", 0) or 0)
 
 
+# What is read of a qcow2 image to find its backing file's name: qemu writes it in the
+# first cluster, right after the header (64 KiB is qemu's default cluster size).
+QCOW2_HEAD = 65536
+
+
 class RemoteFiles:
     """Volume operations over a ``RemoteFS``; a backend supplies the hooks below."""
 
     staging_tag = "remote-staging:"
+    # A qcow2 volume's backing file as its header names it (gluster, as libvirt's
+    # backend shows it); off where libvirt would show a path on a mount (netfs).
+    rf_backing = False
 
     # -- hooks -----------------------------------------------------------------
     def rf_connect(self, pool: PoolDef) -> RemoteFS:
@@ -178,21 +187,26 @@ class RemoteFiles:
         if st is None:
             raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
                                f"name '{name}'")
-        fmt, capacity = "raw", st.size
+        fmt, capacity, backing = "raw", st.size, None
         if stat.S_ISDIR(st.mode):
             fmt = "dir"
         elif st.size >= 32:
             with c.open(path) as f:
                 size = qcow2_size(f.pread(0, 32))
+                if size is not None and self.rf_backing:
+                    backing = probe_qcow2_head(f.pread(0, min(st.size, QCOW2_HEAD)))
             if size is not None:
                 fmt, capacity = "qcow2", size
-        return VolumeRecord(name=name, path=self.rf_url(pool, name),
-                            key=self.rf_key(pool, name),
-                            type="netdir" if fmt == "dir" else "network", format=fmt,
-                            capacity=capacity, allocation=st.blocks * 512, physical=st.size,
-                            mode=st.mode & 0o7777, uid=st.uid, gid=st.gid,
-                            ino=fold_ino(st.ino), size=st.size, mtime_ns=st.mtime_ns,
-                            ctime_ns=st.ctime_ns, atime_ns=st.atime_ns)
+        rec = VolumeRecord(name=name, path=self.rf_url(pool, name),
+                           key=self.rf_key(pool, name),
+                           type="netdir" if fmt == "dir" else "network", format=fmt,
+                           capacity=capacity, allocation=st.blocks * 512, physical=st.size,
+                           mode=st.mode & 0o7777, uid=st.uid, gid=st.gid,
+                           ino=fold_ino(st.ino), size=st.size, mtime_ns=st.mtime_ns,
+                           ctime_ns=st.ctime_ns, atime_ns=st.atime_ns)
+        if backing is not None and backing.backing_file:
+            rec.backing_path, rec.backing_format = backing.backing_file, backing.backing_format
+        return rec
 
     def rf_scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         res = ScanResult()

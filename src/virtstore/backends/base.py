@@ -185,6 +185,11 @@ FEATURES: dict[str, str] = {
     "export": "qemu_source",
 }
 
+def qemu_format(fmt: str) -> str:
+    """The qemu driver of a volume format ("none", a block pool's own, is raw)."""
+    return "raw" if fmt in ("none", "") else fmt
+
+
 class Backend(abc.ABC):
     caps: BackendCaps
     hooks: EngineHooks | None = None  # set by the engine that owns this instance
@@ -193,6 +198,10 @@ class Backend(abc.ABC):
     can_shrink: ClassVar[bool] = False
     copies: ClassVar[bool] = False  # create-from: a new volume from XML, filled by a copy
     snapshot_kind: ClassVar[str] = "native"
+    # A just-made volume reads as zeros everywhere (a file, a zvol, an RBD image; not a
+    # thick LV, which holds whatever its extents held): a restore or import then skips
+    # the zeros, and allocates nothing for them.
+    new_volumes_read_zeros: ClassVar[bool] = True
     # Per volume format, the kinds of snapshot ``snap_create`` (and the external verb)
     # make: what ``pool-capabilities --features`` shows.
     snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -289,6 +298,16 @@ class Backend(abc.ABC):
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         raise self.unsupported("volume deletion")
+
+    def staging_source(self, pool: PoolDef, staging: str,
+                       fmt: str) -> AbstractContextManager[QemuSource]:
+        """How qemu opens a just-made staging volume to write its content (a restore,
+        an import). A staging path that is a file or a device is opened by that path."""
+        if not staging.startswith("/"):
+            raise self.unsupported("writing a new volume's content")
+        from virtstore.host.nbd import QemuSource
+
+        return nullcontext(QemuSource(image=staging, fmt=qemu_format(fmt)))
 
     def live_source(self, pool: PoolDef) -> None:  # noqa: B027 - most have none
         """Add a running pool's runtime state to its ``<source>`` (a disk pool's free
@@ -409,6 +428,40 @@ class Backend(abc.ABC):
 
     def forget_snapshots(self, pool: PoolDef, rec: VolumeRecord) -> None:  # noqa: B027
         """A deleted volume's snapshots go with it (where the storage keeps them apart)."""
+
+    # -- change tracking for incremental backups ---------------------------------
+    # Where the storage itself says what changed between two snapshots (RBD's
+    # diff_iterate), a backup reads a snapshot it takes and the next one reads only what
+    # changed since: the method's name, as backup manifests state it ("" where none).
+    backup_tracking: ClassVar[str] = ""
+
+    def backup_snapshot(self, pool: PoolDef, rec: VolumeRecord, backup_id: str) -> str:
+        """Take a hidden snapshot of the volume for backup ``backup_id``; its name."""
+        raise self.unsupported("backup snapshots")
+
+    def backup_snapshot_exists(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> bool:
+        raise self.unsupported("backup snapshots")
+
+    def backup_snapshot_drop(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        raise self.unsupported("backup snapshots")
+
+    def backup_extents(self, pool: PoolDef, rec: VolumeRecord, snap: str,
+                       since: str | None) -> list[tuple[int, int]]:
+        """The extents of snapshot ``snap`` that changed since snapshot ``since`` (with
+        None: every extent that holds data)."""
+        raise self.unsupported("backup snapshots")
+
+    def frozen_source(self, pool: PoolDef,
+                      rec: VolumeRecord) -> AbstractContextManager[QemuSource]:
+        """The volume as it is at this instant, readable while the context lasts (a
+        reflink copy of a raw file), where the storage makes one cheaply; a backup reads
+        it instead of a volume a running guest keeps writing."""
+        raise self.unsupported("frozen copies")
+
+    def snapshot_source(self, pool: PoolDef, rec: VolumeRecord,
+                        snap: str) -> AbstractContextManager[QemuSource]:
+        """How qemu opens the volume as it was at a snapshot (read-only)."""
+        raise self.unsupported("reading a snapshot")
 
     # -- how qemu opens a volume (NBD export) ------------------------------------
     def qemu_source(self, pool: PoolDef,

@@ -78,11 +78,6 @@ def url_base(pool: PoolDef) -> str:
     return f"gluster://{host}/{volume_name(pool)}" + (f"/{sub}" if sub else "")
 
 
-def key_base(pool: PoolDef) -> str:
-    sub = subdir(pool)
-    return volume_name(pool) + (f"/{sub}" if sub else "")
-
-
 def _host(pool: PoolDef) -> tuple[str, int | None]:
     if not pool.source.hosts:
         raise InvalidArgument("missing source host for gluster pool")
@@ -93,6 +88,7 @@ class _Gfapi(RemoteFiles):
     """The libgfapi mode's file operations (RemoteFiles over a GfapiClient)."""
 
     staging_tag = "gluster-staging:"
+    rf_backing = True
     caps = BackendCaps(pool_type="gluster")  # for the wording of its errors
 
     def rf_connect(self, pool: PoolDef) -> RemoteFS:
@@ -116,7 +112,7 @@ class _Gfapi(RemoteFiles):
         return f"{url_base(pool)}/{name}"
 
     def rf_key(self, pool: PoolDef, name: str) -> str:
-        return f"{key_base(pool)}/{name}"
+        return self.rf_url(pool, name)  # libvirt's key is the URL too
 
 
 def mount_point(pool: PoolDef) -> str:
@@ -239,18 +235,25 @@ class GlusterBackend(FileVolumes):
             return PoolSizes()
         sv = os.statvfs(self._base(pool))
         capacity = sv.f_frsize * sv.f_blocks
-        available = sv.f_frsize * sv.f_bavail
-        return PoolSizes(capacity=capacity, allocation=capacity - sv.f_frsize * sv.f_bfree,
-                         available=available)
+        # As libvirt counts it: free blocks including root's reserve (the bricks' server
+        # writes as root), the same as through libgfapi.
+        free = sv.f_frsize * sv.f_bfree
+        return PoolSizes(capacity=capacity, allocation=capacity - free, available=free)
 
     # -- volumes ---------------------------------------------------------------
-    def _network(self, pool: PoolDef, rec: VolumeRecord) -> VolumeRecord:
-        rec.path = f"{url_base(pool)}/{rec.name}"
-        rec.key = f"{key_base(pool)}/{rec.name}"
+    def _network(self, pool: PoolDef, rec: VolumeRecord, st: os.stat_result) -> VolumeRecord:
+        """A record of the FUSE mount's file as libvirt shows the volume through
+        libgfapi: its URL, the file's owner and mode, the backing file as named from
+        the image's directory."""
+        local = rec.path
+        rec.mode, rec.uid, rec.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        rec.cluster_size = None  # libvirt's gluster backend does not read it
         rec.type = "netdir" if rec.type == "dir" else "network"
         rec.ino = fold_ino(rec.ino)
         if rec.backing_path and rec.backing_path.startswith(self._base(pool) + "/"):
-            rec.backing_path = f"{url_base(pool)}/{os.path.basename(rec.backing_path)}"
+            rec.backing_path = os.path.relpath(rec.backing_path, os.path.dirname(local))
+        rec.path = f"{url_base(pool)}/{rec.name}"
+        rec.key = rec.path  # as libvirt
         return rec
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
@@ -275,8 +278,8 @@ class GlusterBackend(FileVolumes):
                     res.unchanged.append(de.name)
                     continue
                 try:
-                    res.changed.append(self._network(pool, record_from_stat(de.name, de.path,
-                                                                            st)))
+                    res.changed.append(self._network(
+                        pool, record_from_stat(de.name, de.path, st), st))
                 except Exception as exc:  # an unreadable image is listed as skipped
                     res.skipped.append((de.name, str(exc)))
         return res
@@ -289,7 +292,7 @@ class GlusterBackend(FileVolumes):
             st = os.stat(path)
         except FileNotFoundError:
             return None
-        return self._network(pool, record_from_stat(name, path, st))
+        return self._network(pool, record_from_stat(name, path, st), st)
 
     def volume_path(self, pool: PoolDef, name: str) -> str:
         return f"{url_base(pool)}/{name}"

@@ -64,9 +64,10 @@ class IscsiDirectBackend(NbdDataOps, Backend):
     def _record(self, pool: PoolDef, lun: iscsi.Lun) -> VolumeRecord:
         path = iu.volume_path(pool, lun.lun)
         ident = f"{lun.serial}/{lun.block_size}"  # what a scan and a lookup both read
+        # No <physical>, as libvirt's iscsi-direct backend.
         return VolumeRecord(name=f"{iu.VOL_NAME_PREFIX}{lun.lun}", path=path, key=path,
                             type="network", format="raw", capacity=lun.capacity,
-                            allocation=lun.capacity, physical=lun.capacity,
+                            allocation=lun.capacity,
                             ino=zlib.crc32(ident.encode()), size=lun.capacity)
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:

@@ -22,6 +22,7 @@ import logging
 import os
 import zlib
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 from virtstore.backends import _block_utils as bu
@@ -49,6 +50,7 @@ from virtstore.xml import Extent, PoolDef, VolSource
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
+    from virtstore.host.nbd import QemuSource
 
 log = logging.getLogger("virtstore")
 
@@ -64,6 +66,7 @@ class LogicalBackend(BlockClones):
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
     linked_clones = True  # an LVM snapshot of the source
+    new_volumes_read_zeros = False  # a new LV holds what its extents held
     can_shrink = True
 
     def pool_has(self, feature: str, pool: PoolDef) -> bool:
@@ -353,6 +356,14 @@ class LogicalBackend(BlockClones):
 
     def staging_device(self, pool: PoolDef, staging: str) -> str:
         return f"/dev/{staging}"
+
+    def staging_source(self, pool: PoolDef, staging: str,
+                       fmt: str) -> AbstractContextManager[QemuSource]:
+        from virtstore.host.nbd import QemuSource
+
+        if not lvm.device_mapper_available():
+            raise self.dm_problem("writing the data of a new volume")
+        return nullcontext(QemuSource(image=self.staging_device(pool, staging), fmt="raw"))
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
                   linked: bool, monitor: Monitor,

@@ -4,11 +4,51 @@ and that the XML layer's table is checked against (tests/test_backend_contract.p
 
 from __future__ import annotations
 
+from typing import Any
+
 from virtstore.backends import POOL_TYPES, backend_for
 from virtstore.backends.base import FEATURES
 
 POOL_OPS = (("build", "build"), ("delete", "delete"), ("create", "create_volume"),
             ("delete volumes", "delete_volume"))
+
+
+def capabilities_xml() -> str:
+    """libvirt's storage pool capabilities document, ``supported`` as this host can."""
+    from virtstore.xml import default_pool_type_caps, pool_capabilities_xml
+
+    entries = []
+    for caps in default_pool_type_caps():
+        if caps.type in POOL_TYPES:
+            caps.supported = backend_for(caps.type).host_problem() is None
+        entries.append(caps)
+    return pool_capabilities_xml(entries)
+
+
+def type_features() -> list[dict[str, Any]]:
+    """Per pool type: whether this host runs it (and why not), and what it can do."""
+    from virtstore.xml import POOL_TYPES as XML_POOL_TYPES
+
+    out = []
+    for ptype in XML_POOL_TYPES:
+        backend = backend_for(ptype)
+        caps = backend.caps
+        problem = backend.host_problem()
+        has = backend.features()
+        out.append({
+            "type": ptype, "supported": problem is None, "reason": problem,
+            "shared": caps.shared, "file_based": caps.file_based,
+            "build": backend.supports("build"), "delete": backend.supports("delete"),
+            "volume_create": backend.supports("create_volume"),
+            "volume_delete": backend.supports("delete_volume"),
+            "volume_formats": list(caps.vol_formats),
+            "resize": has["resize-grow"], "clone": has["clone-full"],
+            "create_from": has["copy"], "wipe": has["wipe"], "upload": has["upload"],
+            "download": has["download"], "features": has,
+            "snapshots": {fmt: list(kinds) for fmt, kinds in
+                          backend.snapshot_kinds.items()} if has["snapshot"] else {},
+        })
+    return out
 
 
 def markdown() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends import _block_utils as bu
@@ -39,6 +40,7 @@ from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
+    from virtstore.host.nbd import QemuSource
     from virtstore.types import SnapshotInfo
 
 STAGING_PREFIX = "virtstore-staging-"
@@ -178,6 +180,21 @@ class ZfsBackend(Backend):
 
     def discard_staging(self, staging: str) -> None:
         zfsmod.zfs(["destroy", "-r", staging], check=False)
+
+    def staging_source(self, pool: PoolDef, staging: str,
+                       fmt: str) -> AbstractContextManager[QemuSource]:
+        import time
+
+        from virtstore.host.nbd import QemuSource
+
+        if not zfsmod.has_zvols():
+            raise Unsupported(NO_ZVOLS)
+        # udev makes the zvol's node an instant after 'zfs create' returns.
+        path = f"/dev/zvol/{staging}"
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return nullcontext(QemuSource(image=path, fmt="raw"))
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         ds = f"{_root(pool)}/{rec.name}"

@@ -21,7 +21,7 @@ from virtstore.errors import Unsupported
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
-    from virtstore.host.nbd import NbdAddress, NbdClient
+    from virtstore.host.nbd import NbdAddress, NbdClient, QemuSource
 
 
 class Reader(Protocol):
@@ -36,6 +36,31 @@ class Reader(Protocol):
     def dirty_extents(self) -> list[tuple[int, int]]:
         """What changed since the bitmap the reader was opened with."""
         ...
+
+
+def is_nbd(source: str) -> bool:
+    return source.startswith(("nbd:", "nbd+"))
+
+
+@contextlib.contextmanager
+def open_source(source: str) -> Iterator[Reader]:
+    """vol-import's source: a file or block device of this host, read as raw bytes, or
+    an NBD export (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``)."""
+    if is_nbd(source):
+        from virtstore.host.nbd import NbdClient, parse_url
+
+        addr = parse_url(source)
+        with NbdClient(addr) as client:
+            yield _NbdReader(client, addr, client.size, None)
+        return
+    from virtstore.data.extents import size_of
+    from virtstore.host.files import open_volume
+
+    fd = open_volume(source, os.O_RDONLY)
+    try:
+        yield _FileReader(fd, size_of(fd))
+    finally:
+        os.close(fd)
 
 
 class Writer(Protocol):
@@ -92,11 +117,14 @@ def reads_directly(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> bool:
 
 @contextlib.contextmanager
 def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
-                bitmap: str | None = None) -> Iterator[Reader]:
-    if bitmap is None and reads_directly(backend, pool, rec):
+                bitmap: str | None = None, snapshot: str | None = None,
+                frozen: QemuSource | None = None) -> Iterator[Reader]:
+    """A reader of the volume as it is now, or as it was at a storage ``snapshot``, or
+    of a ``frozen`` copy of it (``Backend.frozen_source``)."""
+    if bitmap is None and snapshot is None and reads_directly(backend, pool, rec):
         from virtstore.host.files import open_volume
 
-        fd = open_volume(rec.path, os.O_RDONLY)
+        fd = open_volume(frozen.image if frozen and frozen.image else rec.path, os.O_RDONLY)
         try:
             yield _FileReader(fd, rec.capacity)
         finally:
@@ -106,12 +134,38 @@ def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
 
     if rec.encryption:
         raise Unsupported(f"backup of encrypted volume '{rec.name}' is not supported")
-    with backend.qemu_source(pool, rec) as src:
+    source = (contextlib.nullcontext(frozen) if frozen is not None
+              else backend.qemu_source(pool, rec) if snapshot is None
+              else backend.snapshot_source(pool, rec, snapshot))
+    with source as src:
         bitmaps: Sequence[str] = (bitmap,) if bitmap else ()
         with NbdServer(src.image, fmt=src.fmt, image_opts=src.image_opts,
                        objects=src.objects, read_only=True, bitmaps=bitmaps,
                        export="backup") as srv, srv.client() as client:
             yield _NbdReader(client, srv.address, client.size, bitmap)
+
+
+# The unit a chunk's zeros are skipped in when it is written into a new volume.
+_SPARSE_BLOCK = 64 << 10
+
+
+def write_data(out: Writer, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` but for its all-zero 64 KiB blocks (runs of the
+    others in one write): a new volume reads as zeros there already, so a restored or
+    imported chunk allocates only what holds data."""
+    from virtstore.data.extents import is_zero
+
+    view = memoryview(data)
+    start: int | None = None
+    for pos in range(0, len(view), _SPARSE_BLOCK):
+        zero = is_zero(view[pos:pos + _SPARSE_BLOCK])
+        if not zero and start is None:
+            start = pos
+        elif zero and start is not None:
+            out.write(offset + start, bytes(view[start:pos]))
+            start = None
+    if start is not None:
+        out.write(offset + start, bytes(view[start:]))
 
 
 class _FileWriter:
@@ -134,14 +188,37 @@ class _NbdWriter:
         self.client.pwrite(data, offset)
 
 
+class _ZeroingWriter:
+    """For a new volume that does not read as zeros (a thick LV): the callers write in
+    ascending order, so each gap before a write, and the tail, is written as zeros
+    (NBD WRITE_ZEROES: the device zeroes it, nothing crosses the socket)."""
+
+    def __init__(self, client: NbdClient, capacity: int) -> None:
+        self.client = client
+        self.capacity = capacity
+        self.pos = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < self.pos:
+            raise ValueError("writes into a volume that is zeroed as it goes must ascend")
+        if offset > self.pos:
+            self.client.zero(self.pos, offset - self.pos)
+        self.client.pwrite(data, offset)
+        self.pos = offset + len(data)
+
+    def finish(self) -> None:
+        if self.pos < self.capacity:
+            self.client.zero(self.pos, self.capacity - self.pos)
+            self.pos = self.capacity
+
+
 @contextlib.contextmanager
 def open_new_volume(backend: Backend, pool: PoolDef, staging: str,
                     fmt: str) -> Iterator[Writer]:
-    """A writer into a just-made staging volume (which reads as zeros everywhere)."""
-    if not staging.startswith("/"):
-        raise Unsupported(f"restore into '{pool.type}' pools is not supported: their new "
-                          "volumes are not reached by a path")
-    if backend.local_files(pool) and fmt == "raw":
+    """A writer into a just-made staging volume. Where the backend's new volumes read
+    as zeros, only what is written is touched; elsewhere the rest (up to the volume's
+    end, which the storage may have rounded up) is written as zeros too."""
+    if backend.local_files(pool) and fmt == "raw" and staging.startswith("/"):
         from virtstore.host.files import open_volume
 
         fd = open_volume(staging, os.O_WRONLY)
@@ -153,6 +230,14 @@ def open_new_volume(backend: Backend, pool: PoolDef, staging: str,
         return
     from virtstore.host.nbd import NbdServer
 
-    with NbdServer(staging, fmt=fmt, export="restore") as srv, srv.client() as client:
-        yield _NbdWriter(client)
+    with backend.staging_source(pool, staging, fmt) as src, \
+            NbdServer(src.image, fmt=src.fmt, image_opts=src.image_opts,
+                      objects=src.objects, export="restore") as srv, \
+            srv.client() as client:
+        if backend.new_volumes_read_zeros:
+            yield _NbdWriter(client)
+        else:
+            zeroing = _ZeroingWriter(client, client.size)
+            yield zeroing
+            zeroing.finish()
         client.flush()

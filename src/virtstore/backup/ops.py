@@ -10,6 +10,7 @@ staging object at the next start).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -20,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from virtstore.backends.base import Backend, VolumeRecord
-from virtstore.backup.access import open_new_volume, open_reader, reads_directly
+from virtstore.backup.access import open_new_volume, open_reader, reads_directly, write_data
 from virtstore.backup.repo import (
     TRACK_BITMAP,
     TRACK_HASH,
@@ -34,7 +35,7 @@ from virtstore.engine.index import VolumeIndex
 from virtstore.engine.jobs import JobManager
 from virtstore.engine.locks import READ, WRITE
 from virtstore.engine.volumes import StagedTarget, VolumeManager
-from virtstore.errors import InvalidArgument
+from virtstore.errors import InvalidArgument, Unsupported
 from virtstore.types import JobInfo
 from virtstore.xml import PoolDef, VolDef, VolTarget
 
@@ -49,7 +50,6 @@ BITMAP_PREFIX = "virtstore-backup-"
 # many chunks).
 _WRITERS = 3
 _IN_FLIGHT = 6
-_IMPORT_STEP = 4 << 20
 
 
 def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) -> set[int]:
@@ -65,11 +65,13 @@ def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) ->
 
 def tracking_for(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> str:
     """How changes between backups are found: a qcow2 file that qemu-img can mark
-    keeps a persistent dirty bitmap; anything else is read whole and compared by hash."""
+    keeps a persistent dirty bitmap; storage that diffs its own snapshots (RBD) says
+    what changed since the last backup's snapshot; anything else is read whole and
+    compared by hash."""
     if (backend.local_files(pool) and rec.type == "file" and rec.format == "qcow2"
             and rec.compat not in (None, "0.10") and not rec.encryption):
         return TRACK_BITMAP
-    return TRACK_HASH
+    return backend.backup_tracking or TRACK_HASH
 
 
 class BackupOps:
@@ -79,14 +81,15 @@ class BackupOps:
         self.jobs = jobs
 
     # -- backup ----------------------------------------------------------------
-    def backup(self, pool_name: str, name: str, directory: str, *, incremental: bool,
-               bandwidth: int | None = None) -> JobInfo:
+    def readable(self, pool_name: str, name: str,
+                 what: str) -> tuple[PoolDef, Backend, VolumeRecord]:
+        """The volume, checked for being read whole by ``open_reader`` (for ``what``)."""
         pool, backend = self.volumes._active_pool(pool_name)
         rec = self.index.get(pool_name, name)
         backend.check_volume(pool, rec)
         if not reads_directly(backend, pool, rec) and not backend.has_feature("export", pool,
                                                                              rec):
-            raise backend.unsupported("volume backup")
+            raise backend.unsupported(what)
         if backend.local_files(pool) and rec.type == "file":
             # qemu-nbd and qemu-img open the path and read its backing chain themselves:
             # the same checks as an NBD export of the volume.
@@ -94,6 +97,11 @@ class BackupOps:
 
             refuse_symlink(rec.path)
             self.volumes.check_chain(rec)
+        return pool, backend, rec
+
+    def backup(self, pool_name: str, name: str, directory: str, *, incremental: bool,
+               bandwidth: int | None = None) -> JobInfo:
+        pool, backend, rec = self.readable(pool_name, name, "volume backup")
         repo = Repository(directory)
         repo.init({"pool": pool_name, "name": name, "key": rec.key})
         tracking = tracking_for(backend, pool, rec)
@@ -129,7 +137,7 @@ class BackupOps:
             for index in sorted(m.chunks):
                 length = m.chunk_length(index)
                 mon.check()
-                out.write(index * m.chunk_size, repo.read_chunk(m.chunks[index], length))
+                write_data(out, index * m.chunk_size, repo.read_chunk(m.chunks[index], length))
                 mon.advance(length)
 
         return self._fill_new(pool_name, tpool, tbe, new_name, m.capacity, fmt, fill,
@@ -138,16 +146,26 @@ class BackupOps:
 
     def _fill_new(self, pool_name: str, tpool: PoolDef, tbe: Backend, new_name: str,
                   capacity: int, fmt: str, fill: Callable[[Writer, Monitor], None], *,
-                  kind: str, bandwidth: int | None, total: int = 0) -> JobInfo:
+                  kind: str, bandwidth: int | None, total: int = 0,
+                  source: tuple[str, str] | None = None,
+                  after: Callable[[str, Monitor], None] | None = None) -> JobInfo:
         """A job that makes volume ``new_name`` through staged creation and has ``fill``
-        write its content: it takes the name only when all of it is written."""
+        write its content: it takes the name only when all of it is written. ``source``:
+        a volume the job holds for writing too; ``after(job_id, monitor)`` runs once the
+        new volume has its name."""
         # Allocation 0: only what ``fill`` writes is allocated, the rest stays a hole.
+        # A pool whose new volumes hold old bytes (LVs) gets a whole volume, zeroed
+        # where nothing is written: its sparse volumes are snapshots that fill up.
+        allocation = 0 if tbe.new_volumes_read_zeros else capacity
         vol = VolDef(name=new_name, capacity=capacity, capacity_given=True,
-                     allocation=0, allocation_given=True, target=VolTarget(format=fmt))
+                     allocation=allocation, allocation_given=True,
+                     target=VolTarget(format=fmt))
         req = self.volumes._request(tpool, tbe, vol, False)
         holder: list[StagedTarget] = []
+        job_ids: list[str] = []
 
         def prepare(db: sqlite3.Connection, job_id: str) -> None:
+            job_ids.append(job_id)
             holder.append(self.volumes.reserve_target(db, pool_name, tpool, tbe, new_name,
                                                       op=kind))
 
@@ -161,54 +179,33 @@ class BackupOps:
                 self.volumes.abort_target(target)
                 raise
             self.volumes.finish_target(target)
+            if after is not None:
+                after(job_ids[0], mon)
 
-        return self.jobs.start(kind, work, pool=None, volume=None,
+        lock = [(pool_name, new_name, WRITE)]
+        if source is not None:
+            lock.append((*source, WRITE))
+        return self.jobs.start(kind, work, pool=source[0] if source else None,
+                               volume=source[1] if source else None,
                                target_pool=pool_name, target_volume=new_name, total=total,
-                               bandwidth=bandwidth, lock=[(pool_name, new_name, WRITE)],
-                               prepare=prepare)
+                               bandwidth=bandwidth, lock=lock, prepare=prepare,
+                               must_exist=[source] if source else [])
 
     # -- import ----------------------------------------------------------------
     def import_file(self, source: str, pool_name: str, new_name: str, *,
                     format: str | None = None, bandwidth: int | None = None) -> JobInfo:
-        """vol-import: a file or block device's bytes (read as raw) into a new volume,
-        made as a restore is: staged, sparse, nothing under the name if it fails."""
-        from virtstore.data.extents import size_of
-        from virtstore.host.files import open_volume
+        from virtstore.backup.importer import start_import
 
-        fd = open_volume(source, os.O_RDONLY)
-        try:
-            capacity = size_of(fd)
-        finally:
-            os.close(fd)
-        tpool, tbe = self.volumes._active_pool(pool_name)
-        if not tbe.supports("create_volume"):
-            raise tbe.unsupported("volume import")
+        return start_import(self, source, pool_name, new_name, format=format,
+                            bandwidth=bandwidth)
 
-        def fill(out: Writer, mon: Monitor) -> None:
-            from virtstore.data.extents import data_extents, is_zero
+    # -- move ------------------------------------------------------------------
+    def move(self, pool_name: str, name: str, to_pool: str, *, new_name: str | None = None,
+             format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+        from virtstore.backup.move import start_move
 
-            src = open_volume(source, os.O_RDONLY)
-            try:
-                extents = list(data_extents(src, 0, capacity))
-                mon.set_total(sum(n for _, n in extents))
-                for off, length in extents:
-                    end = off + length
-                    while off < end:
-                        mon.check()
-                        n = min(_IMPORT_STEP, end - off)
-                        data = os.pread(src, n, off)
-                        if not data:
-                            raise InvalidArgument(f"'{source}' ended while it was read")
-                        if not is_zero(data):
-                            out.write(off, data)
-                        off += len(data)
-                        mon.advance(len(data))
-            finally:
-                os.close(src)
-
-        return self._fill_new(pool_name, tpool, tbe, new_name, capacity,
-                              format or tbe.caps.default_vol_format or "raw", fill,
-                              kind="import", bandwidth=bandwidth)
+        return start_move(self, pool_name, name, to_pool, new_name=new_name, format=format,
+                          bandwidth=bandwidth)
 
     # -- verify ----------------------------------------------------------------
     def verify(self, directory: str) -> JobInfo:
@@ -288,7 +285,10 @@ class _Backup:
             volume={"pool": pool_name, "name": rec.name, "key": rec.key},
             pool_type=pool.type, format=rec.format or "raw", capacity=rec.capacity,
             chunk_size=self.chunk, tracking=tracking, job=job_id)
-        self.parent = repo.latest() if incremental else None
+        # The directory's newest backup: its storage snapshot is dropped once this one
+        # is made, whatever this one's kind (the chain moves on).
+        self.previous = repo.latest()
+        self.parent = self.previous if incremental else None
         if incremental and self.parent is None:
             self.warn("no earlier backup in the directory: this backup is a full one")
 
@@ -313,13 +313,62 @@ class _Backup:
         parent = self._usable_parent()
         if self.m.tracking == TRACK_BITMAP:
             self._run_bitmap(parent)
+        elif self.m.tracking == self.backend.backup_tracking:
+            self._run_snapshot(parent)
         else:
             self._run_hash(parent)
+
+    def _run_snapshot(self, parent: Manifest | None) -> None:
+        """Read a snapshot taken now: all of its data, or, after a backup whose snapshot
+        is still there, only what the storage says changed since that one."""
+        be, pool, rec = self.backend, self.pool, self.rec
+        since = None
+        if parent is not None:
+            if parent.tracking != self.m.tracking or parent.snapshot is None:
+                self.warn(f"backup {parent.id} recorded no storage snapshot: full backup")
+            elif not be.backup_snapshot_exists(pool, rec, parent.snapshot):
+                self.warn(f"snapshot '{parent.snapshot}' is missing from the volume: "
+                          "full backup")
+            else:
+                since = parent.snapshot
+        snap = be.backup_snapshot(pool, rec, self.m.id)
+        self.m.snapshot = snap
+        try:
+            todo = _chunks_of(be.backup_extents(pool, rec, snap, since), self.chunk,
+                              rec.capacity)
+            base = parent if since is not None else None
+            inherited = ({i: h for i, h in base.chunks.items() if i not in todo}
+                         if base is not None else {})
+            with open_reader(be, pool, rec, snapshot=snap) as reader:
+                self._copy(reader, todo, inherited, base)
+        except BaseException:
+            self._drop_snapshot(snap)
+            raise
+        prev = self.previous
+        if prev is not None and prev.snapshot and prev.tracking == self.m.tracking:
+            self._drop_snapshot(prev.snapshot)
+
+    def _drop_snapshot(self, snap: str) -> None:
+        try:
+            self.backend.backup_snapshot_drop(self.pool, self.rec, snap)
+        except Exception as exc:
+            log.warning("could not remove snapshot '%s' of volume '%s': %s", snap,
+                        self.rec.name, exc)
 
     def _run_hash(self, parent: Manifest | None) -> None:
         """Read every chunk that may hold data; chunks whose hash is stored already (the
         unchanged ones) are not written again."""
-        with open_reader(self.backend, self.pool, self.rec) as reader:
+        with contextlib.ExitStack() as stack:
+            frozen = None
+            if self.backend.supports("frozen_source"):
+                try:
+                    frozen = stack.enter_context(self.backend.frozen_source(self.pool,
+                                                                            self.rec))
+                    self.m.snapshot = "frozen copy"
+                except Unsupported:
+                    pass  # the live volume is read, as on any other storage
+            reader = stack.enter_context(open_reader(self.backend, self.pool, self.rec,
+                                                     frozen=frozen))
             todo = _chunks_of(reader.data_extents(), self.chunk, self.rec.capacity)
             self._copy(reader, todo, {}, parent)
 

@@ -1,5 +1,5 @@
 """Backups and whole guests: vol-backup, vol-restore, vol-import, backup-verify,
-backup-list, guest-clone, guest-backup (docs/backup.md)."""
+backup-list, vol-move, guest-clone, guest-backup, migrate-check (docs/backup.md)."""
 
 from __future__ import annotations
 
@@ -74,11 +74,25 @@ def vol_import(ctx: Context, args: Args) -> None:
 
     pool = pool_name(ctx.conn, args.req("pool"))
     name = args.req("name")
-    source = os.path.abspath(args.req("source"))
+    source = args.req("source")
+    if "://" not in source:
+        source = os.path.abspath(source)
     job = ctx.conn.volume_import(source, pool, name, format=args.get("format"),
                                  bandwidth=_bandwidth(args))
     _wait(ctx, args, job, f"import {name}")
     _done(ctx, args, f"Vol {name} imported from {source} into pool {pool}")
+
+
+def vol_move(ctx: Context, args: Args) -> None:
+    from virtstore.cli.lookup import pool_name, volume
+
+    vol = volume(ctx.conn, args.req("vol"), args.get("pool"))
+    to_pool = pool_name(ctx.conn, args.req("to-pool"))
+    new = args.get("name") or vol.name
+    job = ctx.conn.volume_move(vol.pool, vol.name, to_pool, new_name=args.get("name"),
+                               format=args.get("format"), bandwidth=_bandwidth(args))
+    _wait(ctx, args, job, f"move {vol.name}")
+    _done(ctx, args, f"Vol {vol.name} moved from pool {vol.pool} to pool {to_pool} as {new}")
 
 
 def backup_verify(ctx: Context, args: Args) -> None:
@@ -141,6 +155,36 @@ def guest_backup(ctx: Context, args: Args) -> None:
         _report(ctx, args, d.directory, d.job, f"disk {d.target} ({d.pool}/{d.volume})")
 
 
+def migrate_check(ctx: Context, args: Args) -> None:
+    import virtstore
+    from virtstore.api.guests import migrate_check as check
+    from virtstore.cli.context import read_text_file
+    from virtstore.cli.output import pretty_size, table
+    from virtstore.errors import OperationInvalid
+
+    xml = read_text_file(args.req("file"))
+    uri = args.req("target")
+    target = virtstore.connect(uri)
+    try:
+        overall, disks = check(ctx.conn, xml, target, pool=args.get("pool"))
+    finally:
+        target.close()
+    if args.flag("json"):
+        ctx.json({"verdict": overall, "disks": [d.to_dict() for d in disks]})
+    else:
+        ctx.print(table(("Disk", "Source", "Verdict", "Target pool", "Needed", "Reason"),
+                        [(d.target, d.source, d.verdict, d.pool or "-",
+                          pretty_size(d.required), d.reason) for d in disks]))
+        ctx.extra(f"Migration to {uri}: {overall}")
+    if overall == "no":
+        bad = ", ".join(d.target for d in disks if d.verdict == "no")
+        raise OperationInvalid(f"the guest cannot move to {uri}: no place there for "
+                               f"disk(s) {bad}")
+    for d in disks:
+        if d.verdict == "unknown":
+            ctx.warn(f"disk {d.target} ({d.source}) is in no pool here: not checked")
+
+
 INCREMENTAL = Opt("incremental", "only what changed since the newest backup in the "
                   "directory (a full backup, with a warning, when that cannot be trusted)",
                   flag=True)
@@ -161,15 +205,28 @@ COMMANDS = (
              Opt("point", "id of the backup to restore (default: the newest)",
                  positional=False), BANDWIDTH, JSON), vol_restore),
     Command("vol-import", GROUP, "import a file or block device as a new vol",
-            "Copy the bytes of SOURCE (a file or block device, read as raw) into a new "
-            "vol NAME in POOL, sparse, in --format (the pool's default format otherwise). "
-            "A failed import leaves no vol.",
-            (Opt("source", "file or block device on the host that runs the engine",
+            "Copy the bytes of SOURCE (a file or block device, read as raw, or an NBD "
+            "export) into a new vol NAME in POOL, sparse, in --format (the pool's default "
+            "format otherwise). A failed import leaves no vol; run again, an import from an "
+            "NBD export goes on from the last chunk it checked instead of reading the "
+            "export again.",
+            (Opt("source", "file or block device on the host that runs the engine, or "
+                 "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
                  required=True),
              Opt("name", "name of the new vol", required=True),
              Opt("pool", "pool name or uuid", required=True),
              Opt("format", "format of the new vol (raw, qcow2, ...)", positional=False),
              BANDWIDTH, JSON), vol_import),
+    Command("vol-move", GROUP, "move a vol to another pool",
+            "Copy the vol into --to-pool (any pool type; in its format where that pool "
+            "makes it, else the pool's default, or --format), read the copy back and "
+            "compare it with the source, then delete the source. If any step fails the "
+            "source stays and no copy is left.",
+            (VOL, POOL_OPT, Opt("to-pool", "pool to move the vol to", required=True,
+                                positional=False),
+             Opt("name", "name in the new pool (default: the same)", positional=False),
+             Opt("format", "format of the moved vol (raw, qcow2, ...)", positional=False),
+             BANDWIDTH, JSON), vol_move),
     Command("backup-verify", GROUP, "check every chunk and manifest of a backup directory",
             "Read every chunk of DIR and check it against its hash; check that every "
             "manifest's chunks are there and its chain is whole.", (DIR, JSON),
@@ -187,6 +244,17 @@ COMMANDS = (
                  flag=True),
              Opt("output", "write the XML to this file instead of stdout", positional=False)),
             guest_clone),
+    Command("migrate-check", GROUP, "check that another host can take a guest's disks",
+            "Per disk of the guest: whether the host of --target sees the same storage "
+            "(the same RBD pool, NFS export, iSCSI target...), or which of its pools "
+            "(--pool, or the first that fits) has room for a copy (qemu-img measure) and "
+            "holds its format, backing chain and encryption, or why none can; then the "
+            "verdict. Fails when a disk has no place there.",
+            (DOMAIN_FILE, Opt("target", "URI of the target host's virtstored",
+                              required=True, positional=False),
+             Opt("pool", "the target pool copies would go to", positional=False),
+             Opt("json", "print JSON", flag=True)),
+            migrate_check),
     Command("guest-backup", GROUP, "back up every disk of a guest",
             "vol-backup of each writable pool disk of the guest into DIR/TARGET.",
             (DOMAIN_FILE, DIR, INCREMENTAL), guest_backup),

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from virtstore.cli.parser import Args, Command, Opt
+from virtstore.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from virtstore.cli.context import Context
 
 CLUSTER_GROUP = "Host"
 VOLUME_GROUP = "Storage Volume"
+POOL_GROUP = "Storage Pool"
 
 JSON = Opt("json", "print a JSON document instead of text", flag=True)
 POOL = Opt("pool", "pool name", required=True)
@@ -40,7 +42,10 @@ def cluster_status(ctx: Context, args: Args) -> None:
         ("Cut off", yes_no(bool(me["cut_off"]))), ("Leases held", str(me["held"])),
         ("Leases lost", str(me["leases_lost"])),
         ("Refused", f"{me['refused_busy']} busy, {me['refused_unavailable']} unavailable"),
-        ("Cluster leases", str(st["leases"]))]))
+        ("Cluster leases", str(st["leases"])),
+        ("Cluster pools", ", ".join(st["pools"]["cluster_pools"]) or "-")]))
+    for pool, why in sorted(st["pools"]["not_applied"].items()):
+        ctx.print(f"Pool {pool} not taken in here: {why}")
     ctx.print()
     ctx.print(table(["Endpoint", "Health", "Leader", "Version"],
                     [[e["endpoint"], "healthy" if e["healthy"] else e.get("error", "down"),
@@ -85,10 +90,46 @@ def vol_lease_list(ctx: Context, args: Args) -> None:
                     header=not ctx.quiet))
 
 
+def pool_override(ctx: Context, args: Args) -> None:
+    from virtstore.cli.output import table
+
+    pool, key, value = args.req("pool"), args.get("key"), args.get("value")
+    if key is None:
+        if args.get("member") or args.flag("unset") or value is not None:
+            raise InvalidArgument("give the KEY to set or unset")
+        every = ctx.conn.pool_overrides(pool)
+        if args.flag("json"):
+            ctx.json(every)
+            return
+        ctx.print(table(["Member", "Key", "Value"],
+                        [[m, k, v] for m, vals in sorted(every.items())
+                         for k, v in sorted(vals.items())], header=not ctx.quiet))
+        return
+    if args.flag("unset") == (value is not None):
+        raise InvalidArgument("give either a VALUE or --unset")
+    now = ctx.conn.pool_override(pool, key, value, member=args.get("member"))
+    if args.flag("json"):
+        ctx.json(now)
+        return
+    who = args.get("member") or "this member"
+    ctx.extra(f"Pool {pool}: {key} {'unset' if value is None else 'set'} for {who}")
+
+
 COMMANDS = (
     Command("cluster-status", CLUSTER_GROUP, "the cluster's members, health and leases",
             "Returns the etcd endpoints and their health, quorum, the members with their "
             "sessions and leases, and this member's counters.", (JSON,), cluster_status),
+    Command("pool-override", POOL_GROUP, "a cluster pool's per-member values",
+            "Without KEY, lists each member's own values of the cluster-wide pool's "
+            "host-local keys. With KEY and VALUE, sets a member's own value (this member's "
+            "unless --member), with --unset removes it: that member's definition is the "
+            "cluster's with its own values put in. Keys: target.path, source.device, "
+            "source.host (comma-separated lists for the last two), source.initiator.",
+            (Opt("pool", "pool name", required=True), Opt("key", "the key"),
+             Opt("value", "its value on that member"),
+             Opt("member", "the member (default: this one)", positional=False),
+             Opt("unset", "remove the member's own value", flag=True), JSON),
+            pool_override),
     Command("vol-lease", VOLUME_GROUP, "take or renew a volume's cluster write lease",
             "Takes the cluster-wide write lease on a volume of a shared pool (or renews it "
             "for the same holder on this member), e.g. before a guest starts on it. It "

@@ -37,7 +37,6 @@ log = logging.getLogger("virtstore")
 PREFIX = "/virtstore/v1/"
 MEMBERS = PREFIX + "members/"
 LEASES = PREFIX + "vol/"
-POOLS = PREFIX + "pools/"
 
 # Pool types whose storage is named by its source alone: the monitors or portals a
 # member lists may differ from host to host while the storage is the same.
@@ -45,6 +44,8 @@ _NAMED_BY_SOURCE = ("rbd", "sheepdog")
 # A session is trusted for this share of its TTL after the keepalive that confirmed it
 # was sent: the rest is the margin for clocks and the request itself.
 _TRUST = 0.8
+# How often the watchdog looks at the trust windows (seconds).
+_WATCHDOG = 0.2
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,10 @@ class Cluster:
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        # etcd leases given up here while etcd could not be told: revoked once it can,
+        # so their keys do not wait out the TTL after this member is back.
+        self._stale: list[int] = []
         self.counters = {"leases_taken": 0, "leases_lost": 0, "refused_busy": 0,
                          "refused_unavailable": 0}
 
@@ -194,6 +199,31 @@ class Cluster:
             self._thread = threading.Thread(target=self._keepalive_loop,
                                             name="cluster-keepalive", daemon=True)
             self._thread.start()
+        if self._watchdog is None or not self._watchdog.is_alive():
+            self._watchdog = threading.Thread(target=self._watchdog_loop,
+                                              name="cluster-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _watchdog_loop(self) -> None:
+        """Give leases up the moment their trust window ends, not when a keepalive stuck
+        on an unreachable etcd finally times out (that may be after the TTL, when
+        another member can already have the lease)."""
+        while not self._stop.wait(_WATCHDOG):
+            with self._lock:
+                now = time.monotonic()
+                expired = self._session and now >= self._confirmed_until
+                owned = [ls for ls in self._held.values()
+                         if ls.own and now >= ls.confirmed_until]
+                if not expired and not owned:
+                    continue
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.time()
+                    log.warning("member %s: etcd confirmed nothing within the trust window",
+                                self.member)
+                if expired:
+                    self._lose_session("no keepalive was confirmed within the lease TTL")
+                for ls in owned:
+                    self._lose(ls)
 
     def _keepalive_loop(self) -> None:
         while not self._stop.wait(self._interval()):
@@ -208,7 +238,9 @@ class Cluster:
             session = self._session
             owned = [ls for ls in self._held.values() if ls.own]
             pending = list(self._unreleased)
-        if not session and not owned and not pending and self._unreachable_since is None:
+            stale = list(self._stale)
+        if (not session and not owned and not pending and not stale
+                and self._unreachable_since is None):
             return
         sent = time.monotonic()
         try:
@@ -248,9 +280,22 @@ class Cluster:
             self._unreleased = [ls for ls in self._unreleased if ls not in pending]
         for ls in pending:
             self._release_now(ls, retry=True)
+        self._revoke_stale(stale)
+
+    def _revoke_stale(self, stale: list[int]) -> None:
+        for lease in stale:
+            try:
+                self.client.revoke(lease)
+            except VirtstoreError as exc:
+                log.warning("revoking lost lease %x: %s (will retry)", lease, exc)
+                continue
+            with self._lock:
+                self._stale.remove(lease)
 
     def _lose(self, ls: Lease) -> None:
         if self._held.pop(ls.key, None) is not None:
+            if ls.own:
+                self._stale.append(ls.etcd_lease)
             self.counters["leases_lost"] += 1
             log.warning("member %s lost its write lease on %s/%s", self.member, ls.pool,
                         ls.volume)
@@ -260,6 +305,8 @@ class Cluster:
         log.warning("member %s: %s; its job leases are lost", self.member, why)
         for ls in [ls for ls in self._held.values() if not ls.own]:
             self._lose(ls)
+        if self._session:
+            self._stale.append(self._session)
         self._session = 0
         self._last_error = why
 
@@ -273,12 +320,14 @@ class Cluster:
                 f"({self._last_error}): it takes no new write leases")
 
     def acquire(self, pool_name: str, pool: PoolDef, volume: str, *, op: str,
-                holder: str | None = None, ttl: int | None = None) -> Lease:
+                holder: str | None = None, ttl: int | None = None,
+                storage: str | None = None) -> Lease:
         """The write lease on ``volume`` of the shared ``pool``, or Busy naming who
         has it. ``ttl``: an explicit lease with an etcd lease of its own (renewed if
-        this member and ``holder`` already hold it)."""
+        this member and ``holder`` already hold it). ``storage``: the pool's storage
+        id when it is not the definition's own (a cluster pool's)."""
         self._refuse_if_cut_off()
-        key = lease_key(storage_id(pool), volume)
+        key = lease_key(storage or storage_id(pool), volume)
         holder = holder or f"{op}@{os.getpid()}"
         own = ttl is not None
         try:
@@ -363,10 +412,10 @@ class Cluster:
                 self._start_keepalive()
 
     def unlease(self, pool_name: str, pool: PoolDef, volume: str, *, holder: str | None,
-                force: bool = False) -> None:
+                force: bool = False, storage: str | None = None) -> None:
         """End an explicit lease: this member's with ``holder`` (any holder of this
         member when None), or anyone's with ``force`` (the holder is known dead)."""
-        key = lease_key(storage_id(pool), volume)
+        key = lease_key(storage or storage_id(pool), volume)
         cur = self.client.get(key)
         if cur is None:
             raise InvalidArgument(f"volume '{volume}' of pool '{pool_name}' has no lease")
@@ -435,6 +484,8 @@ class Cluster:
             session = self._session
             self._held.clear()
             self._session = 0
+            stale = list(self._stale)
+        self._revoke_stale(stale)
         for ls in held:
             if ls.own:
                 continue  # an explicit lease outlives this process until its TTL
@@ -444,6 +495,7 @@ class Cluster:
                 self.client.revoke(session)
         except VirtstoreError as exc:
             log.warning("closing the cluster session: %s", exc)
-        if self._thread is not None:
-            self._thread.join(timeout=self._interval() + 1)
+        for t in (self._thread, self._watchdog):
+            if t is not None:
+                t.join(timeout=self._interval() + 1)
         self.client.close()

@@ -7,7 +7,8 @@ invisible to listings and lookups.
 Rows are kept narrow because a cold refresh writes one per volume: a path that is
 just the pool's target plus the name, and a key equal to the path, are stored as NULL
 and derived on read; rarely used image details go in one JSON column. Ownership,
-mode and timestamps are read from the file when a volume's XML is asked for.
+mode and timestamps are read from the file when a volume's XML is asked for (what a
+scan read of a volume that is no local file is kept with the rarely used details).
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ _SELECT_INFO = (f"SELECT v.pool, v.name, COALESCE(NULLIF(v.key, ''), {_PATH}) AS
 _SELECT_REC = (f"SELECT v.*, {_PATH} AS full_path FROM volumes v "
                "JOIN pools p ON p.name = v.pool")
 _EXTRA = ("backing_path", "backing_format", "compat", "cluster_size", "lazy_refcounts",
-          "encryption")
+          "encryption", "mode", "uid", "gid")
+# Kept even when 0 (root): a volume that is not a local file (gluster, NFS from
+# userspace) has its owner and mode only from its scan.
+_IDS = ("uid", "gid")
 
 
 def _info(row: sqlite3.Row | tuple[object, ...]) -> VolumeInfo:
@@ -55,7 +59,8 @@ def _row(pool: str, prefix: str | None, rec: VolumeRecord, state: str = "ready")
         object, ...]:
     """``prefix``: the pool's target path with a trailing '/', from which paths derive."""
     derived = prefix is not None and rec.path == prefix + rec.name
-    extra = tuple((k, v) for k in _EXTRA if (v := getattr(rec, k)))
+    extra = tuple((k, v) for k in _EXTRA
+                  if (v := getattr(rec, k)) or (k in _IDS and v is not None))
     return (pool, rec.name, rec.type, rec.format, rec.capacity, rec.allocation, rec.physical,
             rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns, state,
             None if derived else rec.path, None if rec.key == rec.path else rec.key,

@@ -52,11 +52,12 @@ def release(store: Store, owner: str) -> None:
         db.execute("DELETE FROM vol_locks WHERE owner=?", (owner,))
 
 
-def check_free(db: sqlite3.Connection, pool: str, name: str) -> None:
-    """Raise Busy if any live job holds the volume (used by delete, wipe, resize)."""
+def check_free(db: sqlite3.Connection, pool: str, name: str, owner: str = "") -> None:
+    """Raise Busy if any live job (other than ``owner``) holds the volume (used by
+    delete, wipe, resize)."""
     _drop_stale(db, pool, name)
-    if db.execute("SELECT 1 FROM vol_locks WHERE pool=? AND name=? LIMIT 1",
-                  (pool, name)).fetchone() is not None:
+    if db.execute("SELECT 1 FROM vol_locks WHERE pool=? AND name=? AND owner!=? LIMIT 1",
+                  (pool, name, owner)).fetchone() is not None:
         raise Busy(f"Requested operation is not valid: volume '{name}' in pool '{pool}' is in "
                    "use by a running job")
 

@@ -5,7 +5,9 @@ is exported as the disk it holds), a block device, an RBD image (qemu's rbd driv
 the pool's cephx key), an iSCSI LUN (qemu's iscsi driver, CHAP included), a file on an
 NFS server (the userspace mode's nfs:// URL), a gluster file. The export holds the
 volume's lock for its whole life: a read lock for a read-only export, a write lock
-otherwise, so no job rewrites a volume a client is reading, and no two writers meet.
+otherwise, so no job rewrites a volume a client is reading, and no two writers meet. A
+writable export of a shared pool's volume on a cluster member also holds the volume's
+cluster-wide write lease (docs/cluster.md): a writer on another host refuses it.
 
 Where: a unix socket (``nbd+unix:///NAME?socket=PATH``) or a TCP port on an address
 (``nbd://HOST:PORT/NAME``).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets as pysecrets
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -95,6 +98,12 @@ def export_volume(conn: EngineParts, pool: str, name: str, *,
         locks.acquire(db, [(pool, name, locks.READ if read_only else locks.WRITE)], owner)
     stack = contextlib.ExitStack()
     try:
+        lease = None
+        if not read_only:
+            # A writable export is a writer like any other: on a shared pool of a
+            # cluster member it holds the volume's write lease until it stops.
+            lease = conn.volumes.write_lease(pool, pool_def, backend, name, "nbd-export")
+            stack.callback(conn.volumes.end_lease, lease)
         if rec.type == "file" and backend.local_files(pool_def):
             # qemu-nbd opens the path, and reads through its backing chain, itself.
             refuse_symlink(rec.path)
@@ -105,6 +114,11 @@ def export_volume(conn: EngineParts, pool: str, name: str, *,
                            port=port, export=export_name if export_name is not None else name,
                            read_only=read_only)
         stack.enter_context(server)
+        if lease is not None:
+            # Lost (etcd gone past the TTL): no more writes through this export. Not
+            # in the keepalive thread itself: stopping waits for qemu-nbd.
+            lease.on_lost(lambda: threading.Thread(target=server.stop, name="nbd-lease-lost",
+                                                   daemon=True).start())
     except BaseException:
         stack.close()
         locks.release(conn.state.store, owner)

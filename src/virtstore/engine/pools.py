@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid as uuidlib
+from typing import TYPE_CHECKING
 
 from virtstore.backends.base import Backend, Stamp
 from virtstore.engine import locks, nesting
@@ -24,6 +25,9 @@ from virtstore.host.files import live_stat
 from virtstore.types import replace
 from virtstore.xml import Permissions, PoolDef, format_pool_xml, parse_pool_xml
 
+if TYPE_CHECKING:
+    from virtstore.engine.clusterpools import ClusterPools
+
 log = logging.getLogger("virtstore")
 
 # Pool types whose target is a local directory: libvirt reports its owner and mode.
@@ -42,6 +46,16 @@ class PoolManager(PoolReader):
         self.index = index
         self.events = events
         self.confinement = confinement or Confinement()
+        # Set when this engine is a member of a cluster: persistent pools of shared
+        # types are defined, undefined and marked autostart cluster-wide.
+        self.cluster_pools: ClusterPools | None = None
+
+    def _publishing(self, pool_type: str, publish: bool) -> ClusterPools | None:
+        if not publish or self.cluster_pools is None:
+            return None
+        from virtstore.engine.clusterpools import covers
+
+        return self.cluster_pools if covers(pool_type) else None
 
     def _check_target(self, pool: PoolDef) -> None:
         check_pool_target(pool, self.confinement, self.state.root)
@@ -144,12 +158,19 @@ class PoolManager(PoolReader):
                                     f"'{r.name}'")
         return same
 
-    def define(self, xml: str) -> str:
+    def define(self, xml: str, *, publish: bool = True) -> str:
+        """``publish``: a cluster member defines a shared pool cluster-wide (False when
+        it takes in the cluster's definition)."""
         pool = self._parse_new(xml)
         with self.state.store.write() as db:
             existing = self._check_conflicts(pool)
             if existing is not None and existing.active and existing.type != pool.type:
                 raise OperationInvalid(f"pool '{pool.name}' is active: cannot change its type")
+            cp = self._publishing(pool.type, publish)
+            if cp is not None:
+                # etcd first: when it refuses, nothing changes here either.
+                pool = cp.publish(db, pool, existing is not None
+                                  and self.state.is_autostart(pool.name))
             self.state.write_def_file(pool)
             if existing is None:
                 db.execute("INSERT INTO pools(name, uuid, type, persistent, active, target_path)"
@@ -181,13 +202,16 @@ class PoolManager(PoolReader):
             raise
         return pool.name
 
-    def undefine(self, name: str) -> None:
+    def undefine(self, name: str, *, publish: bool = True) -> None:
         with self.state.store.write() as db:
             row = self.state.row(name)
             if not row.persistent:
                 raise _not_valid(name, "not persistent")
             if row.active:
                 raise _not_valid(name, "still active")
+            cp = self._publishing(row.type, publish)
+            if cp is not None:
+                cp.withdraw(db, name)
             self.state.remove_def_file(name)
             db.execute("DELETE FROM pools WHERE name=?", (name,))
             db.execute("DELETE FROM pool_runtime WHERE name=?", (name,))
@@ -195,13 +219,24 @@ class PoolManager(PoolReader):
         self.state.backend.drop(name)
         self._emit("undefined", name)
 
-    def set_autostart(self, name: str, on: bool) -> None:
+    def set_autostart(self, name: str, on: bool, *, publish: bool = True) -> None:
         with self.state.store.write():
             row = self.state.row(name)
             if not row.persistent:
                 raise OperationInvalid("Requested operation is not valid: cannot set "
                                        "autostart for transient pool")
+            cp = self._publishing(row.type, publish)
+            if cp is not None:
+                cp.publish_autostart(name, on)
             self.state.set_autostart(name, on)
+
+    def make_transient(self, name: str) -> None:
+        """An active pool whose persistent definition is gone elsewhere: it runs on
+        until stopped, then it is gone (as when its file is removed by hand)."""
+        with self.state.store.write() as db:
+            self.state.remove_def_file(name)
+            db.execute("UPDATE pools SET persistent=0 WHERE name=?", (name,))
+        self._emit("undefined", name)
 
     # -- lifecycle -------------------------------------------------------------
     def _inactive(self, name: str, active: str = "already active") -> tuple[PoolRow, Backend]:

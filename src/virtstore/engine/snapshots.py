@@ -7,7 +7,9 @@ read-only copies) through the contract's ``snap_*`` verbs.
 
 from __future__ import annotations
 
+import contextlib
 import secrets as pysecrets
+from collections.abc import Iterator
 
 from virtstore.backends.base import Backend, VolumeRecord
 from virtstore.engine import locks
@@ -33,11 +35,23 @@ class SnapshotManager:
         backend.check_volume(pool, rec)
         return pool, backend, rec
 
-    def _locked(self, pool_name: str, name: str) -> str:
+    @contextlib.contextmanager
+    def _writing(self, pool_name: str, pool: PoolDef, backend: Backend, name: str,
+                 op: str) -> Iterator[None]:
+        """This host's write lock on the volume, then (a shared pool of a cluster
+        member) the cluster's write lease: another member's writer, a guest's lease
+        included, refuses the snapshot with Busy."""
         owner = "snap-" + pysecrets.token_hex(6)
         with self.store.write() as db:
             locks.acquire(db, [(pool_name, name, locks.WRITE)], owner)
-        return owner
+        try:
+            lease = self.volumes.write_lease(pool_name, pool, backend, name, op)
+            try:
+                yield
+            finally:
+                self.volumes.end_lease(lease)
+        finally:
+            locks.release(self.store, owner)
 
     def list(self, pool_name: str, name: str) -> list[SnapshotInfo]:
         pool, backend, rec = self._volume(pool_name, name)
@@ -61,16 +75,14 @@ class SnapshotManager:
 
     def _change(self, pool_name: str, name: str, snap: str, verb: str) -> None:
         pool, backend, rec = self._volume(pool_name, name)
-        owner = self._locked(pool_name, name)
-        try:
+        op = "snapshot-" + verb.removesuffix("-external")
+        with self._writing(pool_name, pool, backend, name, op):
             # The backend refuses a snapshot it does not have (NoSuchVolume): listing
             # them here first would read the image twice (qemu-img info).
             act = {"create": backend.snap_create, "create-external": backend.snap_create_external,
                    "revert": backend.snap_revert, "delete": backend.snap_delete}[verb]
             act(pool, rec, snap)
             self._reread(pool_name, pool, backend, name)
-        finally:
-            locks.release(self.store, owner)
 
     def forget_volume(self, pool_name: str, name: str) -> None:
         """A deleted volume's snapshots kept apart from it go with it."""

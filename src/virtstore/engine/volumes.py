@@ -72,7 +72,10 @@ class VolumeManager:
         holder has it. A new volume's name is claimed with it before it is made."""
         if self.cluster is None or not backend.caps.shared:
             return None
-        return self.cluster.acquire(pool_name, pool, name, op=op)
+        from virtstore.engine.clusterpools import lease_storage
+
+        return self.cluster.acquire(pool_name, pool, name, op=op,
+                                    storage=lease_storage(self.state.store, pool_name, pool))
 
     def end_lease(self, lease: Lease | None) -> None:
         if lease is not None and self.cluster is not None:
@@ -293,7 +296,9 @@ class VolumeManager:
         return "the volume is read again"
 
     # -- delete ----------------------------------------------------------------
-    def delete(self, pool_name: str, name: str) -> None:
+    def delete(self, pool_name: str, name: str, *, owner: str = "") -> None:
+        """Delete the volume; ``owner``: the job deleting it, which may hold its lock (a
+        move drops its source)."""
         pool, backend = self._active_pool(pool_name)
         rec = self.index.get(pool_name, name)
         if not backend.supports("delete_volume"):
@@ -304,7 +309,7 @@ class VolumeManager:
         lease = self.write_lease(pool_name, pool, backend, name, "delete")
         try:
             with self.state.store.write() as db:
-                locks.check_free(db, pool_name, name)
+                locks.check_free(db, pool_name, name, owner)
                 cur = db.execute("UPDATE volumes SET state='deleting' WHERE pool=? AND "
                                  "name=? AND state='ready'", (pool_name, name))
                 if cur.rowcount != 1:

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from virtstore.errors import CommandFailed
 from virtstore.host.nbd import NbdAddress
 from virtstore.host.runner import run
 
@@ -48,10 +47,11 @@ def remove_bitmap(path: str, name: str) -> None:
 
 
 def _map(addr: NbdAddress, extra: str) -> list[dict[str, Any]]:
-    if not addr.socket:
-        raise CommandFailed("block-status maps are read from a unix-socket NBD export")
-    opts = (f"driver=nbd,server.type=unix,server.path={addr.socket},"
-            f"export={addr.export}{extra}")
+    if addr.socket:
+        server = f"server.type=unix,server.path={addr.socket}"
+    else:
+        server = f"server.type=inet,server.host={addr.host},server.port={addr.port}"
+    opts = f"driver=nbd,{server},export={addr.export}{extra}"
     out = run(["qemu-img", "map", "--output=json", "--image-opts", opts], timeout=3600).stdout
     result: list[dict[str, Any]] = json.loads(out)
     return result

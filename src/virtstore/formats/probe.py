@@ -23,7 +23,7 @@ from virtstore.errors import Forbidden, InternalError, InvalidArgument, NoSuchVo
 from virtstore.formats import _misc, _qemu, _vendor
 from virtstore.formats._types import HEAD_SIZE, ImageInfo, Source, Truncated
 
-__all__ = ["ImageInfo", "backing_chain", "probe_image"]
+__all__ = ["ImageInfo", "backing_chain", "probe_image", "probe_qcow2_head"]
 
 Parser = Callable[[Source, ImageInfo], None]
 
@@ -111,6 +111,20 @@ def probe_fd(fd: int, path: str, st: os.stat_result | None = None, *,
         return _probe_fd(fd, path, st, fmt)
     except OSError as exc:
         raise _open_error(path, exc) from exc
+
+
+def probe_qcow2_head(head: bytes) -> ImageInfo | None:
+    """A qcow2 image described from the bytes of its first cluster alone (an image
+    reached through a network client, not a file descriptor); None when ``head`` is not
+    a qcow2 header. A field lying beyond ``head`` marks the image corrupt."""
+    if head[:4] != b"QFI\xfb":
+        return None
+    info = ImageInfo("qcow2", 0, 0, len(head))
+    try:
+        _qemu.parse_qcow(Source(-1, len(head), head), info)
+    except (Truncated, struct.error, ValueError, OverflowError):
+        info.corrupt = True
+    return info
 
 
 def _special(path: str, st: os.stat_result) -> ImageInfo:

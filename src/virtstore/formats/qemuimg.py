@@ -313,6 +313,25 @@ def info(path: str, fmt: str | None = None, *, backing_chain: bool = False,
     return json.loads(run([*argv, _abs(path)], timeout=timeout).stdout)
 
 
+def measure(out_fmt: str, *, image: str | None = None, fmt: str | None = None,
+            image_opts: str | None = None, objects: Sequence[str] = (),
+            timeout: float | None = 120.0) -> dict[str, int]:
+    """``qemu-img measure``: the bytes a copy of the image in ``out_fmt`` needs
+    (``required``: its data and metadata; ``fully-allocated``: preallocated)."""
+    argv = [QEMU_IMG, "measure", "--output=json", "-O", out_fmt]
+    for obj in objects:
+        argv += ["--object", obj]
+    if image_opts is not None:
+        argv += ["--image-opts", image_opts]
+    elif image is not None:
+        argv += [*(["-f", fmt] if fmt else []), _abs(image)]
+    else:
+        raise InvalidArgument("qemu-img measure needs an image")
+    out = json.loads(run(argv, timeout=timeout).stdout)
+    return {"required": int(out["required"]),
+            "fully_allocated": int(out["fully-allocated"])}
+
+
 def check(path: str, fmt: str | None = None, *, timeout: float | None = 3600.0) -> dict[str, Any]:
     """``qemu-img check --output=json``. Corruptions and leaks (exit 2, 3) are reported
     in the result, with ``"returncode"`` added; only a failure to check raises."""

@@ -203,6 +203,19 @@ class EtcdClient:
         kvs = (doc.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
         return False, 0, KV.from_json(kvs[0]) if kvs else None
 
+    def replace(self, key: str, value: str, mod_revision: int) -> bool:
+        """Put ``key`` only if nobody changed it since ``mod_revision``."""
+        doc = self.call("/v3/kv/txn", {
+            "compare": [{"key": _b64(key), "target": "MOD",
+                         "mod_revision": str(mod_revision)}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}]})
+        return bool(doc.get("succeeded"))
+
+    def delete_prefix(self, prefix: str) -> int:
+        doc = self.call("/v3/kv/deleterange", {"key": _b64(prefix),
+                                               "range_end": _b64(prefix_end(prefix))})
+        return int(doc.get("deleted", 0))
+
     def delete_if(self, key: str, mod_revision: int) -> bool:
         """Delete ``key`` only if nobody changed it since ``mod_revision``."""
         doc = self.call("/v3/kv/txn", {

@@ -94,8 +94,11 @@ class NbdClient:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: object = addr.socket
         else:
-            self.sock = socket.create_connection((addr.host or "127.0.0.1", addr.port),
-                                                 timeout=timeout)
+            try:
+                self.sock = socket.create_connection((addr.host or "127.0.0.1", addr.port),
+                                                     timeout=timeout)
+            except OSError as exc:
+                raise NbdError(f"cannot connect to NBD export {addr.url}: {exc}") from exc
             target = None
         self.sock.settimeout(timeout)
         try:

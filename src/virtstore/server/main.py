@@ -265,6 +265,7 @@ def _serve_here(engine: EmbeddedConnection, app: App, listeners: list[Listener],
                 limits: Limits) -> str:
     """One process: this one accepts and serves. Returns the line to log at the end."""
     server = Server(app, listeners, limits=limits)
+    engine.follow_cluster_pools()
     how = _stop_on_signals(server.shutdown)
     _notify_systemd()
     server.serve_forever()
@@ -286,6 +287,8 @@ def _serve_workers(workers: int, open_engine: Callable[[], EmbeddedConnection],
     def work(slot: int) -> None:
         os.close(lock_fd)  # the supervisor alone holds the one-daemon lock
         engine = open_engine()
+        if slot == 0:  # one follower of the cluster's pools per daemon
+            engine.follow_cluster_pools()
         try:
             server = Server(make_app(engine), listeners, limits=limits, counts=counts)
             signal.signal(signal.SIGTERM, lambda _s, _f: server.shutdown())

@@ -1,0 +1,127 @@
+"""Backups restored into pools that are not directories: a real one-node Ceph cluster
+(rbd) and zfs (zvols where the kernel module makes them). Restores into logical pools
+need device-mapper and run in the kernel lab (tests/kernel/test_logical.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from block_fixtures import BlockLab, lab_fixture, zfs_daemon_fixture  # noqa: F401
+from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
+from test_backend_rbd import ceph, download, rconn, rpool, upload  # noqa: F401
+from test_backend_zfs import zfs_xml
+from test_backup_volumes import CHUNK, MiB, done, fill_chunks, qcow2
+from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
+from virtstore.host import zfs
+
+
+def raw_bytes(img: Path) -> bytes:
+    out = img.with_suffix(".raw-copy")
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(img), str(out)],
+                   check=True)
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def test_qcow2_backup_restored_as_an_rbd_image(rconn: EmbeddedConnection,  # noqa: F811
+                                               rpool: str,  # noqa: F811
+                                               pool: str, pooldir: Path,
+                                               tmp_path: Path) -> None:
+    qcow2(rconn, pool, "g.qcow2", 32 * MiB)
+    img = pooldir / "g.qcow2"
+    fill_chunks(img, 1, 2, 7)  # chunks 1 and 2; 0 and 3-7 stay holes
+    bdir = tmp_path / "bk"
+    done(rconn, rconn.volume_backup(pool, "g.qcow2", str(bdir)).id)
+    done(rconn, rconn.volume_restore(str(bdir), rpool, "restored").id)
+    info = rconn.volume_info(rpool, "restored")
+    assert (info.format, info.capacity) == ("raw", 32 * MiB)
+    data = download(rconn, rpool, "restored")
+    assert data == raw_bytes(img)
+    assert data[CHUNK:CHUNK + 4] == bytes([7]) * 4 and data[:CHUNK] == bytes(CHUNK)
+    # A format the pool cannot hold is refused before anything is made.
+    with pytest.raises(Exception, match="format 'qcow2' is not supported"):
+        rconn.volume_restore(str(bdir), rpool, "again", format="qcow2")
+    assert [v.name for v in rconn.list_volumes(rpool)] == ["restored"]
+
+
+@pytest.mark.usefixtures("zfs_daemon")
+def test_restore_into_a_zfs_pool(lab: BlockLab, conn: EmbeddedConnection, pool: str,
+                                 pooldir: Path, tmp_path: Path) -> None:
+    name = lab.zpool()
+    conn.pool_define_xml(zfs_xml(name, lab.loop(128 * MiB)))
+    conn.pool_build(name)
+    conn.pool_start(name)
+    qcow2(conn, pool, "g.qcow2", 16 * MiB)
+    fill_chunks(pooldir / "g.qcow2", 2, 1, 3)
+    bdir = tmp_path / "bk"
+    done(conn, conn.volume_backup(pool, "g.qcow2", str(bdir)).id)
+    job = conn.job_wait(conn.volume_restore(str(bdir), name, "restored").id)
+    if not zfs.has_zvols():
+        assert job.state == "failed"
+        assert "zvols need the ZFS kernel module" in (job.error or "")
+        assert conn.list_volumes(name) == []
+        assert not [d for d in zfs.datasets(name) if "staging" in d.name]
+        return
+    assert job.state == "done", job.error
+    vol = conn.volume_info(name, "restored")
+    with open(vol.path, "rb") as fh:
+        assert fh.read() == raw_bytes(pooldir / "g.qcow2")
+
+
+def test_rbd_incremental_reads_only_what_diff_iterate_reports(
+        rconn: EmbeddedConnection, rpool: str, ceph: Server,  # noqa: F811
+        pool: str, pooldir: Path, tmp_path: Path) -> None:
+    rconn.volume_create(rpool, VolumeCreateArgs(name="disk", capacity=32 * MiB))
+    v1 = b"".join(bytes([10 + k]) * CHUNK for k in range(4))  # chunks 0-3
+    upload(rconn, rpool, "disk", v1)
+    bdir = tmp_path / "bk"
+    done(rconn, rconn.volume_backup(rpool, "disk", str(bdir)).id)
+    (full,) = rconn.backup_list(str(bdir))
+    assert (full["kind"], full["tracking"]) == ("full", "rbd-diff")
+    assert full["snapshot"] == f"virtstore-backup-{full['id']}"
+    assert full["stats"]["chunks_read"] == 4
+    # The snapshot is the storage's, hidden from the volume's snapshot list.
+    assert snaps(ceph, "disk") == [full["snapshot"]]
+    assert rconn.volume_snapshot_list(rpool, "disk") == []
+
+    upload(rconn, rpool, "disk", b"\x77" * MiB, offset=2 * CHUNK - 4096)  # chunks 1 and 2
+    upload(rconn, rpool, "disk", b"\x88" * 4096, offset=6 * CHUNK)  # chunk 6
+    done(rconn, rconn.volume_backup(rpool, "disk", str(bdir), incremental=True).id)
+    inc = rconn.backup_list(str(bdir))[-1]
+    assert (inc["kind"], inc["parent"], inc["tracking"]) == ("incremental", full["id"],
+                                                            "rbd-diff")
+    assert inc["stats"]["chunks_read"] == 3 and inc["stats"]["chunks_written"] == 3
+    assert snaps(ceph, "disk") == [inc["snapshot"]]  # the older one went
+    v2 = bytearray(v1 + bytes(4 * CHUNK))
+    v2[2 * CHUNK - 4096:2 * CHUNK - 4096 + MiB] = b"\x77" * MiB
+    v2[6 * CHUNK:6 * CHUNK + 4096] = b"\x88" * 4096
+    assert download(rconn, rpool, "disk") == bytes(v2)
+
+    # Each point of the chain restores its own bytes.
+    done(rconn, rconn.volume_restore(str(bdir), pool, "p1.img", point=full["id"]).id)
+    done(rconn, rconn.volume_restore(str(bdir), pool, "p2.img").id)
+    assert (pooldir / "p1.img").read_bytes() == v1 + bytes(4 * CHUNK)
+    assert (pooldir / "p2.img").read_bytes() == bytes(v2)
+    job = rconn.job_wait(rconn.backup_verify(str(bdir)).id)
+    assert job.state == "done", job.error
+
+    # The snapshot removed behind virtstore's back: the next one is full, and says why.
+    ceph_cmd(ceph, "rbd", "snap", "rm", f"rbd/{rconn.volume_info(rpool, 'disk').name}"
+             f"@{inc['snapshot']}")
+    done(rconn, rconn.volume_backup(rpool, "disk", str(bdir), incremental=True).id)
+    last = rconn.backup_list(str(bdir))[-1]
+    assert last["kind"] == "full" and last["stats"]["chunks_read"] == 5
+    assert last["warnings"] == [f"snapshot '{inc['snapshot']}' is missing from the volume: "
+                                "full backup"]
+
+
+def snaps(srv: Server, image: str) -> list[str]:
+    out = ceph_cmd(srv, "rbd", "snap", "ls", "--format", "json", f"rbd/{image}").stdout
+    return [s["name"] for s in json.loads(out)]
