@@ -12,10 +12,10 @@ records and the errors) are importable from here; they load on first use, so tha
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.api import (
         Connection,

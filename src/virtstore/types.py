@@ -6,16 +6,19 @@ so the engine, the backends, the transports and the CLI can all use it without c
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-_R = TypeVar("_R")
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from dataclasses import dataclass as record
     from dataclasses import field
+    from typing import Any, Protocol, TypeVar
+
+    _R = TypeVar("_R")
 
     __all__ = ["field", "record"]  # re-exported: the records' decorator, as typed
 else:
+    Protocol = object  # only type checkers look at the protocols' structure
+
     # The standard dataclasses module imports inspect (ast, dis, tokenize): a few
     # milliseconds that every single-object command would pay. The records here and
     # the backends' need only __init__, __repr__, __eq__, __hash__, frozen, slots and
@@ -40,17 +43,61 @@ else:
     def _make_record(cls: Any, frozen: bool, slots: bool) -> Any:
         if any(hasattr(b, "__record_fields__") for b in cls.__mro__[1:]):
             raise TypeError(f"{cls.__name__}: a record does not inherit another's fields")
-        names = [n for n, t in cls.__dict__.get("__annotations__", {}).items()  # noqa: RUF063
+        own = cls.__dict__
+        names = [n for n, t in own.get("__annotations__", {}).items()
                  if not str(t).startswith(("ClassVar", "typing.ClassVar"))]
-        scope: dict[str, Any] = {"_object_setattr": object.__setattr__}
+        defaults = {n: own[n] for n in names if n in own}
+        fields_of = _fields_getter(names)
+
+        def __init__(self: Any, *args: object, **kwargs: object) -> None:
+            # Compiling an __init__ is most of a record class's cost, and a command
+            # uses few of the records it imports: each is compiled when first made.
+            new.__init__ = init = _compile_init(names, defaults, frozen, slots)
+            init(self, *args, **kwargs)
+
+        def __repr__(self: Any) -> str:
+            inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+            return f"{type(self).__qualname__}({inner})"
+
+        def __eq__(self: Any, other: object) -> bool:
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return bool(fields_of(self) == fields_of(other))
+
+        ns = {"__init__": __init__, "__repr__": __repr__, "__eq__": __eq__,
+              "__match_args__": tuple(names), "__record_fields__": tuple(names)}
+        if frozen:
+            def __hash__(self: Any) -> int:
+                return hash(fields_of(self))
+
+            ns.update(__setattr__=_frozen_setattr, __delattr__=_frozen_delattr,
+                      __hash__=__hash__)
+        else:
+            ns["__hash__"] = None
+        ns.update((k, v) for k, v in own.items() if k not in ns and k not in (
+            "__dict__", "__weakref__") and not (slots and k in defaults))
+        if slots:
+            ns["__slots__"] = tuple(names)
+        new = type(cls)(cls.__name__, cls.__bases__, ns)
+        new.__qualname__ = cls.__qualname__
+        return new
+
+    def _frozen_setattr(self: Any, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field '{name}'")
+
+    def _frozen_delattr(self: Any, name: str) -> None:
+        raise AttributeError(f"cannot delete field '{name}'")
+
+    def _compile_init(names: list[str], defaults: dict[str, Any], frozen: bool,
+                      slots: bool) -> Any:
+        scope: dict[str, Any] = {"_object_setattr": object.__setattr__, "_MISSING": _MISSING}
         params, body = [], []
         for n in names:
-            default = cls.__dict__.get(n, _MISSING)
+            default = defaults.get(n, _MISSING)
             if isinstance(default, _Field):
                 scope[f"_f_{n}"] = default.default_factory
                 params.append(f"{n}=_MISSING")
                 value = f"_f_{n}() if {n} is _MISSING else {n}"
-                scope["_MISSING"] = _MISSING
             elif default is not _MISSING:
                 scope[f"_d_{n}"] = default
                 params.append(f"{n}=_d_{n}")
@@ -64,48 +111,12 @@ else:
                 body.append(f"_object_setattr(self, '{n}', {value})")
             else:
                 body.append(f"self.{n} = {value}")
-            if default is not _MISSING and slots:
-                delattr(cls, n)
         if frozen and not slots:
             body.insert(0, "_d = self.__dict__")
         src = (f"def __init__(self, {', '.join(params)}):\n    "
                + "\n    ".join(body or ["pass"]))
         exec(src, scope)  # the source is made from the class's own field names
-        ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        ns["__init__"] = scope["__init__"]
-        ns["__match_args__"] = tuple(names)
-        ns["__record_fields__"] = tuple(names)
-        fields_of = _fields_getter(names)
-
-        def __repr__(self: Any) -> str:
-            inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
-            return f"{type(self).__qualname__}({inner})"
-
-        def __eq__(self: Any, other: object) -> bool:
-            if other.__class__ is not self.__class__:
-                return NotImplemented
-            return bool(fields_of(self) == fields_of(other))
-
-        ns["__repr__"], ns["__eq__"] = __repr__, __eq__
-        if frozen:
-            def __setattr__(self: Any, name: str, value: object) -> None:
-                raise AttributeError(f"cannot assign to field '{name}'")
-
-            def __delattr__(self: Any, name: str) -> None:
-                raise AttributeError(f"cannot delete field '{name}'")
-
-            def __hash__(self: Any) -> int:
-                return hash(fields_of(self))
-
-            ns["__setattr__"], ns["__delattr__"] = __setattr__, __delattr__
-            ns["__hash__"] = __hash__
-        else:
-            ns["__hash__"] = None
-        if slots:
-            ns["__slots__"] = tuple(names)
-        new = type(cls)(cls.__name__, cls.__bases__, ns)
-        new.__qualname__ = cls.__qualname__
-        return new
+        return scope["__init__"]
 
     def _fields_getter(names: list[str]) -> Any:
         if not names:

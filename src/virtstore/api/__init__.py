@@ -9,7 +9,6 @@ they hold a name and call back into their connection, so both transports share t
 from __future__ import annotations
 
 import abc
-from typing import Any, BinaryIO
 
 from virtstore.api.handles import Job, Pool, Secret, Volume, size_arg
 from virtstore.errors import InvalidArgument, Unsupported
@@ -39,6 +38,10 @@ from virtstore.types import (
     VolumePage,
     default_root,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 __all__ = [
     "JOB_CANCELLED",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from virtstore.api import Connection, check_page
 from virtstore.api.startup import startup, warn
@@ -26,7 +25,10 @@ from virtstore.types import (
     VolumePage,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, BinaryIO, TypeVar
+
     from virtstore.backup.ops import BackupOps
     from virtstore.engine.cluster import Cluster, ClusterConfig
     from virtstore.engine.clusterpools import ClusterPools
@@ -39,8 +41,7 @@ if TYPE_CHECKING:
     from virtstore.engine.snapshots import SnapshotManager
     from virtstore.engine.volumes import VolumeManager
 
-
-_T = TypeVar("_T")
+    _T = TypeVar("_T")
 
 
 class EmbeddedConnection(Connection):

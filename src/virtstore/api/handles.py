@@ -6,8 +6,6 @@ engine and the remote client share them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, BinaryIO
-
 from virtstore.errors import InternalError
 from virtstore.types import (
     JOB_CANCELLED,
@@ -20,7 +18,10 @@ from virtstore.types import (
     VolumeInfo,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from virtstore.api import Connection
 
 

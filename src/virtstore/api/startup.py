@@ -4,12 +4,12 @@ left, sync definitions, offer the default pool, autostart after a boot."""
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 from virtstore.errors import NoSuchPool, VirtstoreError
 from virtstore.host.files import boot_id, process_alive
 from virtstore.types import JOB_FINAL
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.api.embedded import EmbeddedConnection
 

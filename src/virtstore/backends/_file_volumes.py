@@ -16,14 +16,16 @@ import os
 import time
 from collections.abc import Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 from virtstore.backends.base import Backend, CloneOptions, SnapshotRow, VolumeRecord
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
 from virtstore.host.files import open_volume, refuse_symlink, regular_size, remove_quietly
 from virtstore.types import SnapshotInfo
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import BinaryIO, ClassVar
+
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
     from virtstore.xml import PoolDef

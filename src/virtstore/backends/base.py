@@ -17,16 +17,20 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol
 
 from virtstore.errors import AuthFailed, OperationInvalid, Unsupported
 from virtstore.types import field, record
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, BinaryIO, ClassVar, Protocol
+
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
     from virtstore.types import SnapshotInfo
     from virtstore.xml import PoolDef, VolDef, VolSource
+else:
+    Protocol = object  # only type checkers look at the protocols' structure
 
 
 @record(frozen=True)

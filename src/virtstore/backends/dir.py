@@ -6,7 +6,6 @@ import errno
 import os
 import stat
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from virtstore.backends._file_volumes import (
     PRIVATE_PREFIX,
@@ -27,6 +26,7 @@ from virtstore.host.files import fsync_dir, open_volume
 
 __all__ = ["PRIVATE_PREFIX", "SNAPSHOT_PREFIX", "STAGING_PREFIX", "DirBackend"]
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.formats.probe import ImageInfo
     from virtstore.xml import PoolDef

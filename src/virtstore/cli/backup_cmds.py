@@ -4,12 +4,14 @@ backup-list, vol-move, guest-clone, guest-backup, migrate-check (docs/backup.md)
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 
 from virtstore.cli.data_cmds import BANDWIDTH, JSON, POOL_OPT, VOL, _bandwidth, _done, _wait
 from virtstore.cli.parser import Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from virtstore.api import JobInfo
     from virtstore.cli.context import Context
 

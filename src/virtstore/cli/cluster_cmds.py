@@ -7,11 +7,10 @@ comma-separated) as VIRTSTORE_CLUSTER_MEMBER (default the host name).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.parser import Args, Command, Opt
 from virtstore.errors import InvalidArgument
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.cli.context import Context
 

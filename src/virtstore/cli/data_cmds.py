@@ -7,13 +7,13 @@ progress bar on a terminal, JSON lines with ``--json``, and Ctrl-C to cancel it.
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Any
-
 from virtstore.cli.context import failing
 from virtstore.cli.parser import Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from virtstore.api import JobInfo, VolumeInfo
     from virtstore.cli.context import Context
 
@@ -221,8 +221,10 @@ def vol_download(ctx: Context, args: Args) -> None:
         ok = True
     finally:
         if not ok and created:
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(path)
+            except OSError:
+                pass
 
 
 # -- storage snapshots ---------------------------------------------------------

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.parser import Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.cli.context import Context
 

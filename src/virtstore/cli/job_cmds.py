@@ -7,10 +7,9 @@ first one is waiting for.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.parser import Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.api import Event, JobInfo
     from virtstore.cli.context import Context

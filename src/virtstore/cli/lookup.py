@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING
-
 from virtstore.cli.context import failing
-from virtstore.errors import InvalidArgument, NoSuchPool, NoSuchVolume
+from virtstore.errors import InvalidArgument, NoSuchPool, NoSuchVolume, VirtstoreError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.api import Connection, PoolInfo, VolumeInfo
 
@@ -41,6 +39,14 @@ def volume(conn: Connection, ident: str, pool: str | None = None, *,
     and a volume found by key or path must belong to that pool. ``pool_option`` names
     the option that would have helped, for virsh's message when none was given.
     """
+    if pool is not None:
+        # The common case in one query, without the pool's sizes (and its backend): the
+        # pool named by its name, the volume by its name. Anything else takes the way
+        # below, which gives virsh's answer and messages.
+        try:
+            return conn.volume_info(pool, ident)
+        except VirtstoreError:
+            pass
     pool_name = pool_info(conn, pool).name if pool is not None else None
     hint = f", specifying --{pool_option} might help" if pool is None and pool_option else ""
     with failing(f"failed to get vol '{ident}'{hint}"):
@@ -49,8 +55,10 @@ def volume(conn: Connection, ident: str, pool: str | None = None, *,
 
 def _volume(conn: Connection, ident: str, pool: str | None) -> VolumeInfo:
     if pool is not None:
-        with contextlib.suppress(NoSuchVolume):
+        try:
             return conn.volume_info(pool, ident)
+        except NoSuchVolume:
+            pass
         try:
             found = conn.volume_by_path_or_key(ident)
         except NoSuchVolume:

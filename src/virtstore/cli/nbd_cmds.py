@@ -3,10 +3,9 @@ server runs on the storage host, beside the volume)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.parser import Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.cli.context import Context
 

@@ -16,33 +16,43 @@ for the errors. It imports nothing beyond the standard library's core.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
 
 from virtstore.errors import InvalidArgument
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.cli.context import Context
 
 Value = str | bool | None
 
 
-class Opt(NamedTuple):
+class Opt:
     """One option of a command. ``flag`` options are booleans, the others take a string."""
 
-    name: str
-    help: str
-    flag: bool = False
-    required: bool = False
-    positional: bool = True  # string options only: may be given as a bare word
+    # A plain class, not a NamedTuple: the typing module is a fifth of a command's
+    # start-up, and every command table builds these.
+    __slots__ = ("flag", "help", "name", "positional", "required")
+
+    def __init__(self, name: str, help: str, flag: bool = False, required: bool = False,
+                 positional: bool = True) -> None:
+        self.name = name
+        self.help = help
+        self.flag = flag
+        self.required = required
+        self.positional = positional  # string options only: may be given as a bare word
 
 
-class Command(NamedTuple):
-    name: str
-    group: str
-    summary: str
-    description: str
-    opts: tuple[Opt, ...]
-    run: Callable[[Context, Args], int | None]
+class Command:
+    __slots__ = ("description", "group", "name", "opts", "run", "summary")
+
+    def __init__(self, name: str, group: str, summary: str, description: str,
+                 opts: tuple[Opt, ...], run: Callable[[Context, Args], int | None]) -> None:
+        self.name = name
+        self.group = group
+        self.summary = summary
+        self.description = description
+        self.opts = opts
+        self.run = run
 
 
 XPATH_OPTS = (

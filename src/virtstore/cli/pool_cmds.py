@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.cli.context import define_from_file, failing
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from virtstore.cli.context import failing
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 from virtstore.errors import Unsupported
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from virtstore.api import VolumeInfo
     from virtstore.cli.context import Context
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from virtstore.backends import new_backend
 from virtstore.backends.base import Backend, SnapshotRow
-from virtstore.engine import journal
 from virtstore.engine.store import Store
 from virtstore.errors import AuthFailed, NoSuchSecret
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -44,6 +43,8 @@ class Hooks:
     @contextmanager
     def scratch(self, backend: Backend, pool: PoolDef, volume: str,
                 op: str) -> Iterator[str]:
+        from virtstore.engine import journal  # here: reading a pool's sizes needs none
+
         staging = backend.staging_path(pool, os.urandom(8).hex())
         with self.store.write() as db:
             entry = journal.begin(db, op, pool.name, volume, staging, None)

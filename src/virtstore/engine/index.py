@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import functools
 import os
-import sqlite3
 import stat
 from collections.abc import Callable, Mapping
 
-from virtstore.backends.base import ScanResult, Stamp, VolumeRecord
 from virtstore.engine.store import Store
 from virtstore.errors import NoSuchVolume
 from virtstore.host.files import live_stat
 from virtstore.types import VolumeInfo, VolumePage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
+
+    from virtstore.backends.base import ScanResult, Stamp, VolumeRecord
 
 _COLS = ("pool, name, type, format, capacity, allocation, physical, ino, size, mtime_ns, "
          "ctime_ns, state, path, key, extra")
@@ -76,6 +80,9 @@ def _encode_extra(items: tuple[tuple[str, object], ...]) -> str:
 
 
 def record(row: sqlite3.Row) -> VolumeRecord:
+    # The backends' module only here: a listing or a lookup answers VolumeInfo records.
+    from virtstore.backends.base import VolumeRecord
+
     path = row["full_path"]
     rec = VolumeRecord(name=row["name"], path=path, key=row["key"] or path, type=row["type"],
                        format=row["format"], capacity=row["capacity"],
@@ -205,6 +212,8 @@ class VolumeIndex:
         return None if row is None else str(row["state"])
 
     def stamps(self, pool: str) -> dict[str, Stamp]:
+        from virtstore.backends.base import Stamp
+
         rows = self.store.query("SELECT name, ino, size, mtime_ns, ctime_ns FROM volumes "
                                 "WHERE pool=? AND state='ready'", (pool,))
         return {r["name"]: Stamp(r["ino"] or 0, r["size"] or 0, r["mtime_ns"] or 0,

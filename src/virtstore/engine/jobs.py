@@ -22,7 +22,7 @@ from virtstore.engine import locks
 from virtstore.engine.events import EventLog
 from virtstore.engine.store import Store
 from virtstore.errors import Cancelled, NoSuchJob, NoSuchVolume, OperationInvalid, VirtstoreError
-from virtstore.host.files import process_alive, process_start_time
+from virtstore.host.files import own_start_time, process_alive
 from virtstore.types import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_FINAL, JOB_RUNNING, JobInfo
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class JobManager:
 
             raise InvalidArgument("bandwidth must be a positive number of bytes per second")
         job_id = secrets.token_hex(6)
-        start = process_start_time(_pid()) or "?"
+        start = own_start_time() or "?"
         with self.store.write() as db:
             # Checked under the write lock: a volume deleted since the caller looked it
             # up is refused here rather than failing inside the job.

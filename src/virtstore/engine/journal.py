@@ -10,12 +10,15 @@ its data is), or none.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 
 from virtstore.engine.store import Store
-from virtstore.host.files import process_alive, process_start_time
+from virtstore.host.files import own_start_time, process_alive
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
 
 
 def _warn(msg: str, *args: object) -> None:
@@ -25,13 +28,10 @@ def _warn(msg: str, *args: object) -> None:
 
     logging.getLogger("virtstore").warning(msg, *args)
 
-_SELF_START = process_start_time(os.getpid()) or "?"
-
-
 def begin(db: sqlite3.Connection, op: str, pool: str, name: str, tmp_path: str | None,
           final_path: str | None) -> int:
     pid = os.getpid()
-    start = process_start_time(pid) or _SELF_START
+    start = own_start_time() or "?"
     cur = db.execute("INSERT INTO journal(op, pool, name, tmp_path, final_path, pid, pid_start,"
                      " started) VALUES(?,?,?,?,?,?,?,?)",
                      (op, pool, name, tmp_path, final_path, pid, start, time.time()))

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from virtstore.engine.store import Store
 from virtstore.errors import Busy
-from virtstore.host.files import process_alive, process_start_time
+from virtstore.host.files import own_start_time, process_alive
 
 READ = "r"
 WRITE = "w"
@@ -42,7 +42,7 @@ def acquire(db: sqlite3.Connection, wanted: Iterable[tuple[str, str, str]], owne
             raise Busy(f"Requested operation is not valid: volume '{name}' in pool '{pool}' "
                        "is in use by a running job")
     pid = os.getpid()
-    start = process_start_time(pid) or "?"
+    start = own_start_time() or "?"
     db.executemany("INSERT INTO vol_locks(pool, name, mode, owner, pid, pid_start) "
                    "VALUES(?,?,?,?,?,?)", [(p, n, m, owner, pid, start) for p, n, m in items])
 

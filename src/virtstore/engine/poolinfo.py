@@ -7,7 +7,6 @@ when its backend can tell them that way (a directory: one ``statvfs``).
 
 from __future__ import annotations
 
-from virtstore.backends.base import PoolSizes
 from virtstore.engine.state import PoolRow, StateRoot
 from virtstore.errors import NoSuchPool
 from virtstore.types import POOL_INACTIVE, POOL_RUNNING, PoolInfo
@@ -21,8 +20,10 @@ class PoolReader:
         return self._info(self.state.row(name))
 
     def _info(self, row: PoolRow) -> PoolInfo:
-        sizes = PoolSizes()
         backend = self.state.backend(row.type, row.name)
+        from virtstore.backends.base import PoolSizes  # loaded with the backend
+
+        sizes = PoolSizes()
         if row.active:
             quick = backend.sizes_at(row.target_path) if row.target_path else None
             sizes = quick if quick is not None else backend.sizes(self.state.definition(row))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING
 
 from virtstore.engine.store import Store
 from virtstore.errors import InternalError, NoSuchPool, VirtstoreError
 from virtstore.types import record, replace
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Callable

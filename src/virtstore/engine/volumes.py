@@ -323,10 +323,13 @@ class VolumeManager:
                 raise
         finally:
             self.end_lease(lease)
-        self.index.remove(pool_name, name)
-        journal.end(self.state.store, entry)
-        if self.events is not None:
-            self.events.emit("volume", "deleted", pool=pool_name, name=name)
+        # One commit for the row, the journal and the event, as a create's: each write
+        # transaction is a turn on the database's lock, which concurrent writers queue for.
+        with self.state.store.write():
+            self.index.remove(pool_name, name)
+            journal.end(self.state.store, entry)
+            if self.events is not None:
+                self.events.emit("volume", "deleted", pool=pool_name, name=name)
 
     # -- XML -------------------------------------------------------------------
     def xml(self, pool_name: str, name: str) -> str:

@@ -4,13 +4,12 @@ places volumes on the pool's devices (disk partitions, LVs), so a dir pool's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.errors import OperationInvalid
 from virtstore.host.files import live_stat
 from virtstore.xml.model import BackingStore, Permissions, Timestamps, VolDef, VolTarget
-from virtstore.xml.volume import format_volume_xml
+from virtstore.xml.volformat import format_volume_xml
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtstore.backends.base import VolumeRecord
     from virtstore.engine.index import VolumeIndex

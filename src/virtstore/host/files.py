@@ -7,13 +7,12 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from virtstore.errors import OperationInvalid
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import BinaryIO
 
 
@@ -74,6 +73,20 @@ def process_start_time(pid: int) -> str | None:
     """The start time of ``pid`` (clock ticks since boot), to tell a live PID from a reused one."""
     fields = _stat_fields(pid)
     return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+_own_start: tuple[int, str | None] = (-1, None)
+
+
+def own_start_time() -> str | None:
+    """This process's start time, read once per process (a forked child reads its own):
+    the journal and the locks record it on every write, and /proc/PID/stat of a busy
+    process with threads is no cheap read."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start[0] != pid:
+        _own_start = (pid, process_start_time(pid))
+    return _own_start[1]
 
 
 def process_alive(pid: int, start: str) -> bool:
@@ -177,6 +190,8 @@ def block_devno(path: str) -> str | None:
 def secret_file(value: bytes) -> Iterator[str]:
     """A temporary file only its owner can read, holding a secret for a program (on its
     command line, every user would see it); removed afterwards."""
+    import tempfile
+
     fd, path = tempfile.mkstemp(prefix="virtstore-secret-")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:

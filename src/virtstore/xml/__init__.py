@@ -6,9 +6,10 @@ messages; formatting prints libvirt's exact layout. Both are pure functions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from virtstore.xml.caps import PoolTypeCaps, default_pool_type_caps, pool_capabilities_xml
     from virtstore.xml.model import (
         Adapter,
@@ -37,13 +38,13 @@ if TYPE_CHECKING:
         parse_pool_source_xml,
         parse_pool_sources,
         parse_pool_xml,
-        pool_type_info,
     )
-    from virtstore.xml.pooltypes import POOL_TYPES, PoolType
+    from virtstore.xml.pooltypes import POOL_TYPES, PoolType, pool_type_info
     from virtstore.xml.schema import validate
     from virtstore.xml.secret import format_secret_xml, parse_secret_xml
     from virtstore.xml.units import format_size_human, parse_size
-    from virtstore.xml.volume import default_vol_type, format_volume_xml, parse_volume_xml
+    from virtstore.xml.volformat import format_volume_xml
+    from virtstore.xml.volume import default_vol_type, parse_volume_xml
 
 # Each name is imported from its module on first use (PEP 562), so that a command
 # needing only ``units`` or the records does not load lxml and every parser.
@@ -75,7 +76,7 @@ _WHERE = {
     "parse_pool_source_xml": "virtstore.xml.pool",
     "parse_pool_sources": "virtstore.xml.pool",
     "parse_pool_xml": "virtstore.xml.pool",
-    "pool_type_info": "virtstore.xml.pool",
+    "pool_type_info": "virtstore.xml.pooltypes",
     "POOL_TYPES": "virtstore.xml.pooltypes",
     "PoolType": "virtstore.xml.pooltypes",
     "validate": "virtstore.xml.schema",
@@ -84,7 +85,7 @@ _WHERE = {
     "format_size_human": "virtstore.xml.units",
     "parse_size": "virtstore.xml.units",
     "default_vol_type": "virtstore.xml.volume",
-    "format_volume_xml": "virtstore.xml.volume",
+    "format_volume_xml": "virtstore.xml.volformat",
     "parse_volume_xml": "virtstore.xml.volume",
 }
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.model import Adapter
 from virtstore.xml.values import parse_c_uint, parse_int, parse_yes_no, shown
 from virtstore.xml.writer import Writer, esc
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 

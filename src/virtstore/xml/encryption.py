@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.errors import XMLError
 from virtstore.xml.auth import format_secret_ref, parse_secret_ref
 from virtstore.xml.model import Encryption, EncryptionSecret
 from virtstore.xml.values import parse_int, shown
 from virtstore.xml.writer import Writer, esc
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.errors import XMLError
 from virtstore.xml.model import Permissions
 from virtstore.xml.values import parse_int, text_of
 from virtstore.xml.writer import Writer
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 

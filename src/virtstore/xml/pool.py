@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from virtstore.errors import XMLError
 from virtstore.xml.adapter import validate_adapter
 from virtstore.xml.model import PoolDef, PoolSource, PoolTarget
 from virtstore.xml.perms import format_permissions, parse_permissions
-from virtstore.xml.pooltypes import FS_NS, POOL_TYPES, RBD_NS, REMOVED_POOL_TYPES, PoolType, Src
+from virtstore.xml.pooltypes import (
+    FS_NS,
+    RBD_NS,
+    PoolType,
+    Src,
+    pool_type_info,
+)
 from virtstore.xml.safe import parse_document
 from virtstore.xml.source import check_source_name, format_source, parse_source
 from virtstore.xml.values import check_name, parse_uuid, parse_yes_no, sanitize_path, shown, text_of
 from virtstore.xml.writer import Writer, esc
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 
 REFRESH_ALLOCATION = ("default", "capacity")
-
-
-def pool_type_info(name: str | None) -> PoolType:
-    """The table entry of a pool type, or libvirt's error for an unknown one."""
-    if name is None:
-        raise XMLError("Missing required attribute 'type' in element 'pool'")
-    ptype = POOL_TYPES.get(name)
-    if ptype is None:
-        if name in REMOVED_POOL_TYPES:
-            raise XMLError(f"unknown storage pool type '{name}' "
-                           f"(support was {REMOVED_POOL_TYPES[name]})")
-        raise XMLError(f"unknown storage pool type '{shown(name)}'")
-    return ptype
 
 
 def _parse_cow(root: etree._Element, ptype: PoolType) -> bool | None:

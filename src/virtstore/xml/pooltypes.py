@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from enum import Flag, auto
-
+from virtstore.errors import XMLError
 from virtstore.types import record
+from virtstore.xml.values import shown
 
 
-class Src(Flag):
-    """Source elements a pool type uses (required ones are checked by the parser)."""
+class Src:
+    """Source elements a pool type uses (required ones are checked by the parser): bits
+    of an int (an enum.Flag would load enum, and re with it, for every pool XML)."""
 
     NONE = 0
-    HOST = auto()
-    DEVICE = auto()
-    DIR = auto()
-    ADAPTER = auto()
-    NAME = auto()
-    INITIATOR_IQN = auto()
-    NETWORK = auto()  # no local target: rbd, gluster, iscsi-direct
+    HOST = 1
+    DEVICE = 2
+    DIR = 4
+    ADAPTER = 8
+    NAME = 16
+    INITIATOR_IQN = 32
+    NETWORK = 64  # no local target: rbd, gluster, iscsi-direct
 
 
 FS_FORMATS = ("auto", "ext2", "ext3", "ext4", "ufs", "iso9660", "udf", "gfs", "gfs2",
@@ -39,7 +40,7 @@ RBD_NS = "http://libvirt.org/schemas/storagepool/rbd/1.0"
 @record(frozen=True)
 class PoolType:
     name: str
-    flags: Src
+    flags: int  # Src bits
     pool_formats: tuple[str, ...] = ()
     default_pool_format: str | None = None
     vol_formats: tuple[str, ...] = ()
@@ -91,3 +92,16 @@ POOL_TYPES: dict[str, PoolType] = {t.name: t for t in (
 VOL_TYPES = ("file", "block", "dir", "network", "netdir", "ploop")
 
 REMOVED_POOL_TYPES = {"sheepdog": "removed in libvirt 8.8"}
+
+
+def pool_type_info(name: str | None) -> PoolType:
+    """The table entry of a pool type, or libvirt's error for an unknown one."""
+    if name is None:
+        raise XMLError("Missing required attribute 'type' in element 'pool'")
+    ptype = POOL_TYPES.get(name)
+    if ptype is None:
+        if name in REMOVED_POOL_TYPES:
+            raise XMLError(f"unknown storage pool type '{name}' "
+                           f"(support was {REMOVED_POOL_TYPES[name]})")
+        raise XMLError(f"unknown storage pool type '{shown(name)}'")
+    return ptype

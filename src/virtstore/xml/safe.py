@@ -8,10 +8,10 @@ size and depth, UTF-8 only.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 

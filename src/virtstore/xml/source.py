@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from virtstore.errors import XMLError
 from virtstore.xml.adapter import format_adapter, parse_adapter
@@ -13,6 +12,7 @@ from virtstore.xml.pooltypes import PoolType, Src
 from virtstore.xml.values import attr_of, parse_int, parse_yes_no, sanitize_path, shown, text_of
 from virtstore.xml.writer import Writer, esc
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from virtstore.errors import InvalidArgument, XMLError
 
 UINT64_MAX = 2**64 - 1
@@ -11,7 +9,7 @@ INT64_MAX = 2**63 - 1  # off_t is signed: libvirt caps capacity and allocation h
 
 _POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
 # strtoull: optional leading whitespace and '+', then decimal digits; nothing after.
-_UNSIGNED = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)")
+_UNSIGNED = r"[ \t\n\v\f\r]*\+?([0-9]+)"
 
 
 def unit_scale(unit: str | None) -> int:
@@ -38,7 +36,9 @@ def parse_size(value: str, unit: str | None, *, limit: int = UINT64_MAX,
     ``element`` names the XML element in the message ("malformed capacity element");
     ``limit`` is the largest byte count accepted.
     """
-    match = _UNSIGNED.fullmatch(value)
+    import re  # here: a command that only prints sizes need not load re (and enum)
+
+    match = re.fullmatch(_UNSIGNED, value)
     if match is None:
         raise XMLError(f"malformed {element} element")
     number = int(match.group(1))
@@ -69,6 +69,8 @@ def parse_scaled(text: str, what: str = "size") -> int:
     """A size as virsh's scaled integers take it: ``100`` bytes, ``10G``/``10GiB``
     (powers of 1024), ``10GB`` (powers of 1000), suffix case-insensitive; no sign,
     no fraction. Raises InvalidArgument("Malformed size -5G") like virsh."""
+    import re
+
     m = re.fullmatch(r"([0-9]+)\s*([A-Za-z]*)", text)
     if m is None:
         raise InvalidArgument(f"Malformed {what} {text}")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING
-
 from virtstore.errors import XMLError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxml import etree
 
@@ -96,18 +94,22 @@ def sanitize_path(path: str) -> str:
         head, rest = "//", path[2:]
     else:
         head, rest = "", path
+    import re  # here: printing a document needs none of the parsers' patterns
+
     cleaned = re.sub(r"/+", "/", rest)
     if len(head + cleaned) > 1 and cleaned.endswith("/"):
         cleaned = cleaned[:-1]
     return head + cleaned
 
 
-_SIGNED = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+_SIGNED = r"[ \t\n\v\f\r]*([+-]?[0-9]+)"
 
 
 def parse_int(value: str, base: int = 10) -> int | None:
     """strtol-like: leading whitespace and sign allowed, nothing after the digits."""
-    match = _SIGNED.fullmatch(value)
+    import re
+
+    match = re.fullmatch(_SIGNED, value)
     if match is None:
         return None
     try:
@@ -118,6 +120,8 @@ def parse_int(value: str, base: int = 10) -> int | None:
 
 def parse_c_uint(value: str) -> int | None:
     """strtoul with base 0 (decimal, 0x hex or leading-0 octal), unsigned only."""
+    import re
+
     text = value.lstrip(" \t\n\v\f\r").removeprefix("+")
     try:
         if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import re
-
-# virBufferEscapeString silently drops C0 controls other than tab, LF and CR.
-_DROPPED = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f]")
-_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;", '"': "&quot;", "'": "&apos;"}
+# virBufferEscapeString silently drops C0 controls other than tab, LF and CR, and
+# escapes the five XML specials.
+_ESCAPES: dict[int, str | None] = {
+    **{c: None for c in (*range(0x01, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20))},
+    **{ord(k): v for k, v in (("<", "&lt;"), (">", "&gt;"), ("&", "&amp;"),
+                              ('"', "&quot;"), ("'", "&apos;"))},
+}
 
 
 def esc(value: object) -> str:
-    return re.sub(r"[<>&\"']", lambda m: _ENTITIES[m.group(0)], _DROPPED.sub("", str(value)))
+    return str(value).translate(_ESCAPES)
 
 
 class Writer:
