@@ -262,6 +262,13 @@ class Bench:
     def lv_pool_name(self, pool: Any) -> str:
         return str(pool.name())
 
+    def remove_data(self, src: Path, *targets: str) -> None:
+        """Remove a workload's source and targets from the data pool's directory."""
+        for path in (src, *(self.data_dir / t for t in targets)):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            self.refresh(DATA, self.lv_data)
+
     def refresh(self, vs_pool: str, lv_pool: Any) -> None:
         """Both sides rescan after files were made or removed behind their back."""
         self.conn.pool_refresh(vs_pool)
@@ -363,10 +370,7 @@ def bench_clone(b: Bench) -> None:
                   {"virtstore": guarded(lambda: check("virtstore")),
                    "libvirt": b.lv_check(b.lv_data, lambda: check("libvirt"))})
     finally:
-        for path in (src, *(b.data_dir / t for t in targets.values())):
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(Exception):
-            b.refresh(DATA, b.lv_data)
+        b.remove_data(src, *targets.values())
 
 
 def bench_reflink(b: Bench) -> None:
@@ -510,10 +514,7 @@ def bench_upload(b: Bench) -> None:
                    "libvirt": b.lv_check(b.lv_data, lambda: sparse_check(
                        b.data_dir / targets["libvirt"], expected, s.stream_size, data))})
     finally:
-        for path in (src, *(b.data_dir / t for t in targets.values())):
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(Exception):
-            b.refresh(DATA, b.lv_data)
+        b.remove_data(src, *targets.values())
 
 
 def bench_download(b: Bench) -> None:

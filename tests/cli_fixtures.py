@@ -49,3 +49,18 @@ def errors_of(result: Result) -> list[str]:
 def error_of(result: Result) -> str:
     """Why a command failed: its last ``error:`` line."""
     return errors_of(result)[-1]
+
+
+def make_pool(cli: Cli, tmp_path: Path, name: str) -> Path:
+    """A running dir pool ``name`` in a new directory of that name; the directory."""
+    d = tmp_path / name
+    d.mkdir()
+    cli("pool-define-as", name, "dir", "--target", str(d))
+    cli("pool-start", name)
+    return d
+
+
+@pytest.fixture(name="pool")
+def pool_fixture(cli: Cli, tmp_path: Path) -> Path:
+    """A running dir pool named 'images'; its directory."""
+    return make_pool(cli, tmp_path, "images")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,12 +56,34 @@ def pool(conn: EmbeddedConnection, pooldir: Path) -> str:
     return "p"
 
 
-def qemu_info(path: Path | str) -> dict[str, object]:
+def qemu_info(path: Path | str) -> dict[str, Any]:
     out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
                          check=True, capture_output=True, text=True).stdout
-    info: dict[str, object] = json.loads(out)
+    info: dict[str, Any] = json.loads(out)
     return info
+
+
+def same_image(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
+    """Whether two images hold the same guest-visible bytes (qemu-img compare)."""
+    return subprocess.run(["qemu-img", "compare", "-q", "-U", "-f", fmt_a, "-F", fmt_b,
+                           str(a), str(b)], check=False).returncode == 0
 
 
 requires_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                        reason="qemu-img (Debian qemu-utils) is not installed")
+
+
+def job_done(conn: EmbeddedConnection, job_id: str) -> None:
+    info = conn.job_wait(job_id, 60)
+    assert info.state == "done", info.error
+
+
+def clone_resize_wipe(conn: EmbeddedConnection, pool: str, files: Path, size: int) -> None:
+    """Clone volume a.raw to c.raw, grow c.raw to ``size`` and wipe it, each checked on
+    the files under ``files``."""
+    job_done(conn, conn.volume_clone(pool, "a.raw", "c.raw").id)
+    assert (files / "c.raw").read_bytes() == (files / "a.raw").read_bytes()
+    job_done(conn, conn.volume_resize(pool, "c.raw", size).id)
+    assert conn.volume_info(pool, "c.raw").capacity == size
+    job_done(conn, conn.volume_wipe(pool, "c.raw").id)
+    assert (files / "c.raw").read_bytes() == bytes(size)

@@ -167,28 +167,27 @@ def loop_fs(workdir: Path, fstype: str, size: str) -> Iterator[Path]:
     mnt = workdir / f"{fstype}-mnt"
     _run("truncate", "-s", size, image)
     _run(*mkfs, image)
-    with loop_device(image) as dev:
-        mnt.mkdir()
-        try:
-            _run("mount", dev, mnt)
-        except subprocess.CalledProcessError as exc:
-            pytest.skip(f"cannot mount {fstype}: {exc.stderr.strip()}")
-        try:
-            yield mnt
-        finally:
-            _umount(mnt)
+    with loop_device(image) as dev, _mounted(mnt, fstype, dev):
+        yield mnt
 
 
 @contextlib.contextmanager
 def tmpfs(workdir: Path, size: str = "256M") -> Iterator[Path]:
     mnt = workdir / "tmpfs-mnt"
+    with _mounted(mnt, "tmpfs", "-t", "tmpfs", "-o", f"size={size}", "tmpfs"):
+        yield mnt
+
+
+@contextlib.contextmanager
+def _mounted(mnt: Path, what: str, *source: str | Path) -> Iterator[None]:
+    """``mount SOURCE... mnt`` on a new directory (the test skipped if it fails)."""
     mnt.mkdir()
     try:
-        _run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt)
+        _run("mount", *source, mnt)
     except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot mount tmpfs: {exc.stderr.strip()}")
+        pytest.skip(f"cannot mount {what}: {exc.stderr.strip()}")
     try:
-        yield mnt
+        yield
     finally:
         _umount(mnt)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import clone_resize_wipe, job_done
 from contract_walk import walk
 from net_fixtures import Server, gluster_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
@@ -28,11 +29,6 @@ needs_fuse = pytest.mark.skipif("fuse" not in kernel_filesystems(),
 @pytest.fixture
 def gl(gluster_fixture: Server) -> Server:  # noqa: F811
     return gluster_fixture
-
-
-def _wait(conn: EmbeddedConnection, job_id: str) -> None:
-    info = conn.job_wait(job_id, 60)
-    assert info.state == "done", info.error
 
 
 def _gluster_xml(name: str, gl: Server, sub: str | None = None) -> str:
@@ -95,19 +91,14 @@ def test_gluster_pool_volumes(conn: EmbeddedConnection, gpool: str, gl: Server,
         assert '"virtual-size": 33554432' in out.stdout
     # data
     payload = os.urandom(MiB) + b"end"
-    _wait(conn, conn.volume_upload(gpool, "a.raw", io.BytesIO(payload)).id)
+    job_done(conn, conn.volume_upload(gpool, "a.raw", io.BytesIO(payload)).id)
     sink = io.BytesIO()
-    _wait(conn, conn.volume_download(gpool, "a.raw", sink, length=len(payload)).id)
+    job_done(conn, conn.volume_download(gpool, "a.raw", sink, length=len(payload)).id)
     assert sink.getvalue() == payload
     assert (brick / "a.raw").read_bytes()[:len(payload)] == payload
-    _wait(conn, conn.volume_clone(gpool, "a.raw", "c.raw").id)
-    assert (brick / "c.raw").read_bytes() == (brick / "a.raw").read_bytes()
-    _wait(conn, conn.volume_resize(gpool, "c.raw", 6 * MiB).id)
-    assert conn.volume_info(gpool, "c.raw").capacity == 6 * MiB
-    _wait(conn, conn.volume_wipe(gpool, "c.raw").id)
-    assert (brick / "c.raw").read_bytes() == bytes(6 * MiB)
+    clone_resize_wipe(conn, gpool, brick, 6 * MiB)
     # a linked clone: a qcow2 overlay on its source, by name
-    _wait(conn, conn.volume_clone(gpool, "a.raw", "l.qcow2", linked=True).id)
+    job_done(conn, conn.volume_clone(gpool, "a.raw", "l.qcow2", linked=True).id)
     assert conn.volume_info(gpool, "l.qcow2").format == "qcow2"
     # qcow2 internal snapshots
     conn.volume_snapshot_create(gpool, "b.qcow2", "s1")
@@ -167,7 +158,7 @@ def test_netfs_glusterfs_mounts_with_libvirts_options(conn: EmbeddedConnection, 
         v = conn.volume_info("ng", "n.img")
         assert v.path == str(target / "n.img") and v.type == "file"
         assert (Path(gl.info["brick"]) / "n.img").exists()
-        _wait(conn, conn.volume_upload("ng", "n.img", io.BytesIO(b"abc" * 100)).id)
+        job_done(conn, conn.volume_upload("ng", "n.img", io.BytesIO(b"abc" * 100)).id)
         assert (Path(gl.info["brick"]) / "n.img").read_bytes()[:300] == b"abc" * 100
         conn.volume_delete("ng", "n.img")
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import clone_resize_wipe, job_done
 from contract_walk import walk
 from net_fixtures import Server, nfs_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
@@ -100,11 +101,6 @@ def upool(conn: EmbeddedConnection, nfs: Server, tmp_path: Path) -> Iterator[str
     conn.pool_stop("u")
 
 
-def _wait(conn: EmbeddedConnection, job_id: str) -> None:
-    info = conn.job_wait(job_id, 60)
-    assert info.state == "done", info.error
-
-
 def test_userspace_nfs_volumes(conn: EmbeddedConnection, upool: str, nfs: Server) -> None:
     export = Path(nfs.info["export"])
     info = conn.pool_info(upool)
@@ -133,22 +129,17 @@ def test_userspace_nfs_volumes(conn: EmbeddedConnection, upool: str, nfs: Server
                                       "</volume>")
     # upload and download
     payload = os.urandom(MiB) + bytes(MiB) + b"end"
-    _wait(conn, conn.volume_upload(upool, "a.raw", io.BytesIO(payload)).id)
+    job_done(conn, conn.volume_upload(upool, "a.raw", io.BytesIO(payload)).id)
     assert (export / "a.raw").read_bytes()[:len(payload)] == payload
     assert (export / "a.raw").stat().st_size == 4 * MiB
     sink = io.BytesIO()
-    _wait(conn, conn.volume_download(upool, "a.raw", sink, offset=5, length=100).id)
+    job_done(conn, conn.volume_download(upool, "a.raw", sink, offset=5, length=100).id)
     assert sink.getvalue() == payload[5:105]
-    _wait(conn, conn.volume_upload(upool, "a.raw", io.BytesIO(b"Z" * 10), offset=7,
+    job_done(conn, conn.volume_upload(upool, "a.raw", io.BytesIO(b"Z" * 10), offset=7,
                                    length=10).id)
     assert (export / "a.raw").read_bytes()[:20] == payload[:7] + b"Z" * 10 + payload[17:20]
     # clone, resize, wipe
-    _wait(conn, conn.volume_clone(upool, "a.raw", "c.raw").id)
-    assert (export / "c.raw").read_bytes() == (export / "a.raw").read_bytes()
-    _wait(conn, conn.volume_resize(upool, "c.raw", 8 * MiB).id)
-    assert conn.volume_info(upool, "c.raw").capacity == 8 * MiB
-    _wait(conn, conn.volume_wipe(upool, "c.raw").id)
-    assert (export / "c.raw").read_bytes() == bytes(8 * MiB)
+    clone_resize_wipe(conn, upool, export, 8 * MiB)
     # outside changes show on refresh; delete
     (export / "outside.img").write_bytes(b"x" * 4096)
     conn.pool_refresh(upool)

@@ -9,33 +9,18 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
+from cli_fixtures import Cli, Result, cli_fixture, error_of, make_pool, pool_fixture  # noqa: F401
+from conftest import qemu_info, same_image
+from conftest import requires_qemu_img as needs_qemu_img
 
 KiB = 1024
 MiB = 1024**2
 
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                    reason="qemu-img is not installed")
 needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None,
                                    reason="qemu-io is not installed")
-
-
-def make_pool(cli: Cli, tmp_path: Path, name: str) -> Path:
-    d = tmp_path / name
-    d.mkdir()
-    cli("pool-define-as", name, "dir", "--target", str(d))
-    cli("pool-start", name)
-    return d
-
-
-@pytest.fixture
-def pool(cli: Cli, tmp_path: Path) -> Path:
-    """A running dir pool named 'images'; its directory."""
-    return make_pool(cli, tmp_path, "images")
 
 
 def sparse_file(path: Path, size: int, chunks: dict[int, bytes]) -> None:
@@ -49,19 +34,6 @@ def sparse_file(path: Path, size: int, chunks: dict[int, bytes]) -> None:
 
 def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
-
-
-def qemu_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
-
-
-def same_image(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
-    done = subprocess.run(["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, str(a),
-                           str(b)], capture_output=True, text=True)
-    return done.returncode == 0
 
 
 @pytest.fixture

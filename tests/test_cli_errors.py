@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_fixtures import Cli, cli_fixture, errors_of  # noqa: F401
+from cli_fixtures import Cli, cli_fixture, errors_of, make_pool  # noqa: F401
 
 NOSUCH_POOL = "Storage pool not found: no storage pool with matching name 'nosuch'"
 NO_SECRET = "00000000-0000-0000-0000-000000000000"
@@ -16,10 +16,7 @@ NO_SECRET = "00000000-0000-0000-0000-000000000000"
 
 @pytest.fixture
 def images(cli: Cli, tmp_path: Path) -> Path:
-    d = tmp_path / "images"
-    d.mkdir()
-    cli("pool-define-as", "images", "dir", "--target", str(d))
-    cli("pool-start", "images")
+    d = make_pool(cli, tmp_path, "images")
     cli("vol-create-as", "images", "a.img", "1M")
     return d
 

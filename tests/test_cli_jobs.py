@@ -3,6 +3,7 @@ and cancelled from separate processes on one state root, and Ctrl-C on a termina
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -20,20 +21,11 @@ from typing import Any
 
 import pytest
 
-from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
+from cli_fixtures import Cli, Result, cli_fixture, error_of, pool_fixture  # noqa: F401
 
 MiB = 1024**2
 # Upper bounds for waiting on other processes; never asserted as durations.
 PATIENCE = 60.0
-
-
-@pytest.fixture
-def pool(cli: Cli, tmp_path: Path) -> Path:
-    d = tmp_path / "images"
-    d.mkdir()
-    cli("pool-define-as", "images", "dir", "--target", str(d))
-    cli("pool-start", "images")
-    return d
 
 
 def full_volume(cli: Cli, pool: Path, name: str, size: int) -> Path:
@@ -48,6 +40,20 @@ def full_volume(cli: Cli, pool: Path, name: str, size: int) -> Path:
 
 def cli_argv(root: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "virtstore.cli.main", "--root", str(root), *args]
+
+
+@contextlib.contextmanager
+def cli_process(root: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """The CLI run in another process, its output kept as text; killed at the end if it
+    is still running."""
+    proc = subprocess.Popen(cli_argv(root, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def running_job(cli: Cli, kind: str, proc: subprocess.Popen[Any]) -> dict[str, Any]:
@@ -147,19 +153,13 @@ def test_failed_job_gives_its_error_and_is_listed(cli: Cli, pool: Path,
 
 def test_job_cancel_from_another_process(cli: Cli, root: Path, pool: Path) -> None:
     full_volume(cli, pool, "big.img", 64 * MiB)
-    proc = subprocess.Popen(cli_argv(root, "vol-clone", "big.img", "copy.img", "--pool",
-                                     "images", "--bandwidth", "1M"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with cli_process(root, "vol-clone", "big.img", "copy.img", "--pool", "images",
+                     "--bandwidth", "1M") as proc:
         job = running_job(cli, "clone", proc)
         assert job["target_volume"] == "copy.img" and job["bandwidth"] == MiB
         out = cli("job-cancel", job["id"]).out
         assert out in (f"Job {job['id']} cancelled\n\n", f"Job {job['id']} cancel requested\n\n")
         stdout, stderr = proc.communicate(timeout=PATIENCE)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1, (stdout, stderr)
     assert stdout == ""
     assert stderr == ("error: Failed to clone vol from big.img\n"
@@ -177,18 +177,12 @@ def test_job_cancel_from_another_process(cli: Cli, root: Path, pool: Path) -> No
 
 def test_job_wait_from_another_process(cli: Cli, root: Path, pool: Path) -> None:
     full_volume(cli, pool, "src.img", 4 * MiB)
-    proc = subprocess.Popen(cli_argv(root, "vol-clone", "src.img", "dst.img", "--pool",
-                                     "images", "--bandwidth", "1M"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with cli_process(root, "vol-clone", "src.img", "dst.img", "--pool", "images",
+                     "--bandwidth", "1M") as proc:
         job = running_job(cli, "clone", proc)
         lines = [json.loads(line)
                  for line in cli("job-wait", job["id"], "--json").out.splitlines()]
         stdout, stderr = proc.communicate(timeout=PATIENCE)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, stderr
     assert stdout == "Vol dst.img cloned from src.img\n\n"
     assert {line["id"] for line in lines} == {job["id"]}
@@ -279,23 +273,22 @@ def test_event_list_and_timeout(cli: Cli, pool: Path) -> None:
 def test_pool_event_loop(cli: Cli, root: Path, pool: Path, tmp_path: Path) -> None:
     (tmp_path / "extra").mkdir()
     cli("pool-define-as", "extra", "dir", "--target", str(tmp_path / "extra"))
-    proc = subprocess.Popen(cli_argv(root, "pool-event", "--event", "lifecycle", "--pool",
-                                     "extra", "--timestamp", "--timeout", "60"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def act(n: int) -> None:
         cli("vol-create-as", "images", f"v{n}.img", "1M")  # not a pool event: ignored
         cli("pool-start" if n % 2 == 0 else "pool-destroy", "extra")
 
-    out = _watch(cli, proc, act).split("\n")
+    out = _watch(act, root, "pool-event", "--event", "lifecycle", "--pool", "extra",
+                 "--timestamp", "--timeout", "60").split("\n")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\+0000: event 'lifecycle' "
                         r"for storage pool extra: (Started|Stopped)", out[0]), out
     assert out[1:] == ["events received: 1", "", ""]
 
 
-def _watch(cli: Cli, proc: subprocess.Popen[str], act: Callable[[int], None]) -> str:
-    """Repeat ``act`` until the watching process has seen what it waits for."""
-    try:
+def _watch(act: Callable[[int], None], root: Path, *args: str) -> str:
+    """Run the CLI with ``args`` in another process and repeat ``act`` until it has seen
+    what it waits for; its output."""
+    with cli_process(root, *args) as proc:
         deadline = time.monotonic() + PATIENCE
         n = 0
         while proc.poll() is None and time.monotonic() < deadline:
@@ -303,24 +296,17 @@ def _watch(cli: Cli, proc: subprocess.Popen[str], act: Callable[[int], None]) ->
             n += 1
             time.sleep(0.1)
         stdout, stderr = proc.communicate(timeout=PATIENCE)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, stderr
     return stdout
 
 
 def test_event_one_shot_sees_a_volume_of_another_process(cli: Cli, root: Path,
                                                          pool: Path) -> None:
-    proc = subprocess.Popen(cli_argv(root, "event", "--pool", "images", "--event",
-                                     "lifecycle", "--timeout", "60"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
     def act(n: int) -> None:
         cli("vol-create-as", "images", f"v{n}.img", "1M")
 
-    out = _watch(cli, proc, act).split("\n")
+    out = _watch(act, root, "event", "--pool", "images", "--event", "lifecycle",
+                 "--timeout", "60").split("\n")
     assert re.fullmatch(r"event 'lifecycle' for storage vol v\d+\.img in pool images: Created",
                         out[0]), out
     assert out[1:] == ["events received: 1", "", ""]
@@ -328,14 +314,11 @@ def test_event_one_shot_sees_a_volume_of_another_process(cli: Cli, root: Path,
 
 def test_event_json_for_jobs(cli: Cli, root: Path, pool: Path) -> None:
     cli("vol-create-as", "images", "a.img", "1M", "--allocation", "0")
-    proc = subprocess.Popen(cli_argv(root, "event", "--event", "job", "--json", "--timeout",
-                                     "60"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def act(n: int) -> None:
         cli("vol-resize", "a.img", f"{n + 2}M", "--pool", "images")
 
-    lines = _watch(cli, proc, act).splitlines()
+    lines = _watch(act, root, "event", "--event", "job", "--json", "--timeout", "60").splitlines()
     assert len(lines) == 1
     ev = json.loads(lines[0])
     assert ev["kind"] == "job" and ev["action"] == "done"

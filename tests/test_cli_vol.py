@@ -5,38 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from cli_fixtures import Cli, Result, cli_fixture, error_of  # noqa: F401
+from cli_fixtures import Cli, Result, cli_fixture, error_of, pool_fixture  # noqa: F401
+from conftest import qemu_info
+from conftest import requires_qemu_img as needs_qemu_img
 
 VIRSH = Path(__file__).parent / "data" / "virsh"
 MiB = 1024**2
 GiB = 1024**3
 
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                    reason="qemu-img is not installed")
-
-
-@pytest.fixture
-def pool(cli: Cli, tmp_path: Path) -> Path:
-    """A running dir pool named 'images'; its directory."""
-    d = tmp_path / "images"
-    d.mkdir()
-    cli("pool-define-as", "images", "dir", "--target", str(d))
-    cli("pool-start", "images")
-    return d
-
-
-def qemu_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
 
 
 @needs_qemu_img

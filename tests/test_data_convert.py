@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import qemu_info, requires_qemu_img, same_image
 from data_fixtures import (
     GiB,
     MiB,
@@ -24,8 +22,7 @@ from virtstore.data.monitor import Monitor
 from virtstore.errors import Cancelled, InvalidArgument
 from virtstore.formats import qemuimg
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                reason="qemu-img (Debian qemu-utils) is not installed")
+pytestmark = requires_qemu_img
 
 LAYOUT = chunks_layout(GiB, 16, 4 * MiB)
 
@@ -37,25 +34,13 @@ def raw_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def info(path: Path) -> dict[str, object]:
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
-                         check=True, capture_output=True, text=True).stdout
-    result: dict[str, object] = json.loads(out)
-    return result
-
-
-def same_content(a: Path, a_fmt: str, b: Path, b_fmt: str) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-q", "-f", a_fmt, "-F", b_fmt, str(a),
-                           str(b)], check=False).returncode == 0
-
-
 def test_raw_qcow2_raw_round_trip(raw_src: Path, tmp_path: Path) -> None:
     qcow2 = tmp_path / "a.qcow2"
     progress: list[tuple[int, int]] = []
     m = Monitor(on_progress=lambda d, t: progress.append((d, t)))
     convert(str(raw_src), "raw", str(qcow2), "qcow2", None, monitor=m)
-    assert info(qcow2)["format"] == "qcow2"
-    assert info(qcow2)["virtual-size"] == GiB
+    assert qemu_info(qcow2)["format"] == "qcow2"
+    assert qemu_info(qcow2)["virtual-size"] == GiB
     assert m.done == m.total == GiB
     assert progress[-1] == (GiB, GiB)
     assert allocated(qcow2) < 80 * MiB  # sparse output
@@ -72,14 +57,14 @@ def test_qcow2_to_vmdk(raw_src: Path, tmp_path: Path) -> None:
     convert(str(raw_src), "raw", str(qcow2), "qcow2",
             qemuimg.ImageOptions(format="qcow2", compat="1.1", cluster_size=128 << 10),
             monitor=Monitor())
-    assert info(qcow2)["cluster-size"] == 128 << 10
+    assert qemu_info(qcow2)["cluster-size"] == 128 << 10
     vmdk = tmp_path / "a.vmdk"
     m = Monitor()
     convert(str(qcow2), "qcow2", str(vmdk), "vmdk", None, monitor=m)
-    assert info(vmdk)["format"] == "vmdk"
+    assert qemu_info(vmdk)["format"] == "vmdk"
     assert m.done == m.total == GiB
-    assert same_content(qcow2, "qcow2", vmdk, "vmdk")
-    assert same_content(raw_src, "raw", vmdk, "vmdk")
+    assert same_image(qcow2, "qcow2", vmdk, "vmdk")
+    assert same_image(raw_src, "raw", vmdk, "vmdk")
 
 
 def test_into_a_target_the_caller_made(raw_src: Path, tmp_path: Path) -> None:
@@ -87,7 +72,7 @@ def test_into_a_target_the_caller_made(raw_src: Path, tmp_path: Path) -> None:
     qemuimg.create(str(dst), qemuimg.ImageOptions(format="qcow2", capacity=GiB))
     convert(str(raw_src), "raw", str(dst), "qcow2", None, monitor=Monitor(),
             target_exists=True)
-    assert same_content(raw_src, "raw", dst, "qcow2")
+    assert same_image(raw_src, "raw", dst, "qcow2")
 
 
 def test_raw_to_raw_is_a_sparse_copy(raw_src: Path, tmp_path: Path) -> None:
@@ -114,7 +99,7 @@ def test_encrypted_both_ways(tmp_path: Path) -> None:
                                  extra={"encrypt.iter-time": "10"}),
             monitor=m, dst_secret=b"s3cret")
     assert m.done == m.total == 32 * MiB
-    enc = info(qcow2)["format-specific"]
+    enc = qemu_info(qcow2)["format-specific"]
     assert isinstance(enc, dict) and enc["data"]["encrypt"]["format"] == "luks"
     back = tmp_path / "back.raw"
     convert(str(qcow2), "qcow2", str(back), "raw", None, monitor=Monitor(),

@@ -131,9 +131,7 @@ else:
 
 def replace(obj: _R, /, **changes: Any) -> _R:
     """A copy of a record with some fields changed (dataclasses.replace for records)."""
-    values = {n: getattr(obj, n) for n in field_names(obj)}
-    values.update(changes)
-    return type(obj)(**values)
+    return type(obj)(**(as_dict(obj) | changes))
 
 
 def field_names(obj: Any) -> tuple[str, ...]:
@@ -142,6 +140,17 @@ def field_names(obj: Any) -> tuple[str, ...]:
     if names is None:
         names = tuple(obj.__dataclass_fields__)
     return tuple(names)
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A record's fields by name (not recursing into records inside)."""
+    return {n: getattr(obj, n) for n in field_names(obj)}
+
+
+class _Fields:
+    def to_dict(self) -> dict[str, Any]:
+        """The fields by name, for JSON."""
+        return as_dict(self)
 
 
 # Pool states, as libvirt names them (virStoragePoolState).
@@ -153,7 +162,7 @@ POOL_INACCESSIBLE = "inaccessible"
 
 
 @record(frozen=True)
-class PoolInfo:
+class PoolInfo(_Fields):
     name: str
     uuid: str
     type: str
@@ -166,12 +175,9 @@ class PoolInfo:
     target_path: str | None
     shared: bool = False  # the pool's storage is reachable from other hosts too
 
-    def to_dict(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in field_names(self)}
-
 
 @record(frozen=True)
-class VolumeInfo:
+class VolumeInfo(_Fields):
     pool: str
     name: str
     key: str
@@ -181,9 +187,6 @@ class VolumeInfo:
     capacity: int
     allocation: int
     physical: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in field_names(self)}
 
 
 # How a page of volumes may be sorted ('-' before one: descending).
@@ -201,16 +204,13 @@ class VolumePage:
 
 
 @record(frozen=True)
-class SecretInfo:
+class SecretInfo(_Fields):
     uuid: str
     usage_type: str | None
     usage_id: str | None
     description: str | None
     ephemeral: bool
     private: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in field_names(self)}
 
 
 # Job states.
@@ -223,7 +223,7 @@ JOB_FINAL = (JOB_DONE, JOB_FAILED, JOB_CANCELLED)
 
 
 @record(frozen=True)
-class JobInfo:
+class JobInfo(_Fields):
     """Long work (clone, convert, wipe, upload, download, resize, build) and its progress."""
 
     id: str
@@ -246,21 +246,15 @@ class JobInfo:
     def finished(self) -> bool:
         return self.state in JOB_FINAL
 
-    def to_dict(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in field_names(self)}
-
 
 @record(frozen=True)
-class SnapshotInfo:
+class SnapshotInfo(_Fields):
     pool: str
     volume: str
     name: str
     kind: str  # internal (qcow2), external (qcow2 overlay), reflink, native
     created: float
     size: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in field_names(self)}
 
 
 @record(frozen=True)
@@ -277,7 +271,7 @@ class Event:
     job: JobInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {n: getattr(self, n) for n in field_names(self)}
+        d = as_dict(self)
         if self.job is not None:
             d["job"] = self.job.to_dict()
         return d

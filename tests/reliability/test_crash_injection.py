@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import requires_qemu_img as needs_qemu_img
 from reliability import summary
 from reliability.harness import (
     Expect,
@@ -38,9 +38,6 @@ SCALE = float(os.environ.get("VIRTSTORE_RELIABILITY_KILLS", "1"))
 SIZE = 4 * MiB
 # 16 MiB/s: a 4 MiB copy takes a quarter of a second, long enough to land in it.
 BANDWIDTH = 16 * MiB
-
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                    reason="qemu-img (Debian qemu-utils) is not installed")
 
 
 def kills(n: int) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import requires_qemu_img as needs_qemu_img
 from data_fixtures import loop_fs, needs_root
 from reliability import summary
 from reliability.harness import (
@@ -35,9 +36,6 @@ from reliability.harness import (
 from virtstore.api import VolumeCreateArgs
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import NoSuchVolume, VirtstoreError
-
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                    reason="qemu-img (Debian qemu-utils) is not installed")
 
 
 def dir_pool(conn: EmbeddedConnection, name: str, path: Path) -> str:

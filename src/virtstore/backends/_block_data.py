@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from virtstore.backends.base import Backend, CloneOptions
 from virtstore.errors import Busy, InvalidArgument, OperationInvalid
+from virtstore.host.files import Bounded
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
@@ -59,22 +60,6 @@ def check_range(size: int, offset: int, length: int | None, name: str) -> int:
     return size - offset if length is None else length
 
 
-class _Bounded:
-    """At most ``limit`` bytes of a stream (a device cannot grow to take more)."""
-
-    def __init__(self, src: BinaryIO, limit: int) -> None:
-        self.src = src
-        self.left = limit
-
-    def read(self, n: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        want = self.left if n is None or n < 0 else min(n, self.left)
-        data = self.src.read(want)
-        self.left -= len(data or b"")
-        return data or b""
-
-
 def _left_in(source: BinaryIO) -> int | None:
     """The bytes a seekable source (a file, a buffer) still holds; None for a pipe or a
     socket, whose length shows only at its end."""
@@ -106,7 +91,7 @@ def upload_to_device(path: str, name: str, source: BinaryIO, *, offset: int,
         if length is not None:
             upload(source, fd, offset=offset, length=length, sparse=sparse, monitor=monitor)
         else:
-            upload(_Bounded(source, limit), fd, offset=offset,  # type: ignore[arg-type]
+            upload(Bounded(source, limit), fd, offset=offset,  # type: ignore[arg-type]
                    length=None, sparse=sparse, monitor=monitor)
             if source.read(1):
                 raise InvalidArgument(f"the upload is larger than volume '{name}' "

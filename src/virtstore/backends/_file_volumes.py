@@ -17,14 +17,9 @@ import time
 from collections.abc import Iterator
 from types import ModuleType
 
-from virtstore.backends.base import (
-    Backend,
-    CloneOptions,
-    SnapshotRow,
-    VolumeRecord,
-)
+from virtstore.backends.base import Backend, CloneOptions, SnapshotRow, VolumeRecord
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
-from virtstore.host.files import open_volume, refuse_symlink, regular_size
+from virtstore.host.files import open_volume, refuse_symlink, regular_size, remove_quietly
 from virtstore.types import SnapshotInfo
 
 TYPE_CHECKING = False
@@ -438,9 +433,15 @@ class FileVolumes(Backend):
                 hooks.drop_snapshot_row(pool, rec.name, snap)
                 raise
 
+    def _internal_did(self, pool: PoolDef, rec: VolumeRecord, snap: str, flag: str) -> bool:
+        """``qemu-img snapshot FLAG`` when ``snap`` is an internal snapshot (False if not)."""
+        if not any(s.name == snap for s in self._internal(pool, rec)):
+            return False
+        _runner().run(["qemu-img", "snapshot", flag, snap, self.file_of(pool, rec)])
+        return True
+
     def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        if any(s.name == snap for s in self._internal(pool, rec)):
-            _runner().run(["qemu-img", "snapshot", "-a", snap, self.file_of(pool, rec)])
+        if self._internal_did(pool, rec, snap, "-a"):
             return
         row = self._known(pool, rec, snap)
         if row.kind == EXTERNAL:
@@ -469,8 +470,7 @@ class FileVolumes(Backend):
         return _PathRow(row.name, row.kind, row.path)
 
     def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        if any(s.name == snap for s in self._internal(pool, rec)):
-            _runner().run(["qemu-img", "snapshot", "-d", snap, self.file_of(pool, rec)])
+        if self._internal_did(pool, rec, snap, "-d"):
             return
         row = self._known(pool, rec, snap)
         if row.kind == EXTERNAL:
@@ -506,10 +506,7 @@ class FileVolumes(Backend):
         hooks = self.engine()
         for r in hooks.snapshot_rows(pool, rec.name):
             if r.path:
-                try:
-                    os.unlink(r.path)
-                except FileNotFoundError:
-                    pass
+                remove_quietly(r.path)
             hooks.drop_snapshot_row(pool, rec.name, r.name)
 
 

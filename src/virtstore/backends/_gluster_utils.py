@@ -9,66 +9,38 @@ of the read/write calls (with their extra, optional ``struct glfs_stat`` pointer
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 
-from virtstore.errors import CommandFailed, OperationInvalid, Unsupported
+from virtstore.errors import CommandFailed, OperationInvalid
+from virtstore.host.clib import CLibrary, ci, cp, vp
 from virtstore.host.nfs import NfsStat
 
-_lib: ctypes.CDLL | None = None
-_lock = threading.Lock()
-
-
-def _library() -> ctypes.CDLL:
-    global _lib
-    with _lock:
-        if _lib is None:
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("gfapi") or "libgfapi.so.0",
-                                  use_errno=True)
-            except OSError as exc:
-                raise Unsupported("gluster pools without FUSE need libgfapi (Debian "
-                                  "libgfapi0), which is not installed") from exc
-            vp, cp, ci, cs, ol = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int,
-                                  ctypes.c_size_t, ctypes.c_int64)
-            lib.glfs_new.restype = vp
-            lib.glfs_new.argtypes = [cp]
-            lib.glfs_set_volfile_server.argtypes = [vp, cp, cp, ci]
-            lib.glfs_set_logging.argtypes = [vp, cp, ci]
-            lib.glfs_init.argtypes = [vp]
-            lib.glfs_fini.argtypes = [vp]
-            lib.glfs_stat.argtypes = [vp, cp, vp]
-            lib.glfs_statvfs.argtypes = [vp, cp, vp]
-            lib.glfs_opendir.restype = vp
-            lib.glfs_opendir.argtypes = [vp, cp]
-            lib.glfs_readdir.restype = vp
-            lib.glfs_readdir.argtypes = [vp]
-            lib.glfs_closedir.argtypes = [vp]
-            lib.glfs_open.restype = vp
-            lib.glfs_open.argtypes = [vp, cp, ci]
-            lib.glfs_creat.restype = vp
-            lib.glfs_creat.argtypes = [vp, cp, ci, ctypes.c_uint32]
-            lib.glfs_close.argtypes = [vp]
-            lib.glfs_pread.restype = ctypes.c_ssize_t
-            lib.glfs_pread.argtypes = [vp, vp, cs, ol, ci, vp]
-            lib.glfs_pwrite.restype = ctypes.c_ssize_t
-            lib.glfs_pwrite.argtypes = [vp, vp, cs, ol, ci, vp, vp]
-            lib.glfs_ftruncate.argtypes = [vp, ol, vp, vp]
-            lib.glfs_fsync.argtypes = [vp, vp, vp]
-            lib.glfs_unlink.argtypes = [vp, cp]
-            lib.glfs_link.argtypes = [vp, cp, cp]
-            lib.glfs_rename.argtypes = [vp, cp, cp]
-            _lib = lib
-        return _lib
-
-
-def available() -> bool:
-    try:
-        _library()
-    except Unsupported:
-        return False
-    return True
+cs, ol = ctypes.c_size_t, ctypes.c_int64
+_library = CLibrary("gfapi", "libgfapi.so.0", (
+    "gluster pools without FUSE need libgfapi (Debian libgfapi0), which is not installed"), {
+    "glfs_new": (vp, [cp]),
+    "glfs_set_volfile_server": (None, [vp, cp, cp, ci]),
+    "glfs_set_logging": (None, [vp, cp, ci]),
+    "glfs_init": (None, [vp]),
+    "glfs_fini": (None, [vp]),
+    "glfs_stat": (None, [vp, cp, vp]),
+    "glfs_statvfs": (None, [vp, cp, vp]),
+    "glfs_opendir": (vp, [vp, cp]),
+    "glfs_readdir": (vp, [vp]),
+    "glfs_closedir": (None, [vp]),
+    "glfs_open": (vp, [vp, cp, ci]),
+    "glfs_creat": (vp, [vp, cp, ci, ctypes.c_uint32]),
+    "glfs_close": (None, [vp]),
+    "glfs_pread": (ctypes.c_ssize_t, [vp, vp, cs, ol, ci, vp]),
+    "glfs_pwrite": (ctypes.c_ssize_t, [vp, vp, cs, ol, ci, vp, vp]),
+    "glfs_ftruncate": (None, [vp, ol, vp, vp]),
+    "glfs_fsync": (None, [vp, vp, vp]),
+    "glfs_unlink": (None, [vp, cp]),
+    "glfs_link": (None, [vp, cp, cp]),
+    "glfs_rename": (None, [vp, cp, cp]),
+})
+available = _library.available
 
 
 class GfapiError(CommandFailed):

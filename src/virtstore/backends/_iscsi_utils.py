@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 from virtstore.backends._net_utils import SecretLookup, auth_secret
 from virtstore.errors import InvalidArgument
 from virtstore.host.iscsi import Credentials, Portal
+from virtstore.host.nbd import secret_object
 from virtstore.xml import PoolDef
 
 VOL_NAME_PREFIX = "unit:0:0:"  # libvirt's names for the LUNs of a target
@@ -69,18 +67,8 @@ def qemu_image_opts(pool: PoolDef, lun: int,
             f"file.initiator-name={initiator(pool)}"]
     objects: list[str] = []
     creds = credentials(pool, secrets)
-    tmp = None
-    try:
+    with contextlib.ExitStack() as stack:
         if creds is not None:
-            tmp = tempfile.mkdtemp(prefix="virtstore-chap-")
-            os.chmod(tmp, 0o700)
-            path = os.path.join(tmp, "secret")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(creds.password)
-            objects.append(f"secret,id=chap0,file={path},format=raw")
+            objects.append(stack.enter_context(secret_object("chap0", creds.password, "raw")))
             opts += [f"file.user={creds.username}", "file.password-secret=chap0"]
         yield ",".join(opts), objects
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
-from virtstore.backends._net_utils import read_exact
+from virtstore.backends._net_utils import CHUNK, clear_chunks, upload_chunks
 from virtstore.backends.base import Backend
 from virtstore.errors import InvalidArgument, Unsupported
 from virtstore.xml import PoolDef
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import NbdClient
 
-CHUNK = 4 << 20
 WIPE_ALGORITHMS = ("zero", "trim")
 
 
@@ -32,31 +31,9 @@ class NbdDataOps(Backend):
 
     def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
                    length: int | None, sparse: bool, monitor: Monitor) -> None:
-        from virtstore.data.extents import is_zero
-
         with self.nbd_open(pool, rec, read_only=False) as c:
-            size = c.size
-            if offset > size or (length is not None and offset + length > size):
-                raise InvalidArgument(f"upload of {length} bytes at offset {offset} goes past "
-                                      f"the end of volume '{rec.name}' ({size} bytes)")
-            limit = size - offset if length is None else length
-            if length is not None:
-                monitor.set_total(length)
-            done = 0
-            while done < limit:
-                data = read_exact(source, min(CHUNK, limit - done))
-                if not data:
-                    break
-                if sparse and is_zero(data):
-                    c.zero(offset + done, len(data))
-                else:
-                    c.pwrite(data, offset + done)
-                done += len(data)
-                monitor.advance(len(data))
-            if length is not None and done < length:
-                raise InvalidArgument(f"the source ended after {done} of {length} bytes")
-            if length is None and read_exact(source, 1):
-                raise InvalidArgument(f"the upload is larger than volume '{rec.name}'")
+            upload_chunks(source, rec.name, c.size, offset=offset, length=length,
+                          sparse=sparse, monitor=monitor, write=c.pwrite, zero=c.zero)
             c.flush()
 
     def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
@@ -96,16 +73,7 @@ class NbdDataOps(Backend):
             raise Unsupported(f"unsupported flags ({algorithm}) for wiping a "
                               f"'{pool.type}' volume: use one of {', '.join(WIPE_ALGORITHMS)}")
         with self.nbd_open(pool, rec, read_only=False) as c:
-            monitor.set_total(c.size)
-            pos = 0
-            while pos < c.size:
-                n = min(64 << 20, c.size - pos)
-                if algorithm == "trim":
-                    c.trim(pos, n)
-                else:
-                    c.zero(pos, n)
-                pos += n
-                monitor.advance(n)
+            clear_chunks(c.size, 64 << 20, c.trim if algorithm == "trim" else c.zero, monitor)
             c.flush()
 
 

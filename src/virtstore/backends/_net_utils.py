@@ -8,10 +8,16 @@ when it connects to its server.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from virtstore.errors import InvalidArgument
 from virtstore.xml import PoolDef
+
+if TYPE_CHECKING:
+    from virtstore.data.monitor import Monitor
+
+CHUNK = 4 << 20
 
 
 class SecretLookup(Protocol):
@@ -52,3 +58,44 @@ def read_exact(src: BinaryIO, n: int) -> bytes:
         parts.append(data)
         got += len(data)
     return b"".join(parts)
+
+
+def upload_chunks(source: BinaryIO, name: str, size: int, *, offset: int, length: int | None,
+                  sparse: bool, monitor: Monitor, write: Callable[[bytes, int], object],
+                  zero: Callable[[int, int], object]) -> None:
+    """Copy ``source`` into volume ``name`` of ``size`` bytes from ``offset`` by
+    ``write(data, at)``, all-zero chunks by ``zero(at, n)`` when ``sparse``; a source
+    larger than the room left, or shorter than ``length``, is refused."""
+    from virtstore.backends._block_data import check_range
+    from virtstore.data.extents import is_zero
+
+    limit = check_range(size, offset, length, name)
+    if length is not None:
+        monitor.set_total(length)
+    done = 0
+    while done < limit:
+        data = read_exact(source, min(CHUNK, limit - done))
+        if not data:
+            break
+        if sparse and is_zero(data):
+            zero(offset + done, len(data))
+        else:
+            write(data, offset + done)
+        done += len(data)
+        monitor.advance(len(data))
+    if length is not None and done < length:
+        raise InvalidArgument(f"the source ended after {done} of {length} bytes")
+    if length is None and read_exact(source, 1):
+        raise InvalidArgument(f"the upload is larger than volume '{name}' "
+                              f"({size - offset} bytes from offset {offset})")
+
+
+def clear_chunks(size: int, chunk: int, clear: Callable[[int, int], object],
+                 monitor: Monitor) -> None:
+    """``clear(offset, n)`` over a whole volume of ``size`` bytes, ``chunk`` at a time (a
+    wipe: zeroing or discarding)."""
+    monitor.set_total(size)
+    for pos in range(0, size, chunk):
+        n = min(chunk, size - pos)
+        clear(pos, n)
+        monitor.advance(n)

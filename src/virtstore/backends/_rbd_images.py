@@ -233,10 +233,8 @@ class RbdImages(Backend):
             for child in children:
                 self._flatten(io, child)
             img.unprotect_snap(snap)
-        try:
+        with contextlib.suppress(lib.ImageNotFound):
             img.remove_snap(snap)
-        except lib.ImageNotFound:
-            pass
 
     def _flatten(self, io: rados.Ioctx, child: Mapping[str, Any],
                  monitor: Monitor | None = None) -> None:

@@ -17,6 +17,7 @@ listings skip.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -315,10 +316,8 @@ class BtrfsBackend(FsBackend):
     def delete_snapshot(self, pool: PoolDef, name: str, snapshot: str) -> None:
         path = self._snapshot_path(pool, name, snapshot)
         self._remove(path)
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self._snapdir(pool, name))
-        except OSError:
-            pass
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         if rec.type == "dir" and is_subvolume(rec.path):

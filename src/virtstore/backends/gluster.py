@@ -373,45 +373,28 @@ class GlusterBackend(FileVolumes):
 
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                    shrink: bool, allocate: bool) -> None:
-        if self.gfapi():
-            self._gf.vol_resize(pool, rec, capacity, shrink=shrink, allocate=allocate)
-        else:
-            super().vol_resize(pool, rec, capacity, shrink=shrink, allocate=allocate)
+        how = self._gf.vol_resize if self.gfapi() else super().vol_resize
+        how(pool, rec, capacity, shrink=shrink, allocate=allocate)
 
     def vol_wipe(self, pool: PoolDef, rec: VolumeRecord, algorithm: str,
                  monitor: Monitor) -> None:
-        if self.gfapi():
-            self._gf.vol_wipe(pool, rec, algorithm, monitor)
-        else:
-            super().vol_wipe(pool, rec, algorithm, monitor)
+        (self._gf.vol_wipe if self.gfapi() else super().vol_wipe)(pool, rec, algorithm, monitor)
 
     def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
                    length: int | None, sparse: bool, monitor: Monitor) -> None:
-        if self.gfapi():
-            self._gf.vol_upload(pool, rec, source, offset=offset, length=length, sparse=sparse,
-                                monitor=monitor)
-        else:
-            super().vol_upload(pool, rec, source, offset=offset, length=length, sparse=sparse,
-                               monitor=monitor)
+        how = self._gf.vol_upload if self.gfapi() else super().vol_upload
+        how(pool, rec, source, offset=offset, length=length, sparse=sparse, monitor=monitor)
 
     def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
                      length: int | None, sparse: bool, monitor: Monitor) -> None:
-        if self.gfapi():
-            self._gf.vol_download(pool, rec, sink, offset=offset, length=length, sparse=sparse,
-                                  monitor=monitor)
-        else:
-            super().vol_download(pool, rec, sink, offset=offset, length=length, sparse=sparse,
-                                 monitor=monitor)
+        how = self._gf.vol_download if self.gfapi() else super().vol_download
+        how(pool, rec, sink, offset=offset, length=length, sparse=sparse, monitor=monitor)
 
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
                   linked: bool, monitor: Monitor,
                   options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
-        if self.gfapi():
-            self._gf.vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor,
-                               options=options)
-        else:
-            super().vol_clone(pool, src_pool, src, staging, linked=linked, monitor=monitor,
-                              options=options)
+        how = self._gf.vol_clone if self.gfapi() else super().vol_clone
+        how(pool, src_pool, src, staging, linked=linked, monitor=monitor, options=options)
 
     # An external snapshot's overlay would name its backing file by a path on the
     # private mount, which qemu cannot open at the volume's URL.

@@ -16,14 +16,7 @@ import zlib
 from collections.abc import Mapping
 
 from virtstore.backends import _iscsi_utils as iu
-from virtstore.backends.base import (
-    Backend,
-    BackendCaps,
-    PoolSizes,
-    ScanResult,
-    Stamp,
-    VolumeRecord,
-)
+from virtstore.backends.base import Backend, BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
 from virtstore.errors import AuthFailed, CommandFailed, OperationInvalid, Unsupported
 from virtstore.host import iscsi
 from virtstore.host.runner import run, which

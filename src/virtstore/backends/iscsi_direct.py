@@ -20,14 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from virtstore.backends import _iscsi_utils as iu
 from virtstore.backends._nbd_utils import NbdDataOps, served
-from virtstore.backends.base import (
-    Backend,
-    BackendCaps,
-    PoolSizes,
-    ScanResult,
-    Stamp,
-    VolumeRecord,
-)
+from virtstore.backends.base import Backend, BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
 from virtstore.errors import NoSuchVolume, VirtstoreError
 from virtstore.host import iscsi
 from virtstore.host.nbd import NbdClient

@@ -7,14 +7,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 
-from virtstore.backends.base import (
-    Backend,
-    BackendCaps,
-    PoolSizes,
-    ScanResult,
-    Stamp,
-    VolumeRecord,
-)
+from virtstore.backends.base import Backend, BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
 from virtstore.errors import Unsupported
 from virtstore.host import sysfs_scsi as ss
 from virtstore.xml import PoolDef

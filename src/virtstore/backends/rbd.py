@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, BinaryIO, ClassVar
 
 from virtstore.backends import _rbd_utils as ru
+from virtstore.backends._net_utils import clear_chunks, upload_chunks
 from virtstore.backends._rbd_images import (
     BACKUP_SNAP_PREFIX,
     CHUNK,
@@ -111,10 +112,8 @@ class RbdBackend(RbdImages):
             io.close()
 
     def stop(self, pool: PoolDef) -> None:
-        try:
+        with contextlib.suppress(VirtstoreError):
             self._clusters.forget(self._settings(pool))
-        except VirtstoreError:
-            pass
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
         try:
@@ -237,54 +236,24 @@ class RbdBackend(RbdImages):
                               f"use one of {', '.join(WIPE_ALGORITHMS)}")
         with self._io(pool) as io, self._image(io, rec.name) as img, \
                 self._writer(img, rec.name):
-            size = int(img.size())
-            monitor.set_total(size)
             with self._undo_on_failure(img):
-                pos = 0
-                while pos < size:
-                    n = min(WIPE_CHUNK, size - pos)
-                    if algorithm == "trim":
-                        img.discard(pos, n)
-                    else:
-                        # Written zeros, as libvirt's rbd wipe writes them; librbd frees
-                        # whole zeroed objects of a thin image.
-                        img.write_zeroes(pos, n)
-                    pos += n
-                    monitor.advance(n)
+                # Written zeros, as libvirt's rbd wipe writes them; librbd frees whole
+                # zeroed objects of a thin image.
+                clear_chunks(int(img.size()), WIPE_CHUNK,
+                             img.discard if algorithm == "trim" else img.write_zeroes, monitor)
 
     def vol_upload(self, pool: PoolDef, rec: VolumeRecord, source: BinaryIO, *, offset: int,
                    length: int | None, sparse: bool, monitor: Monitor) -> None:
-        from virtstore.backends._net_utils import read_exact
-        from virtstore.data.extents import is_zero
+        from virtstore.backends._block_data import check_range
 
         with self._io(pool) as io, self._image(io, rec.name) as img, \
                 self._writer(img, rec.name):
             size = int(img.size())
-            if offset > size or (length is not None and offset + length > size):
-                raise InvalidArgument(f"upload of {length} bytes at offset {offset} goes "
-                                      f"past the end of volume '{rec.name}' ({size} bytes)")
-            limit = size - offset if length is None else length
-            if length is not None:
-                monitor.set_total(length)
-            done = 0
+            check_range(size, offset, length, rec.name)  # before the rollback point
             with self._undo_on_failure(img):
-                while done < limit:
-                    want = min(CHUNK, limit - done)
-                    data = read_exact(source, want)
-                    if not data:
-                        break
-                    at = offset + done
-                    if sparse and is_zero(data):
-                        img.write_zeroes(at, len(data))
-                    else:
-                        img.write(data, at)
-                    done += len(data)
-                    monitor.advance(len(data))
-                if length is not None and done < length:
-                    raise InvalidArgument(f"the source ended after {done} of {length} bytes")
-                if length is None and read_exact(source, 1):
-                    raise InvalidArgument(f"the upload is larger than volume '{rec.name}' "
-                                          f"({size - offset} bytes from offset {offset})")
+                upload_chunks(source, rec.name, size, offset=offset, length=length,
+                              sparse=sparse, monitor=monitor, write=img.write,
+                              zero=img.write_zeroes)
                 img.flush()
 
     def vol_download(self, pool: PoolDef, rec: VolumeRecord, sink: BinaryIO, *, offset: int,
@@ -418,10 +387,7 @@ class RbdBackend(RbdImages):
                     snapshot: str | None = None) -> Iterator[QemuSource]:
         """How qemu opens an image (its rbd driver), or one of its snapshots; the cephx
         key goes through a file readable by root only, removed when the caller is done."""
-        import shutil
-        import tempfile
-
-        from virtstore.host.nbd import QemuSource
+        from virtstore.host.nbd import QemuSource, secret_object
 
         s = self._settings(pool)
         opts = ["driver=raw", "file.driver=rbd", f"file.pool={s.pool}",
@@ -434,20 +400,12 @@ class RbdBackend(RbdImages):
             opts.append(f"file.server.{i}.host={h.name}")
             opts.append(f"file.server.{i}.port={h.port or 6789}")
         objects: list[str] = []
-        tmp = None
-        try:
+        with contextlib.ExitStack() as stack:
             if s.key is not None:
-                tmp = tempfile.mkdtemp(prefix="virtstore-rbd-")
-                path = os.path.join(tmp, "key")
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(s.key)
-                objects.append(f"secret,id=rbdkey0,file={path},format=base64")
+                objects.append(stack.enter_context(
+                    secret_object("rbdkey0", s.key.encode(), "base64")))
                 opts += [f"file.user={s.user}", "file.key-secret=rbdkey0"]
             yield QemuSource(image_opts=",".join(opts), objects=objects)
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
 
     # -- change tracking for incremental backups ---------------------------------
     def backup_snapshot(self, pool: PoolDef, rec: VolumeRecord, backup_id: str) -> str:

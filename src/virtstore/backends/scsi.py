@@ -19,14 +19,7 @@ import time
 import zlib
 from collections.abc import Mapping
 
-from virtstore.backends.base import (
-    Backend,
-    BackendCaps,
-    PoolSizes,
-    ScanResult,
-    Stamp,
-    VolumeRecord,
-)
+from virtstore.backends.base import Backend, BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
 from virtstore.errors import InvalidArgument, OperationInvalid
 from virtstore.host import sysfs_scsi as ss
 from virtstore.xml import PoolDef

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from virtstore.errors import VirtstoreError
@@ -88,6 +88,15 @@ class Context:
 
     def warn(self, text: str) -> None:
         sys.stderr.write(f"warning: {text}\n")
+
+
+def define_from_file(args: Args, failed: str, define: Callable[[str], str]) -> tuple[str, str]:
+    """``define`` the XML in the file --file names: (what it returns, the path); its
+    failure is reported as ``failed`` (``{}``: the path)."""
+    path = args.req("file")
+    xml = read_text_file(path)
+    with failing(failed.format(path)):
+        return define(xml), path
 
 
 def read_text_file(path: str) -> str:

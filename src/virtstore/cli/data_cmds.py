@@ -12,6 +12,8 @@ from virtstore.cli.parser import Args, Command, Opt
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from virtstore.api import JobInfo, VolumeInfo
     from virtstore.cli.context import Context
 
@@ -171,21 +173,23 @@ def vol_wipe(ctx: Context, args: Args) -> None:
     _done(ctx, args, f"Vol {args.req('vol')} wiped")
 
 
+def _transfer(ctx: Context, args: Args) -> tuple[VolumeInfo, str, dict[str, Any]]:
+    """vol-upload's and vol-download's volume, file, and keywords of the transfer."""
+    kw = {"offset": _number(args, "offset") or 0, "length": _number(args, "length"),
+          "sparse": True, "bandwidth": _bandwidth(args)}
+    return _vol(ctx, args), args.req("file"), kw
+
+
 def vol_upload(ctx: Context, args: Args) -> None:
     from virtstore.errors import InvalidArgument
 
-    offset = _number(args, "offset") or 0
-    length = _number(args, "length")
-    bandwidth = _bandwidth(args)
-    vol = _vol(ctx, args)
-    path = args.req("file")
+    vol, path, kw = _transfer(ctx, args)
     try:
         source = open(path, "rb")
     except OSError:
         raise InvalidArgument(f"cannot read {path}") from None
     with source, failing(f"cannot upload to volume {args.req('vol')}"):
-        job = ctx.conn.volume_upload(vol.pool, vol.name, source, offset=offset,
-                                     length=length, sparse=True, bandwidth=bandwidth)
+        job = ctx.conn.volume_upload(vol.pool, vol.name, source, **kw)
         _wait(ctx, args, job, f"upload {vol.name}")
 
 
@@ -194,11 +198,7 @@ def vol_download(ctx: Context, args: Args) -> None:
 
     from virtstore.errors import InvalidArgument
 
-    offset = _number(args, "offset") or 0
-    length = _number(args, "length")
-    bandwidth = _bandwidth(args)
-    vol = _vol(ctx, args)
-    path = args.req("file")
+    vol, path, kw = _transfer(ctx, args)
     # As virsh: create the file, or truncate an existing one; a file this command
     # created is removed again if the download fails.
     created = False
@@ -216,8 +216,7 @@ def vol_download(ctx: Context, args: Args) -> None:
     try:
         with os.fdopen(fd, "wb") as sink, \
                 failing(f"cannot download from volume {args.req('vol')}"):
-            job = ctx.conn.volume_download(vol.pool, vol.name, sink, offset=offset,
-                                           length=length, sparse=True, bandwidth=bandwidth)
+            job = ctx.conn.volume_download(vol.pool, vol.name, sink, **kw)
             _wait(ctx, args, job, f"download {vol.name}")
         ok = True
     finally:
@@ -272,6 +271,14 @@ def vol_snapshot_delete(ctx: Context, args: Args) -> None:
 
 SNAP = Opt("snapshot", "snapshot name", required=True)
 
+def _transfer_opts(verb: str, to: str) -> tuple[Opt, ...]:
+    return (VOL, Opt("file", "file", required=True), POOL_OPT,
+            Opt("offset", f"volume offset to {verb} {to}", positional=False),
+            Opt("length", f"amount of data to {verb}", positional=False),
+            Opt("sparse", "preserve sparseness of volume (always done)", flag=True),
+            BANDWIDTH, JSON)
+
+
 COMMANDS = (
     Command("vol-clone", GROUP, "clone a volume.",
             "Clone an existing volume within the parent pool, or into --target-pool.",
@@ -306,18 +313,10 @@ COMMANDS = (
              JSON), vol_wipe),
     Command("vol-upload", GROUP, "upload file contents to a volume",
             "Upload file contents to a volume",
-            (VOL, Opt("file", "file", required=True), POOL_OPT,
-             Opt("offset", "volume offset to upload to", positional=False),
-             Opt("length", "amount of data to upload", positional=False),
-             Opt("sparse", "preserve sparseness of volume (always done)", flag=True),
-             BANDWIDTH, JSON), vol_upload),
+            _transfer_opts("upload", "to"), vol_upload),
     Command("vol-download", GROUP, "download volume contents to a file",
             "Download volume contents to a file",
-            (VOL, Opt("file", "file", required=True), POOL_OPT,
-             Opt("offset", "volume offset to download from", positional=False),
-             Opt("length", "amount of data to download", positional=False),
-             Opt("sparse", "preserve sparseness of volume (always done)", flag=True),
-             BANDWIDTH, JSON), vol_download),
+            _transfer_opts("download", "from"), vol_download),
     Command("vol-snapshot-create", GROUP, "create a storage snapshot of a volume",
             "Snapshot a volume: internal for qcow2, an overlay with --external, a reflink "
             "copy for raw volumes on xfs or btrfs.",

@@ -7,6 +7,7 @@ from virtstore.cli.parser import Args, Command, Opt
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from virtstore.cli.context import Context
@@ -65,17 +66,27 @@ def df_headers(args: Args) -> list[str]:
     return ["Filesystem", "1K-blocks", "Used", "Available", "Use%", "Type"]
 
 
-def vol_df(ctx: Context, args: Args) -> None:
+def _ask(ctx: Context, args: Args,
+         call: Callable[[str, str], dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """``call`` on the volume the arguments name: (its name, the answer), or None once the
+    answer is printed as JSON (--json)."""
     from virtstore.cli.lookup import volume
-    from virtstore.cli.output import table
 
     vol = volume(ctx.conn, args.req("vol"), args.get("pool"))
-    found = ctx.conn.volume_df(vol.pool, vol.name)
+    found = call(vol.pool, vol.name)
     if args.flag("json"):
         ctx.json(found)
-        return
-    ctx.print(table(df_headers(args), df_rows(vol.name, found["filesystems"], args),
-                    header=not ctx.quiet))
+        return None
+    return vol.name, found
+
+
+def vol_df(ctx: Context, args: Args) -> None:
+    from virtstore.cli.output import table
+
+    if (asked := _ask(ctx, args, ctx.conn.volume_df)) is not None:
+        name, found = asked
+        ctx.print(table(df_headers(args), df_rows(name, found["filesystems"], args),
+                        header=not ctx.quiet))
 
 
 def pool_df(ctx: Context, args: Args) -> None:
@@ -96,14 +107,13 @@ def pool_df(ctx: Context, args: Args) -> None:
 
 
 def boot_files(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import volume
     from virtstore.cli.output import info_block
 
-    vol = volume(ctx.conn, args.req("vol"), args.get("pool"))
-    found = ctx.conn.volume_boot_files(vol.pool, vol.name, extract_dir=args.get("extract"))
-    if args.flag("json"):
-        ctx.json(found)
+    asked = _ask(ctx, args, lambda pool, name: ctx.conn.volume_boot_files(
+        pool, name, extract_dir=args.get("extract")))
+    if asked is None:
         return
+    found = asked[1]
     pairs = [("Kernel", found["kernel"]), ("Initrd", found.get("initrd") or "-"),
              ("Command line", found.get("cmdline") or "-"),
              ("Found in", found.get("config") or "-")]
@@ -115,14 +125,11 @@ def boot_files(ctx: Context, args: Args) -> None:
 
 
 def vol_inspect(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import volume
     from virtstore.cli.output import info_block, table
 
-    vol = volume(ctx.conn, args.req("vol"), args.get("pool"))
-    found = ctx.conn.volume_inspect(vol.pool, vol.name)
-    if args.flag("json"):
-        ctx.json(found)
+    if (asked := _ask(ctx, args, ctx.conn.volume_inspect)) is None:
         return
+    found = asked[1]
     os_ = found.get("os", {})
     ctx.print(info_block([("OS type", os_.get("type") or "unknown"),
                           ("Distribution", os_.get("distro") or "-"),

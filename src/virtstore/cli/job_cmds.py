@@ -269,6 +269,13 @@ def _event_loop(ctx: Context, args: Args, types: tuple[str, ...],
     return 0 if count else 1
 
 
+def _event_opts(event_help: str) -> tuple[Opt, ...]:
+    return (Opt("pool", "filter by storage pool name or uuid"), Opt("event", event_help),
+            Opt("loop", "loop until timeout or interrupt, rather than one-shot", flag=True),
+            Opt("timeout", "timeout seconds"), Opt("list", "list valid event types", flag=True),
+            Opt("timestamp", "show timestamp for each printed event", flag=True))
+
+
 COMMANDS = (
     Command("job-list", JOB_GROUP, "list jobs",
             "Returns the running jobs, or all the recorded ones with --all.",
@@ -284,21 +291,9 @@ COMMANDS = (
             "Cancel a running job; what it was making is removed.", (JOB_ID,), job_cancel),
     Command("event", EVENT_GROUP, "Storage Events",
             "List event types, or wait for pool, volume and job events to occur",
-            (Opt("pool", "filter by storage pool name or uuid"),
-             Opt("event", "which event type to wait for (lifecycle, refresh, job)"),
-             Opt("loop", "loop until timeout or interrupt, rather than one-shot", flag=True),
-             Opt("timeout", "timeout seconds"),
-             Opt("list", "list valid event types", flag=True),
-             Opt("timestamp", "show timestamp for each printed event", flag=True),
-             Opt("json", "print each event as a JSON object on one line", flag=True)),
-            event),
+            (*_event_opts("which event type to wait for (lifecycle, refresh, job)"),
+             Opt("json", "print each event as a JSON object on one line", flag=True)), event),
     Command("pool-event", "Storage Pool", "Storage Pool Events",
             "List event types, or wait for storage pool events to occur",
-            (Opt("pool", "filter by storage pool name or uuid"),
-             Opt("event", "which event type to wait for"),
-             Opt("loop", "loop until timeout or interrupt, rather than one-shot", flag=True),
-             Opt("timeout", "timeout seconds"),
-             Opt("list", "list valid event types", flag=True),
-             Opt("timestamp", "show timestamp for each printed event", flag=True)),
-            pool_event),
+            _event_opts("which event type to wait for"), pool_event),
 )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from virtstore.cli.context import failing, read_text_file
+from virtstore.cli.context import define_from_file, failing
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from virtstore.api import PoolInfo
     from virtstore.cli.context import Context
 
@@ -159,19 +161,16 @@ def _pool_features(ctx: Context, args: Args) -> None:
 # -- definition ------------------------------------------------------------------------
 
 def pool_define(ctx: Context, args: Args) -> None:
-    path = args.req("file")
-    xml = read_text_file(path)
-    with failing(f"Failed to define pool from {path}"):
-        name = ctx.conn.pool_define_xml(xml)
+    name, path = define_from_file(args, "Failed to define pool from {}",
+                                  ctx.conn.pool_define_xml)
     ctx.extra(f"Pool {name} defined from {path}")
 
 
 def pool_create(ctx: Context, args: Args) -> None:
     build, overwrite = _build_flags(args)
-    path = args.req("file")
-    xml = read_text_file(path)
-    with failing(f"Failed to create pool from {path}"):
-        name = ctx.conn.pool_create_xml(xml, build=build, overwrite=overwrite)
+    name, path = define_from_file(args, "Failed to create pool from {}", lambda xml:
+                                  ctx.conn.pool_create_xml(xml, build=build,
+                                                           overwrite=overwrite))
     ctx.extra(f"Pool {name} created from {path}")
 
 
@@ -240,12 +239,8 @@ def pool_create_as(ctx: Context, args: Args) -> None:
 
 
 def pool_undefine(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import pool_name as lookup
-
-    name = lookup(ctx.conn, args.req("pool"))
-    with failing(f"Failed to undefine pool {name}"):
-        ctx.conn.pool_undefine(name)
-    ctx.extra(f"Pool {name} has been undefined")
+    _on_pool(ctx, args, "Failed to undefine pool {}", "Pool {} has been undefined",
+             ctx.conn.pool_undefine)
 
 
 def pool_import_libvirt(ctx: Context, args: Args) -> None:
@@ -256,64 +251,51 @@ def pool_import_libvirt(ctx: Context, args: Args) -> None:
 
 # -- lifecycle ---------------------------------------------------------------------------
 
-def pool_build(ctx: Context, args: Args) -> None:
+def _on_pool(ctx: Context, args: Args, failed: str, done: str,
+             call: Callable[[str], object]) -> None:
+    """Look up the pool, ``call`` it with its name, and report as virsh does (``{}`` in
+    the messages is the name)."""
     from virtstore.cli.lookup import pool_name as lookup
 
-    args.exclusive("overwrite", "no-overwrite")
-    overwrite = True if args.flag("overwrite") else False if args.flag("no-overwrite") else None
     name = lookup(ctx.conn, args.req("pool"))
-    with failing(f"Failed to build pool {name}"):
-        ctx.conn.pool_build(name, overwrite=overwrite)
-    ctx.extra(f"Pool {name} built")
+    with failing(failed.format(name)):
+        call(name)
+    ctx.extra(done.format(name))
+
+
+def pool_build(ctx: Context, args: Args) -> None:
+    overwrite = _build_flags(args)[1]
+    _on_pool(ctx, args, "Failed to build pool {}", "Pool {} built",
+             lambda name: ctx.conn.pool_build(name, overwrite=overwrite))
 
 
 def pool_start(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import pool_name as lookup
-
     build, overwrite = _build_flags(args)
-    name = lookup(ctx.conn, args.req("pool"))
-    with failing(f"Failed to start pool {name}"):
-        ctx.conn.pool_start(name, build=build, overwrite=overwrite)
-    ctx.extra(f"Pool {name} started")
+    _on_pool(ctx, args, "Failed to start pool {}", "Pool {} started",
+             lambda name: ctx.conn.pool_start(name, build=build, overwrite=overwrite))
 
 
 def pool_destroy(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import pool_name as lookup
-
-    name = lookup(ctx.conn, args.req("pool"))
-    with failing(f"Failed to destroy pool {name}"):
-        ctx.conn.pool_stop(name)
-    ctx.extra(f"Pool {name} destroyed")
+    _on_pool(ctx, args, "Failed to destroy pool {}", "Pool {} destroyed",
+             ctx.conn.pool_stop)
 
 
 def pool_delete(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import pool_name as lookup
-
-    name = lookup(ctx.conn, args.req("pool"))
-    with failing(f"Failed to delete pool {name}"):
-        ctx.conn.pool_delete(name)
-    ctx.extra(f"Pool {name} deleted")
+    _on_pool(ctx, args, "Failed to delete pool {}", "Pool {} deleted",
+             ctx.conn.pool_delete)
 
 
 def pool_refresh(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import pool_name as lookup
-
-    name = lookup(ctx.conn, args.req("pool"))
-    with failing(f"Failed to refresh pool {name}"):
-        ctx.conn.pool_refresh(name)
-    ctx.extra(f"Pool {name} refreshed")
+    _on_pool(ctx, args, "Failed to refresh pool {}", "Pool {} refreshed",
+             ctx.conn.pool_refresh)
 
 
 def pool_autostart(ctx: Context, args: Args) -> None:
-    from virtstore.cli.lookup import pool_name as lookup
-
-    name = lookup(ctx.conn, args.req("pool"))
     enable = not args.flag("disable")
-    with failing(f"failed to mark pool {name} as autostarted" if enable
-                 else f"failed to unmark pool {name} as autostarted"):
-        ctx.conn.pool_set_autostart(name, enable)
-    ctx.extra(f"Pool {name} marked as autostarted" if enable
-              else f"Pool {name} unmarked as autostarted")
+    how = "mark" if enable else "unmark"
+    _on_pool(ctx, args, f"failed to {how} pool {{}} as autostarted",
+             f"Pool {{}} {how}ed as autostarted",
+             lambda name: ctx.conn.pool_set_autostart(name, enable))
 
 
 COMMANDS = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from virtstore.cli.context import failing, read_text_file
+from virtstore.cli.context import define_from_file, failing
 from virtstore.cli.parser import XPATH_OPTS, Args, Command, Opt
 
 TYPE_CHECKING = False
@@ -25,10 +25,8 @@ def _secret(ctx: Context, args: Args) -> str:
 
 
 def secret_define(ctx: Context, args: Args) -> None:
-    path = args.req("file")
-    xml = read_text_file(path)
-    with failing(f"Failed to set attributes from {path}"):
-        uuid = ctx.conn.secret_define_xml(xml)
+    uuid = define_from_file(args, "Failed to set attributes from {}",
+                            ctx.conn.secret_define_xml)[0]
     ctx.extra(f"Secret {uuid} created")
 
 

@@ -84,16 +84,14 @@ def vol_dumpxml(ctx: Context, args: Args) -> None:
 
 
 def vol_create(ctx: Context, args: Args) -> None:
-    from virtstore.cli.context import read_text_file
+    from virtstore.cli.context import define_from_file
     from virtstore.cli.lookup import pool_name
 
     conn = ctx.conn
     pool = pool_name(conn, args.req("pool"))
-    path = args.req("file")
-    xml = read_text_file(path)
-    with failing(f"Failed to create vol from {path}"):
-        name = conn.volume_create_xml(pool, xml,
-                                      prealloc_metadata=args.flag("prealloc-metadata"))
+    prealloc = args.flag("prealloc-metadata")
+    name, path = define_from_file(args, "Failed to create vol from {}", lambda xml:
+                                  conn.volume_create_xml(pool, xml, prealloc_metadata=prealloc))
     ctx.extra(f"Vol {name} created from {path}")
 
 

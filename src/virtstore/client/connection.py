@@ -7,6 +7,7 @@ streams and the long polls (split into requests of at most a minute) are written
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import inspect
 import json
@@ -16,14 +17,7 @@ import time
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlencode
 
-from virtstore.api import (
-    JOB_DONE,
-    Connection,
-    Event,
-    JobInfo,
-    VolumeInfo,
-    VolumePage,
-)
+from virtstore.api import JOB_DONE, Connection, Event, JobInfo, VolumeInfo, VolumePage
 from virtstore.api.operations import (
     BODY,
     BY_NAME,
@@ -38,6 +32,7 @@ from virtstore.api.operations import (
 )
 from virtstore.client.transport import BLOCK, Transport, raise_for
 from virtstore.errors import InternalError, InvalidArgument
+from virtstore.host.files import Bounded
 
 SPARSE = "application/vnd.virtstore.sparse"
 
@@ -111,22 +106,6 @@ def _remote(name: str) -> Any:
     method.__doc__ = getattr(Connection, name).__doc__
     method.__signature__ = sig  # type: ignore[attr-defined]
     return method
-
-
-class _Limited:
-    """At most ``n`` bytes of a file object, for a Content-Length body."""
-
-    def __init__(self, src: BinaryIO, n: int) -> None:
-        self.src = src
-        self.left = n
-
-    def read(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        want = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.src.read(want)
-        self.left -= len(data)
-        return data
 
 
 class RemoteConnection(Connection):
@@ -273,7 +252,7 @@ class RemoteConnection(Connection):
             body = encode_sparse(source.fileno(), start, length, Monitor())
         elif length is not None:
             headers["Content-Length"] = str(length)
-            body = _Limited(source, length)
+            body = Bounded(source, length)
         # else: http.client sends a body of unknown length chunked
         path = self._path("volume_upload", pool=pool, name=name, offset=offset, length=length,
                           sparse=sparse, bandwidth=bandwidth)
@@ -321,10 +300,8 @@ class RemoteConnection(Connection):
             sink.truncate(sink.tell())
         job_id = resp.getheader("X-Virtstore-Job") or ""
         if job_id:
-            try:
+            with contextlib.suppress(Exception):
                 return cast(JobInfo, self.job_info(job_id))
-            except Exception:
-                pass
         return JobInfo(id=job_id, kind="download", state=JOB_DONE, pool=pool, volume=name,
                        bytes_done=done, bytes_total=done, started=started, ended=time.time())
 

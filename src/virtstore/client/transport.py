@@ -14,6 +14,7 @@ requests; neither path needs a dependency.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -96,10 +97,8 @@ class _Wire:
         self.used = False
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def _more(self) -> bytes:
         data = self.sock.recv(RECV)

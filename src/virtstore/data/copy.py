@@ -20,6 +20,7 @@ from virtstore.data.extents import (
     NOT_SUPPORTED,
     data_extents,
     nospace,
+    refused,
     size_of,
     start_writeback,
     zero_out,
@@ -205,15 +206,8 @@ def reflink(src_fd: int, dst_fd: int) -> bool:
 
 
 def _ficlone(src_fd: int, dst_fd: int) -> bool:
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-    except OSError as exc:
-        if exc.errno in _REFLINK_IMPOSSIBLE:
-            return False
-        if exc.errno in NO_SPACE:
-            raise nospace(exc, "cloning") from exc
-        raise
-    return True
+    return refused(lambda: fcntl.ioctl(dst_fd, FICLONE, src_fd), "cloning",
+                   _REFLINK_IMPOSSIBLE) is None
 
 
 def filesystem_type(path: str) -> str:

@@ -197,20 +197,35 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def refused(call: Callable[[], object], doing: str,
+            cannot: frozenset[int] = NOT_SUPPORTED) -> int | None:
+    """Run ``call``: None when it worked, the errno when it is one of ``cannot`` (the
+    filesystem or device cannot do it); a full device or quota is NoSpace."""
+    try:
+        call()
+    except OSError as exc:
+        if exc.errno in cannot:
+            return exc.errno
+        if exc.errno in NO_SPACE:
+            raise nospace(exc, doing) from exc
+        raise
+    return None
+
+
+def _fallocate_or_refuse(fd: int, mode: int, offset: int, length: int, doing: str,
+                         what: str) -> None:
+    err = refused(lambda: fallocate(fd, mode | FALLOC_FL_KEEP_SIZE, offset, length), doing)
+    if err is not None:
+        raise Unsupported(f"this filesystem cannot {what}: {os.strerror(err)}")
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate [offset, offset+length): it reads as zeros, the size stays the same.
 
     Raises Unsupported when the filesystem cannot punch holes.
     """
-    try:
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-    except OSError as exc:
-        if exc.errno in NOT_SUPPORTED:
-            raise Unsupported(f"this filesystem cannot punch holes: "
-                              f"{os.strerror(exc.errno or 0)}") from exc
-        if exc.errno in NO_SPACE:
-            raise nospace(exc, "punching a hole") from exc
-        raise
+    _fallocate_or_refuse(fd, FALLOC_FL_PUNCH_HOLE, offset, length, "punching a hole",
+                         "punch holes")
 
 
 def zero_range(fd: int, offset: int, length: int) -> None:
@@ -218,28 +233,14 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 
     Raises Unsupported when the filesystem cannot.
     """
-    try:
-        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-    except OSError as exc:
-        if exc.errno in NOT_SUPPORTED:
-            raise Unsupported(f"this filesystem cannot zero ranges: "
-                              f"{os.strerror(exc.errno or 0)}") from exc
-        if exc.errno in NO_SPACE:
-            raise nospace(exc, "zeroing a range") from exc
-        raise
+    _fallocate_or_refuse(fd, FALLOC_FL_ZERO_RANGE, offset, length, "zeroing a range",
+                         "zero ranges")
 
 
 def block_ioctl(fd: int, request: int, offset: int, length: int) -> bool:
     """BLKZEROOUT or BLKDISCARD over a range; False when the device cannot."""
-    try:
-        fcntl.ioctl(fd, request, struct.pack("=QQ", offset, length))
-    except OSError as exc:
-        if exc.errno in NOT_SUPPORTED:
-            return False
-        if exc.errno in NO_SPACE:
-            raise nospace(exc, "zeroing a device range") from exc
-        raise
-    return True
+    return refused(lambda: fcntl.ioctl(fd, request, struct.pack("=QQ", offset, length)),
+                   "zeroing a device range") is None
 
 
 def write_zeros(fd: int, offset: int, length: int) -> None:

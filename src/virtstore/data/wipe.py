@@ -27,6 +27,7 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable, Iterator
 
 from virtstore.data.extents import (
     BLKDISCARD,
@@ -134,60 +135,51 @@ def _random(fd: int, size: int, monitor: Monitor) -> None:
             monitor.advance(w)
 
 
-def _file_zero(fd: int, size: int, monitor: Monitor, *, keep_allocated: bool) -> None:
-    pos = 0
+def _ranges(pos: int, size: int, chunk: Callable[[], int]) -> Iterator[tuple[int, int]]:
+    """(offset, length) pieces of [pos, size), each at most ``chunk()`` long."""
     while pos < size:
-        n = min(META_CHUNK, size - pos)
+        n = min(chunk(), size - pos)
+        yield pos, n
+        pos += n
+
+
+def _file_zero(fd: int, size: int, monitor: Monitor, *, keep_allocated: bool) -> None:
+    for pos, n in _ranges(0, size, lambda: META_CHUNK):
         try:
-            if keep_allocated:
-                zero_range(fd, pos, n)
-            else:
-                punch_hole(fd, pos, n)
+            (zero_range if keep_allocated else punch_hole)(fd, pos, n)
         except Unsupported:
             _write_zeros(fd, pos, size, monitor)
             return
-        pos += n
         monitor.skip(n)
 
 
-def _write_zeros(fd: int, pos: int, size: int, monitor: Monitor) -> None:
-    while pos < size:
-        n = min(monitor.chunk_size(WRITE_CHUNK), size - pos)
+def _write_zeros(fd: int, start: int, size: int, monitor: Monitor) -> None:
+    for pos, n in _ranges(start, size, lambda: monitor.chunk_size(WRITE_CHUNK)):
         write_zeros(fd, pos, n)
-        pos += n
         monitor.advance(n)
 
 
 def _block_zero(fd: int, size: int, monitor: Monitor) -> None:
-    pos = 0
-    while pos < size:
-        n = min(monitor.chunk_size(64 << 20), size - pos)
+    for pos, n in _ranges(0, size, lambda: monitor.chunk_size(64 << 20)):
         if not block_ioctl(fd, BLKZEROOUT, pos, n):
             _write_zeros(fd, pos, size, monitor)
             return
-        pos += n
         monitor.advance(n)
 
 
 def _file_trim(fd: int, size: int, path: str, monitor: Monitor) -> None:
-    pos = 0
-    while pos < size:
-        n = min(META_CHUNK, size - pos)
+    for pos, n in _ranges(0, size, lambda: META_CHUNK):
         try:
             punch_hole(fd, pos, n)
         except Unsupported as exc:
             raise Unsupported(f"cannot trim '{path}': {exc}") from exc
-        pos += n
         monitor.skip(n)
 
 
 def _block_discard(fd: int, size: int, path: str, monitor: Monitor) -> None:
-    pos = 0
-    while pos < size:
-        n = min(META_CHUNK, size - pos)
+    for pos, n in _ranges(0, size, lambda: META_CHUNK):
         if not block_ioctl(fd, BLKDISCARD, pos, n):
             raise Unsupported(f"cannot trim '{path}': the device does not support discard")
-        pos += n
         monitor.skip(n)
 
 

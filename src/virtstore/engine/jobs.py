@@ -21,22 +21,9 @@ from typing import TYPE_CHECKING
 from virtstore.engine import locks
 from virtstore.engine.events import EventLog
 from virtstore.engine.store import Store
-from virtstore.errors import (
-    Cancelled,
-    NoSuchJob,
-    NoSuchVolume,
-    OperationInvalid,
-    VirtstoreError,
-)
+from virtstore.errors import Cancelled, NoSuchJob, NoSuchVolume, OperationInvalid, VirtstoreError
 from virtstore.host.files import own_start_time, process_alive
-from virtstore.types import (
-    JOB_CANCELLED,
-    JOB_DONE,
-    JOB_FAILED,
-    JOB_FINAL,
-    JOB_RUNNING,
-    JobInfo,
-)
+from virtstore.types import JOB_CANCELLED, JOB_DONE, JOB_FAILED, JOB_FINAL, JOB_RUNNING, JobInfo
 
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor

@@ -6,7 +6,7 @@ import logging
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
-from virtstore.backends.base import Stamp
+from virtstore.backends.base import Backend, Stamp
 from virtstore.engine import locks, nesting
 from virtstore.engine.confine import Confinement, check_pool_target
 from virtstore.engine.events import EventLog
@@ -32,6 +32,10 @@ log = logging.getLogger("virtstore")
 
 # Pool types whose target is a local directory: libvirt reports its owner and mode.
 _LOCAL_TARGET = ("dir", "fs", "netfs")
+
+
+def _not_valid(name: str, state: str) -> OperationInvalid:
+    return OperationInvalid(f"Requested operation is not valid: storage pool '{name}' is {state}")
 
 
 class PoolManager(PoolReader):
@@ -202,11 +206,9 @@ class PoolManager(PoolReader):
         with self.state.store.write() as db:
             row = self.state.row(name)
             if not row.persistent:
-                raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                       f"'{name}' is not persistent")
+                raise _not_valid(name, "not persistent")
             if row.active:
-                raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                       f"'{name}' is still active")
+                raise _not_valid(name, "still active")
             cp = self._publishing(row.type, publish)
             if cp is not None:
                 cp.withdraw(db, name)
@@ -237,12 +239,15 @@ class PoolManager(PoolReader):
         self._emit("undefined", name)
 
     # -- lifecycle -------------------------------------------------------------
-    def build(self, name: str, *, overwrite: bool | None) -> None:
+    def _inactive(self, name: str, active: str = "already active") -> tuple[PoolRow, Backend]:
+        """The pool's row and backend; libvirt's refusal when it is active."""
         row = self.state.row(name)
         if row.active:
-            raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                   f"'{name}' is already active")
-        backend = self.state.backend(row.type, row.name)
+            raise _not_valid(name, active)
+        return row, self.state.backend(row.type, row.name)
+
+    def build(self, name: str, *, overwrite: bool | None) -> None:
+        row, backend = self._inactive(name)
         if not backend.supports("build"):
             return  # libvirt: building a pool type with nothing to build succeeds
         pool = self.state.definition(row)
@@ -250,11 +255,7 @@ class PoolManager(PoolReader):
         backend.build(pool, overwrite)
 
     def start(self, name: str, *, build: bool = False, overwrite: bool | None = None) -> None:
-        row = self.state.row(name)
-        if row.active:
-            raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                   f"'{name}' is already active")
-        backend = self.state.backend(row.type, row.name)
+        row, backend = self._inactive(name)
         problem = backend.host_problem()
         if problem:
             raise Unsupported(problem)
@@ -280,8 +281,7 @@ class PoolManager(PoolReader):
         with self.state.store.write() as db:
             cur = self.state.row(name)
             if cur.active:
-                raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                       f"'{name}' is already active")
+                raise _not_valid(name, "already active")
             db.execute("UPDATE pools SET active=1, live_xml=?, target_path=? WHERE name=?",
                        (format_pool_xml(pool, inactive=True), pool.target.path, name))
         self._remember(pool)
@@ -292,8 +292,7 @@ class PoolManager(PoolReader):
         with self.state.store.write() as db:
             row = self.state.row(name)
             if not row.active:
-                raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                       f"'{name}' is not active")
+                raise _not_valid(name, "not active")
             busy = db.execute("SELECT name FROM volumes WHERE pool=? AND state!='ready' LIMIT 1",
                               (name,)).fetchone()
             if busy is not None or locks.pool_busy(db, name):
@@ -315,11 +314,7 @@ class PoolManager(PoolReader):
         self._emit("stopped", name)
 
     def delete(self, name: str) -> None:
-        row = self.state.row(name)
-        if row.active:
-            raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                   f"'{name}' is still active")
-        backend = self.state.backend(row.type, row.name)
+        row, backend = self._inactive(name, "still active")
         if not backend.supports("delete"):
             raise backend.unsupported("pool delete")
         nesting.check_pool_unused(self.state, self.index, name, "delete")
@@ -328,8 +323,7 @@ class PoolManager(PoolReader):
     def refresh(self, name: str) -> None:
         row = self.state.row(name)
         if not row.active:
-            raise OperationInvalid(f"Requested operation is not valid: storage pool "
-                                   f"'{name}' is not active")
+            raise _not_valid(name, "not active")
         pool = self.state.definition(row)
         self._scan_into_index(pool)
         self._remember(pool)

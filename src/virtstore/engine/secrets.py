@@ -17,7 +17,7 @@ import uuid as uuidlib
 from virtstore.engine.names import check_uuid
 from virtstore.engine.store import Store
 from virtstore.errors import AlreadyExists, Forbidden, InternalError, NoSuchSecret
-from virtstore.host.files import atomic_write
+from virtstore.host.files import atomic_write, remove_quietly
 from virtstore.types import SecretInfo, record
 from virtstore.xml import SecretDef, format_secret_xml, parse_secret_xml
 
@@ -215,7 +215,4 @@ class SecretStore:
                 self._ephemeral.drop(sdef.uuid)
                 return
             for path in (self._value_path(sdef.uuid), self._xml_path(sdef.uuid)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                remove_quietly(path)

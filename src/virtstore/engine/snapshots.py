@@ -60,16 +60,11 @@ class SnapshotManager:
                       key=lambda s: (s.created, s.name))
 
     def create(self, pool_name: str, name: str, snap: str, *, external: bool) -> SnapshotInfo:
-        pool, backend, rec = self._volume(pool_name, name)
+        had = self.list(pool_name, name)
         check_volume_name(snap, "snapshot")
-        if any(s.name == snap for s in self.list(pool_name, name)):
+        if any(s.name == snap for s in had):
             raise AlreadyExists(f"snapshot '{snap}' of volume '{name}' exists already")
-        with self._writing(pool_name, pool, backend, name, "snapshot-create"):
-            if external:
-                backend.snap_create_external(pool, rec, snap)
-            else:
-                backend.snap_create(pool, rec, snap)
-            self._reread(pool_name, pool, backend, name)
+        self._change(pool_name, name, snap, "create-external" if external else "create")
         return next(s for s in self.list(pool_name, name) if s.name == snap)
 
     def revert(self, pool_name: str, name: str, snap: str) -> None:
@@ -80,13 +75,13 @@ class SnapshotManager:
 
     def _change(self, pool_name: str, name: str, snap: str, verb: str) -> None:
         pool, backend, rec = self._volume(pool_name, name)
-        with self._writing(pool_name, pool, backend, name, f"snapshot-{verb}"):
+        op = "snapshot-" + verb.removesuffix("-external")
+        with self._writing(pool_name, pool, backend, name, op):
             # The backend refuses a snapshot it does not have (NoSuchVolume): listing
             # them here first would read the image twice (qemu-img info).
-            if verb == "revert":
-                backend.snap_revert(pool, rec, snap)
-            else:
-                backend.snap_delete(pool, rec, snap)
+            act = {"create": backend.snap_create, "create-external": backend.snap_create_external,
+                   "revert": backend.snap_revert, "delete": backend.snap_delete}[verb]
+            act(pool, rec, snap)
             self._reread(pool_name, pool, backend, name)
 
     def forget_volume(self, pool_name: str, name: str) -> None:

@@ -113,11 +113,10 @@ class StateRoot:
         atomic_write(self.def_path(pool.name), format_pool_xml(pool, inactive=True), 0o600)
 
     def remove_def_file(self, name: str) -> None:
+        from virtstore.host.files import remove_quietly
+
         for path in (self.autostart_path(name), self.def_path(name)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            remove_quietly(path)
 
     def is_autostart(self, name: str) -> bool:
         return os.path.lexists(self.autostart_path(name))
@@ -128,10 +127,9 @@ class StateRoot:
             if not os.path.lexists(link):
                 os.symlink(os.path.join("..", name + ".xml"), link)
         else:
-            try:
-                os.unlink(link)
-            except FileNotFoundError:
-                pass
+            from virtstore.host.files import remove_quietly
+
+            remove_quietly(link)
 
     def def_file_names(self) -> set[str]:
         try:

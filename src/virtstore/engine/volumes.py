@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets as pysecrets
 import sqlite3
@@ -31,13 +32,7 @@ if TYPE_CHECKING:
     from virtstore.engine.cluster import Cluster, Lease
     from virtstore.engine.events import EventLog
 
-from virtstore.xml import (
-    BackingStore,
-    PoolDef,
-    VolDef,
-    VolTarget,
-    parse_volume_xml,
-)
+from virtstore.xml import BackingStore, PoolDef, VolDef, VolTarget, parse_volume_xml
 
 
 @dataclass(frozen=True)
@@ -136,14 +131,10 @@ class VolumeManager:
 
     def _resolve_backing(self, pool_name: str, ident: str) -> str:
         """--backing-vol: a volume name in this pool, a key, or a path."""
-        try:
+        with contextlib.suppress(NoSuchVolume):
             return self.index.info(pool_name, ident).path
-        except NoSuchVolume:
-            pass
-        try:
+        with contextlib.suppress(NoSuchVolume):
             return self.index.by_key(ident).path
-        except NoSuchVolume:
-            pass
         path = existing_path(ident)
         if path is not None:
             self.check_backing(ident)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from virtstore.errors import CommandFailed, InvalidArgument, Unsupported
 from virtstore.formats.qcow2 import LAZY_NEEDS_V3, compat_version
+from virtstore.host.files import secret_file
 from virtstore.host.runner import Result, run
 
 QEMU_IMG = "qemu-img"
@@ -181,13 +181,8 @@ def _secret_object(enc: Encryption, secret_id: str) -> Iterator[list[str]]:
         yield ["--object", f"secret,id={secret_id},file={_escape(enc.secret_file)}"]
         return
     assert enc.secret is not None
-    fd, tmp = tempfile.mkstemp(prefix="virtstore-secret-")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(enc.secret)
+    with secret_file(enc.secret) as tmp:
         yield ["--object", f"secret,id={secret_id},file={_escape(tmp)}"]
-    finally:
-        os.unlink(tmp)
 
 
 def create_options(opts: ImageOptions, secret_id: str | None = None) -> list[str]:

@@ -7,6 +7,7 @@ device itself, so it also works where udev is absent or stale).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Iterable
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from virtstore.host import mounts as mountsmod
+from virtstore.host.files import block_devno
+from virtstore.host.files import read_attr as _read
 from virtstore.host.runner import run
 
 SYS_CLASS_BLOCK = "/sys/class/block"
@@ -57,14 +60,6 @@ class HostDevice:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
 
 
 def _int(text: str | None, default: int = 0) -> int:
@@ -191,10 +186,8 @@ def _disk_info(name: str) -> HostDevice | None:
                      _read(os.path.join(devdir, "wwid")))
     dev.transport = _transport(disk_dir, disk_name, udev)
     holders_dir = os.path.join(sysdir, "holders")
-    try:
+    with contextlib.suppress(OSError):
         dev.holders = sorted("/dev/" + h for h in os.listdir(holders_dir))
-    except OSError:
-        pass
     if not is_part:
         try:
             children = sorted(
@@ -266,14 +259,9 @@ def host_devices(*, probe_contents: bool = True) -> list[HostDevice]:
 
 def device(path: str) -> HostDevice | None:
     """One device by its path (or a /dev/disk/by-* link to it)."""
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError:
+    devno = block_devno(os.path.realpath(path))
+    if devno is None:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     name = None
     try:
         for entry in os.listdir(SYS_CLASS_BLOCK):

@@ -3,6 +3,7 @@ process identity."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -11,6 +12,7 @@ from virtstore.errors import OperationInvalid
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import BinaryIO
 
 
@@ -34,10 +36,7 @@ def atomic_write(path: str, data: bytes | str | memoryview, mode: int = 0o600, *
             os.fsync(fh.fileno())
         os.rename(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        remove_quietly(tmp)
         raise
     if sync_dir:
         fsync_dir(directory)
@@ -157,6 +156,65 @@ def refuse_symlink(path: str) -> None:
 def _symlink_refused(path: str) -> OperationInvalid:
     return OperationInvalid(f"cannot open volume '{path}': it is a symbolic link, which "
                             "volumes may not be")
+
+
+def read_attr(path: str, errors: str = "replace") -> str | None:
+    """A small text file's content (a sysfs attribute), stripped; None if unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors=errors) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def entries(path: str) -> list[str]:
+    """A directory's names; none where it cannot be read (absent from this kernel)."""
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def block_devno(path: str) -> str | None:
+    """``MAJOR:MINOR`` of the block device at ``path``; None for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+@contextlib.contextmanager
+def secret_file(value: bytes) -> Iterator[str]:
+    """A temporary file only its owner can read, holding a secret for a program (on its
+    command line, every user would see it); removed afterwards."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="virtstore-secret-")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(value)
+        yield path
+    finally:
+        remove_quietly(path)
+
+
+class Bounded:
+    """At most ``limit`` bytes of a stream: a Content-Length body, or what fits on a
+    device that cannot grow."""
+
+    def __init__(self, src: BinaryIO, limit: int) -> None:
+        self.src = src
+        self.left = limit
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.src.read(self.left if n is None or n < 0 else min(n, self.left)) or b""
+        self.left -= len(data)
+        return data
 
 
 def live_stat(path: str) -> os.stat_result | None:

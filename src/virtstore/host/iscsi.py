@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from virtstore.errors import AuthFailed, CommandFailed, OperationInvalid, Unsupported
+from virtstore.errors import AuthFailed, CommandFailed, OperationInvalid
+from virtstore.host.clib import CLibrary, ci, cp, vp
 from virtstore.host.runner import run
 
 ISCSI_SESSION_NORMAL = 2
@@ -79,43 +78,23 @@ def _failure(exc: CommandFailed, what: str) -> Exception:
 
 
 # -- REPORT LUNS through libiscsi -------------------------------------------------------------
-_lib: ctypes.CDLL | None = None
-_lock = threading.Lock()
-
-
-def _library() -> ctypes.CDLL:
-    global _lib
-    with _lock:
-        if _lib is None:
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("iscsi") or "libiscsi.so.7")
-            except OSError as exc:
-                raise Unsupported("iscsi-direct pools need libiscsi (Debian libiscsi7), "
-                                  "which is not installed") from exc
-            vp, cp, ci = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
-            lib.iscsi_create_context.restype = vp
-            lib.iscsi_create_context.argtypes = [cp]
-            lib.iscsi_destroy_context.argtypes = [vp]
-            lib.iscsi_set_targetname.argtypes = [vp, cp]
-            lib.iscsi_set_session_type.argtypes = [vp, ci]
-            lib.iscsi_set_initiator_username_pwd.argtypes = [vp, cp, cp]
-            lib.iscsi_full_connect_sync.argtypes = [vp, cp, ci]
-            lib.iscsi_get_error.restype = cp
-            lib.iscsi_get_error.argtypes = [vp]
-            lib.iscsi_reportluns_sync.restype = vp
-            lib.iscsi_reportluns_sync.argtypes = [vp, ci, ci]
-            lib.scsi_datain_unmarshall.restype = vp
-            lib.scsi_datain_unmarshall.argtypes = [vp]
-            lib.scsi_free_scsi_task.argtypes = [vp]
-            lib.scsi_task_get_status.restype = ci
-            lib.scsi_task_get_status.argtypes = [vp, vp]
-            lib.iscsi_inquiry_sync.restype = vp
-            lib.iscsi_inquiry_sync.argtypes = [vp, ci, ci, ci, ci]
-            lib.iscsi_readcapacity16_sync.restype = vp
-            lib.iscsi_readcapacity16_sync.argtypes = [vp, ci]
-            lib.iscsi_logout_sync.argtypes = [vp]
-            _lib = lib
-        return _lib
+_library = CLibrary("iscsi", "libiscsi.so.7", (
+    "iscsi-direct pools need libiscsi (Debian libiscsi7), which is not installed"), {
+    "iscsi_create_context": (vp, [cp]),
+    "iscsi_destroy_context": (None, [vp]),
+    "iscsi_set_targetname": (None, [vp, cp]),
+    "iscsi_set_session_type": (None, [vp, ci]),
+    "iscsi_set_initiator_username_pwd": (None, [vp, cp, cp]),
+    "iscsi_full_connect_sync": (None, [vp, cp, ci]),
+    "iscsi_get_error": (cp, [vp]),
+    "iscsi_reportluns_sync": (vp, [vp, ci, ci]),
+    "scsi_datain_unmarshall": (vp, [vp]),
+    "scsi_free_scsi_task": (None, [vp]),
+    "scsi_task_get_status": (ci, [vp, vp]),
+    "iscsi_inquiry_sync": (vp, [vp, ci, ci, ci, ci]),
+    "iscsi_readcapacity16_sync": (vp, [vp, ci]),
+    "iscsi_logout_sync": (None, [vp]),
+}, use_errno=False)
 
 
 @contextlib.contextmanager

@@ -13,17 +13,14 @@ import time
 from collections.abc import Mapping
 
 from virtstore.errors import CommandFailed
+from virtstore.host.files import read_attr
 from virtstore.host.runner import run
 
 SYS_BLOCK = "/sys/block"
 
 
 def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
+    return read_attr(path, "surrogateescape")  # a backing file's name may be any bytes
 
 
 def backing_file(dev: str) -> str | None:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from virtstore.host.files import block_devno
 from virtstore.host.runner import run
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -70,30 +71,18 @@ def mounted_at(target: str) -> Mount | None:
     return found
 
 
-def _devno_of(path: str) -> str | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    import stat as stmod
-
-    if not stmod.S_ISBLK(st.st_mode):
-        return None
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-
-
 def same_device(mount: Mount, device: str) -> bool:
     """Whether ``mount`` is a mount of block device ``device``."""
     if os.path.realpath(mount.source) == os.path.realpath(device):
         return True
-    devno = _devno_of(device)
+    devno = block_devno(device)
     return devno is not None and devno == mount.devno
 
 
 def mount_points_of(device: str) -> list[str]:
     """Every directory where block device ``device`` is mounted."""
     real = os.path.realpath(device)
-    devno = _devno_of(device)
+    devno = block_devno(device)
     return [m.target for m in mounts()
             if os.path.realpath(m.source) == real or (devno is not None and m.devno == devno)]
 

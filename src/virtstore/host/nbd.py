@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from virtstore.errors import CommandFailed, InvalidArgument, OperationInvalid
+from virtstore.host.files import secret_file
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -340,6 +341,13 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def secret_object(ident: str, value: bytes, fmt: str) -> Iterator[str]:
+    """qemu's ``--object`` for a secret, which goes through a file (see secret_file)."""
+    with secret_file(value) as path:
+        yield f"secret,id={ident},file={path},format={fmt}"
 
 
 @dataclass

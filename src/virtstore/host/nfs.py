@@ -9,61 +9,37 @@ one mounted export; it is not thread-safe, so callers open one per operation.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import threading
 from dataclasses import dataclass
 
-from virtstore.errors import CommandFailed, Unsupported
+from virtstore.errors import CommandFailed
+from virtstore.host.clib import CLibrary, cp, vp
 
-_lib: ctypes.CDLL | None = None
-_lib_lock = threading.Lock()
-
-
-def _library() -> ctypes.CDLL:
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            name = ctypes.util.find_library("nfs") or "libnfs.so.13"
-            try:
-                lib = ctypes.CDLL(name, use_errno=True)
-            except OSError as exc:
-                raise Unsupported("the userspace NFS client needs libnfs (Debian libnfs13), "
-                                  "which is not installed") from exc
-            vp, cp, u64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64
-            lib.nfs_init_context.restype = vp
-            lib.nfs_destroy_context.argtypes = [vp]
-            lib.nfs_get_error.restype = cp
-            lib.nfs_get_error.argtypes = [vp]
-            lib.nfs_mount.argtypes = [vp, cp, cp]
-            lib.nfs_stat64.argtypes = [vp, cp, vp]
-            lib.nfs_opendir.argtypes = [vp, cp, ctypes.POINTER(vp)]
-            lib.nfs_readdir.restype = vp
-            lib.nfs_readdir.argtypes = [vp, vp]
-            lib.nfs_closedir.argtypes = [vp, vp]
-            lib.nfs_open.argtypes = [vp, cp, ctypes.c_int, ctypes.POINTER(vp)]
-            lib.nfs_creat.argtypes = [vp, cp, ctypes.c_int, ctypes.POINTER(vp)]
-            lib.nfs_close.argtypes = [vp, vp]
-            lib.nfs_pread.argtypes = [vp, vp, u64, u64, vp]
-            lib.nfs_pwrite.argtypes = [vp, vp, u64, u64, vp]
-            lib.nfs_ftruncate.argtypes = [vp, vp, u64]
-            lib.nfs_fsync.argtypes = [vp, vp]
-            lib.nfs_unlink.argtypes = [vp, cp]
-            lib.nfs_link.argtypes = [vp, cp, cp]
-            lib.nfs_rename.argtypes = [vp, cp, cp]
-            lib.nfs_statvfs.argtypes = [vp, cp, vp]
-            lib.nfs_mkdir.argtypes = [vp, cp]
-            lib.nfs_rmdir.argtypes = [vp, cp]
-            _lib = lib
-        return _lib
-
-
-def available() -> bool:
-    try:
-        _library()
-    except Unsupported:
-        return False
-    return True
+u64 = ctypes.c_uint64
+_library = CLibrary("nfs", "libnfs.so.13", (
+    "the userspace NFS client needs libnfs (Debian libnfs13), which is not installed"), {
+    "nfs_init_context": (vp, None),
+    "nfs_destroy_context": (None, [vp]),
+    "nfs_get_error": (cp, [vp]),
+    "nfs_mount": (None, [vp, cp, cp]),
+    "nfs_stat64": (None, [vp, cp, vp]),
+    "nfs_opendir": (None, [vp, cp, ctypes.POINTER(vp)]),
+    "nfs_readdir": (vp, [vp, vp]),
+    "nfs_closedir": (None, [vp, vp]),
+    "nfs_open": (None, [vp, cp, ctypes.c_int, ctypes.POINTER(vp)]),
+    "nfs_creat": (None, [vp, cp, ctypes.c_int, ctypes.POINTER(vp)]),
+    "nfs_close": (None, [vp, vp]),
+    "nfs_pread": (None, [vp, vp, u64, u64, vp]),
+    "nfs_pwrite": (None, [vp, vp, u64, u64, vp]),
+    "nfs_ftruncate": (None, [vp, vp, u64]),
+    "nfs_fsync": (None, [vp, vp]),
+    "nfs_unlink": (None, [vp, cp]),
+    "nfs_link": (None, [vp, cp, cp]),
+    "nfs_rename": (None, [vp, cp, cp]),
+    "nfs_statvfs": (None, [vp, cp, vp]),
+    "nfs_mkdir": (None, [vp, cp]),
+    "nfs_rmdir": (None, [vp, cp]),
+})
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
+from virtstore.host.files import entries
+from virtstore.host.files import read_attr as _read
 
 
 def _sys(root: str, *parts: str) -> str:
@@ -69,11 +64,7 @@ def _pci_of(root: str, host: str) -> tuple[int, int, int, int] | None:
 def scsi_hosts(root: str = "/") -> list[ScsiHost]:
     base = _sys(root, "class", "scsi_host")
     out: list[ScsiHost] = []
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return out
-    for name in names:
+    for name in entries(base):
         m = re.match(r"^host(\d+)$", name)
         if not m:
             continue
@@ -118,11 +109,7 @@ def luns(host_number: int, root: str = "/") -> list[ScsiLun]:
     """The LUNs of SCSI host ``host_number`` (all device types)."""
     base = _sys(root, "bus", "scsi", "devices")
     out: list[ScsiLun] = []
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return out
-    for name in names:
+    for name in entries(base):
         m = re.match(r"^(\d+):(\d+):(\d+):(\d+)$", name)
         if not m or int(m.group(1)) != host_number:
             continue
@@ -165,21 +152,14 @@ def multipath_maps(root: str = "/") -> list[MultipathMap]:
     """Device-mapper devices whose DM UUID marks them as multipath maps (``mpath-``)."""
     base = _sys(root, "block")
     out: list[MultipathMap] = []
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return out
-    for name in names:
+    for name in entries(base):
         if not name.startswith("dm-"):
             continue
         uuid = _read(os.path.join(base, name, "dm", "uuid")) or ""
         if not uuid.startswith("mpath-"):
             continue
         size = _read(os.path.join(base, name, "size"))
-        try:
-            slaves = sorted(os.listdir(os.path.join(base, name, "slaves")))
-        except OSError:
-            slaves = []
+        slaves = sorted(entries(os.path.join(base, name, "slaves")))
         out.append(MultipathMap(dm=name, name=_read(os.path.join(base, name, "dm", "name"))
                                 or name, uuid=uuid,
                                 size=int(size) * 512 if size and size.isdigit() else 0,

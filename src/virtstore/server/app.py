@@ -11,6 +11,7 @@ percent-decoding; the engine checks them, the server never makes a path out of o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -18,16 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtstore.api import Connection
-from virtstore.api.operations import (
-    BY_NAME,
-    BYTES,
-    NOTHING,
-    OPS,
-    RECORD,
-    RECORDS,
-    XML,
-    Op,
-)
+from virtstore.api.operations import BY_NAME, BYTES, NOTHING, OPS, RECORD, RECORDS, XML, Op
 from virtstore.errors import Forbidden, InvalidArgument, VirtstoreError
 from virtstore.server import streams, web
 from virtstore.server.auth import Authenticator
@@ -138,10 +130,8 @@ class App:
     def _audit(self, req: Request, resp: Response) -> None:
         code = ""
         if resp.status >= 400 and resp.body:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 code = " " + str(json.loads(resp.body)["error"]["code"])
-            except (ValueError, KeyError, TypeError):
-                pass
         result = "streaming" if resp.stream is not None else f"{resp.status}{code}"
         audit.info("who=%s op=%s %s result=%s", req.who or "?", req.method, req.raw_path,
                    result)

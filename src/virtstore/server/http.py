@@ -26,6 +26,7 @@ differently by a proxy in front), and no charset but UTF-8 for a body.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -525,10 +526,8 @@ class HTTPConnection:
         finally:
             if self._linger:
                 self._discard_rest()
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
 
     def _discard_rest(self) -> None:
         """Answered before the body was read: read a little of what the client still

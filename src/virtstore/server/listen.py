@@ -4,6 +4,7 @@ listener and per peer (``Limits``), each connection served by its own thread
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -228,10 +229,8 @@ class Server:
             HTTPConnection(sock, peer, self.app, head_timeout=self.limits.head_timeout).serve()
         except Exception:
             log.exception("connection on %s failed", lst.label)
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
         finally:
             self.counts.release(lst.kind, key)
             with self._lock:
@@ -283,10 +282,8 @@ class Server:
 
     def shutdown(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        except OSError:
-            pass
 
 
 def _subject(cert: dict[str, Any]) -> str:

@@ -248,24 +248,29 @@ def _stop_serving(server: Server, engine: EmbeddedConnection) -> tuple[int, int,
     return left, closed, cancelled
 
 
+def _stop_on_signals(stop: Callable[[], None]) -> Callable[[], str]:
+    """SIGTERM and SIGINT call ``stop``; what stopped the server, for the last log line."""
+    stopped_by: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return lambda: f"signal {signal.Signals(stopped_by[0]).name}" if stopped_by else "request"
+
+
 def _serve_here(engine: EmbeddedConnection, app: App, listeners: list[Listener],
                 limits: Limits) -> str:
     """One process: this one accepts and serves. Returns the line to log at the end."""
     server = Server(app, listeners, limits=limits)
     engine.follow_cluster_pools()
-    stopped_by: list[int] = []
-
-    def stop(signum: int, frame: object) -> None:
-        stopped_by.append(signum)
-        server.shutdown()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    how = _stop_on_signals(server.shutdown)
     _notify_systemd()
     server.serve_forever()
     left, closed, cancelled = _stop_serving(server, engine)
-    how = f"signal {signal.Signals(stopped_by[0]).name}" if stopped_by else "request"
-    summary = (f"stopped on {how}: {closed} connection(s) closed, "
+    summary = (f"stopped on {how()}: {closed} connection(s) closed, "
                f"{cancelled} job(s) cancelled")
     return summary + (f", {left} request(s) cut short" if left else "")
 
@@ -297,19 +302,11 @@ def _serve_workers(workers: int, open_engine: Callable[[], EmbeddedConnection],
 
     # Long enough for a worker's drain, connections and jobs.
     sup = Supervisor(workers, work, counts, grace=3 * DRAIN_TIMEOUT + 2)
-    stopped_by: list[int] = []
-
-    def stop(signum: int, frame: object) -> None:
-        stopped_by.append(signum)
-        sup.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    how = _stop_on_signals(sup.stop)
     log.info("serving with %d worker processes", workers)
     _notify_systemd()
     sup.run()
-    how = f"signal {signal.Signals(stopped_by[0]).name}" if stopped_by else "request"
-    return f"stopped on {how}: {workers} worker process(es) stopped"
+    return f"stopped on {how()}: {workers} worker process(es) stopped"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,16 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from virtstore.data.extents import zero_runs, zeros
-from virtstore.data.stream import (
-    CHUNK,
-    DATA,
-    END,
-    HOLE,
-    MAGIC,
-    MAX_OFFSET,
-    RECORD,
-    ZERO_BLOCK,
-)
+from virtstore.data.stream import CHUNK, DATA, END, HOLE, MAGIC, MAX_OFFSET, RECORD, ZERO_BLOCK
 from virtstore.errors import InvalidArgument
 
 SPARSE = "application/vnd.virtstore.sparse"

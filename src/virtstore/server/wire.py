@@ -14,16 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from virtstore.api import JobInfo
-from virtstore.api.operations import (
-    BODY,
-    EITHER,
-    MAX_INT,
-    PATH,
-    QUERY,
-    RAW,
-    Arg,
-    Op,
-)
+from virtstore.api.operations import BODY, EITHER, MAX_INT, PATH, QUERY, RAW, Arg, Op
 from virtstore.errors import InvalidArgument, error_for_code
 from virtstore.server.http import HTTPError, Request, Response
 from virtstore.xml.units import parse_scaled

@@ -17,12 +17,19 @@ ENCRYPTION_ENGINES = ("qemu", "librbd")
 SECRET_TYPES = ("passphrase",)
 
 
+def _one_of(node: etree._Element, attr: str, allowed: tuple[str, ...], what: str,
+            bad: str) -> str:
+    """``attr``, which must be given and one of ``allowed``, with libvirt's messages."""
+    value = node.get(attr)
+    if not value:
+        raise XMLError(f"unknown volume encryption {what}")
+    if value not in allowed:
+        raise XMLError(f"unknown volume encryption {bad} {shown(value)}")
+    return value
+
+
 def _parse_secret(node: etree._Element) -> EncryptionSecret:
-    kind = node.get("type")
-    if not kind:
-        raise XMLError("unknown volume encryption secret type")
-    if kind not in SECRET_TYPES:
-        raise XMLError(f"unknown volume encryption secret type {shown(kind)}")
+    kind = _one_of(node, "type", SECRET_TYPES, "secret type", "secret type")
     uuid, usage = parse_secret_ref(node)
     return EncryptionSecret(type=kind, uuid=uuid, usage=usage)
 
@@ -46,11 +53,7 @@ def _parse_cipher(node: etree._Element) -> dict[str, str]:
 
 
 def parse_encryption(node: etree._Element) -> Encryption:
-    fmt = node.get("format")
-    if not fmt:
-        raise XMLError("unknown volume encryption format")
-    if fmt not in ENCRYPTION_FORMATS:
-        raise XMLError(f"unknown volume encryption format type {shown(fmt)}")
+    fmt = _one_of(node, "format", ENCRYPTION_FORMATS, "format", "format type")
     engine = node.get("engine")
     if engine is not None and engine not in ENCRYPTION_ENGINES:
         raise XMLError(f"Invalid value for attribute 'engine' in element 'encryption': "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from virtstore.errors import XMLError
 from virtstore.xml.model import Permissions
 from virtstore.xml.values import parse_int, text_of
-from virtstore.xml.writer import Writer, esc
+from virtstore.xml.writer import Writer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,10 +47,7 @@ def format_permissions(out: Writer, perms: Permissions) -> None:
     out.open("<permissions>")
     if perms.mode is not None:
         out.line(f"<mode>0{perms.mode:o}</mode>")
-    if perms.owner is not None:
-        out.line(f"<owner>{perms.owner}</owner>")
-    if perms.group is not None:
-        out.line(f"<group>{perms.group}</group>")
-    if perms.label is not None:
-        out.line(f"<label>{esc(perms.label)}</label>")
+    out.elem("owner", perms.owner)
+    out.elem("group", perms.group)
+    out.elem("label", perms.label)
     out.close("</permissions>")

@@ -173,8 +173,7 @@ def format_pool_xml(pool: PoolDef, *, inactive: bool = False) -> str:
     out = Writer()
     out.open(f"<pool type='{ptype.name}'{_namespace_attr(pool, ptype)}>")
     out.line(f"<name>{esc(pool.name)}</name>")
-    if pool.uuid is not None:
-        out.line(f"<uuid>{esc(pool.uuid)}</uuid>")
+    out.elem("uuid", pool.uuid)
     for tag in ("capacity", "allocation", "available"):
         value = 0 if inactive else getattr(pool, tag)
         out.line(f"<{tag} unit='bytes'>{value}</{tag}>")

@@ -141,10 +141,7 @@ def format_source(out: Writer, ptype: PoolType, src: PoolSource, *,
         out.line(f"<format type='{esc(src.format or ptype.default_pool_format)}'/>")
     if src.auth is not None:
         format_auth(out, src.auth)
-    if src.protocol_ver is not None:
-        out.line(f"<protocol ver='{esc(src.protocol_ver)}'/>")
-    if src.vendor is not None:
-        out.line(f"<vendor name='{esc(src.vendor)}'/>")
-    if src.product is not None:
-        out.line(f"<product name='{esc(src.product)}'/>")
+    out.empty("protocol", "ver", src.protocol_ver)
+    out.empty("vendor", "name", src.vendor)
+    out.empty("product", "name", src.product)
     out.close("</source>")

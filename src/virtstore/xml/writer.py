@@ -31,6 +31,16 @@ class Writer:
         self._indent -= 2
         self.line(text)
 
+    def elem(self, tag: str, value: object) -> None:
+        """``<tag>value</tag>``, unless the value is None."""
+        if value is not None:
+            self.line(f"<{tag}>{esc(value)}</{tag}>")
+
+    def empty(self, tag: str, attr: str, value: object) -> None:
+        """``<tag attr='value'/>``, unless the value is None."""
+        if value is not None:
+            self.line(f"<{tag} {attr}='{esc(value)}'/>")
+
     def text(self) -> str:
         return "".join(f"{line}\n" for line in self._lines)
 
