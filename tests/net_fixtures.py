@@ -360,7 +360,8 @@ def _start_nfs(srv: Server) -> None:
     Enable_UDP = false;
 }}
 NFS_KRB5 {{ Active_krb5 = false; }}
-NFSV4 {{ Graceless = true; RecoveryBackend = fs; Lease_Lifetime = 10; }}
+NFSV4 {{ Graceless = true; RecoveryBackend = fs; RecoveryRoot = {d / 'recovery'};
+        Lease_Lifetime = 10; }}
 EXPORT {{
     Export_Id = 1;
     Path = {export};
@@ -378,7 +379,14 @@ LOG {{ Default_Log_Level = EVENT; }}
                            str(d / "ganesha.log"), "-p", str(d / "ganesha.pid"), "-N",
                            "NIV_EVENT"], d / "ganesha.out").pid)
     url = f"nfs://127.0.0.1{export}"
-    wait_for("nfs-ganesha", lambda: sh("nfs-ls", url, check=False).returncode == 0, 30, 0.2)
+    try:
+        wait_for("nfs-ganesha", lambda: sh("nfs-ls", url, check=False).returncode == 0, 30, 0.2)
+    except RuntimeError as exc:  # the skip reason says what ganesha said
+        log = d / "ganesha.log"
+        bad = [line.rsplit(" :", 1)[-1] for line in
+               (log.read_text(errors="replace").splitlines() if log.exists() else [])
+               if any(f":{level} :" in line for level in ("CRIT", "MAJ", "FATAL"))]
+        raise RuntimeError(f"{exc}: {bad[0]}" if bad else str(exc)) from None
     srv.info.update(export=str(export), url=url, nfs_port=nfs_port)
 
 

@@ -15,7 +15,7 @@ import pytest
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.engine.nbd import export_volume
 from virtstore.errors import Busy
-from virtstore.host.nbd import NbdClient, NbdServer, parse_url
+from virtstore.host.nbd import NbdClient, NbdError, NbdServer, parse_url
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "qemu-nbd"], capture_output=True)
                                 .returncode != 0, reason="qemu-nbd (qemu-utils) is missing")
@@ -122,3 +122,14 @@ def test_cli_nbd_export(conn: EmbeddedConnection, pool: str, root: Path, tmp_pat
     while sock.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert conn.job_wait(conn.volume_wipe(pool, "c.raw").id, 30).state == "done"
+
+
+def test_server_that_cannot_open_the_image_fails_to_start(tmp_path: Path) -> None:
+    """qemu-nbd listens before it opens the image; an image it cannot open is a failed
+    start with qemu's reason, not an export that vanishes at the first client."""
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"not a qcow2 image" + bytes(4096))
+    server = NbdServer(str(bad), fmt="qcow2", socket_path=str(tmp_path / "bad.sock"))
+    with pytest.raises(NbdError, match=r"could not serve the image: .*qcow2"):
+        server.start()
+    assert not server.running

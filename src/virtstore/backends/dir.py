@@ -216,7 +216,9 @@ class DirBackend(FileVolumes):
             or (fmt == "qcow2" and not req.prealloc_metadata and not t.nocow
                 and not t.extended_l2))
         if in_process:
-            fd = open_volume(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # Read-write: where the filesystem has no fallocate (NFSv3), glibc's
+            # posix_fallocate reads each block before writing it.
+            fd = open_volume(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 if fmt == "qcow2":
                     # Writing the empty qcow2 ourselves saves a fork and several syncs

@@ -38,14 +38,16 @@ def create_raw(target: str | int, size: int, allocation: int = 0, *,
     """Make ``target`` a raw image of ``size`` bytes with the first ``allocation``
     bytes allocated (0: fully sparse; >= size: fully allocated).
 
-    ``target`` is an existing empty file the caller created (opened O_WRONLY here)
-    or an open writable descriptor, left open. ``nocow`` is applied first, where the
+    ``target`` is an existing empty file the caller created (opened O_RDWR here)
+    or an open read-write descriptor, left open. ``nocow`` is applied first, where the
     filesystem supports it. On ENOSPC this raises NoSpace and leaves the file as it
     is: the caller, which owns the (temporary) name, removes it.
     """
     if size < 0 or allocation < 0:
         raise InvalidArgument(f"invalid capacity {size} or allocation {allocation}")
-    fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC) if isinstance(target, str) else target
+    # Read-write: glibc's posix_fallocate, on a filesystem without fallocate (NFSv3),
+    # reads each block before writing it.
+    fd = os.open(target, os.O_RDWR | os.O_CLOEXEC) if isinstance(target, str) else target
     try:
         if nocow:
             set_nocow(fd)

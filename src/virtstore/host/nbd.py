@@ -13,6 +13,7 @@ read-only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -246,7 +247,11 @@ class NbdServer:
             port = _free_port(host)
         self.address = NbdAddress(socket=socket_path, host=host, port=port or 10809,
                                   export=export)
-        argv = ["qemu-nbd", "--persistent", f"--shared={shared}", "--cache=none",
+        # Past the host's page cache where the image's filesystem allows it; qemu refuses
+        # cache=none on one without O_DIRECT (tmpfs before Linux 6.6, some FUSE), where
+        # the client's flushes are what make writes durable.
+        cache = "none" if image is None or direct_io_ok(image) else "writeback"
+        argv = ["qemu-nbd", "--persistent", f"--shared={shared}", f"--cache={cache}",
                 "--aio=threads", f"--export-name={export}"]
         if socket_path is not None:
             argv.append(f"--socket={socket_path}")
@@ -297,14 +302,11 @@ class NbdServer:
         return self._thread.is_alive()
 
     def _ready(self) -> bool:
-        a = self.address
+        # qemu-nbd listens before it opens the image: only a handshake that names the
+        # export shows it serving (an image it cannot open makes it exit after listening).
         try:
-            if a.socket:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.connect(a.socket)
-            else:
-                socket.create_connection((a.host or "127.0.0.1", a.port), timeout=1).close()
-        except OSError:
+            NbdClient(self.address, timeout=5).close()
+        except (NbdError, OSError):
             return False
         return True
 
@@ -334,6 +336,17 @@ class NbdServer:
             yield c
         finally:
             c.close()
+
+
+def direct_io_ok(path: str) -> bool:
+    """Whether ``path`` (a file or block device here) opens with O_DIRECT; True for what
+    is not a local path, which qemu opens with its own drivers."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno != errno.EINVAL
+    os.close(fd)
+    return True
 
 
 def _free_port(host: str) -> int:
