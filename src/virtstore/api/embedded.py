@@ -397,8 +397,9 @@ class EmbeddedConnection(Connection):
     def pool_df(self, pool: str) -> list[dict[str, Any]]:
         """volume_df of every volume, several at once: each one waits mostly on its
         qemu-nbd and its reader process, so one by one a pool of 100 took a minute.
-        At most one per CPU; the store (one SQLite connection) is used by one thread at
-        a time, so starting and stopping the exports is serialized, the reading is not."""
+        Two per CPU, since each mostly waits. The store (one SQLite connection) is used by
+        one thread at a time, so starting and stopping the exports is serialized, the
+        reading is not."""
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -420,8 +421,8 @@ class EmbeddedConnection(Connection):
                 return {"volume": name, "error": str(exc)}
 
         names = [vol.name for vol in self.list_volumes(pool)]
-        with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1)),
-                                thread_name_prefix="pool-df") as workers:
+        width = max(1, min(len(names), 2 * (os.cpu_count() or 1)))
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="pool-df") as workers:
             return list(workers.map(one, names))
 
     def volume_boot_files(self, pool: str, name: str, *,
