@@ -2,11 +2,17 @@
 virt-df and virt-get-kernel (Debian guestfs-tools), as a user types each command.
 
     .venv/bin/python bench/bench_inspect.py [--runs 3] [--guestfs-runs 1] [--workdir /var/lib]
+        [--pool-volumes 100]
 
 Builds the test suite's guest disks as qcow2 in a dir pool: the nine-partition GPT disk,
 and a Fedora-like one (xfs /boot, btrfs root in subvolumes, swap). Compiles the bytecode
 first and prints best-of-N wall time for each command, both sides and the ratio
-(virtstore / libguestfs; below 1 is faster). Measurement only.
+(virtstore / libguestfs; below 1 is faster). Measurement only. ``--guestfs-runs 0``
+times virtstore alone.
+
+``pool-df`` runs on a second pool of ``--pool-volumes`` qcow2 overlays of the GPT guest
+disk (each one reads its own filesystems through its backing file); libguestfs has no
+per-pool command, so that row has virtstore's time only.
 
 libguestfs boots an appliance built by supermin from a host kernel. Where /boot has
 none, the kernel lab's Debian kernel serves; supermin only copies modules from
@@ -77,6 +83,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--guestfs-runs", type=int, default=1)
     ap.add_argument("--workdir", default="/var/lib")
+    ap.add_argument("--pool-volumes", type=int, default=100)
     opts = ap.parse_args()
     from inspect_fixtures import build_fedora, build_guest, can_build
 
@@ -96,14 +103,25 @@ def main() -> int:
                             str(images / name)], check=True)
         root = work / "state"
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"), LIBGUESTFS_BACKEND="direct")
-        wrapper, how = guestfs_wrapper(env)
+        if opts.guestfs_runs > 0:
+            wrapper, how = guestfs_wrapper(env)
+        else:
+            wrapper, how = None, "--guestfs-runs 0"
         print(f"libguestfs: {'runs under ' + how if wrapper is not None else 'not run: ' + how}")
         runnable = wrapper is not None
         prefix = wrapper or []
         vs = [sys.executable, "-m", "virtstore.cli.main", "--root", str(root)]
         subprocess.run([*vs, "pool-create-as", "g", "dir", "--target", str(images)],
                        check=True, stdout=subprocess.DEVNULL, env=env)
-        rows = []
+        many = work / "many"
+        many.mkdir()
+        for i in range(opts.pool_volumes):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                            str(images / "guest.qcow2"), str(many / f"vm{i:03}.qcow2")],
+                           check=True)
+        subprocess.run([*vs, "pool-create-as", "many", "dir", "--target", str(many)],
+                       check=True, stdout=subprocess.DEVNULL, env=env)
+        rows: list[tuple[str, list[str], list[str] | None]] = []
         for vol in disks:
             qcow = str(images / vol)
             out = work / f"k-{vol}"
@@ -119,10 +137,12 @@ def main() -> int:
         rows.insert(1, ("vol-df -h guest.qcow2",
                         [*vs, "vol-df", "guest.qcow2", "g", "--human"],
                         ["virt-df", "-h", "--format=qcow2", "-a", str(images / "guest.qcow2")]))
+        rows.append((f"pool-df many ({opts.pool_volumes} vols)", [*vs, "pool-df", "many"],
+                     None))
         print(f"{'command':<34} {'virtstore':>10} {'libguestfs':>11} {'ratio':>7}")
         for name, ours, theirs in rows:
             t_ours = best(ours, opts.runs, env)
-            if not runnable:
+            if not runnable or theirs is None:
                 print(f"{name:<34} {t_ours:>9.3f}s {'(not run)':>11} {'-':>7}", flush=True)
                 continue
             try:

@@ -395,13 +395,35 @@ class EmbeddedConnection(Connection):
         return self._read_guest(pool, name, run.df)
 
     def pool_df(self, pool: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for vol in self.list_volumes(pool):
+        """volume_df of every volume, several at once: each one waits mostly on its
+        qemu-nbd and its reader process, so one by one a pool of 100 took a minute.
+        Two per CPU, since each mostly waits. The store (one SQLite connection) is used by
+        one thread at a time, so starting and stopping the exports is serialized, the
+        reading is not."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        from virtstore.engine.nbd import export_volume
+        from virtstore.inspect import run
+
+        store_lock = threading.Lock()
+
+        def one(name: str) -> dict[str, Any]:
             try:
-                out.append({"volume": vol.name, **self.volume_df(pool, vol.name)})
+                with store_lock:
+                    exp = export_volume(self, pool, name, read_only=True)
+                try:
+                    return {"volume": name, **run.df(exp.url)}
+                finally:
+                    with store_lock:
+                        exp.stop()
             except VirtstoreError as exc:
-                out.append({"volume": vol.name, "error": str(exc)})
-        return out
+                return {"volume": name, "error": str(exc)}
+
+        names = [vol.name for vol in self.list_volumes(pool)]
+        width = max(1, min(len(names), 2 * (os.cpu_count() or 1)))
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="pool-df") as workers:
+            return list(workers.map(one, names))
 
     def volume_boot_files(self, pool: str, name: str, *,
                           extract_dir: str | None = None) -> dict[str, Any]:
