@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 
 from virtstore.api import Connection, check_page
 from virtstore.api.startup import startup, warn
@@ -27,7 +26,7 @@ from virtstore.types import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, BinaryIO, TypeVar
+    from typing import Any, BinaryIO
 
     from virtstore.backup.ops import BackupOps
     from virtstore.engine.cluster import Cluster, ClusterConfig
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from virtstore.engine.snapshots import SnapshotManager
     from virtstore.engine.volumes import VolumeManager
 
-    _T = TypeVar("_T")
 
 
 class EmbeddedConnection(Connection):
@@ -381,64 +379,26 @@ class EmbeddedConnection(Connection):
         rec = self.index.get(pool, name)
         return {f: backend.has_feature(f, pool_def, rec) for f in FEATURES}
 
-    def _read_guest(self, pool: str, name: str, op: Callable[[str], _T]) -> _T:
-        """``op`` on the volume's guest-visible bytes: a read-only NBD export on a private
-        socket, holding the volume's read lock while the guest is read."""
-        from virtstore.engine.nbd import export_volume
-
-        with export_volume(self, pool, name, read_only=True) as exp:
-            return op(exp.url)
-
     def volume_df(self, pool: str, name: str) -> dict[str, Any]:
-        from virtstore.inspect import run
+        from virtstore.api import inspection
 
-        return self._read_guest(pool, name, run.df)
+        return inspection.volume_df(self, pool, name)
 
     def pool_df(self, pool: str) -> list[dict[str, Any]]:
-        """volume_df of every volume, several at once: each one waits mostly on its
-        qemu-nbd and its reader process, so one by one a pool of 100 took a minute.
-        Two per CPU, since each mostly waits. The store (one SQLite connection) is used by
-        one thread at a time, so starting and stopping the exports is serialized, the
-        reading is not."""
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
+        from virtstore.api import inspection
 
-        from virtstore.engine.nbd import export_volume
-        from virtstore.inspect import run
-
-        store_lock = threading.Lock()
-
-        def one(name: str) -> dict[str, Any]:
-            try:
-                with store_lock:
-                    exp = export_volume(self, pool, name, read_only=True)
-                try:
-                    return {"volume": name, **run.df(exp.url)}
-                finally:
-                    with store_lock:
-                        exp.stop()
-            except VirtstoreError as exc:
-                return {"volume": name, "error": str(exc)}
-
-        names = [vol.name for vol in self.list_volumes(pool)]
-        width = max(1, min(len(names), 2 * (os.cpu_count() or 1)))
-        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="pool-df") as workers:
-            return list(workers.map(one, names))
+        return inspection.pool_df(self, pool)
 
     def volume_boot_files(self, pool: str, name: str, *,
                           extract_dir: str | None = None) -> dict[str, Any]:
-        from virtstore.inspect import run
+        from virtstore.api import inspection
 
-        if extract_dir is not None:
-            extract_dir = os.path.abspath(extract_dir)
-            os.makedirs(extract_dir, exist_ok=True)
-        return self._read_guest(pool, name, lambda url: run.single(
-            "boot", url, extract_dir or ""))
+        return inspection.boot_files(self, pool, name, extract_dir)
 
     def volume_inspect(self, pool: str, name: str) -> dict[str, Any]:
-        from virtstore.inspect import run
+        from virtstore.api import inspection
 
-        return self._read_guest(pool, name, lambda url: run.single("inspect", url))
+        return inspection.inspect(self, pool, name)
 
     def volume_device(self, pool: str, name: str) -> dict[str, Any]:
         self._require_active(pool)
