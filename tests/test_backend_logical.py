@@ -322,3 +322,21 @@ def test_thin_pool_option_in_the_pool_xml() -> None:
                      ("<lvm:thin_pool name='a'/><lvm:thin_pool name='b'/>", "at most one")):
         with pytest.raises(XMLError, match=why):
             parse_pool_xml(thin_xml(bad))
+
+
+def test_parse_recorded_thin_report() -> None:
+    """lvs from the kernel lab: a thin pool with 8 MiB written to a 256 MiB thin volume,
+    a storage snapshot of it (tagged, inactive) and a linked clone."""
+    lvs = {lv.name: lv for lv in lvmmod.parse_lvs((DATA / "lvs-thin.json").read_text())}
+    be = LogicalBackend()
+    pool = parse_pool_xml(thin_xml("<lvm:thin_pool name='tp'/>").replace(
+        "<name>vg</name>", "<name>vsrecthin</name>"))
+    assert sorted(n for n, lv in lvs.items() if be._visible(lv)) == ["clone", "vol"]
+    assert lvs["vol+s1"].tags == ("virtstore_created=1764763200", "virtstore_snapshot")
+    assert lvs["vol+s1"].skips_activation and not lvs["vol"].skips_activation
+    assert be._created(lvs["vol+s1"]) == 1764763200
+    vol = be._record(pool, lvs["vol"])
+    # 3.12 % of 256 MiB: the 8 MiB written, to lvs' two decimals.
+    assert (vol.capacity, vol.allocation) == (256 * MiB, round(256 * MiB * 0.0312))
+    assert lvs["tp"].used == round(120 * MiB * 0.0667)
+    assert be._record(pool, lvs["clone"]).backing_path == "/dev/vsrecthin/vol"

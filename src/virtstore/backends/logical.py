@@ -20,9 +20,10 @@ makes that thin pool at build (or at start, in a VG that lacks it) and creates e
 volume as a thin LV in it; its allocation is what ``lvs`` reports written (data
 percent). A thin volume has storage snapshots: thin snapshots named ``VOL+SNAP``, tagged
 ``virtstore_snapshot`` so listings leave them out and left inactive (LVM's default for
-them). Revert merges the snapshot into the volume (``lvconvert --merge``, one metadata
-change) and takes the snapshot again from the result; a linked clone of a thin volume
-is an active thin snapshot of it.
+them). Revert puts a new thin snapshot of the snapshot in the volume's place (not
+``lvconvert --merge``: that needs the snapshot's origin to be the volume, which a
+previous revert has replaced); a linked clone of a thin volume is an active thin
+snapshot of it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends import _block_utils as bu
@@ -484,36 +486,41 @@ class LogicalBackend(BlockClones):
                 for name, lv in self._snapshots(pool, rec.name).items()]
 
     def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        self._snap_create(pool, rec, snap, time.time())
-
-    def _snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str,
-                     created: float) -> None:
         if not _SNAP_NAME.fullmatch(snap):
             raise InvalidArgument(f"invalid snapshot name '{snap}': a logical volume's "
                                   "snapshot is named with letters, digits and '_.-'")
         self._thin_volume(pool, rec)
         self.thin_snapshot(_vg_name(pool), f"{rec.name}+{snap}", rec.name, active=False,
-                           tags=(SNAPSHOT_TAG, f"{CREATED_TAG}{int(created)}"))
+                           tags=(SNAPSHOT_TAG, f"{CREATED_TAG}{int(time.time())}"))
 
     def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
-        """The snapshot is merged into the volume (LVM swaps them in one metadata change)
-        and taken again from the result: a crash in between loses the snapshot, never
-        the volume."""
+        """A new thin snapshot of the snapshot, made under a staging name, takes the
+        volume's name; the old volume is renamed aside first and removed last, so a
+        crash in between loses no data (the old bytes stay under ``VOL+virtstore-old``).
+        The snapshot and the volume's other snapshots stay."""
         lv = self._snapshot(pool, rec, snap)
         vg = _vg_name(pool)
         if os.path.exists(rec.path):
             why = devices.users(rec.path)
             if why:
                 raise Busy(f"volume '{rec.name}' is in use: {'; '.join(why)}")
-        # Inactive, so the merge happens now rather than at the next activation.
-        lvm.lvm(["lvchange", "-an", f"{vg}/{rec.name}"])
-        # The merged LV takes the snapshot's name, tags and activation skip: drop them
-        # first, so the volume is never hidden as a snapshot.
-        lvm.lvm(["lvchange", "--setactivationskip", "n", *self._untag(lv),
-                 f"{vg}/{lv.name}"])
-        lvm.lvm(["lvconvert", "-y", "--merge", f"{vg}/{lv.name}"])
-        lvm.lvm(["lvchange", "-ay", f"{vg}/{rec.name}"])
-        self._snap_create(pool, rec, snap, self._created(lv))
+        old = f"{rec.name}+virtstore-old"
+        with self._scratch(pool, rec.name, "revert") as path:
+            staging = path.split("/", 1)[1]
+            self.thin_snapshot(vg, staging, lv.name, active=True)
+            made = self._lv(pool, staging)
+            if made is not None and made.tags:
+                lvm.lvm(["lvchange", *self._untag(made), f"{vg}/{staging}"])
+            lvm.lvm(["lvchange", "-an", f"{vg}/{rec.name}"])
+            lvm.lvm(["lvrename", vg, rec.name, old])
+            lvm.lvm(["lvrename", vg, staging, rec.name])
+        lvm.lvm(["lvremove", "-f", f"{vg}/{old}"])
+
+    def _scratch(self, pool: PoolDef, volume: str, op: str) -> AbstractContextManager[str]:
+        """A journalled staging name (discarded at the end, or after a crash)."""
+        if self.hooks is not None:
+            return self.hooks.scratch(self, pool, volume, op)
+        return nullcontext(self.staging_path(pool, os.urandom(8).hex()))
 
     @staticmethod
     def _untag(lv: lvm.LogicalVolume) -> list[str]:
