@@ -15,7 +15,7 @@ from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
 from virtstore.backends.disk import DiskBackend
 from virtstore.cli.main import main
-from virtstore.errors import Busy, InvalidArgument, OperationInvalid
+from virtstore.errors import Busy, InvalidArgument, NoSpace, OperationInvalid
 from virtstore.host import partitions
 from virtstore.xml import parse_pool_xml
 
@@ -182,3 +182,34 @@ def test_disk_pool_through_the_cli(lab: BlockLab, tmp_path: Path,
     assert "freeExtent" in cli("pool-dumpxml", "d")
     cli("vol-delete", "--pool", "d", base + "p1")
     cli("pool-destroy", "d")
+
+
+def test_grow_partitions_into_the_free_space_after_them(lab: BlockLab,
+                                                       conn: EmbeddedConnection) -> None:
+    dev = lab.loop(128 * MiB)
+    base = os.path.basename(dev)
+    conn.pool_define_xml(disk_xml("d", dev, "dos"))
+    conn.pool_start("d", build=True)
+    conn.volume_create("d", VolumeCreateArgs(name=f"{base}p1", capacity=8 * MiB))
+    conn.volume_create("d", VolumeCreateArgs(name=f"{base}p2", capacity=118 * MiB,
+                                             format="extended"))
+    conn.volume_create("d", VolumeCreateArgs(name=f"{base}p5", capacity=8 * MiB))
+    payload = os.urandom(MiB)
+    with open(f"/dev/{base}p5", "r+b") as fh:
+        fh.write(payload)
+    # A logical partition grows inside the extended one, not past it.
+    conn.job_wait(conn.volume_resize("d", f"{base}p5", 20 * MiB).id, 120)
+    p5 = next(p for p in partitions.read_table(dev).partitions if p.number == 5)
+    assert p5.size == 20 * MiB and conn.volume_info("d", f"{base}p5").capacity == 20 * MiB
+    with open(f"/dev/{base}p5", "rb") as fh:
+        assert fh.read(MiB) == payload
+    with pytest.raises(NoSpace, match="can grow by"):
+        conn.volume_resize("d", f"{base}p5", 120 * MiB)
+    with pytest.raises(InvalidArgument, match="extended partition is not resized"):
+        conn.volume_resize("d", f"{base}p2", 119 * MiB)
+    with pytest.raises(InvalidArgument, match="not shrunk"):
+        conn.volume_resize("d", f"{base}p1", 4 * MiB, shrink=True)
+    # p1 has the extended partition right after it.
+    with pytest.raises(NoSpace, match="can grow by 0 bytes"):
+        conn.volume_resize("d", f"{base}p1", 9 * MiB)
+    assert conn.volume_info("d", f"{base}p1").capacity == 8 * MiB

@@ -17,7 +17,7 @@ from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends import backend_for
 from virtstore.backends.logical import LogicalBackend
 from virtstore.cli.main import main
-from virtstore.errors import InvalidArgument, OperationInvalid, Unsupported
+from virtstore.errors import InvalidArgument, OperationInvalid, Unsupported, XMLError
 from virtstore.host import lvm as lvmmod
 from virtstore.xml import parse_pool_xml
 
@@ -290,3 +290,53 @@ def test_create_killed_after_its_rename_is_listed_at_next_start(lab: BlockLab,
         assert c.list_volumes(vg) == before
         c.volume_delete(vg, "half")
         c.pool_stop(vg)
+
+
+THIN_NS = "http://virtstore.org/schemas/storagepool/logical/1.0"
+
+
+def thin_xml(element: str) -> str:
+    return (f"<pool type='logical' xmlns:lvm='{THIN_NS}'><name>vg</name><source>"
+            f"<device path='/dev/sdb'/></source><target><path>/dev/vg</path></target>"
+            f"{element}</pool>")
+
+
+def test_thin_pool_option_in_the_pool_xml() -> None:
+    from virtstore.xml import format_pool_xml
+
+    pool = parse_pool_xml(thin_xml("<lvm:thin_pool name='tp' size='2' unit='GiB'/>"))
+    assert (pool.thin_pool, pool.thin_pool_size) == ("tp", 2 << 30)
+    text = format_pool_xml(pool)
+    assert f"<pool type='logical' xmlns:lvm='{THIN_NS}'>" in text
+    assert "<lvm:thin_pool name='tp' size='2147483648' unit='bytes'/>" in text
+    assert parse_pool_xml(text) == pool
+    bare = parse_pool_xml(thin_xml("<lvm:thin_pool name='tp'/>"))
+    assert bare.thin_pool_size is None and "size=" not in format_pool_xml(bare)
+    # Without the option the document is libvirt's, namespace declaration included.
+    plain = format_pool_xml(parse_pool_xml(logical_xml("vg", "/dev/sdb")))
+    assert "xmlns" not in plain and "thin_pool" not in plain
+    for bad, why in (("<lvm:thin_pool/>", "invalid lvm:thin_pool name"),
+                     ("<lvm:thin_pool name='a b'/>", "invalid lvm:thin_pool name"),
+                     ("<lvm:thin_pool name='tp' size='0'/>", "above 0"),
+                     ("<lvm:thin_pool name='tp' size='x'/>", "malformed"),
+                     ("<lvm:thin_pool name='a'/><lvm:thin_pool name='b'/>", "at most one")):
+        with pytest.raises(XMLError, match=why):
+            parse_pool_xml(thin_xml(bad))
+
+
+def test_parse_recorded_thin_report() -> None:
+    """lvs from the kernel lab: a thin pool with 8 MiB written to a 256 MiB thin volume,
+    a storage snapshot of it (tagged, inactive) and a linked clone."""
+    lvs = {lv.name: lv for lv in lvmmod.parse_lvs((DATA / "lvs-thin.json").read_text())}
+    be = LogicalBackend()
+    pool = parse_pool_xml(thin_xml("<lvm:thin_pool name='tp'/>").replace(
+        "<name>vg</name>", "<name>vsrecthin</name>"))
+    assert sorted(n for n, lv in lvs.items() if be._visible(lv)) == ["clone", "vol"]
+    assert lvs["vol+s1"].tags == ("virtstore_created=1764763200", "virtstore_snapshot")
+    assert lvs["vol+s1"].skips_activation and not lvs["vol"].skips_activation
+    assert be._created(lvs["vol+s1"]) == 1764763200
+    vol = be._record(pool, lvs["vol"])
+    # 3.12 % of 256 MiB: the 8 MiB written, to lvs' two decimals.
+    assert (vol.capacity, vol.allocation) == (256 * MiB, round(256 * MiB * 0.0312))
+    assert lvs["tp"].used == round(120 * MiB * 0.0667)
+    assert be._record(pool, lvs["clone"]).backing_path == "/dev/vsrecthin/vol"

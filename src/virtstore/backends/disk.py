@@ -10,7 +10,10 @@ table (it parsed it, or parted told it) nothing runs, else ``partx -u``, so they
 exist also where the kernel does not scan partition tables of loop devices.
 
 Upload, download and wipe of a partition write its device node in place
-(``_block_data``); clone and resize are not supported, as in libvirt.
+(``_block_data``); clone is not supported, as in libvirt. Resize (libvirt has none)
+grows a partition into the free space right after it (``parted resizepart``; the
+kernel is told the new size); shrinking is refused, as a partition's data ends where
+its filesystem says, which the pool does not know.
 
 Staging: the partition is made under its final number (partitions have no other
 name); on GPT its partition name is the staging label until the commit names it
@@ -270,6 +273,27 @@ class DiskBackend(BlockDataOps):
         if why:
             raise Busy(f"volume '{rec.name}' is in use: {'; '.join(why)}")
         partitions.delete_partition(table.device, part.number)
+
+    def _partition(self, pool: PoolDef,
+                   rec: VolumeRecord) -> tuple[partitions.Table, partitions.Partition]:
+        table = self._table(pool)
+        part = next((p for p in table.partitions if p.node == rec.path), None)
+        if part is None:
+            raise OperationInvalid(f"partition '{rec.name}' does not exist")
+        return table, part
+
+    def check_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                     shrink: bool, allocate: bool) -> None:
+        table, part = self._partition(pool, rec)
+        if capacity < part.size:
+            raise InvalidArgument(f"partition '{rec.name}' is not shrunk: a partition's "
+                                  "data would be cut off")
+        partitions.grow_partition(table, part.number, capacity, dry_run=True)
+
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        table, part = self._partition(pool, rec)
+        partitions.grow_partition(table, part.number, capacity)
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         for part in self._table(pool).partitions:

@@ -14,16 +14,28 @@ at creation time (snapshots, sparse/thin volumes) fails with an error naming it,
 Volume data (upload, download, wipe, clone) goes through the active LV's node
 (``_block_data.BlockDataOps``): in place, as libvirt; a clone is a new LV under the
 staging name filled from the source; resize is lvresize, also in metadata-only mode.
+
+Thin provisioning (ours; libvirt has none): a pool with ``<lvm:thin_pool name=.../>``
+makes that thin pool at build (or at start, in a VG that lacks it) and creates every new
+volume as a thin LV in it; its allocation is what ``lvs`` reports written (data
+percent). A thin volume has storage snapshots: thin snapshots named ``VOL+SNAP``, tagged
+``virtstore_snapshot`` so listings leave them out and left inactive (LVM's default for
+them). Revert puts a new thin snapshot of the snapshot in the volume's place (not
+``lvconvert --merge``: that needs the snapshot's origin to be the volume, which a
+previous revert has replaced); a linked clone of a thin volume is an active thin
+snapshot of it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 import zlib
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends import _block_utils as bu
 from virtstore.backends._block_data import BlockClones
@@ -42,6 +54,7 @@ from virtstore.errors import (
     CommandFailed,
     InvalidArgument,
     NoSpace,
+    NoSuchVolume,
     OperationInvalid,
     Unsupported,
 )
@@ -51,10 +64,14 @@ from virtstore.xml import Extent, PoolDef, VolSource
 if TYPE_CHECKING:
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
+    from virtstore.types import SnapshotInfo
 
 log = logging.getLogger("virtstore")
 
 STAGING_PREFIX = "virtstore-staging-"
+SNAPSHOT_TAG = "virtstore_snapshot"
+CREATED_TAG = "virtstore_created="  # + seconds since the epoch
+_SNAP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def _vg_name(pool: PoolDef) -> str:
@@ -68,6 +85,8 @@ class LogicalBackend(BlockClones):
     linked_clones = True  # an LVM snapshot of the source
     new_volumes_read_zeros = False  # a new LV holds what its extents held
     can_shrink = True
+    snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {"none": ("native",),
+                                                             "raw": ("native",)}
 
     def pool_has(self, feature: str, pool: PoolDef) -> bool:
         # Without device-mapper no LV is active: there is no device to move bytes of.
@@ -115,6 +134,8 @@ class LogicalBackend(BlockClones):
                         lvm.lvm(["pvcreate", device])
                 pvs.append(device)
             lvm.lvm(["vgcreate", vg, *pvs])
+            if pool.thin_pool:
+                self.create_thin_pool(vg, pool.thin_pool, pool.thin_pool_size)
         finally:
             for dev in attached:
                 from virtstore.host import loop
@@ -127,6 +148,10 @@ class LogicalBackend(BlockClones):
         if found is None:
             raise OperationInvalid(f"cannot find logical volume group name '{vg}'")
         self._match_sources(pool, vg)
+        if pool.thin_pool and self._lv(pool, pool.thin_pool) is None:
+            log.info("pool '%s': making thin pool '%s' in volume group '%s'", pool.name,
+                     pool.thin_pool, vg)
+            self.create_thin_pool(vg, pool.thin_pool, pool.thin_pool_size)
         if lvm.device_mapper_available():
             lvm.lvm(["vgchange", "-aly", vg])
         else:
@@ -177,6 +202,12 @@ class LogicalBackend(BlockClones):
             return PoolSizes()
         if vg is None:
             return PoolSizes()
+        thin = self._lv(pool, pool.thin_pool) if pool.thin_pool else None
+        if thin is not None:
+            # Volumes take their space from the thin pool, not from the VG.
+            used = thin.used or 0
+            return PoolSizes(capacity=thin.size, allocation=used,
+                             available=thin.size - used)
         return PoolSizes(capacity=vg.size, allocation=vg.size - vg.free, available=vg.free)
 
     # -- volumes: listing ------------------------------------------------------
@@ -190,11 +221,12 @@ class LogicalBackend(BlockClones):
         if lv.origin:
             rec.backing_path = f"/dev/{lv.vg_name}/{lv.origin}"
         if lv.is_thin:
-            rec.allocation = 0
+            rec.allocation = lv.used or 0
         return rec
 
     def _visible(self, lv: lvm.LogicalVolume) -> bool:
-        return not (lv.hidden or lv.is_thin_pool or lv.name.startswith(STAGING_PREFIX))
+        return not (lv.hidden or lv.is_thin_pool or lv.name.startswith(STAGING_PREFIX)
+                    or SNAPSHOT_TAG in lv.tags)
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         res = ScanResult()
@@ -238,7 +270,15 @@ class LogicalBackend(BlockClones):
             raise Unsupported("storage pool does not support encrypted volumes")
         vg, name = staging.split("/", 1)
         if req.backing_path:
-            self.create_snapshot(vg, name, req.backing_path, req.allocation or req.capacity)
+            origin = self._lv(pool, os.path.basename(req.backing_path))
+            if origin is not None and origin.is_thin:
+                self.thin_snapshot(vg, name, origin.name, active=True)
+            else:
+                self.create_snapshot(vg, name, req.backing_path,
+                                     req.allocation or req.capacity)
+            return
+        if pool.thin_pool:
+            self.create_thin(vg, name, pool.thin_pool, req.capacity)
             return
         if req.allocation < req.capacity:
             self.create_sparse(vg, name, req.capacity, req.allocation)
@@ -285,11 +325,33 @@ class LogicalBackend(BlockClones):
         lvm.lvm(["lvcreate", "-y", "--name", name, "-L", lvm.size_arg(max(allocation, 1)),
                  "--virtualsize", lvm.size_arg(capacity), vg])
 
-    def create_thin_pool(self, vg: str, name: str, size: int) -> None:
+    def create_thin_pool(self, vg: str, name: str, size: int | None) -> None:
+        """A thin pool of ``size`` bytes, or of the VG's free space when None."""
         if not lvm.device_mapper_available():
             raise self.dm_problem("a thin pool")
-        lvm.lvm(["lvcreate", "-y", "--type", "thin-pool", "--name", name, "-L",
-                 lvm.size_arg(size), vg])
+        amount = ["-l", "100%FREE"] if size is None else ["-L", lvm.size_arg(size)]
+        lvm.lvm(["lvcreate", "-y", "--type", "thin-pool", "--name", name, *amount, vg])
+
+    def create_thin(self, vg: str, name: str, thin_pool: str, capacity: int) -> None:
+        if not lvm.device_mapper_available():
+            raise self.dm_problem("a thin logical volume")
+        if capacity <= 0:
+            raise InvalidArgument("a logical volume needs a capacity above 0")
+        lvm.lvm(["lvcreate", "-y", "--name", name, "-V", lvm.size_arg(capacity),
+                 "--thinpool", thin_pool, vg])
+
+    def thin_snapshot(self, vg: str, name: str, origin: str, *, active: bool,
+                      tags: tuple[str, ...] = ()) -> None:
+        """A thin snapshot of thin LV ``origin``: active (a volume of its own) or left
+        inactive (a storage snapshot, LVM's default for thin snapshots)."""
+        if not lvm.device_mapper_available():
+            raise self.dm_problem("a thin snapshot")
+        argv = ["lvcreate", "-y", "--snapshot", "--name", name]
+        if active:
+            argv += ["--setactivationskip", "n"]
+        for tag in tags:
+            argv += ["--addtag", tag]
+        lvm.lvm([*argv, f"{vg}/{origin}"])
 
     def commit_volume(self, pool: PoolDef, staging: str, final: str) -> None:
         vg, name = staging.split("/", 1)
@@ -333,7 +395,7 @@ class LogicalBackend(BlockClones):
                                   "shrink flag explicitly specified")
         if wanted == lv.size:
             return lv.size
-        if vg is not None and wanted - lv.size > vg.free:
+        if vg is not None and not lv.is_thin and wanted - lv.size > vg.free:
             raise NoSpace(f"Not enough space left in storage pool: {wanted - lv.size} bytes "
                           f"needed, {vg.free} available")
         lvm.lvm(["lvresize", "-f", "-L", lvm.size_arg(wanted), f"{_vg_name(pool)}/{rec.name}"])
@@ -378,9 +440,106 @@ class LogicalBackend(BlockClones):
         if vg != _vg_name(src_pool):
             raise Unsupported("unsupported configuration: a linked clone of a logical "
                               "volume is a snapshot in the same volume group")
+        origin = self._lv(src_pool, src.name)
+        if origin is not None and origin.is_thin:
+            self.thin_snapshot(vg, name, src.name, active=True)
+            return
         self.create_snapshot(vg, name, self.block_device(src_pool, src), src.capacity)
 
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
                    shrink: bool, allocate: bool) -> None:
         # A (non-thin) LV is always fully allocated: ``allocate`` asks for nothing more.
         self.resize_volume(pool, rec, capacity, shrink)
+
+    # -- storage snapshots: thin snapshots VOL+SNAP --------------------------------
+    def _thin_volume(self, pool: PoolDef, rec: VolumeRecord) -> lvm.LogicalVolume:
+        lv = self._lv(pool, rec.name)
+        if lv is None:
+            raise NoSuchVolume(f"Storage volume not found: no storage vol with matching "
+                               f"name '{rec.name}'")
+        if not lv.is_thin:
+            raise Unsupported(f"unsupported configuration: storage snapshots of logical "
+                              f"volume '{rec.name}' need a thin volume (a pool with "
+                              "<lvm:thin_pool>)")
+        return lv
+
+    def _snapshots(self, pool: PoolDef, volume: str) -> dict[str, lvm.LogicalVolume]:
+        prefix = f"{volume}+"
+        return {lv.name[len(prefix):]: lv for lv in lvm.lvs(_vg_name(pool))
+                if SNAPSHOT_TAG in lv.tags and lv.name.startswith(prefix)
+                and "+" not in lv.name[len(prefix):]}
+
+    def _snapshot(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> lvm.LogicalVolume:
+        self._thin_volume(pool, rec)
+        lv = self._snapshots(pool, rec.name).get(snap)
+        if lv is None:
+            raise NoSuchVolume(f"no snapshot '{snap}' of volume '{rec.name}'")
+        return lv
+
+    @staticmethod
+    def _created(lv: lvm.LogicalVolume) -> float:
+        for tag in lv.tags:
+            if tag.startswith(CREATED_TAG):
+                try:
+                    return float(tag[len(CREATED_TAG):])
+                except ValueError:
+                    pass
+        return 0.0
+
+    def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
+        from virtstore.types import SnapshotInfo
+
+        self._thin_volume(pool, rec)
+        return [SnapshotInfo(pool=pool.name, volume=rec.name, name=name,
+                             kind=self.snapshot_kind, created=self._created(lv),
+                             size=lv.used or 0)
+                for name, lv in self._snapshots(pool, rec.name).items()]
+
+    def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        if not _SNAP_NAME.fullmatch(snap):
+            raise InvalidArgument(f"invalid snapshot name '{snap}': a logical volume's "
+                                  "snapshot is named with letters, digits and '_.-'")
+        self._thin_volume(pool, rec)
+        self.thin_snapshot(_vg_name(pool), f"{rec.name}+{snap}", rec.name, active=False,
+                           tags=(SNAPSHOT_TAG, f"{CREATED_TAG}{int(time.time())}"))
+
+    def snap_revert(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        """A new thin snapshot of the snapshot, made under a staging name, takes the
+        volume's name; the old volume is renamed aside first and removed last, so a
+        crash in between loses no data (the old bytes stay under ``VOL+virtstore-old``).
+        The snapshot and the volume's other snapshots stay."""
+        lv = self._snapshot(pool, rec, snap)
+        vg = _vg_name(pool)
+        if os.path.exists(rec.path):
+            why = devices.users(rec.path)
+            if why:
+                raise Busy(f"volume '{rec.name}' is in use: {'; '.join(why)}")
+        old = f"{rec.name}+virtstore-old"
+        with self._scratch(pool, rec.name, "revert") as path:
+            staging = path.split("/", 1)[1]
+            self.thin_snapshot(vg, staging, lv.name, active=True)
+            made = self._lv(pool, staging)
+            if made is not None and made.tags:
+                lvm.lvm(["lvchange", *self._untag(made), f"{vg}/{staging}"])
+            lvm.lvm(["lvchange", "-an", f"{vg}/{rec.name}"])
+            lvm.lvm(["lvrename", vg, rec.name, old])
+            lvm.lvm(["lvrename", vg, staging, rec.name])
+        lvm.lvm(["lvremove", "-f", f"{vg}/{old}"])
+
+    def _scratch(self, pool: PoolDef, volume: str, op: str) -> AbstractContextManager[str]:
+        """A journalled staging name (discarded at the end, or after a crash)."""
+        if self.hooks is not None:
+            return self.hooks.scratch(self, pool, volume, op)
+        return nullcontext(self.staging_path(pool, os.urandom(8).hex()))
+
+    @staticmethod
+    def _untag(lv: lvm.LogicalVolume) -> list[str]:
+        return [arg for tag in lv.tags for arg in ("--deltag", tag)]
+
+    def snap_delete(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        lv = self._snapshot(pool, rec, snap)
+        lvm.lvm(["lvremove", "-f", f"{_vg_name(pool)}/{lv.name}"])
+
+    def forget_snapshots(self, pool: PoolDef, rec: VolumeRecord) -> None:
+        for lv in self._snapshots(pool, rec.name).values():
+            lvm.lvm(["lvremove", "-f", f"{_vg_name(pool)}/{lv.name}"], check=False)

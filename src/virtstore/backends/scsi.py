@@ -10,6 +10,9 @@ adapter that does not exist yet is created as an NPIV vHBA through its parent's
 device, named ``unit:BUS:TARGET:LUN``, keyed by their WWID, with the stable path from
 the pool's target directory (``/dev/disk/by-path`` ...) when there is one. A host
 without the adapter (or without SCSI hosts at all) makes start fail naming it.
+
+A LUN's bytes are uploaded, downloaded and wiped in place on its device node, as
+libvirt's scsi backend does (``_block_data``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import time
 import zlib
 from collections.abc import Mapping
 
-from virtstore.backends.base import Backend, BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
+from virtstore.backends._block_data import BlockDataOps
+from virtstore.backends.base import BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
 from virtstore.errors import InvalidArgument, OperationInvalid
 from virtstore.host import sysfs_scsi as ss
 from virtstore.xml import PoolDef
@@ -27,7 +31,7 @@ from virtstore.xml import PoolDef
 SCSI_TYPE_DISK = 0
 
 
-class ScsiBackend(Backend):
+class ScsiBackend(BlockDataOps):
     caps = BackendCaps(pool_type="scsi", vol_formats=("raw",), default_vol_format="raw",
                        shared=False, file_based=False, volume_type="block")
 
@@ -168,3 +172,9 @@ class ScsiBackend(Backend):
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         return next((r for r in self._records(pool) if r.name == name), None)
+
+    def block_device(self, pool: PoolDef, rec: VolumeRecord) -> str:
+        if not os.path.exists(rec.path):
+            raise OperationInvalid(f"the device of LUN '{rec.name}' is gone: {rec.path} "
+                                   "does not exist")
+        return rec.path

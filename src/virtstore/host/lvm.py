@@ -23,7 +23,8 @@ VG_FIELDS = "vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_f
             "pv_count,lv_count,vg_attr"
 PV_FIELDS = "pv_name,vg_name,pv_uuid,pv_size,pv_free,dev_size,pv_fmt"
 LV_FIELDS = "lv_name,vg_name,lv_uuid,lv_path,lv_size,lv_attr,segtype,stripes,stripe_size," \
-            "seg_start,seg_size,seg_pe_ranges,devices,origin,pool_lv,lv_active"
+            "seg_start,seg_size,seg_pe_ranges,devices,origin,pool_lv,lv_active,data_percent," \
+            "lv_tags"
 
 
 def device_mapper_available() -> bool:
@@ -141,6 +142,16 @@ class LogicalVolume:
     pool_lv: str
     active: str
     segments: list[Segment] = field(default_factory=list)
+    # Of a thin LV or thin pool: the share of its size written ("" in older reports).
+    data_percent: float | None = None
+    tags: tuple[str, ...] = ()
+
+    @property
+    def used(self) -> int | None:
+        """Bytes written to a thin LV or thin pool, from its data percent."""
+        if self.data_percent is None:
+            return None
+        return min(self.size, round(self.size * self.data_percent / 100))
 
     @property
     def is_thin_pool(self) -> bool:
@@ -153,6 +164,11 @@ class LogicalVolume:
     @property
     def is_snapshot(self) -> bool:
         return self.attr[:1] in ("s", "S")
+
+    @property
+    def skips_activation(self) -> bool:
+        """Left inactive by ``vgchange -ay`` (LVM's default for thin snapshots)."""
+        return self.attr[9:10] == "k"
 
     @property
     def hidden(self) -> bool:
@@ -190,6 +206,13 @@ def _pe_ranges(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def _percent(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
 def parse_lvs(text: str) -> list[LogicalVolume]:
     """One LogicalVolume per LV, its segments in order (lvs prints a row per segment)."""
     by_uuid: dict[str, LogicalVolume] = {}
@@ -201,7 +224,9 @@ def parse_lvs(text: str) -> list[LogicalVolume]:
                                uuid=uuid, path=r.get("lv_path", ""),
                                size=_int(r.get("lv_size")), attr=r.get("lv_attr", ""),
                                origin=r.get("origin", ""), pool_lv=r.get("pool_lv", ""),
-                               active=r.get("lv_active", ""))
+                               active=r.get("lv_active", ""),
+                               data_percent=_percent(r.get("data_percent")),
+                               tags=tuple(t for t in r.get("lv_tags", "").split(",") if t))
             by_uuid[uuid] = lv
         if "seg_start" in r:
             lv.segments.append(Segment(start=_int(r.get("seg_start")),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from virtstore.errors import CommandFailed, InvalidArgument
+from virtstore.errors import CommandFailed, InvalidArgument, NoSpace
 from virtstore.host.loop import kernel_partitions, partition_node, sync_partitions
 from virtstore.host.runner import run, which
 
@@ -309,6 +309,40 @@ def delete_partition(device: str, number: int) -> None:
     # ones after it: then the kernel's view differs and partx brings it in line).
     before.pop(number, None)
     sync_partitions(device, before)
+
+
+def room_after(table: Table, part: Partition) -> int:
+    """Bytes of free space right after ``part`` (what it can grow by)."""
+    after = next((r for r in table.free if r.start == part.end + 1
+                  and r.logical == (part.kind == "logical")), None)
+    return after.size if after is not None else 0
+
+
+def grow_partition(table: Table, number: int, size: int, *, dry_run: bool = False) -> int:
+    """Grow partition ``number`` to ``size`` bytes (whole sectors) into the free space
+    right after it; the kernel is told the new size. Returns the new size. ``dry_run``
+    only checks that it can."""
+    part = next((p for p in table.partitions if p.number == number), None)
+    if part is None:
+        raise InvalidArgument(f"'{table.device}' has no partition {number}")
+    if part.kind == "extended":
+        raise InvalidArgument("an extended partition is not resized: it holds the "
+                              "logical ones")
+    sector = table.logical_sector or 512
+    size = (size + sector - 1) // sector * sector
+    if size <= part.size:
+        return part.size
+    room = room_after(table, part)
+    if size - part.size > room:
+        raise NoSpace(f"Not enough space left after partition {number} of "
+                      f"'{table.device}': it can grow by {room} bytes, "
+                      f"{size - part.size} asked")
+    if dry_run:
+        return size
+    _parted(table.device, "unit", "B", "resizepart", str(number),
+            f"{part.start + size - 1}B")
+    sync_partitions(table.device, kernel_view(read_table(table.device)))
+    return size
 
 
 def set_name(device: str, number: int, name: str) -> None:

@@ -109,6 +109,9 @@ class PoolDef:
     cow: bool | None = None
     mount_opts: list[str] = field(default_factory=list)
     rbd_config_opts: list[tuple[str, str]] = field(default_factory=list)
+    # logical: <lvm:thin_pool name= size=/> (ours): new volumes are thin LVs in it
+    thin_pool: str | None = None
+    thin_pool_size: int | None = None  # bytes at build; None: the VG's free space
     refresh_volume_allocation: str | None = None  # <refresh><volume allocation=.../>
 
 

@@ -8,6 +8,7 @@ from virtstore.xml.model import PoolDef, PoolSource, PoolTarget
 from virtstore.xml.perms import format_permissions, parse_permissions
 from virtstore.xml.pooltypes import (
     FS_NS,
+    LVM_NS,
     RBD_NS,
     PoolType,
     Src,
@@ -15,8 +16,16 @@ from virtstore.xml.pooltypes import (
 )
 from virtstore.xml.safe import parse_document
 from virtstore.xml.source import check_source_name, format_source, parse_source
+from virtstore.xml.units import parse_size
 from virtstore.xml.values import check_name, parse_uuid, parse_yes_no, sanitize_path, shown, text_of
 from virtstore.xml.writer import Writer, esc
+
+
+def _lv_name_ok(name: str) -> bool:
+    import re  # only where a pool XML is parsed: read commands never load re
+
+    return re.fullmatch(r"[A-Za-z0-9+_.-]{1,120}", name) is not None
+
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,6 +80,8 @@ def _parse_namespaces(root: etree._Element, pool: PoolDef, ptype: PoolType) -> N
             if not name:
                 raise XMLError("no fs mount option name specified")
             pool.mount_opts.append(name)
+    elif prefix == "lvm":
+        _parse_thin_pool(root, pool, href)
     else:
         for opt in root.findall(f"{{{href}}}config_opts/{{{href}}}option"):
             name, value = opt.get("name"), opt.get("value")
@@ -79,6 +90,25 @@ def _parse_namespaces(root: etree._Element, pool: PoolDef, ptype: PoolType) -> N
             if value is None:
                 raise XMLError("no rbd option value specified")
             pool.rbd_config_opts.append((name, value))
+
+
+def _parse_thin_pool(root: etree._Element, pool: PoolDef, href: str) -> None:
+    nodes = root.findall(f"{{{href}}}thin_pool")
+    if not nodes:
+        return
+    if len(nodes) > 1:
+        raise XMLError("a logical pool has at most one lvm:thin_pool")
+    node = nodes[0]
+    name = node.get("name")
+    if not name or not _lv_name_ok(name) or name.startswith("-"):
+        raise XMLError(f"invalid lvm:thin_pool name {shown(name or '')}: a logical volume "
+                       "name of letters, digits and '+_.-'")
+    pool.thin_pool = name
+    size = node.get("size")
+    if size is not None:
+        pool.thin_pool_size = parse_size(size, node.get("unit"), element="lvm:thin_pool size")
+        if pool.thin_pool_size == 0:
+            raise XMLError("lvm:thin_pool size must be above 0")
 
 
 def _check_source(pool: PoolDef, ptype: PoolType) -> None:
@@ -152,13 +182,17 @@ def _format_namespaces(out: Writer, pool: PoolDef, ptype: PoolType) -> None:
         for name, value in pool.rbd_config_opts:
             out.line(f"<rbd:option name='{esc(name)}' value='{esc(value)}'/>")
         out.close("</rbd:config_opts>")
+    if ptype.namespace == ("lvm", LVM_NS) and pool.thin_pool:
+        size = "" if pool.thin_pool_size is None else \
+            f" size='{pool.thin_pool_size}' unit='bytes'"
+        out.line(f"<lvm:thin_pool name='{esc(pool.thin_pool)}'{size}/>")
 
 
 def _namespace_attr(pool: PoolDef, ptype: PoolType) -> str:
     if ptype.namespace is None:
         return ""
     prefix, href = ptype.namespace
-    used = pool.mount_opts if prefix == "fs" else pool.rbd_config_opts
+    used = {"fs": pool.mount_opts, "lvm": pool.thin_pool}.get(prefix, pool.rbd_config_opts)
     return f" xmlns:{prefix}='{href}'" if used else ""
 
 

@@ -35,6 +35,8 @@ DISK_VOL_FORMATS = ("none", "linux", "fat16", "fat32", "linux-swap", "linux-lvm"
 
 FS_NS = "http://libvirt.org/schemas/storagepool/fs/1.0"
 RBD_NS = "http://libvirt.org/schemas/storagepool/rbd/1.0"
+# Ours, in libvirt's pattern: a logical pool's thin pool (libvirt has no such option).
+LVM_NS = "http://virtstore.org/schemas/storagepool/logical/1.0"
 
 
 @record(frozen=True)
@@ -68,7 +70,7 @@ POOL_TYPES: dict[str, PoolType] = {t.name: t for t in (
     PoolType("netfs", Src.HOST | Src.DIR, NETFS_FORMATS, "auto", FILE_VOL_FORMATS,
              default_vol_format="raw", namespace=("fs", FS_NS)),
     PoolType("logical", Src.NAME | Src.DEVICE, LOGICAL_FORMATS, "lvm2",
-             default_vol_type="block"),
+             default_vol_type="block", namespace=("lvm", LVM_NS)),
     PoolType("disk", Src.DEVICE, DISK_FORMATS, "unknown", DISK_VOL_FORMATS,
              default_vol_format="none", default_vol_type="block"),
     PoolType("iscsi", Src.HOST | Src.DEVICE | Src.INITIATOR_IQN, default_vol_type="block"),

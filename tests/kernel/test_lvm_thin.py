@@ -1,0 +1,155 @@
+"""Thin provisioning and snapshots on LVM (ours; libvirt has neither): a logical pool
+with ``<lvm:thin_pool>`` makes its thin pool and creates thin volumes in it; storage
+snapshots are thin snapshots, reverted with the bytes checked; a linked clone is an
+active thin snapshot; ``<backingStore>`` on a thick pool makes an LVM snapshot."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from block_fixtures import BlockLab, lvm
+from virtstore.api import VolumeCreateArgs
+from virtstore.api.embedded import EmbeddedConnection
+from virtstore.errors import NoSuchVolume, Unsupported
+
+MiB = 1 << 20
+NS = "http://virtstore.org/schemas/storagepool/logical/1.0"
+
+
+def pool_xml(vg: str, *devs: str, thin: str | None = None) -> str:
+    src = "".join(f"<device path='{d}'/>" for d in devs)
+    extra = f"<lvm:thin_pool name='{thin}' size='120' unit='MiB'/>" if thin else ""
+    return (f"<pool type='logical' xmlns:lvm='{NS}'><name>{vg}</name><source>{src}"
+            f"</source><target><path>/dev/{vg}</path></target>{extra}</pool>")
+
+
+def lvs(vg: str) -> dict[str, dict[str, str]]:
+    out = lvm("lvs", "--reportformat", "json", "-a", "-o",
+              "lv_name,lv_attr,origin,pool_lv,data_percent,lv_size,lv_tags", "--units", "b",
+              "--nosuffix", vg).stdout
+    return {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+
+
+def wait(conn: EmbeddedConnection, job_id: str) -> None:
+    info = conn.job_wait(job_id, 300)
+    assert info.state == "done", info.error
+
+
+def upload(conn: EmbeddedConnection, pool: str, vol: str, data: bytes) -> None:
+    wait(conn, conn.volume_upload(pool, vol, io.BytesIO(data)).id)
+
+
+def download(conn: EmbeddedConnection, pool: str, vol: str, length: int) -> bytes:
+    sink = io.BytesIO()
+    wait(conn, conn.volume_download(pool, vol, sink, length=length).id)
+    return sink.getvalue()
+
+
+@pytest.fixture
+def thin_pool(lab: BlockLab, conn: EmbeddedConnection) -> str:
+    d1, d2 = lab.loop(96 * MiB), lab.loop(96 * MiB)
+    vg = lab.vg("vsthin")
+    conn.pool_define_xml(pool_xml(vg, d1, d2, thin="tp"))
+    conn.pool_build(vg)
+    conn.pool_start(vg)
+    return vg
+
+
+def test_thin_volumes_allocation_and_pool_sizes(thin_pool: str,
+                                                conn: EmbeddedConnection) -> None:
+    vg = thin_pool
+    rep = lvs(vg)
+    assert rep["tp"]["lv_attr"][0] == "t" and rep["tp"]["lv_size"] == str(120 * MiB)
+    # Over-committed: more than the thin pool (and the VG) holds.
+    conn.volume_create(vg, VolumeCreateArgs(name="big", capacity=256 * MiB))
+    rep = lvs(vg)
+    assert rep["big"]["lv_attr"][0] == "V" and rep["big"]["pool_lv"] == "tp"
+    assert conn.volume_info(vg, "big").capacity == 256 * MiB
+    assert conn.volume_info(vg, "big").allocation < MiB
+    payload = os.urandom(8 * MiB)
+    upload(conn, vg, "big", payload)
+    conn.pool_refresh(vg)
+    alloc = conn.volume_info(vg, "big").allocation
+    # lvs gives the percent with two decimals: 0.01 % of 256 MiB is 27 KB.
+    assert abs(alloc - 8 * MiB) < 64 * 1024
+    assert alloc == round(256 * MiB * float(lvs(vg)["big"]["data_percent"]) / 100)
+    info = conn.pool_info(vg)
+    assert info.capacity == 120 * MiB and abs(info.allocation - 8 * MiB) < 64 * 1024
+    assert "<lvm:thin_pool name='tp'" in conn.pool_xml(vg)
+
+
+def test_snapshots_revert_and_linked_clone(thin_pool: str,
+                                           conn: EmbeddedConnection) -> None:
+    vg = thin_pool
+    conn.volume_create(vg, VolumeCreateArgs(name="vol", capacity=32 * MiB))
+    first = os.urandom(2 * MiB)
+    upload(conn, vg, "vol", first)
+    conn.volume_snapshot_create(vg, "vol", "s1")
+    assert [s.name for s in conn.volume_snapshot_list(vg, "vol")] == ["s1"]
+    rep = lvs(vg)
+    assert rep["vol+s1"]["origin"] == "vol" and rep["vol+s1"]["lv_attr"][4] == "-"
+    assert "vol+s1" not in {v.name for v in conn.list_volumes(vg)}
+
+    second = os.urandom(2 * MiB)
+    upload(conn, vg, "vol", second)
+    conn.volume_snapshot_create(vg, "vol", "s2")
+    upload(conn, vg, "vol", os.urandom(2 * MiB))
+    conn.volume_snapshot_revert(vg, "vol", "s1")
+    assert download(conn, vg, "vol", 2 * MiB) == first
+    with open(f"/dev/{vg}/vol", "rb") as fh:
+        assert fh.read(2 * MiB) == first
+    assert not [n for n in lvs(vg) if "virtstore" in n]
+    # Every snapshot is still there after a revert, and a revert to a snapshot taken
+    # of the volume before the last revert works too.
+    assert sorted(s.name for s in conn.volume_snapshot_list(vg, "vol")) == ["s1", "s2"]
+    conn.volume_snapshot_revert(vg, "vol", "s2")
+    assert download(conn, vg, "vol", 2 * MiB) == second
+    with pytest.raises(NoSuchVolume):
+        conn.volume_snapshot_revert(vg, "vol", "nope")
+
+    # A linked clone is an active thin snapshot: the bytes, then its own life.
+    wait(conn, conn.volume_clone(vg, "vol", "clone", linked=True).id)
+    rep = lvs(vg)
+    assert rep["clone"]["lv_attr"][0] == "V" and rep["clone"]["origin"] == "vol"
+    assert download(conn, vg, "clone", 2 * MiB) == second
+    upload(conn, vg, "clone", first)
+    assert download(conn, vg, "vol", 2 * MiB) == second
+
+    conn.volume_snapshot_delete(vg, "vol", "s2")
+    assert [s.name for s in conn.volume_snapshot_list(vg, "vol")] == ["s1"]
+    assert "vol+s2" not in lvs(vg)
+    # A restart: snapshots stay inactive, the volume and its clone come back active.
+    conn.pool_stop(vg)
+    conn.pool_start(vg)
+    rep = lvs(vg)
+    assert rep["vol"]["lv_attr"][4] == "a" and rep["vol+s1"]["lv_attr"][4] == "-"
+    assert sorted(v.name for v in conn.list_volumes(vg)) == ["clone", "vol"]
+    # A deleted volume's snapshots go with it.
+    conn.volume_delete(vg, "vol")
+    assert not [n for n in lvs(vg) if n.startswith("vol")]
+    assert download(conn, vg, "clone", 2 * MiB) == first
+
+
+def test_thick_volumes_have_no_snapshots_and_backing_store_is_a_snapshot(
+        lab: BlockLab, conn: EmbeddedConnection) -> None:
+    vg = lab.vg("vsthick")
+    conn.pool_define_xml(pool_xml(vg, lab.loop(96 * MiB)))
+    conn.pool_build(vg)
+    conn.pool_start(vg)
+    conn.volume_create(vg, VolumeCreateArgs(name="base", capacity=8 * MiB))
+    first = os.urandom(MiB)
+    upload(conn, vg, "base", first)
+    with pytest.raises(Unsupported, match="thin"):
+        conn.volume_snapshot_create(vg, "base", "s1")
+    conn.volume_create_xml(vg, f"<volume><name>snap</name><capacity unit='MiB'>8"
+                               f"</capacity><backingStore><path>/dev/{vg}/base</path>"
+                               f"</backingStore></volume>")
+    rep = lvs(vg)
+    assert rep["snap"]["lv_attr"][0] == "s" and rep["snap"]["origin"] == "base"
+    assert f"/dev/{vg}/base" in conn.volume_xml(vg, "snap")
+    upload(conn, vg, "base", os.urandom(MiB))
+    assert download(conn, vg, "snap", MiB) == first
