@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -89,12 +90,42 @@ def write_token_file(path: str, token: str) -> None:
 
 
 class Authenticator:
-    def __init__(self, tokens: dict[bytes, Token] | None = None) -> None:
+    def __init__(self, tokens: dict[bytes, Token] | None = None, *,
+                 redeemed_dir: str | None = None) -> None:
         self.tokens = tokens or {}
         self.own_uid = os.geteuid()
         self._ticket_key = os.urandom(32)  # tickets die with the daemon
         self._redeemed: dict[str, float] = {}  # ticket MAC: expiry
         self._lock = threading.Lock()
+        # Worker processes share the key (made before they fork) but not memory: there a
+        # ticket is spent by creating a file named after it, which only one process can.
+        self._redeemed_dir = redeemed_dir
+        if redeemed_dir is not None:
+            import shutil
+
+            shutil.rmtree(redeemed_dir, ignore_errors=True)
+            os.mkdir(redeemed_dir, 0o700)
+
+    def _spend(self, mac: str, expiry: int, now: float) -> bool:
+        """Whether the ticket ``mac`` was unspent (it is spent now)."""
+        with self._lock:
+            if self._redeemed_dir is None:
+                for old in [m for m, e in self._redeemed.items() if e < now]:
+                    del self._redeemed[old]
+                if mac in self._redeemed:
+                    return False
+                self._redeemed[mac] = expiry
+                return True
+            for entry in os.listdir(self._redeemed_dir):
+                if int(entry.split("-", 1)[0]) < now:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self._redeemed_dir, entry))
+            try:
+                os.close(os.open(os.path.join(self._redeemed_dir, f"{expiry}-{mac}"),
+                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                return False
+            return True
 
     def add_token(self, token: str, role: str, name: str) -> None:
         self.tokens[_digest(token)] = Token(name, role)
@@ -123,13 +154,8 @@ class Authenticator:
         now = time.time()
         good = (expiry >= now and TICKET_PATH.fullmatch(req.raw_path) is not None
                 and hmac.compare_digest(mac, self._mac(expiry, name, req.raw_path)))
-        with self._lock:
-            for old in [m for m, e in self._redeemed.items() if e < now]:
-                del self._redeemed[old]
-            if good and mac in self._redeemed:
-                good = False
-            elif good:
-                self._redeemed[mac] = expiry
+        if good:
+            good = self._spend(mac, expiry, now)
         if not good:
             log.warning("authentication failed: bad or used ticket from %s for %s %s",
                         req.peer.addr, req.method, req.raw_path)

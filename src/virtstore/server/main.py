@@ -195,7 +195,7 @@ def serve(opts: Options) -> None:
                 if not tokens:
                     log.warning("no tokens configured: every request over TCP will be "
                                 "refused (401)")
-            auth = Authenticator(tokens)
+            auth = Authenticator(tokens, redeemed_dir=os.path.join(run_dir, "tickets"))
             web_note = ""
             if opts.web:
                 listeners.append(_bind_tcp(opts.web, None))
