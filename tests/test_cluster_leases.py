@@ -35,9 +35,10 @@ def etcd(etcd_cluster: Server) -> Server:  # noqa: F811
 
 
 @pytest.fixture
-def members(etcd: Server) -> Iterator[list[Cluster]]:
+def members(etcd: Server, request: pytest.FixtureRequest) -> Iterator[list[Cluster]]:
+    ttl = getattr(request, "param", TTL)
     made = [Cluster(ClusterConfig(tuple(etcd.info["endpoints"]), f"m{i}-{os.getpid()}",
-                                  ttl=TTL)) for i in range(3)]
+                                  ttl=ttl)) for i in range(3)]
     yield made
     for c in made:
         c.close()
@@ -134,6 +135,9 @@ def test_leases_of_a_killed_member_expire_after_the_ttl(etcd: Server,
     assert max(taken.values()) <= TTL + 2
 
 
+# A session outlives etcd's leader election (a second or more on a busy machine) only
+# when its TTL leaves room for it: 3 s trusted for 2.4 s did not always.
+@pytest.mark.parametrize("members", [10], indirect=True)
 def test_the_cluster_goes_on_without_one_etcd_member(etcd: Server,
                                                      members: list[Cluster]) -> None:
     a, b, _ = members
