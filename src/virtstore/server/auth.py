@@ -90,32 +90,22 @@ def write_token_file(path: str, token: str) -> None:
 
 
 class Authenticator:
-    def __init__(self, tokens: dict[bytes, Token] | None = None, *,
-                 redeemed_dir: str | None = None) -> None:
+    def __init__(self, tokens: dict[bytes, Token] | None, *, redeemed_dir: str) -> None:
         self.tokens = tokens or {}
         self.own_uid = os.geteuid()
         self._ticket_key = os.urandom(32)  # tickets die with the daemon
-        self._redeemed: dict[str, float] = {}  # ticket MAC: expiry
         self._lock = threading.Lock()
-        # Worker processes share the key (made before they fork) but not memory: there a
+        # Worker processes share the key (made before they fork) but not memory: a
         # ticket is spent by creating a file named after it, which only one process can.
         self._redeemed_dir = redeemed_dir
-        if redeemed_dir is not None:
-            import shutil
+        import shutil
 
-            shutil.rmtree(redeemed_dir, ignore_errors=True)
-            os.mkdir(redeemed_dir, 0o700)
+        shutil.rmtree(redeemed_dir, ignore_errors=True)
+        os.mkdir(redeemed_dir, 0o700)
 
     def _spend(self, mac: str, expiry: int, now: float) -> bool:
         """Whether the ticket ``mac`` was unspent (it is spent now)."""
         with self._lock:
-            if self._redeemed_dir is None:
-                for old in [m for m, e in self._redeemed.items() if e < now]:
-                    del self._redeemed[old]
-                if mac in self._redeemed:
-                    return False
-                self._redeemed[mac] = expiry
-                return True
             for entry in os.listdir(self._redeemed_dir):
                 if int(entry.split("-", 1)[0]) < now:
                     with contextlib.suppress(FileNotFoundError):
