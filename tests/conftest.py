@@ -18,6 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 # tests/kernel runs inside the kernel lab VM only (scripts/test boots it and sets this).
 collect_ignore = [] if os.environ.get("VIRTSTORE_KERNEL_LAB") == "1" else ["kernel"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The kernel lab's check last: it waits for the VM that runs beside the suite."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_kernel_lab.py::"
+                                                       "test_kernel_lab_passed"))
+
+
 CONFORMANCE = Path(os.environ.get("VIRTSTORE_CONFORMANCE",
                                   REPO.parent / "shared" / "conformance" / "libvirt"))
 
