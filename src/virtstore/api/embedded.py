@@ -551,7 +551,8 @@ class EmbeddedConnection(Connection):
         try:
             st["pools"] = self._cluster_pools().view()
         except VirtstoreError as exc:
-            st["pools"] = {"cluster_pools": [], "not_applied": {}, "error": str(exc)}
+            st["pools"] = {"cluster_pools": [], "not_applied": {}, "not_started": {},
+                           "error": str(exc)}
         return {"clustered": True, **st}
 
     def _cluster_pools(self) -> ClusterPools:
