@@ -4,6 +4,7 @@ source and nothing on the target."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -84,6 +85,10 @@ def test_move_to_another_host(pair: Pair) -> None:
     assert raw_of(ddir / "g.qcow2", "qcow2") == want
     # Holes stayed holes: only the data was written there.
     assert dst.volume_info("dst", "g.qcow2").allocation < 24 * MiB
+    # What the check compared: the target's hashes of its chunks that hold data.
+    got = dst.volume_chunk_hashes("dst", "g.qcow2", offset=8 * MiB, length=28 * MiB)
+    assert got["chunks"] == {str(i): hashlib.sha256(want[i * 4 * MiB:(i + 1) * 4 * MiB])
+                             .hexdigest() for i in (2, 3, 8)}
 
 
 def test_refused_before_anything_is_copied(pair: Pair, tmp_path: Path) -> None:
@@ -138,11 +143,14 @@ def test_cancelled_move_leaves_nothing_on_the_target(pair: Pair) -> None:
 
 
 def test_move_from_the_embedded_engine_through_the_cli(
-        pair: Pair, conn: EmbeddedConnection, pool: str, pooldir: Path, cli: Cli) -> None:
+        pair: Pair, conn: EmbeddedConnection, pool: str, pooldir: Path, cli: Cli,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The copy is checked in several calls of the target: one per chunk of data here.
+    monkeypatch.setattr("virtstore.backup.move._CHECK_STEP", 1)
     conn.volume_create_xml(pool, "<volume><name>r.img</name><capacity unit='M'>12</capacity>"
                            "<allocation>0</allocation></volume>")
     with open(pooldir / "r.img", "r+b") as fh:
-        fh.seek(5 * MiB)
+        fh.seek(3 * MiB)
         fh.write(b"abc" * MiB)
     want = (pooldir / "r.img").read_bytes()
     r = cli("vol-move", "r.img", "--pool", pool, "--to-pool", "dst", "--name", "s.raw",

@@ -440,10 +440,12 @@ class Connection(abc.ABC):
         whole, so a failed or cut stream leaves nothing."""
         raise self._missing("volume receive")
 
-    def volume_chunk_hashes(self, pool: str, name: str) -> dict[str, Any]:
+    def volume_chunk_hashes(self, pool: str, name: str, *, offset: int = 0,
+                            length: int | None = None) -> dict[str, Any]:
         """The SHA-256 (hex) of each 4 MiB chunk of the volume that holds anything but
-        zeros, read through its format: ``{"chunk_size", "capacity", "chunks": {index:
-        hash}}``."""
+        zeros, read through its format, for the chunks from ``offset`` (a multiple of 4
+        MiB) on, ``length`` bytes of them (to the end by default): ``{"chunk_size",
+        "capacity", "chunks": {index: hash}}``."""
         raise self._missing("volume checksums")
 
     def backup_verify(self, directory: str) -> JobInfo:

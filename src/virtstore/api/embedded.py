@@ -457,8 +457,9 @@ class EmbeddedConnection(Connection):
                                          self.pool_info)["format"]
         return self.backups.receive(pool, name, source, capacity, fmt, bandwidth=bandwidth)
 
-    def volume_chunk_hashes(self, pool: str, name: str) -> dict[str, Any]:
-        return self.backups.chunk_hashes(pool, name)
+    def volume_chunk_hashes(self, pool: str, name: str, *, offset: int = 0,
+                            length: int | None = None) -> dict[str, Any]:
+        return self.backups.chunk_hashes(pool, name, offset=offset, length=length)
 
     def backup_verify(self, directory: str) -> JobInfo:
         return self.backups.verify(directory)

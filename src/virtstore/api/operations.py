@@ -294,8 +294,9 @@ OPS: tuple[Op, ...] = (
         _q("format"), _q("like"), _q("required", int, default=0, size=True),
         _q("bandwidth", int)), WRITE, RECORD, JobInfo, custom=True),
     Op("volume_chunk_hashes", "GET", _V + "/chunk-hashes",
-       "The SHA-256 of each 4 MiB chunk of the volume that holds data", VOL, SECRET,
-       OBJECT),
+       "The SHA-256 of each 4 MiB chunk of the volume that holds data (from offset, "
+       "length bytes)", (*VOL, _q("offset", int, default=0, size=True),
+                         _q("length", int, size=True)), SECRET, OBJECT),
     Op("backup_verify", "POST", "/v1/backups/verify",
        "Re-read every chunk of a backup directory and check its chain (a job)",
        (_b("directory", required=True),), WRITE, RECORD, JobInfo, job=True, local=True),

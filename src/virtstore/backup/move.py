@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("virtstore")
 
+# Chunks of data the target reads back and hashes per call (1 GiB).
+_CHECK_STEP = 256
+
 
 class Target(Protocol):
     """What a move needs of the other host's engine (a ``Connection`` to it)."""
@@ -49,7 +52,8 @@ class Target(Protocol):
                        capacity: int, *, format: str | None = None, like: str | None = None,
                        required: int = 0, bandwidth: int | None = None) -> JobInfo: ...
 
-    def volume_chunk_hashes(self, pool: str, name: str) -> dict[str, Any]: ...
+    def volume_chunk_hashes(self, pool: str, name: str, *, offset: int = 0,
+                            length: int | None = None) -> dict[str, Any]: ...
 
     def job_wait(self, job_id: str, timeout: float | None = None) -> JobInfo: ...
 
@@ -69,14 +73,17 @@ def _length(index: int, capacity: int) -> int:
 
 
 def chunk_hashes(backend: Backend, pool: PoolDef, rec: VolumeRecord,
-                 mon: Monitor | None = None) -> dict[int, str]:
-    """SHA-256 of every CHUNK_SIZE chunk of the volume that holds anything but zeros, read
-    as any reader would (through its format)."""
+                 mon: Monitor | None = None, *, first: int = 0,
+                 end: int | None = None) -> dict[int, str]:
+    """SHA-256 of every CHUNK_SIZE chunk (of indexes ``first`` to ``end``) of the volume
+    that holds anything but zeros, read as any reader would (through its format)."""
     from virtstore.data.extents import is_zero
 
     out: dict[int, str] = {}
     with open_reader(backend, pool, rec) as reader:
         for index in _chunks(reader, rec.capacity):
+            if index < first or (end is not None and index >= end):
+                continue
             if mon is not None:
                 mon.check()
             n = _length(index, rec.capacity)
@@ -231,13 +238,21 @@ def _copy_to_host(ops: BackupOps, pool_name: str, name: str, spool: PoolDef, sbe
             raise OperationInvalid(f"the copy of volume '{name}' into {where} failed: "
                                    f"{job.error or job.state}")
     try:
-        mon.check()
-        answer = target.volume_chunk_hashes(to_pool, new)
-        if int(answer["chunk_size"]) != CHUNK_SIZE or int(answer["capacity"]) < rec.capacity:
-            raise OperationInvalid(f"the copy of volume '{name}' in {where} does not have "
-                                   "its size: the source is kept")
-        _compare(name, copied, {int(k): str(v) for k, v in answer["chunks"].items()})
-        mon.advance(total)
+        checked = 0
+        for first, end in _check_ranges(sorted(copied), rec.capacity):
+            mon.check()
+            answer = target.volume_chunk_hashes(to_pool, new, offset=first * CHUNK_SIZE,
+                                                length=(end - first) * CHUNK_SIZE)
+            if (int(answer["chunk_size"]) != CHUNK_SIZE
+                    or int(answer["capacity"]) < rec.capacity):
+                raise OperationInvalid(f"the copy of volume '{name}' in {where} does not "
+                                       "have its size: the source is kept")
+            _compare(name, {i: h for i, h in copied.items() if first <= i < end},
+                     {int(k): str(v) for k, v in answer["chunks"].items()})
+            n = sum(_length(i, rec.capacity) for i in copied if first <= i < end)
+            mon.advance(n)
+            checked += n
+        mon.advance(total - checked)
         mon.check()
         ops.volumes.delete(pool_name, name, owner=job_id)
     except BaseException:
@@ -247,6 +262,17 @@ def _copy_to_host(ops: BackupOps, pool_name: str, name: str, spool: PoolDef, sbe
             log.warning("vol-move of '%s': could not delete the copy '%s' of %s again: %s",
                         name, new, where, exc)
         raise
+
+
+def _check_ranges(data: list[int], capacity: int) -> Iterator[tuple[int, int]]:
+    """Chunk index ranges [first, end) covering the volume, each with at most
+    _CHECK_STEP of the chunks in ``data`` (sorted): one call of the target each, short
+    enough for one request and for progress to move."""
+    first = 0
+    for k in range(_CHECK_STEP, len(data), _CHECK_STEP):
+        yield first, data[k]
+        first = data[k]
+    yield first, -(-capacity // CHUNK_SIZE)
 
 
 def start_receive(ops: BackupOps, pool_name: str, name: str,

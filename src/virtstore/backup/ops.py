@@ -248,12 +248,18 @@ class BackupOps:
         return start_receive(self, pool_name, new_name, source, capacity, fmt,
                              bandwidth=bandwidth)
 
-    def chunk_hashes(self, pool_name: str, name: str) -> dict[str, Any]:
+    def chunk_hashes(self, pool_name: str, name: str, *, offset: int = 0,
+                     length: int | None = None) -> dict[str, Any]:
         from virtstore.backup.move import chunk_hashes
         from virtstore.backup.repo import CHUNK_SIZE
 
+        if offset < 0 or offset % CHUNK_SIZE or (length is not None and length < 0):
+            raise InvalidArgument(f"offset must be a multiple of {CHUNK_SIZE} and length "
+                                  "not negative")
         pool, backend, rec = self.readable(pool_name, name, "volume checksums")
-        got = chunk_hashes(backend, pool, rec)
+        end = rec.capacity if length is None else min(rec.capacity, offset + length)
+        got = chunk_hashes(backend, pool, rec, first=offset // CHUNK_SIZE,
+                           end=-(-end // CHUNK_SIZE))
         return {"chunk_size": CHUNK_SIZE, "capacity": rec.capacity,
                 "chunks": {str(i): h for i, h in sorted(got.items())}}
 
