@@ -18,14 +18,16 @@ Following is one thread per daemon: a full read, then a watch from the revision 
 it; each event re-reads the pool's two keys and makes the local definition match. The
 follower also starts the cluster pools marked autostart (the cluster's mark, or the
 member's own ``autostart`` value) that are not running here: all of them on its first
-read, then each one whose definition or member values change; a start that fails is
-logged and its reason kept (meta ``cluster-pool-start:<name>``) for cluster-status.
+read, then each one whose definition or member values change, one after the other in
+a thread of their own; a start that fails is logged and its reason kept (meta
+``cluster-pool-start:<name>``) for cluster-status.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -189,6 +191,10 @@ class ClusterPools:
         # its definition and of this member's values it last saw (a change: start).
         self.starts = False
         self._seen: dict[str, tuple[int, int]] = {}
+        # Starts run in a thread of their own: a mount that hangs must not hold up the
+        # following of later changes.
+        self._start_queue: queue.Queue[str | None] = queue.Queue()
+        self._starter: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -357,12 +363,29 @@ class ClusterPools:
                 if self.starts and self._seen.get(name) != seen:
                     self._seen[name] = seen
                     if autostart_of(doc, ov):
-                        self._autostart(name)
+                        self._start_later(name)
             self.conflicts.pop(name, None)
         except Exception as exc:  # one broken definition must not stop the others
             self.conflicts[name] = str(exc)
             log.warning("cluster pool '%s' not applied on member %s: %s", name,
                         self.member, exc)
+
+    def _start_later(self, name: str) -> None:
+        if self._starter is None:
+            self._starter = threading.Thread(target=self._run_starts,
+                                             name="cluster-autostart", daemon=True)
+            self._starter.start()
+        self._start_queue.put(name)
+
+    def _run_starts(self) -> None:
+        while True:
+            name = self._start_queue.get()
+            if name is None or self._stop.is_set():
+                return
+            try:
+                self._autostart(name)
+            except Exception as exc:  # the pool went away meanwhile, the store closed
+                log.warning("autostart of cluster pool '%s': %s", name, exc)
 
     def _autostart(self, name: str) -> None:
         """Start the pool here unless it runs; a failure is logged and kept, and the
@@ -452,7 +475,12 @@ class ClusterPools:
 
     def stop(self) -> None:
         self._stop.set()
+        self._start_queue.put(None)
         if self._thread is not None:
             # A watch waiting on a quiet etcd notices only at its idle timeout; the
             # thread is a daemon and holds nothing that must be finished.
             self._thread.join(timeout=1.0)
+        if self._starter is not None:
+            # A start under way (a slow mount) is not waited for: it ends as a start
+            # cut short by the process's end would.
+            self._starter.join(timeout=1.0)
