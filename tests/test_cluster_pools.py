@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -291,3 +292,86 @@ def test_cli_sets_lists_and_unsets_a_members_own_values(
     assert cli("b", "pool-undefine", pool)[0] == 0
     rc, out, _ = cli("a", "pool-list", "--all")
     assert rc == 0 and pool not in out
+
+
+def mount_export(d: Path) -> None:
+    """A tmpfs on ``d`` under the name of netfs_xml's export, as its NFS mount would be:
+    a netfs pool of that export on ``d`` starts (already mounted) without a server."""
+    d.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "192.0.2.10:/export/vms",
+                    str(d)], check=True)
+
+
+def unmount_all(*dirs: Path) -> None:
+    for d in dirs:
+        while os.path.ismount(d):
+            subprocess.run(["umount", str(d)], check=True)
+
+
+def running(conn: Connection, pool: str) -> bool:
+    return conn.pool_info(pool).state == "running"
+
+
+def test_cluster_pools_marked_autostart_start_on_each_member(
+        members: Members, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from virtstore.cli.main import main
+
+    a = members.start("a")
+    b = members.start("b")
+    pool, marker = f"auto-{members.tag}", f"marker-{members.tag}"
+    a_mnt, b_mnt = tmp_path / "a-mnt", tmp_path / "b-mnt"
+    mount_export(a_mnt)
+    mount_export(b_mnt)
+    try:
+        a.pool_define_xml(netfs_xml(pool, a_mnt))
+        uuid = parse_pool_xml(a.pool_xml(pool)).uuid
+        eventually("the definition on b", lambda: has_pool(b, pool))
+        # b finds the export at a path of its own: first one that is not there.
+        a.pool_override(pool, "target.path", str(tmp_path / "b-missing"),
+                        member=members.name("b"))
+        assert not running(a, pool) and not running(b, pool)
+
+        a.pool_set_autostart(pool, True)
+        eventually("the pool running on a", lambda: running(a, pool))
+        why = eventually("b's failed start", lambda: b.cluster_status()["pools"][
+            "not_started"].get(pool))
+        assert "b-missing" in why
+        assert main(["-c", members.daemons["b"].rw_uri, "cluster-status"]) == 0
+        assert f"Pool {pool} inactive here, its autostart failed: {why}" in (
+            capsys.readouterr().out)
+        assert b.pool_info(pool).state == "inactive" and b.pool_info(pool).autostart
+        assert f"autostart of cluster pool '{pool}' on member {members.name('b')} failed" in (
+            members.daemons["b"].log())
+        assert running(a, pool) and a.cluster_status()["pools"]["not_started"] == {}
+
+        # b's own path put right: that change starts it there.
+        a.pool_override(pool, "target.path", str(b_mnt), member=members.name("b"))
+        eventually("the pool running on b", lambda: running(b, pool))
+        assert b.cluster_status()["pools"]["not_started"] == {}
+
+        # b's own autostart value says no: stopped there, it stays stopped when the
+        # definition changes and when b's daemon starts again (a start would succeed).
+        b.pool_override(pool, "autostart", "no")
+        assert not b.pool_info(pool).autostart and a.pool_info(pool).autostart
+        b.pool_stop(pool)
+        mount_export(b_mnt)
+        members.stop("b")
+        b = members.start("b")
+        a.pool_define_xml(netfs_xml(pool, a_mnt, uuid=uuid))
+        a.pool_define_xml(netfs_xml(marker, tmp_path / "marker"))
+        # The follower handles events in order: the marker comes after the new version.
+        eventually("the marker on b", lambda: has_pool(b, marker))
+        assert b.pool_info(pool).state == "inactive" and not b.pool_info(pool).autostart
+        assert b.cluster_status()["pools"]["not_started"] == {}
+
+        # a's daemon starting again starts what is marked autostart and not running.
+        a.pool_stop(pool)
+        mount_export(a_mnt)
+        members.stop("a")
+        a = members.start("a")
+        eventually("the pool running on a after its daemon started", lambda: running(a, pool))
+        a.pool_stop(pool)
+        for name in (pool, marker):
+            a.pool_undefine(name)
+    finally:
+        unmount_all(a_mnt, b_mnt)

@@ -95,7 +95,8 @@ def open_connection(uri: str | None = None, *, root: str | None = None,
             from virtstore.engine.cluster import ClusterConfig
 
             cluster = ClusterConfig.from_env()
-        return EmbeddedConnection(root or default_root(), cluster=cluster)
+        return EmbeddedConnection(root or default_root(), cluster=cluster,
+                                  connect=open_connection)
     assert uri is not None
     if uri.startswith(("unix:", "https:")):
         from virtstore.client import RemoteConnection

@@ -41,6 +41,7 @@ from virtstore.types import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any, BinaryIO
 
 __all__ = [
@@ -411,12 +412,41 @@ class Connection(abc.ABC):
         raise self._missing("volume import")
 
     def volume_move(self, pool: str, name: str, to_pool: str, *, new_name: str | None = None,
-                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+                    format: str | None = None, bandwidth: int | None = None,
+                    target: str | None = None) -> JobInfo:
         """vol-move: copy the volume into ``to_pool`` (as ``new_name``, in ``format``:
         by default its own name, and its format where that pool makes it), read the copy
         back against the source, then delete the source; if any step fails the source
-        stays and no copy is left."""
+        stays and no copy is left. ``target``: the URI of another host's virtstored
+        whose ``to_pool`` takes the copy (the engine connects to it with its own
+        credentials)."""
         raise self._missing("volume move")
+
+    def volume_receive_check(self, pool: str, name: str, capacity: int, *,
+                             format: str | None = None, like: str | None = None,
+                             required: int = 0) -> dict[str, Any]:
+        """Whether ``volume_receive`` with these arguments would start: the name is free
+        in ``pool``, the pool makes the format (``format``, else ``like`` where the pool
+        makes it, else its default) and has room for ``required`` bytes of data; the
+        ``format`` and the bytes ``needed`` there, or the error it would raise."""
+        raise self._missing("volume receive")
+
+    def volume_receive(self, pool: str, name: str, source: Iterable[tuple[int, bytes]],
+                       capacity: int, *, format: str | None = None, like: str | None = None,
+                       required: int = 0, bandwidth: int | None = None) -> JobInfo:
+        """A new volume ``name`` of ``capacity`` bytes holding the ``(offset, data)``
+        pieces of ``source`` (increasing offsets; zeros elsewhere), checked as
+        ``volume_receive_check`` does; it gets its name only when ``source`` ended
+        whole, so a failed or cut stream leaves nothing."""
+        raise self._missing("volume receive")
+
+    def volume_chunk_hashes(self, pool: str, name: str, *, offset: int = 0,
+                            length: int | None = None) -> dict[str, Any]:
+        """The SHA-256 (hex) of each 4 MiB chunk of the volume that holds anything but
+        zeros, read through its format, for the chunks from ``offset`` (a multiple of 4
+        MiB) on, ``length`` bytes of them (to the end by default): ``{"chunk_size",
+        "capacity", "chunks": {index: hash}}``."""
+        raise self._missing("volume checksums")
 
     def backup_verify(self, directory: str) -> JobInfo:
         """backup-verify: every chunk against its hash, every manifest's chunks and chain;

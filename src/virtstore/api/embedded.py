@@ -26,6 +26,7 @@ from virtstore.types import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from typing import Any, BinaryIO
 
     from virtstore.backup.ops import BackupOps
@@ -49,7 +50,8 @@ class EmbeddedConnection(Connection):
 
     def __init__(self, root: str, *, confinement: Confinement | None = None,
                  cluster: ClusterConfig | None = None, default_pool: bool = False,
-                 ephemeral_secrets: EphemeralSecrets | None = None) -> None:
+                 ephemeral_secrets: EphemeralSecrets | None = None,
+                 connect: Callable[[str], Connection] | None = None) -> None:
         """``confinement``: what the engine refuses to touch for its callers
         (engine/confine.py); permissive by default, virtstored passes its own.
         ``cluster``: the etcd cluster this engine is a member of (engine/cluster.py).
@@ -57,7 +59,9 @@ class EmbeddedConnection(Connection):
         autostart a ``default`` dir pool under it (virtstored asks for it; a command or
         a script never gets a pool it did not ask for).
         ``ephemeral_secrets``: where ephemeral secrets are kept (default: in this
-        process; virtstored's workers share theirs)."""
+        process; virtstored's workers share theirs).
+        ``connect``: opens another host's virtstored by its URI (a move there)."""
+        self.open_remote = connect
         self.state = StateRoot(root)
         self.uri = "embedded://" + self.state.root
         self.confinement = confinement
@@ -429,9 +433,33 @@ class EmbeddedConnection(Connection):
                                         bandwidth=bandwidth)
 
     def volume_move(self, pool: str, name: str, to_pool: str, *, new_name: str | None = None,
-                    format: str | None = None, bandwidth: int | None = None) -> JobInfo:
+                    format: str | None = None, bandwidth: int | None = None,
+                    target: str | None = None) -> JobInfo:
+        remote = None
+        if target is not None:
+            if not target.startswith(("unix:", "https:")) or self.open_remote is None:
+                raise InvalidArgument(f"a volume moves to another host's virtstored "
+                                      f"(unix:///PATH or https://HOST:PORT), not '{target}'")
+            remote = self.open_remote(target)
         return self.backups.move(pool, name, to_pool, new_name=new_name, format=format,
-                                 bandwidth=bandwidth)
+                                 bandwidth=bandwidth, target=remote)
+
+    def volume_receive_check(self, pool: str, name: str, capacity: int, *,
+                             format: str | None = None, like: str | None = None,
+                             required: int = 0) -> dict[str, Any]:
+        return self.backups.receive_check(pool, name, capacity, format, like, required,
+                                          self.pool_info)
+
+    def volume_receive(self, pool: str, name: str, source: Iterable[tuple[int, bytes]],
+                       capacity: int, *, format: str | None = None, like: str | None = None,
+                       required: int = 0, bandwidth: int | None = None) -> JobInfo:
+        fmt = self.backups.receive_check(pool, name, capacity, format, like, required,
+                                         self.pool_info)["format"]
+        return self.backups.receive(pool, name, source, capacity, fmt, bandwidth=bandwidth)
+
+    def volume_chunk_hashes(self, pool: str, name: str, *, offset: int = 0,
+                            length: int | None = None) -> dict[str, Any]:
+        return self.backups.chunk_hashes(pool, name, offset=offset, length=length)
 
     def backup_verify(self, directory: str) -> JobInfo:
         return self.backups.verify(directory)
@@ -524,7 +552,8 @@ class EmbeddedConnection(Connection):
         try:
             st["pools"] = self._cluster_pools().view()
         except VirtstoreError as exc:
-            st["pools"] = {"cluster_pools": [], "not_applied": {}, "error": str(exc)}
+            st["pools"] = {"cluster_pools": [], "not_applied": {}, "not_started": {},
+                           "error": str(exc)}
         return {"clustered": True, **st}
 
     def _cluster_pools(self) -> ClusterPools:

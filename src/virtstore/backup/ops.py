@@ -35,12 +35,13 @@ from virtstore.engine.index import VolumeIndex
 from virtstore.engine.jobs import JobManager
 from virtstore.engine.locks import READ, WRITE
 from virtstore.engine.volumes import StagedTarget, VolumeManager
-from virtstore.errors import InvalidArgument, Unsupported
-from virtstore.types import JobInfo
+from virtstore.errors import AlreadyExists, InvalidArgument, NoSpace, Unsupported
+from virtstore.types import JobInfo, PoolInfo
 from virtstore.xml import PoolDef, VolDef, VolTarget
 
 if TYPE_CHECKING:
     from virtstore.backup.access import Reader, Writer
+    from virtstore.backup.move import Target
     from virtstore.data.monitor import Monitor
 
 log = logging.getLogger("virtstore")
@@ -201,11 +202,66 @@ class BackupOps:
 
     # -- move ------------------------------------------------------------------
     def move(self, pool_name: str, name: str, to_pool: str, *, new_name: str | None = None,
-             format: str | None = None, bandwidth: int | None = None) -> JobInfo:
-        from virtstore.backup.move import start_move
+             format: str | None = None, bandwidth: int | None = None,
+             target: Target | None = None) -> JobInfo:
+        """``target``: the other host's engine (closed by the move), None for this one."""
+        from virtstore.backup.move import start_move, start_move_to_host
 
+        if target is not None:
+            return start_move_to_host(self, pool_name, name, target, to_pool,
+                                      new_name=new_name, format=format, bandwidth=bandwidth)
         return start_move(self, pool_name, name, to_pool, new_name=new_name, format=format,
                           bandwidth=bandwidth)
+
+    def receive_check(self, pool_name: str, name: str, capacity: int, format: str | None,
+                      like: str | None, required: int,
+                      pool_info: Callable[[str], PoolInfo]) -> dict[str, Any]:
+        """Whether a volume so described can be received into the pool: its format
+        there and the bytes it needs, or the error (nothing is reserved)."""
+        from virtstore.backup.migrate import Candidate, needed
+        from virtstore.engine.names import check_volume_name
+
+        check_volume_name(name)
+        pdef, backend = self.volumes._active_pool(pool_name)
+        if not backend.supports("create_volume"):
+            raise backend.unsupported("volume receive")
+        if capacity <= 0:
+            raise InvalidArgument("a received volume's capacity must be positive")
+        caps = backend.caps
+        fmt = format or (like if like in caps.vol_formats else caps.default_vol_format or "raw")
+        if fmt not in caps.vol_formats:
+            raise InvalidArgument(f"pool '{pool_name}' makes no {fmt} volumes (only "
+                                  f"{', '.join(caps.vol_formats) or 'none'})")
+        if self.index.state_of(pool_name, name) is not None or backend.name_taken(pdef, name):
+            raise AlreadyExists(f"storage volume '{name}' exists already in pool "
+                                f"'{pool_name}'")
+        available = pool_info(pool_name).available
+        need = needed(Candidate(pdef, backend, available), capacity, required)
+        if available < need:
+            raise NoSpace(f"pool '{pool_name}' has {available} bytes free, {need} needed")
+        return {"format": fmt, "needed": need, "available": available}
+
+    def receive(self, pool_name: str, new_name: str, source: Iterable[tuple[int, bytes]],
+                capacity: int, fmt: str, *, bandwidth: int | None = None) -> JobInfo:
+        from virtstore.backup.move import start_receive
+
+        return start_receive(self, pool_name, new_name, source, capacity, fmt,
+                             bandwidth=bandwidth)
+
+    def chunk_hashes(self, pool_name: str, name: str, *, offset: int = 0,
+                     length: int | None = None) -> dict[str, Any]:
+        from virtstore.backup.move import chunk_hashes
+        from virtstore.backup.repo import CHUNK_SIZE
+
+        if offset < 0 or offset % CHUNK_SIZE or (length is not None and length < 0):
+            raise InvalidArgument(f"offset must be a multiple of {CHUNK_SIZE} and length "
+                                  "not negative")
+        pool, backend, rec = self.readable(pool_name, name, "volume checksums")
+        end = rec.capacity if length is None else min(rec.capacity, offset + length)
+        got = chunk_hashes(backend, pool, rec, first=offset // CHUNK_SIZE,
+                           end=-(-end // CHUNK_SIZE))
+        return {"chunk_size": CHUNK_SIZE, "capacity": rec.capacity,
+                "chunks": {str(i): h for i, h in sorted(got.items())}}
 
     # -- verify ----------------------------------------------------------------
     def verify(self, directory: str) -> JobInfo:

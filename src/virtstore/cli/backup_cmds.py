@@ -89,12 +89,16 @@ def vol_move(ctx: Context, args: Args) -> None:
     from virtstore.cli.lookup import pool_name, volume
 
     vol = volume(ctx.conn, args.req("vol"), args.get("pool"))
-    to_pool = pool_name(ctx.conn, args.req("to-pool"))
+    target = args.get("target")
+    # The target host's pools are its own: the name is passed on as it is.
+    to_pool = args.req("to-pool") if target else pool_name(ctx.conn, args.req("to-pool"))
     new = args.get("name") or vol.name
     job = ctx.conn.volume_move(vol.pool, vol.name, to_pool, new_name=args.get("name"),
-                               format=args.get("format"), bandwidth=_bandwidth(args))
+                               format=args.get("format"), bandwidth=_bandwidth(args),
+                               target=target)
     _wait(ctx, args, job, f"move {vol.name}")
-    _done(ctx, args, f"Vol {vol.name} moved from pool {vol.pool} to pool {to_pool} as {new}")
+    where = f"pool {to_pool} of {target}" if target else f"pool {to_pool}"
+    _done(ctx, args, f"Vol {vol.name} moved from pool {vol.pool} to {where} as {new}")
 
 
 def backup_verify(ctx: Context, args: Args) -> None:
@@ -219,13 +223,16 @@ COMMANDS = (
              Opt("pool", "pool name or uuid", required=True),
              Opt("format", "format of the new vol (raw, qcow2, ...)", positional=False),
              BANDWIDTH, JSON), vol_import),
-    Command("vol-move", GROUP, "move a vol to another pool",
+    Command("vol-move", GROUP, "move a vol to another pool or host",
             "Copy the vol into --to-pool (any pool type; in its format where that pool "
-            "makes it, else the pool's default, or --format), read the copy back and "
-            "compare it with the source, then delete the source. If any step fails the "
-            "source stays and no copy is left.",
+            "makes it, else the pool's default, or --format), of this host or, with "
+            "--target, of another host's virtstored, read the copy back and compare it "
+            "with the source, then delete the source. If any step fails the source stays "
+            "and no copy is left.",
             (VOL, POOL_OPT, Opt("to-pool", "pool to move the vol to", required=True,
                                 positional=False),
+             Opt("target", "URI of the other host's virtstored (the engine that holds "
+                 "the vol connects to it)", positional=False),
              Opt("name", "name in the new pool (default: the same)", positional=False),
              Opt("format", "format of the moved vol (raw, qcow2, ...)", positional=False),
              BANDWIDTH, JSON), vol_move),

@@ -45,6 +45,8 @@ def cluster_status(ctx: Context, args: Args) -> None:
         ("Cluster pools", ", ".join(st["pools"]["cluster_pools"]) or "-")]))
     for pool, why in sorted(st["pools"]["not_applied"].items()):
         ctx.print(f"Pool {pool} not taken in here: {why}")
+    for pool, why in sorted(st["pools"].get("not_started", {}).items()):
+        ctx.print(f"Pool {pool} inactive here, its autostart failed: {why}")
     ctx.print()
     ctx.print(table(["Endpoint", "Health", "Leader", "Version"],
                     [[e["endpoint"], "healthy" if e["healthy"] else e.get("error", "down"),
@@ -123,7 +125,9 @@ COMMANDS = (
             "host-local keys. With KEY and VALUE, sets a member's own value (this member's "
             "unless --member), with --unset removes it: that member's definition is the "
             "cluster's with its own values put in. Keys: target.path, source.device, "
-            "source.host (comma-separated lists for the last two), source.initiator.",
+            "source.host (comma-separated lists for the last two), source.initiator, and "
+            "autostart (yes or no: whether that member starts the pool, whatever the "
+            "cluster's mark).",
             (Opt("pool", "pool name", required=True), Opt("key", "the key"),
              Opt("value", "its value on that member"),
              Opt("member", "the member (default: this one)", positional=False),

@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlencode
 
@@ -185,6 +186,8 @@ class RemoteConnection(Connection):
     volume_restore = _remote("volume_restore")
     volume_import = _remote("volume_import")
     volume_move = _remote("volume_move")
+    volume_receive_check = _remote("volume_receive_check")
+    volume_chunk_hashes = _remote("volume_chunk_hashes")
     backup_verify = _remote("backup_verify")
     backup_list = _remote("backup_list")
     volume_migrate_info = _remote("volume_migrate_info")
@@ -263,6 +266,21 @@ class RemoteConnection(Connection):
             source.seek(start + length)
         return job
 
+    def volume_receive(self, pool: str, name: str, source: Iterable[tuple[int, bytes]],
+                       capacity: int, *, format: str | None = None, like: str | None = None,
+                       required: int = 0, bandwidth: int | None = None) -> JobInfo:
+        path = self._path("volume_receive", pool=pool, name=name, capacity=capacity,
+                          format=format, like=like, required=required, bandwidth=bandwidth)
+        try:
+            body: Any = _framed(source, capacity)
+            resp = self.http.call("PUT", path, body, {"Content-Type": SPARSE})
+        except BaseException:
+            # Whatever stopped the stream (the source's failure, a cancel) leaves the
+            # request cut short: the server sees no end record and keeps nothing.
+            self.http._drop()
+            raise
+        return JobInfo(**resp.json())
+
     def volume_download(self, pool: str, name: str, sink: BinaryIO, *, offset: int = 0,
                         length: int | None = None, sparse: bool = True,
                         bandwidth: int | None = None) -> JobInfo:
@@ -320,6 +338,16 @@ class RemoteConnection(Connection):
 
     def __repr__(self) -> str:
         return f"<RemoteConnection {self.uri}>"
+
+
+def _framed(pieces: Iterable[tuple[int, bytes]], length: int) -> Iterator[bytes]:
+    """(offset, data) pieces in the sparse framing: data records, then the end record."""
+    from virtstore.data.stream import DATA, END, MAGIC, RECORD
+
+    yield MAGIC
+    for offset, data in pieces:
+        yield RECORD.pack(DATA, offset, len(data)) + data
+    yield RECORD.pack(END, 0, length)
 
 
 def _is_regular(f: BinaryIO) -> bool:

@@ -15,13 +15,19 @@ device path or monitor list never splits a volume's lease.
 Publishing happens inside the pool manager's write transaction, before the local
 change: when etcd refuses or cannot be reached, nothing changes locally either.
 Following is one thread per daemon: a full read, then a watch from the revision after
-it; each event re-reads the pool's two keys and makes the local definition match.
+it; each event re-reads the pool's two keys and makes the local definition match. The
+follower also starts the cluster pools marked autostart (the cluster's mark, or the
+member's own ``autostart`` value) that are not running here: all of them on its first
+read, then each one whose definition or member values change, one after the other in
+a thread of their own; a start that fails is logged and its reason kept (meta
+``cluster-pool-start:<name>``) for cluster-status.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -50,6 +56,9 @@ log = logging.getLogger("virtstore")
 
 POOLS = PREFIX + "pools/"
 _MARK = "cluster-pool:"
+_START_FAILED = "cluster-pool-start:"
+# A member's own value that is no key of the definition: whether it starts the pool.
+AUTOSTART = "autostart"
 
 # The keys a member may set for itself: where it finds the storage, not which storage
 # it is. (part of the definition, attribute)
@@ -132,6 +141,13 @@ def _render(pool: PoolDef, key: str) -> str:
     return str(value or "")
 
 
+def autostart_of(doc: dict[str, Any], ov: dict[str, str]) -> bool:
+    """Whether a member starts the pool: its own ``autostart`` value, else the
+    cluster's mark."""
+    own = ov.get(AUTOSTART)
+    return own == "yes" if own in ("yes", "no") else bool(doc.get("autostart"))
+
+
 def with_overrides(base: PoolDef, values: dict[str, str]) -> PoolDef:
     pool = replace(base)
     for key, text in values.items():
@@ -171,6 +187,14 @@ class ClusterPools:
         self.pools = pools
         self.conflicts: dict[str, str] = {}  # pool name -> why it was not applied
         self.revision = 0  # the last revision the follower has seen
+        # Set in the follower: it starts autostart pools. Per pool, the revisions of
+        # its definition and of this member's values it last saw (a change: start).
+        self.starts = False
+        self._seen: dict[str, tuple[int, int]] = {}
+        # Starts run in a thread of their own: a mount that hangs must not hold up the
+        # following of later changes.
+        self._start_queue: queue.Queue[str | None] = queue.Queue()
+        self._starter: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -193,7 +217,7 @@ class ClusterPools:
                                     f"cluster with uuid {doc.get('uuid')} (by member "
                                     f"'{doc.get('member')}')")
             old = parse_pool_xml(doc["xml"])
-            for k in mine:
+            for k in (k for k in mine if k in OVERRIDE_KEYS):
                 part, attr = OVERRIDE_KEYS[k]
                 _set_key(base, k, getattr(getattr(old, part), attr))
             autostart = bool(doc.get("autostart"))
@@ -250,10 +274,12 @@ class ClusterPools:
         if not member or "/" in member:
             raise InvalidArgument(f"cluster member name '{member}': must be non-empty "
                                   "without '/'")
-        bad = sorted(k for k in values if k not in OVERRIDE_KEYS)
+        bad = sorted(k for k in values if k not in OVERRIDE_KEYS and k != AUTOSTART)
         if bad:
             raise InvalidArgument(f"pool key '{bad[0]}' cannot differ per member (keys: "
-                                  f"{', '.join(OVERRIDE_KEYS)})")
+                                  f"{', '.join([*OVERRIDE_KEYS, AUTOSTART])})")
+        if values.get(AUTOSTART) not in (None, "yes", "no"):
+            raise InvalidArgument(f"{AUTOSTART}='{values[AUTOSTART]}': yes or no")
         cur = self.client.get(def_key(name))
         if cur is None:
             raise NoSuchPool(f"Storage pool not found: no cluster-wide storage pool named "
@@ -269,7 +295,7 @@ class ClusterPools:
         want = with_overrides(base, ov)
         got = parse_pool_xml(format_pool_xml(want, inactive=True))
         for k, v in values.items():
-            if v is not None and _render(got, k) != _render(want, k):
+            if v is not None and k in OVERRIDE_KEYS and _render(got, k) != _render(want, k):
                 raise InvalidArgument(f"a {base.type} pool has no {k}")
         if ov:
             self.client.put(member_key(name, member), json.dumps(ov, sort_keys=True))
@@ -292,43 +318,91 @@ class ClusterPools:
                 mark = marked(self.state.store, name)
                 if mark is None or mark["uuid"] != _load(kv).get("uuid"):
                     missing[name] = self.conflicts.get(name, "not defined on this member")
-        return {"cluster_pools": names, "not_applied": missing}
+        failed = {}
+        for r in self.state.store.query("SELECT key, value FROM meta WHERE key LIKE ?",
+                                        (_START_FAILED + "%",)):
+            name = str(r["key"])[len(_START_FAILED):]
+            row = self._row_uuid(name)
+            if name in names and row is not None and not row[1]:
+                failed[name] = str(r["value"])
+        return {"cluster_pools": names, "not_applied": missing, "not_started": failed}
 
     # -- following ---------------------------------------------------------------
     def apply(self, name: str) -> None:
         cur = self.client.get(def_key(name))
-        ov = _load(self.client.get(member_key(name, self.member))) if cur else {}
-        self._apply(name, cur, {str(k): str(v) for k, v in ov.items()})
+        self._apply(name, cur, self.client.get(member_key(name, self.member)) if cur else None)
 
     def sync(self) -> int:
         """Make every local definition match the cluster's; the revision read at."""
         kvs, rev = self.client.get_prefix(POOLS)
         defs: dict[str, KV] = {}
-        mine: dict[str, dict[str, str]] = {}
+        mine: dict[str, KV] = {}
         for kv in kvs:
             name, member = _split_key(kv.key)
             if member is None and kv.key.endswith("/def"):
                 defs[name] = kv
             elif member == self.member:
-                mine[name] = {str(k): str(v) for k, v in _load(kv).items()}
+                mine[name] = kv
         local = {r["key"][len(_MARK):] for r in self.state.store.query(
             "SELECT key FROM meta WHERE key LIKE ?", (_MARK + "%",))}
         for name in sorted(set(defs) | local):
-            self._apply(name, defs.get(name), mine.get(name, {}))
+            self._apply(name, defs.get(name), mine.get(name))
         self.revision = rev
         return rev
 
-    def _apply(self, name: str, cur: KV | None, ov: dict[str, str]) -> None:
+    def _apply(self, name: str, cur: KV | None, ov_kv: KV | None) -> None:
+        ov = {str(k): str(v) for k, v in _load(ov_kv).items()}
         try:
             if cur is None:
+                self._seen.pop(name, None)
                 self._drop(name)
             else:
-                self._take(name, _load(cur), ov)
+                doc = _load(cur)
+                self._take(name, doc, ov)
+                seen = (cur.mod_revision, ov_kv.mod_revision if ov_kv else 0)
+                if self.starts and self._seen.get(name) != seen:
+                    self._seen[name] = seen
+                    if autostart_of(doc, ov):
+                        self._start_later(name)
             self.conflicts.pop(name, None)
         except Exception as exc:  # one broken definition must not stop the others
             self.conflicts[name] = str(exc)
             log.warning("cluster pool '%s' not applied on member %s: %s", name,
                         self.member, exc)
+
+    def _start_later(self, name: str) -> None:
+        if self._starter is None:
+            self._starter = threading.Thread(target=self._run_starts,
+                                             name="cluster-autostart", daemon=True)
+            self._starter.start()
+        self._start_queue.put(name)
+
+    def _run_starts(self) -> None:
+        while True:
+            name = self._start_queue.get()
+            if name is None or self._stop.is_set():
+                return
+            try:
+                self._autostart(name)
+            except Exception as exc:  # the pool went away meanwhile, the store closed
+                log.warning("autostart of cluster pool '%s': %s", name, exc)
+
+    def _autostart(self, name: str) -> None:
+        """Start the pool here unless it runs; a failure is logged and kept, and the
+        pool stays inactive (the other members are not concerned)."""
+        row = self._row_uuid(name)
+        if row is None or row[1]:
+            return
+        try:
+            self.pools.start(name)
+        except Exception as exc:
+            log.warning("autostart of cluster pool '%s' on member %s failed: %s", name,
+                        self.member, exc)
+            self.state.store.set_meta(_START_FAILED + name, str(exc))
+            return
+        log.info("cluster pool '%s' started on member %s (autostart)", name, self.member)
+        with self.state.store.write() as db:
+            db.execute("DELETE FROM meta WHERE key=?", (_START_FAILED + name,))
 
     def _row_uuid(self, name: str) -> tuple[str, bool, bool] | None:
         try:
@@ -355,8 +429,8 @@ class ClusterPools:
         if (row is None or not row[2] or format_pool_xml(
                 self.state.read_def_file(name), inactive=True) != want):
             self.pools.define(want, publish=False)
-        if self.state.is_autostart(name) != bool(doc.get("autostart")):
-            self.pools.set_autostart(name, bool(doc.get("autostart")), publish=False)
+        if self.state.is_autostart(name) != autostart_of(doc, ov):
+            self.pools.set_autostart(name, autostart_of(doc, ov), publish=False)
         if mark != {"uuid": base.uuid, "storage": storage_id(base)}:
             with self.state.store.write() as db:
                 self._mark(db, base, storage_id(base))
@@ -372,12 +446,14 @@ class ClusterPools:
             else:
                 self.pools.undefine(name, publish=False)
         with self.state.store.write() as db:
-            db.execute("DELETE FROM meta WHERE key=?", (_MARK + name,))
+            db.execute("DELETE FROM meta WHERE key IN (?, ?)",
+                       (_MARK + name, _START_FAILED + name))
 
     def follow(self) -> None:
         """Keep following the cluster's definitions in a thread until ``stop``."""
         if self._thread is not None:
             return
+        self.starts = True
         self._thread = threading.Thread(target=self._follow, name="cluster-pools",
                                         daemon=True)
         self._thread.start()
@@ -399,7 +475,12 @@ class ClusterPools:
 
     def stop(self) -> None:
         self._stop.set()
+        self._start_queue.put(None)
         if self._thread is not None:
             # A watch waiting on a quiet etcd notices only at its idle timeout; the
             # thread is a daemon and holds nothing that must be finished.
             self._thread.join(timeout=1.0)
+        if self._starter is not None:
+            # A start under way (a slow mount) is not waited for: it ends as a start
+            # cut short by the process's end would.
+            self._starter.join(timeout=1.0)

@@ -144,6 +144,10 @@ class App:
         body = load(req, route.ops)
         op = select(route.ops, req, body)
         bound = bind(op, req, params, body)
+        if (op.name == "volume_move" and str(bound.get("target") or "").startswith("unix:")
+                and req.peer.listener == "tcp"):
+            # The daemon would reach that socket as root: for local callers only.
+            raise Forbidden("a move to a unix:// target is for local callers only")
         result = getattr(self.conn, op.name)(**call_args(op, bound))
         return self.answer(op, bound, result)
 
@@ -234,6 +238,7 @@ _OWN: dict[str, Handler] = {
     "pool_redefine_xml": App.pool_put,
     "volume_upload": lambda app, req, p: streams.volume_upload(app.conn, req, p),
     "volume_download": lambda app, req, p: streams.volume_download(app.conn, req, p),
+    "volume_receive": lambda app, req, p: streams.volume_receive(app.conn, req, p),
     "job_wait": lambda app, req, p: streams.job_wait(app.conn, req, p),
     "events_since": lambda app, req, p: streams.events(app.conn, req, p),
 }

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from virtstore import open_connection
 from virtstore.errors import InvalidArgument, VirtstoreError
 from virtstore.server.auth import Authenticator, new_token, write_token_file
 from virtstore.server.config import Options, load, parse_listen
@@ -176,7 +177,8 @@ def serve(opts: Options) -> None:
         # Confined: the daemon acts for callers who may not own the host's files.
         confinement = Confinement.daemon(opts.backing_roots)
         conn: EmbeddedConnection | None = EmbeddedConnection(
-            root, confinement=confinement, cluster=cluster, default_pool=True)
+            root, confinement=confinement, cluster=cluster, default_pool=True,
+            connect=open_connection)
         if workers > 1:
             # Each worker opens its own: no SQLite connection may cross a fork.
             assert conn is not None
@@ -222,7 +224,7 @@ def serve(opts: Options) -> None:
                 shared_secrets = SharedEphemeralSecrets()
                 summary = _serve_workers(workers, lambda: EmbeddedConnection(
                     root, confinement=confinement, cluster=cluster,
-                    ephemeral_secrets=shared_secrets),
+                    ephemeral_secrets=shared_secrets, connect=open_connection),
                     make_app, listeners, limits, lock_fd)
         finally:
             for lst in listeners:

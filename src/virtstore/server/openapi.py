@@ -126,7 +126,7 @@ def _content(schema: dict[str, Any], *types: str) -> dict[str, Any]:
 
 
 # Data that also travels in the sparse framing, and the events' other form.
-_ALSO = {"volume_upload": SPARSE, "volume_download": SPARSE,
+_ALSO = {"volume_upload": SPARSE, "volume_download": SPARSE, "volume_receive": SPARSE,
          "events_since": "text/event-stream"}
 
 

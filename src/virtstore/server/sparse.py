@@ -23,27 +23,75 @@ class _Reader(Protocol):
     def read(self, n: int = -1) -> bytes: ...
 
 
+def _exact(src: _Reader, n: int) -> bytes:
+    parts = []
+    while n:
+        data = src.read(n)
+        if not data:
+            raise InvalidArgument("sparse stream: truncated")
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+def _records(src: _Reader) -> Iterator[tuple[bytes, int, bytes | int]]:
+    """A framed body as (DATA, offset, bytes) pieces of at most CHUNK bytes, (HOLE,
+    offset, length) and last (END, 0, total length), checked for order and bounds."""
+    if _exact(src, len(MAGIC)) != MAGIC:
+        raise InvalidArgument("sparse stream: bad magic")
+    pos = 0
+    while True:
+        kind, off, length = RECORD.unpack(_exact(src, RECORD.size))
+        if off > MAX_OFFSET or length > MAX_OFFSET:
+            raise InvalidArgument("sparse stream: offset or length out of range")
+        if kind == END:
+            if length < pos:
+                raise InvalidArgument("sparse stream: end before the data")
+            if src.read(1):
+                raise InvalidArgument("sparse stream: data after the end record")
+            yield END, 0, length
+            return
+        if kind not in (DATA, HOLE):
+            raise InvalidArgument(f"sparse stream: unknown record {kind!r}")
+        if off < pos:
+            raise InvalidArgument("sparse stream: records out of order")
+        pos = off
+        if kind == HOLE:
+            yield HOLE, pos, length
+            pos += length
+            continue
+        left = length
+        while left:
+            data = src.read(min(left, CHUNK))
+            if not data:
+                raise InvalidArgument("sparse stream: truncated data record")
+            yield DATA, pos, data
+            left -= len(data)
+            pos += len(data)
+
+
+def data_pieces(src: _Reader, length: int) -> Iterator[tuple[int, bytes]]:
+    """A framed body as its data, (offset, bytes) in order; it must end with an end
+    record of ``length`` (a cut stream raises rather than ending early)."""
+    for kind, off, piece in _records(src):
+        if isinstance(piece, bytes):
+            if off + len(piece) > length:
+                raise InvalidArgument(f"sparse stream: data past the end ({length} bytes)")
+            yield off, piece
+        elif kind == END and piece != length:
+            raise InvalidArgument(f"sparse stream: {piece} bytes, not {length}")
+
+
 class SparseDecoder:
     """A framed request body read as the dense bytes it stands for."""
 
     def __init__(self, src: _Reader) -> None:
-        self._src = src
-        self._pieces = self._dense()
+        self._pieces = self._dense(src)
         self._buf = b""
         self._eof = False
 
     def readable(self) -> bool:
         return True
-
-    def _exact(self, n: int) -> bytes:
-        parts = []
-        while n:
-            data = self._src.read(n)
-            if not data:
-                raise InvalidArgument("sparse stream: truncated")
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts)
 
     def _zeros(self, n: int) -> Iterator[bytes]:
         while n > 0:
@@ -51,39 +99,18 @@ class SparseDecoder:
             yield bytes(zeros(k))
             n -= k
 
-    def _dense(self) -> Iterator[bytes]:
-        if self._exact(len(MAGIC)) != MAGIC:
-            raise InvalidArgument("sparse stream: bad magic")
+    def _dense(self, src: _Reader) -> Iterator[bytes]:
         pos = 0
-        while True:
-            kind, off, length = RECORD.unpack(self._exact(RECORD.size))
-            if off > MAX_OFFSET or length > MAX_OFFSET:
-                raise InvalidArgument("sparse stream: offset or length out of range")
-            if kind == END:
-                if length < pos:
-                    raise InvalidArgument("sparse stream: end before the data")
-                yield from self._zeros(length - pos)
-                if self._src.read(1):
-                    raise InvalidArgument("sparse stream: data after the end record")
-                return
-            if kind not in (DATA, HOLE):
-                raise InvalidArgument(f"sparse stream: unknown record {kind!r}")
-            if off < pos:
-                raise InvalidArgument("sparse stream: records out of order")
-            yield from self._zeros(off - pos)
-            pos = off
-            if kind == HOLE:
-                yield from self._zeros(length)
-                pos += length
-                continue
-            left = length
-            while left:
-                data = self._src.read(min(left, CHUNK))
-                if not data:
-                    raise InvalidArgument("sparse stream: truncated data record")
-                yield data
-                left -= len(data)
-                pos += len(data)
+        for kind, off, piece in _records(src):
+            if isinstance(piece, bytes):
+                yield from self._zeros(off - pos)
+                yield piece
+                pos = off + len(piece)
+            elif kind == HOLE:
+                yield from self._zeros(off + piece - pos)
+                pos = off + piece
+            else:
+                yield from self._zeros(piece - pos)
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:

@@ -16,7 +16,7 @@ from virtstore.api import Connection
 from virtstore.api.operations import BY_NAME, MAX_INT
 from virtstore.errors import InvalidArgument, VirtstoreError
 from virtstore.server.http import HTTPError, Request, Response, StreamWriter, error_response
-from virtstore.server.sparse import SPARSE, SparseDecoder, SparseEncoder
+from virtstore.server.sparse import SPARSE, SparseDecoder, SparseEncoder, data_pieces
 from virtstore.server.wire import OCTETS, Body, bind, flat, job_final, json_response
 
 # Longest a single request blocks waiting for a job or an event; clients loop.
@@ -44,6 +44,19 @@ def volume_upload(conn: Connection, req: Request, p: list[str]) -> Response:
     _range(a["offset"], length)
     job = conn.volume_upload(a["pool"], a["name"], source, offset=a["offset"], length=length,
                              sparse=a["sparse"], bandwidth=a["bandwidth"])
+    if not job.finished:
+        job = conn.job_wait(job.id)
+    return job_final(job)
+
+
+def volume_receive(conn: Connection, req: Request, p: list[str]) -> Response:
+    a = bind(BY_NAME["volume_receive"], req, p, Body())
+    if req.content_type != SPARSE:
+        # Only the framing's end record tells a whole body from one cut short.
+        raise InvalidArgument(f"a received volume travels as {SPARSE}")
+    job = conn.volume_receive(a["pool"], a["name"], data_pieces(req.stream(), a["capacity"]),
+                              a["capacity"], format=a["format"], like=a["like"],
+                              required=a["required"], bandwidth=a["bandwidth"])
     if not job.finished:
         job = conn.job_wait(job.id)
     return job_final(job)
