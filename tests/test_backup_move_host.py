@@ -23,6 +23,7 @@ from server_fixtures import (  # noqa: F401
     certs_fixture,
     start_daemon,
     tls_daemon_fixture,
+    write_tokens,
 )
 from test_backup_move import raw_of
 from test_backup_volumes import MiB, fill_chunks, qcow2
@@ -184,3 +185,34 @@ def test_https_target_with_the_engines_own_credentials(
             assert [v.name for v in dst.list_volumes("dst")] == ["v.img"]
     finally:
         a.stop()
+
+
+def test_remote_callers_move_only_to_the_configured_targets(
+        tls_daemon: Daemon, certs: Certs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon takes its own token to the target: a caller over TCP may name only the
+    # hosts of its move_targets, lest the token go to a host of the caller's choosing.
+    monkeypatch.setenv("VIRTSTORE_TOKEN", RW_TOKEN)
+    monkeypatch.setenv("VIRTSTORE_CA", str(certs.ca))
+    c = start_daemon(tmp_path / "c", "--listen", "127.0.0.1:0", "--tls-cert",
+                     str(certs.server_cert), "--tls-key", str(certs.server_key), "--tokens",
+                     str(write_tokens(tmp_path / "tokens-c")), "--remote-pool-root",
+                     str(tmp_path), "--move-target", tls_daemon.https_uri)
+    try:
+        with virtstore.connect(c.https_uri) as src, \
+                virtstore.connect(tls_daemon.https_uri) as dst:
+            sdir = _pool(src, "src", tmp_path / "src")
+            ddir = _pool(dst, "dst", tmp_path / "dst")
+            src.volume_create_xml("src", "<volume><name>v.img</name>"
+                                  "<capacity unit='M'>4</capacity></volume>")
+            (sdir / "v.img").write_bytes(b"\x02" * (4 * MiB))
+            for elsewhere in ("https://127.0.0.2:1", f"https://localhost:{tls_daemon.tcp_port}"):
+                with pytest.raises(Forbidden, match="not a move target remote callers"):
+                    src.volume_move("src", "v.img", "dst", target=elsewhere)
+            assert (sdir / "v.img").exists() and not (ddir / "v.img").exists()
+            job = src.volume_move("src", "v.img", "dst", target=tls_daemon.https_uri)
+            assert src.job_wait(job.id).state == "done"
+            assert (ddir / "v.img").read_bytes() == b"\x02" * (4 * MiB)
+            assert not (sdir / "v.img").exists()
+    finally:
+        c.stop()

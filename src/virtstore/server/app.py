@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from virtstore.api import Connection
 from virtstore.api.operations import BY_NAME, BYTES, NOTHING, OPS, RECORD, RECORDS, XML, Op
@@ -64,11 +65,13 @@ class Route:
 class App:
     def __init__(self, conn: Connection, auth: Authenticator,
                  openapi: Callable[[], bytes] | None = None, *,
-                 remote_pool_roots: Sequence[str] = ()) -> None:
+                 remote_pool_roots: Sequence[str] = (),
+                 move_targets: Sequence[str] = ()) -> None:
         self.conn = conn
         self.auth = auth
         self._openapi = openapi
         self.remote_pool_roots = tuple(remote_pool_roots)
+        self.move_targets = tuple(move_targets)
         # Routes bucketed by (number of segments, second segment) for a short scan.
         self._table: dict[tuple[int, str | None], list[Route]] = {}
         for r in ROUTES:
@@ -144,12 +147,20 @@ class App:
         body = load(req, route.ops)
         op = select(route.ops, req, body)
         bound = bind(op, req, params, body)
-        if (op.name == "volume_move" and str(bound.get("target") or "").startswith("unix:")
-                and req.peer.listener == "tcp"):
-            # The daemon would reach that socket as root: for local callers only.
-            raise Forbidden("a move to a unix:// target is for local callers only")
+        if op.name == "volume_move" and bound.get("target") and req.peer.listener == "tcp":
+            self._check_move_target(str(bound["target"]))
         result = getattr(self.conn, op.name)(**call_args(op, bound))
         return self.answer(op, bound, result)
+
+    def _check_move_target(self, target: str) -> None:
+        """A remote caller's vol-move target: the daemon goes there as itself (root on a
+        unix socket, its own token over https), so only to the configured hosts."""
+        if target.startswith("unix:"):
+            raise Forbidden("a move to a unix:// target is for local callers only")
+        parts = urlsplit(target)
+        if f"{parts.scheme}://{parts.netloc.lower()}" not in self.move_targets:
+            raise Forbidden(f"'{target}' is not a move target remote callers may name "
+                            "(the daemon's move_targets)")
 
     def answer(self, op: Op, bound: dict[str, Any], result: Any) -> Response:
         if op.job:

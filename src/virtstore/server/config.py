@@ -12,6 +12,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from virtstore.errors import InvalidArgument
 
@@ -45,6 +46,9 @@ class Options:
     remote_pool_roots: list[str] = field(default_factory=list)
     # Directories whose files may be backing files though no pool holds them.
     backing_roots: list[str] = field(default_factory=list)
+    # The https:// URIs remote (TCP) callers may name as vol-move targets: the daemon
+    # goes there with its own credentials, so a caller must not pick the host.
+    move_targets: list[str] = field(default_factory=list)
     # The etcd cluster this host is a member of (docs/cluster.md): endpoints
     # "http://HOST:PORT,..." (a TOML array in the file), the member's name (default the
     # host name) and the lease TTL in seconds.
@@ -96,6 +100,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     p.add_argument("--backing-root", dest="backing_roots", action="append", metavar="DIR",
                    help="files under DIR may be backing files of volumes (repeatable; "
                    "default: only volumes of defined pools)")
+    p.add_argument("--move-target", dest="move_targets", action="append", metavar="URI",
+                   help="remote (TCP) callers may move volumes to the virtstored at this "
+                   "https:// URI (repeatable; default: nowhere)")
     p.add_argument("--cluster", metavar="URL,...", help="etcd endpoints of the cluster this "
                    "host is a member of (default: none, a host alone)")
     p.add_argument("--cluster-member", metavar="NAME", help="this member's name in the "
@@ -115,6 +122,21 @@ def _dir_list(path: str, key: str, value: Any) -> list[str]:
         if not os.path.isabs(v):
             raise InvalidArgument(f"{path}: '{key}': '{v}' is not an absolute path")
     return [os.path.normpath(v) for v in value]
+
+
+def _uri_list(path: str, key: str, value: Any) -> list[str]:
+    """A list of https:// URIs, compared by scheme, host and port."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{path}: '{key}' must be a list of https:// URIs")
+    out = []
+    for v in value:
+        parts = urlsplit(v)
+        if parts.scheme != "https" or not parts.hostname:
+            raise InvalidArgument(f"{path}: '{key}': '{v}' is not an https://HOST:PORT URI")
+        out.append(f"https://{parts.netloc.lower()}")
+    return out
 
 
 def _plain(text: str, path: str) -> dict[str, Any]:
@@ -169,6 +191,8 @@ def load(argv: list[str] | None = None) -> Options:
                         from None
             elif name in ("remote_pool_roots", "backing_roots"):
                 value = _dir_list(path, key, value)
+            elif name == "move_targets":
+                value = _uri_list(path, key, value)
             elif name == "cluster" and isinstance(value, list):
                 value = ",".join(str(v) for v in value)
             elif not isinstance(value, str):
@@ -182,6 +206,7 @@ def load(argv: list[str] | None = None) -> Options:
         opts.tokens = TOKENS_FILE
     for name in ("remote_pool_roots", "backing_roots"):
         setattr(opts, name, _dir_list("command line", name, getattr(opts, name)))
+    opts.move_targets = _uri_list("command line", "move_targets", opts.move_targets)
     for name in ("max_connections", "max_connections_ro", "max_connections_tcp",
                  "max_connections_per_peer"):
         if getattr(opts, name) < 1:

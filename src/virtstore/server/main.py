@@ -210,7 +210,8 @@ def serve(opts: Options) -> None:
 
             def make_app(engine: EmbeddedConnection) -> App:
                 return App(engine, auth, document_bytes,
-                           remote_pool_roots=opts.remote_pool_roots)
+                           remote_pool_roots=opts.remote_pool_roots,
+                           move_targets=opts.move_targets)
 
             for lst in listeners:
                 log.info("listening on %s (%s)", lst.label, lst.kind)
