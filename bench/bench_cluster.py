@@ -135,7 +135,7 @@ def bench_rbd(endpoints: list[str], tmp: Path, n: int) -> list[str]:
     import json
     import subprocess
 
-    from test_cluster_rbd import WORKER, pool_xml
+    from cluster_fixtures import WORKER, pool_xml
     from virtstore.api.embedded import EmbeddedConnection
 
     ceph = nf.start_server("ceph", nf._start_ceph)

@@ -222,29 +222,33 @@ def _stop_all() -> None:
         _servers.pop(name).stop()
 
 
-# -- Ceph: one monitor, one OSD (memstore), one manager, on 127.0.0.1 ------------------------
+# -- Ceph: one monitor, one OSD (memstore), one manager, on 127.0.0.1 (or a given address) --
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mgr", "ceph", "ceph-authtool", "monmaptool")
 
 
-def _start_ceph(srv: Server, memstore_bytes: int = 1 << 30) -> None:
-    """The OSD keeps its data in memory: ``memstore_bytes`` is its whole capacity."""
+def _start_ceph(srv: Server, memstore_bytes: int = 1 << 30, addr: str = "127.0.0.1") -> None:
+    """The OSD keeps its data in memory: ``memstore_bytes`` is its whole capacity. Every
+    daemon binds to ``addr`` (an IPv4 address of this host's own namespace)."""
     d = srv.dir
     for sub in ("run", "log", "mon", "osd", "mgr", "crash"):
         (d / sub).mkdir()
     # The standard ports when they are free: over a monitor on another port librados
     # speaks msgr2, where a refused cephx key shows only as a timeout.
     v2, v1 = 3300, 6789
-    if port_open(v2) or port_open(v1):
+    if port_open(v2, addr) or port_open(v1, addr):
         v2, v1 = free_port(), free_port()
     fsid = str(uuid.uuid4())
-    mon_addr = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
+    mon_addr = f"[v2:{addr}:{v2},v1:{addr}:{v1}]"
+    network = "127.0.0.0/8" if addr == "127.0.0.1" else f"{addr}/32"
     conf = d / "ceph.conf"
     conf.write_text(f"""[global]
 fsid = {fsid}
 mon initial members = a
 mon host = {mon_addr}
-public network = 127.0.0.0/8
-public addr = 127.0.0.1
+public network = {network}
+public addr = {addr}
+cluster network = {network}
+cluster addr = {addr}
 ms bind ipv6 = false
 auth cluster required = cephx
 auth service required = cephx
@@ -282,8 +286,8 @@ osd op num threads per shard = 2
     env = {"CEPH_CONF": str(conf)}
     # The port pools name: librados speaks msgr1 to 6789 and msgr2 to any other port.
     mon_port = v1 if v1 == 6789 else v2
-    srv.info.update(conf=str(conf), env=env, mon_host=f"127.0.0.1:{mon_port}", v2=v2, v1=v1,
-                    mon_port=mon_port)
+    srv.info.update(conf=str(conf), env=env, mon_host=f"{addr}:{mon_port}", v2=v2, v1=v1,
+                    mon_port=mon_port, addr=addr)
 
     def ceph(*args: str, input: str | None = None) -> str:
         return sh("ceph", "--connect-timeout", "10", *args, env=env, input=input).stdout

@@ -3,121 +3,46 @@ on one RBD pool of the one-node Ceph, coordinated by the three-member etcd."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cluster_fixtures import etcd_cluster, etcd_kill, etcd_restart  # noqa: F401
-from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
-from virtstore.api.embedded import EmbeddedConnection
-from virtstore.engine.cluster import ClusterConfig
+from cluster_fixtures import (  # noqa: F401
+    Member,
+    define_members,
+    etcd_cluster,
+    etcd_kill,
+    etcd_restart,
+    pool_xml,
+    same_names_by_four_clients,
+    undefine_members,
+)
+from net_fixtures import Server, ceph_fixture  # noqa: F401
 from virtstore.errors import Busy, ClusterUnavailable
 from virtstore.types import VolumeCreateArgs
 
 TTL = 3
 MiB = 1 << 20
-WORKER = str(Path(__file__).with_name("cluster_worker.py"))
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def pool_xml(name: str, srv: Server) -> str:
-    return (f"<pool type='rbd'><name>{name}</name><source><name>rbd</name>"
-            f"<host name='127.0.0.1' port='{srv.info['mon_port']}'/>"
-            f"<auth username='admin' type='ceph'><secret usage='client.admin secret'/>"
-            f"</auth></source></pool>")
-
-
-class Member:
-    def __init__(self, root: Path, name: str, pool: str, endpoints: list[str]) -> None:
-        self.root, self.name, self.pool, self.endpoints = root, name, pool, endpoints
-
-    def config(self) -> ClusterConfig:
-        return ClusterConfig(tuple(self.endpoints), self.name, ttl=TTL)
-
-    def connect(self) -> EmbeddedConnection:
-        return EmbeddedConnection(str(self.root), cluster=self.config())
-
-    def argv(self, mode: str, *rest: str) -> list[str]:
-        return [sys.executable, WORKER, mode, str(self.root), self.name,
-                ",".join(self.endpoints), str(TTL), self.pool, *rest]
 
 
 @pytest.fixture
 def members(tmp_path: Path, ceph_fixture: Server,  # noqa: F811
             etcd_cluster: Server) -> Iterator[list[Member]]:  # noqa: F811
-    made = []
-    # Pool definitions are cluster-wide, and etcd outlives one test: names of this test.
-    tag = f"{os.getpid()}-{time.monotonic_ns()}"
-    for i in range(3):
-        # Each member names the shared Ceph pool its own way.
-        m = Member(tmp_path / f"m{i}", f"host{i}", f"ceph{i}-{tag}",
-                   etcd_cluster.info["endpoints"])
-        conn = m.connect()
-        u = conn.secret_define_xml("<secret ephemeral='no' private='yes'><usage type='ceph'>"
-                                   "<name>client.admin secret</name></usage></secret>")
-        conn.secret_set_value(u, base64.b64decode(ceph_fixture.info["admin_key"]))
-        conn.pool_define_xml(pool_xml(m.pool, ceph_fixture))
-        conn.pool_start(m.pool)
-        conn.close()
-        made.append(m)
+    made = define_members(tmp_path, ceph_fixture, [etcd_cluster.info["endpoints"]] * 3, TTL)
     yield made
-    conn = made[0].connect()
-    conn.pool_refresh(made[0].pool)
-    for v in conn.list_volumes(made[0].pool):
-        if v.name.startswith("cl-"):
-            conn.volume_delete(made[0].pool, v.name)
-    conn.pool_stop(made[0].pool)
-    for m in made:
-        conn.pool_undefine(m.pool)  # from the whole cluster
-    conn.close()
-
-
-def rbd_images(ceph: Server) -> list[str]:
-    return ceph_cmd(ceph, "rbd", "ls", "rbd").stdout.split()
+    undefine_members(made)
 
 
 def test_four_clients_on_three_members_make_each_name_once(
         members: list[Member], ceph_fixture: Server) -> None:  # noqa: F811
-    names = [f"cl-n{i:03d}" for i in range(200)]
-    clients = [members[0], members[1], members[2], members[0]]  # two on one member
-    t0 = time.monotonic()
-    procs = [subprocess.Popen(m.argv("create", str(seed), *names), stdout=subprocess.PIPE,
-                              text=True, env=ENV) for seed, m in enumerate(clients)]
-    results = []
-    for p in procs:
-        out, _ = p.communicate(timeout=180)
-        assert p.returncode == 0
-        results.append(json.loads(out))
-    elapsed = time.monotonic() - t0
-    made = Counter(n for r in results for n in r["created"])
-    conflicts = sum(c - 1 for c in made.values() if c > 1)
-    refused = sum(r["exists"] + r["busy"] for r in results)
-    print(f"\n[200 names x 4 clients on 3 members: {len(made)} made, conflicts {conflicts}, "
-          f"refused {refused} (exists {sum(r['exists'] for r in results)}, busy "
-          f"{sum(r['busy'] for r in results)}), unavailable "
-          f"{sum(r['unavailable'] for r in results)}, in {elapsed:.1f}s]")
-    assert [r["errors"] for r in results] == [[], [], [], []]
-    assert conflicts == 0 and sorted(made) == names
-    assert refused == 3 * len(names)
-    images = rbd_images(ceph_fixture)
-    assert set(names) <= set(images)
-    assert not [i for i in images if i.startswith("virtstore-staging-")]
-    # What one member made, another member sees once it refreshes.
-    conn = members[2].connect()
-    conn.pool_refresh(members[2].pool)
-    assert {v.name for v in conn.list_volumes(members[2].pool)} >= set(names)
-    assert conn.cluster_status()["leases"] == 0  # every create released its claim
-    conn.close()
+    counts = same_names_by_four_clients(members, ceph_fixture)
+    assert counts["unavailable"] == 0
 
 
 def test_two_members_writing_one_volume_and_a_killed_holder(
@@ -126,8 +51,7 @@ def test_two_members_writing_one_volume_and_a_killed_holder(
     conn_b = b.connect()
     for vol in ("cl-w", "cl-g"):
         conn_b.volume_create(b.pool, VolumeCreateArgs(vol, 64 * MiB))
-    proc = subprocess.Popen(a.argv("hold", "cl-w", "cl-g"), stdout=subprocess.PIPE, text=True,
-                            env=ENV)
+    proc = a.popen("hold", "cl-w", "cl-g")
     try:
         assert proc.stdout is not None
         assert "ready" in json.loads(proc.stdout.readline())
@@ -288,7 +212,7 @@ def test_a_writable_export_stops_when_its_member_loses_etcd(
         members: list[Member], etcd_cluster: Server) -> None:  # noqa: F811
     m = members[0]
     # This member reaches etcd only through etcd member 2.
-    lonely = Member(m.root, "lonely", m.pool, [etcd_cluster.info["endpoints"][2]])
+    lonely = Member(m.root, "lonely", m.pool, [etcd_cluster.info["endpoints"][2]], TTL)
     conn = lonely.connect()
     try:
         conn.volume_create(m.pool, VolumeCreateArgs("cl-nbd", 4 * MiB))
