@@ -208,15 +208,15 @@ def test_a_member_cut_off_from_etcd_stops_writing(lab: Lab, tmp_path: Path) -> N
             data = img.read(0, size)
     finally:
         cluster.shutdown()
+    assert stopped["lost_at"] is not None and stopped["state"] == "cancelled"
+    assert stopped["refused"] and "takes no new write leases" in stopped["refused"]
+    assert took["state"] == "done" and took["busy"] > 0
     # One clock: every namespace is on this host.
     print(f"\n[a member's link to etcd down (TTL {TTL}s): it gave its lease up "
           f"{stopped['lost_at'] - down_at:.1f}s after, its upload ended "
           f"{stopped['ended'] - down_at:.1f}s after ({stopped['error']}); the member in "
           f"another namespace held the lease from {took['taken_at'] - down_at:.1f}s "
           f"({took['busy']} busy tries, {took['ceph_busy']} refused by Ceph's lock)]")
-    assert stopped["lost_at"] is not None and stopped["state"] == "cancelled"
-    assert stopped["refused"] and "takes no new write leases" in stopped["refused"]
-    assert took["state"] == "done" and took["busy"] > 0
     # Nothing written twice: the image holds what the other member wrote, and nothing the
     # cut-off one wrote after.
     assert data == b"B" * size
