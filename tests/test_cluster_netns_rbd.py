@@ -7,7 +7,8 @@ each member's namespace reaches them over two veth pairs, one to etcd and one to
 (a storage network apart, so a member cut off from etcd still reaches the storage and
 only its lease stops it writing). Addresses are in 198.19.0.0/16 (set aside for tests),
 one /24 per run. Everything made here is removed at the end: the processes by PID, the
-namespaces and links by name.
+namespaces and links (named after this process's PID) by name; what a killed run left is
+removed by the next.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,8 +43,31 @@ MiB = 1 << 20
 TTL = 3
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True,
+                          timeout=30).stdout
+
+
+def _reap_stale_network() -> None:
+    """Delete the namespaces and links a killed earlier run left (named after its PID)."""
+    names = [("netns", line.split()[0]) for line in ip("netns", "list").splitlines()]
+    names += [("link", line.split()[0].split("@")[0])
+              for line in ip("-br", "link").splitlines()]
+    for kind, name in names:
+        m = re.fullmatch(r"vsn(\d+)-\w+", name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                ip(kind, "del", name)
+
+
+def _free_net() -> str:
+    """A /24 of 198.19.0.0/16 that no address of this host is in."""
+    used = ip("-4", "-o", "addr", "show")
+    for k in range(250):
+        net = f"198.19.{(os.getpid() + k) % 250 + 1}"
+        if f" {net}." not in used:
+            return net
+    raise RuntimeError("no free /24 in 198.19.0.0/16")
 
 
 @dataclass
@@ -62,7 +87,7 @@ def _build_network(tag: str, net: str, made: list[tuple[str, str]]) -> list[str]
     """The servers' interface with their addresses (``net``.241-243 etcd, .250 Ceph),
     and three namespaces, each with a link to etcd and one to Ceph; returns the host's
     ends of the etcd links. ``made`` records what to remove, as it is made."""
-    servers = f"vsn{tag}s"
+    servers = f"vsn{tag}-s"
     ip("link", "add", servers, "type", "bridge")
     made.append(("link", servers))
     for host in (241, 242, 243, 250):
@@ -70,7 +95,7 @@ def _build_network(tag: str, net: str, made: list[tuple[str, str]]) -> list[str]
     ip("link", "set", servers, "up")
     etcd_ifs = []
     for i in range(3):
-        ns = f"vsn{tag}{i}"
+        ns = f"vsn{tag}-{i}"
         ip("netns", "add", ns)
         made.append(("netns", ns))
         ip("-n", ns, "link", "set", "lo", "up")
@@ -95,8 +120,8 @@ def lab() -> Iterator[Lab]:
     tools = ("ip", *CEPH_TOOLS, *ETCD_TOOLS)
     if os.geteuid() != 0 or [t for t in tools if shutil.which(t) is None]:
         pytest.skip(f"needs root and {', '.join(tools)}")
-    tag = f"{os.getpid() % 100000}"
-    net = f"198.19.{os.getpid() % 250 + 1}"
+    _reap_stale_network()
+    tag, net = str(os.getpid()), _free_net()
     made: list[tuple[str, str]] = []
     servers: list[Server] = []
     try:
