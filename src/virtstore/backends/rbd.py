@@ -215,13 +215,17 @@ class RbdBackend(RbdImages):
                                        f"{_message(exc)}") from exc
 
     @contextlib.contextmanager
-    def _undo_on_failure(self, img: rbd.Image) -> Iterator[None]:
-        """Rollback point: a hidden snapshot, rolled back to if the body fails."""
+    def _undo_on_failure(self, img: rbd.Image, monitor: Monitor) -> Iterator[None]:
+        """Rollback point: a hidden snapshot, rolled back to if the body fails; not when
+        the job was fenced (its cluster lease lost: another host may be writing now),
+        which leaves the image as a crash would, and the snapshot for a later undo."""
         snap = TX_SNAP_PREFIX + pysecrets.token_hex(6)
         img.create_snap(snap)
         try:
             yield
         except BaseException:
+            if monitor.fenced:
+                raise
             try:
                 img.rollback_to_snap(snap)
             finally:
@@ -236,7 +240,7 @@ class RbdBackend(RbdImages):
                               f"use one of {', '.join(WIPE_ALGORITHMS)}")
         with self._io(pool) as io, self._image(io, rec.name) as img, \
                 self._writer(img, rec.name):
-            with self._undo_on_failure(img):
+            with self._undo_on_failure(img, monitor):
                 # Written zeros, as libvirt's rbd wipe writes them; librbd frees whole
                 # zeroed objects of a thin image.
                 clear_chunks(int(img.size()), WIPE_CHUNK,
@@ -250,7 +254,7 @@ class RbdBackend(RbdImages):
                 self._writer(img, rec.name):
             size = int(img.size())
             check_range(size, offset, length, rec.name)  # before the rollback point
-            with self._undo_on_failure(img):
+            with self._undo_on_failure(img, monitor):
                 upload_chunks(source, rec.name, size, offset=offset, length=length,
                               sparse=sparse, monitor=monitor, write=img.write,
                               zero=img.write_zeroes)

@@ -54,6 +54,7 @@ class Monitor:
         self._t0 = now
         self._metered = 0
         self.bandwidth = bandwidth
+        self.fenced = False  # see cancel()
 
     # -- state -------------------------------------------------------------------------
 
@@ -96,8 +97,12 @@ class Monitor:
 
     # -- cancellation ------------------------------------------------------------------
 
-    def cancel(self) -> None:
-        """Ask the operation to stop (from any thread); it raises Cancelled soon."""
+    def cancel(self, *, fence: bool = False) -> None:
+        """Ask the operation to stop (from any thread); it raises Cancelled soon.
+        ``fence``: it has lost the right to write (its cluster lease), so it must not
+        undo what it wrote either, since an undo is a write too."""
+        if fence:
+            self.fenced = True
         self._cancelled.set()
 
     def cancelled(self) -> bool:

@@ -133,14 +133,14 @@ class DataOps:
 
     def _leased_job(self, lease: Lease | None, start: Callable[[], JobInfo]) -> JobInfo:
         """Start a job whose work ends ``lease``; a job whose lease is lost is
-        cancelled, so it stops writing."""
+        cancelled and fenced, so it stops writing, undo included."""
         try:
             job = start()
         except BaseException:
             self.volumes.end_lease(lease)
             raise
         if lease is not None:
-            lease.on_lost(lambda: self.jobs.cancel(job.id))
+            lease.on_lost(lambda: self.jobs.cancel(job.id, fence=True))
         return job
 
     # -- in-place verbs --------------------------------------------------------

@@ -46,6 +46,7 @@ _WRITES_ITS_VOLUME = ("resize", "wipe", "upload")
 @dataclass
 class _Local:
     cancel: threading.Event = field(default_factory=threading.Event)
+    fenced: bool = False  # cancelled because the job may no longer write at all
     done: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -154,6 +155,7 @@ class JobManager:
         def should_cancel() -> bool:
             nonlocal last_poll, cancel_seen
             if local.cancel.is_set() or cancel_seen:
+                monitor.fenced = monitor.fenced or local.fenced
                 return True
             now = time.monotonic()
             if now - last_poll >= _CANCEL_POLL:
@@ -214,7 +216,9 @@ class JobManager:
                 continue
             time.sleep(0.05)
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, *, fence: bool = False) -> None:
+        """``fence``: the job lost its write lease, so it stops without undoing (see
+        Monitor.cancel); only for jobs of this process."""
         info = self.info(job_id)
         if info.finished:
             raise OperationInvalid(f"Requested operation is not valid: job '{job_id}' is "
@@ -224,6 +228,7 @@ class JobManager:
         with self._lock:
             local = self._local.get(job_id)
         if local is not None:
+            local.fenced = local.fenced or fence
             local.cancel.set()
 
     def _owner_alive(self, job_id: str) -> bool:
