@@ -57,7 +57,14 @@ def _tsk() -> Any:
 class TskFs:
     """One filesystem opened by The Sleuth Kit over a Source."""
 
-    def __init__(self, src: Source) -> None:
+    # The Sleuth Kit's own detection tries every type it knows, YAFFS2's among them,
+    # which reads a page in every 132 KiB of the filesystem: 19 MiB of a 32 MiB NTFS.
+    # The superblock told us the type already.
+    DETECT = {"ext2": "EXT_DETECT", "ext3": "EXT_DETECT", "ext4": "EXT_DETECT",
+              "vfat": "FAT_DETECT", "exfat": "FAT_DETECT", "ntfs": "NTFS_DETECT",
+              "iso9660": "ISO9660_DETECT", "hfsplus": "HFS_DETECT"}
+
+    def __init__(self, src: Source, kind: str) -> None:
         tsk = _tsk()
         outer = src
 
@@ -77,7 +84,8 @@ class TskFs:
 
         try:
             self.img = _Img()
-            self.fs = tsk.FS_Info(self.img, offset=0)
+            self.fs = tsk.FS_Info(self.img, offset=0,
+                                  type=getattr(tsk, "TSK_FS_TYPE_" + self.DETECT[kind]))
         except OSError as exc:
             raise GuestDataError(f"The Sleuth Kit cannot open the filesystem: {exc}") from None
         self.tsk = tsk
@@ -364,7 +372,7 @@ def open_reader(kind: str, src: Source) -> FsReader:
     if kind == "btrfs":
         return BtrfsFs(src)
     if kind in TSK_TYPES:
-        return TskFs(src)
+        return TskFs(src, kind)
     raise Unreadable(f"files on {kind} are not read")
 
 
