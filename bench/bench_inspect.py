@@ -85,7 +85,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/var/lib")
     ap.add_argument("--pool-volumes", type=int, default=100)
     opts = ap.parse_args()
-    from inspect_fixtures import build_fedora, build_guest, can_build
+    from inspect_fixtures import LUKS_PASSPHRASE, build_fedora, build_guest, can_build
 
     why = can_build()
     if why:
@@ -122,6 +122,9 @@ def main() -> int:
         subprocess.run([*vs, "pool-create-as", "many", "dir", "--target", str(many)],
                        check=True, stdout=subprocess.DEVNULL, env=env)
         rows: list[tuple[str, list[str], list[str] | None]] = []
+        # virt-get-kernel opens every LUKS device before inspecting, asking for its
+        # passphrase where none is given.
+        keys = {"guest.qcow2": ["--key", f"/dev/sda7:key:{LUKS_PASSPHRASE}"]}
         for vol in disks:
             qcow = str(images / vol)
             out = work / f"k-{vol}"
@@ -131,8 +134,8 @@ def main() -> int:
                  ["virt-df", "--format=qcow2", "-a", qcow]),
                 (f"vol-boot-files {vol}", [*vs, "vol-boot-files", vol, "g", "--extract",
                                            str(out / "ours")],
-                 ["virt-get-kernel", "--format=qcow2", "-a", qcow, "-o",
-                  str(out / "theirs")])]
+                 ["virt-get-kernel", "--format=qcow2", "-a", qcow, *keys.get(vol, []),
+                  "-o", str(out / "theirs")])]
             (out / "ours").mkdir()
         rows.insert(1, ("vol-df -h guest.qcow2",
                         [*vs, "vol-df", "guest.qcow2", "g", "--human"],

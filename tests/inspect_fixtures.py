@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
+LUKS_PASSPHRASE = "not a real secret"  # the GPT disk's LUKS partition
 BLS_ID = "0123456789abcdef"
 
 
@@ -77,7 +78,7 @@ def _mkfs(kind: str, path: Path, label: str | None) -> None:
         sh("mkswap", "-L", lab, str(path))
     elif kind == "luks":
         key = path.with_suffix(".key")
-        key.write_bytes(b"not a real secret")
+        key.write_bytes(LUKS_PASSPHRASE.encode())
         sh("cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2",
            "--pbkdf-force-iterations", "1000", "--label", lab, str(path), str(key))
     elif kind == "garbage":
@@ -177,7 +178,7 @@ def build_guest(work: Path) -> GuestDisk:
     _fill(parts[1], mnt, {"/EFI/debian/grub.cfg": b"configfile /grub/grub.cfg\n"}, {})
     _fill(parts[2], mnt, {
         "/vmlinuz-6.1.0-1": kernel, "/initramfs-6.1.0-1.img": initrd,
-        "/vmlinuz-6.2.0-1": old_kernel, "/grub/grub.cfg": boot_cfg.encode(),
+        "/vmlinuz-6.2.0-1": old_kernel, "/grub/grub.cfg": boot_cfg.encode(), "/efi/": b"",
         "/grub/grubenv": grubenv.encode(), **{k: v.encode() for k, v in bls.items()}}, {})
     os_release = ('PRETTY_NAME="Test Linux 12 (bookworm)"\nNAME="Test Linux"\n'
                   'VERSION_ID="12"\nID=testlinux\nID_LIKE=debian\n')
@@ -187,10 +188,11 @@ def build_guest(work: Path) -> GuestDisk:
              "LABEL=data /srv xfs defaults 0 0\n"
              f"/dev/disk/by-uuid/{parts[5].uuid} /var/lib btrfs defaults 0 0\n"
              f"UUID={parts[6].uuid} none swap sw 0 0\n")
-    # /bin and /usr/bin: libguestfs's inspection (the benchmark's other side) wants them.
+    # /bin and /usr/bin: libguestfs's inspection (the benchmark's other side) wants them,
+    # and a directory for each mount point, which it mounts before looking in /boot.
     _fill(parts[3], mnt, {"/etc/os-release": os_release.encode(), "/etc/fstab": fstab.encode(),
                           "/etc/hostname": b"testguest\n", "/srv/.keep": b"",
-                          "/usr/bin/sh": b""},
+                          "/boot/": b"", "/var/lib/": b"", "/usr/bin/sh": b""},
           {"/vmlinuz": "boot/vmlinuz-6.1.0-1", "/bin": "usr/bin"})
     _fill(parts[4], mnt, {"/big.bin": os.urandom(20 * MiB)}, {})
     _fill(parts[5], mnt, {"/big.bin": os.urandom(10 * MiB)}, {})
@@ -299,8 +301,12 @@ def _gpt_disk(raw: Path, images: list[Path], names: list[str] | None = None) -> 
 
 
 def _write_tree(mnt: Path, write: dict[str, bytes], links: dict[str, str]) -> None:
+    """Files (a name ending in / is an empty directory) and symlinks."""
     for rel, data in write.items():
         p = mnt / rel.lstrip("/")
+        if rel.endswith("/"):
+            p.mkdir(parents=True, exist_ok=True)
+            continue
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
     for rel, target in links.items():
@@ -363,7 +369,7 @@ def build_fedora(work: Path) -> FedoraDisk:
         _write_tree(mnt / "root", {
             "/usr/lib/os-release": os_release.encode(), "/etc/fstab": fstab.encode(),
             "/etc/hostname": b"fedora-guest\n", "/usr/share/big.bin": big,
-            "/usr/bin/sh": b""}, {
+            "/usr/bin/sh": b"", "/boot/": b"", "/home/": b""}, {
             "/etc/os-release": "../usr/lib/os-release", "/bin": "usr/bin"})
         _write_tree(mnt / "home", {"/fedora/notes.txt": b"hello\n"}, {})
         os.sync()

@@ -5,7 +5,9 @@ the embedded Connection and the command line."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,88 @@ def test_cli(vols: EmbeddedConnection, cli: Cli, guest: GuestDisk, tmp_path: Pat
         "no filesystem")
 
 
+
+
+def test_pool_df_reads_every_good_volume_beside_a_broken_one(vols: EmbeddedConnection,
+                                                             tmp_path: Path) -> None:
+    """A volume qemu cannot open is one error row; the volumes read before and after it
+    by the same readers are complete."""
+    pool_dir = tmp_path / "images"  # the pool's directory (the vols fixture)
+    (pool_dir / "broken.qcow2").write_bytes(b"QFI\xfb" + bytes(range(256)) * 4)
+    for n in range(3):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                        str(pool_dir / "guest.qcow2"), str(pool_dir / f"vm{n}.qcow2")],
+                       check=True)
+    vols.pool_refresh("g")
+    rows = {doc["volume"]: doc for doc in vols.pool_df("g")}
+    assert sorted(rows) == ["broken.qcow2", "empty.raw", "guest.qcow2", "plain.raw",
+                            "vm0.qcow2", "vm1.qcow2", "vm2.qcow2"]
+    assert "qemu-nbd could not serve the image" in rows.pop("broken.qcow2")["error"]
+    for name, doc in rows.items():
+        assert "error" not in doc, doc
+        assert doc == {"volume": name, **vols.volume_df("g", name)}
+    assert [f["type"] for f in rows["vm1.qcow2"]["filesystems"]] == [
+        "vfat", "ext4", "ext4", "xfs", "btrfs", "swap", "crypto_LUKS", "ntfs", "unknown"]
+
+
+@pytest.fixture
+def stalling(guest: GuestDisk, tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The GPT disk served by nbdkit, whose reads past the first 64 KiB of the btrfs
+    partition wait until the test ends, and of the NTFS partition fail: (its URL, the
+    disk's df read from the file)."""
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit is not installed")
+    from virtstore.inspect import run
+
+    clean = run.df(str(guest.raw))
+    parts = {fs["device"]: fs for fs in clean["filesystems"]}
+    btrfs, ntfs = parts["/dev/sda5"], parts["/dev/sda8"]
+    done = tmp_path / "done"
+    sock = tmp_path / "nbd.sock"
+    script = (
+        f'if [ "$4" -ge {btrfs["offset"] + (64 << 10)} ] && '
+        f'[ "$4" -lt {btrfs["offset"] + btrfs["partition_size"]} ]; then\n'
+        f'  while [ ! -e {done} ]; do sleep 0.1; done; exit 1\nfi\n'
+        f'if [ "$4" -ge {ntfs["offset"] + (64 << 10)} ] && '
+        f'[ "$4" -lt {ntfs["offset"] + ntfs["partition_size"]} ]; then\n'
+        '  echo EIO >&2; exit 1\nfi\n'
+        f'exec dd if={guest.raw} iflag=skip_bytes,count_bytes skip="$4" count="$3" '
+        'status=none\n')
+    server = subprocess.Popen(
+        ["nbdkit", "-f", "-r", "-U", str(sock), "eval",
+         f"get_size=echo {guest.raw.stat().st_size}", "thread_model=echo parallel",
+         f"pread={script}"], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.1)
+        yield f"nbd+unix:///?socket={sock}", clean
+    finally:
+        done.touch()
+        server.terminate()
+        server.wait(30)
+
+
+def test_reader_goes_on_after_filesystems_that_hang_or_kill_it(
+        stalling: tuple[str, dict[str, Any]], guest: GuestDisk) -> None:
+    """One reader process serves disk after disk: a filesystem whose reads hang past the
+    time limit, or that kills the reader, is an error entry of its own; the filesystems
+    after it, and the next disk, are read by a fresh process as if nothing happened."""
+    from virtstore.inspect import run
+
+    url, clean = stalling
+    with run.Reader(timeout=3) as reader:
+        found = reader.df(url)
+        again = reader.df(str(guest.raw))
+    assert again == clean
+    assert found["table"] == "gpt"
+    got = by_device(found)
+    assert sorted(got) == sorted(by_device(clean))
+    assert got.pop("/dev/sda5")["error"] == "reading it took more than 3s"
+    failed = got.pop("/dev/sda8")
+    assert failed["type"] == "unknown"
+    assert failed["error"].startswith("its reader failed (exit 1):")
+    assert "Input/output error" in failed["error"]
+    for device, fs in got.items():
+        assert fs == by_device(clean)[device]

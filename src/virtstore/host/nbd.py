@@ -279,13 +279,18 @@ class NbdServer:
         from virtstore.host.runner import stream
 
         try:
-            stream(self.argv, lambda _line: None, should_stop=self._stop.is_set, timeout=None)
+            # stop() waits for the next look at the flag: a short wait, as a pool's df
+            # starts and stops an export per volume.
+            stream(self.argv, lambda _line: None, should_stop=self._stop.is_set, timeout=None,
+                   poll_interval=0.02)
         except BaseException as exc:  # reported by start() or ignored after stop
             self._error = exc
 
     def start(self, timeout: float = 30.0) -> NbdServer:
         self._thread.start()
         deadline = time.monotonic() + timeout
+        # qemu-nbd usually serves within 20-40 ms: look often at first, then every 50 ms.
+        pause = 0.005
         while time.monotonic() < deadline:
             if not self._thread.is_alive():
                 why = self._error or "qemu-nbd exited"
@@ -293,7 +298,8 @@ class NbdServer:
                 raise NbdError(f"qemu-nbd could not serve the image: {why}")
             if self._ready():
                 return self
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
         self.stop()
         raise NbdError(f"qemu-nbd did not start serving within {timeout:g}s")
 

@@ -77,7 +77,7 @@ def oserror_message(exc: OSError) -> str:
     return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-def _dies_with_us(args: list[str]) -> list[str]:
+def dies_with_us(args: list[str]) -> list[str]:
     """Long-running tools get SIGKILL when the thread that started them dies (setpriv
     --pdeathsig, util-linux): a killed virtstore must not leave a qemu-img writing on
     into a staging file the next start removes. Python's subprocess has no such option,
@@ -112,7 +112,7 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None], *,
         full_env.update(env)
     full_env.setdefault("LC_ALL", "C")
     try:
-        proc = subprocess.Popen(_dies_with_us(args), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(dies_with_us(args), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
     except FileNotFoundError as exc:
         raise CommandFailed(f"cannot run '{args[0]}': program not found (is it installed?)",
@@ -158,7 +158,7 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None], *,
             finished = True
     finally:
         if not finished:
-            _stop(proc, grace)
+            end_process(proc, grace)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
@@ -188,7 +188,7 @@ def _deliver(text: str, separators: str, on_line: Callable[[str], None],
     return text[start:]
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+def end_process(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
     """Terminate ``proc`` (then kill it) and reap it, so no process is left behind."""
     if proc.poll() is not None:
         return

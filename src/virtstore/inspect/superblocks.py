@@ -66,13 +66,27 @@ def identify(src: Source) -> FsInfo:
     return info
 
 
+def _lvm_label(head: bytes) -> bytes | None:
+    if head[:6] == b"LUKS\xba\xbe":
+        return None
+    for sector in range(4):
+        if head[sector * 512:sector * 512 + 8] == b"LABELONE":
+            return head[sector * 512:]
+    return None
+
+
+def is_lvm_pv(src: Source) -> bool:
+    """Whether ``src`` starts with an LVM2 label: a look at its first sectors only."""
+    return _lvm_label(_read(src, 0, 4096)) is not None
+
+
 def _identify(src: Source) -> FsInfo:
     head = _read(src, 0, 4096)
     if head[:6] == b"LUKS\xba\xbe":
         return _luks(head)
-    for sector in range(4):
-        if head[sector * 512:sector * 512 + 8] == b"LABELONE":
-            return FsInfo("LVM2_member", uuid=_lvm_uuid(head[sector * 512:]))
+    label = _lvm_label(head)
+    if label is not None:
+        return FsInfo("LVM2_member", uuid=_lvm_uuid(label))
     sb = _read(src, 1024, 1024)
     if sb[0x38:0x3A] == b"\x53\xef":
         return _ext(src, sb)
@@ -288,10 +302,17 @@ def _vfat(src: Source, bs: bytes) -> FsInfo:
     return info
 
 
+_LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
+
+
 def _fat_free(fat: bytes, bits: int, clusters: int) -> int:
     if bits == 32:
-        words = memoryview(fat)[8:8 + 4 * clusters].cast("I")
-        return sum(1 for w in words if not w & 0x0FFFFFFF)
+        # An entry's top four bits are reserved: clear them all at once (byte 3 of each
+        # little-endian entry): a Python loop over the 250,000 entries of a 64 MiB FAT32
+        # took 30 ms.
+        entries = bytearray(fat[8:8 + 4 * clusters])
+        entries[3::4] = entries[3::4].translate(_LOW_NIBBLE)
+        return memoryview(entries).cast("I").tolist().count(0)
     if bits == 16:
         return memoryview(fat)[4:4 + 2 * clusters].cast("H").tolist().count(0)
     free = 0
@@ -319,7 +340,7 @@ def _ntfs(src: Source, bs: bytes) -> FsInfo:
     info = FsInfo("ntfs", uuid=f"{serial:016X}", block_size=cluster)
     from virtstore.inspect.files import TskFs
 
-    fs = TskFs(src)
+    fs = TskFs(src, "ntfs")
     info.label = _ntfs_label(fs)
     bitmap = fs.read_file("/$Bitmap", limit=clusters // 8 + 4096)
     used = _bits_set(bitmap, clusters)

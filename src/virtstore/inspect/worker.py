@@ -1,9 +1,12 @@
 """The child process that reads a guest's disk: ``python -m virtstore.inspect.worker OP
-SOURCE [START] [DIR]``. It prints one JSON document per line; the parent (``run``) gives
-it a time limit per filesystem and starts it again after the filesystem it died on.
+SOURCE [DIR]``, or ``python -m virtstore.inspect.worker serve`` for df of disk after
+disk. It prints one JSON document per line; the parent (``run``) gives it a time limit
+per filesystem and starts it again after the filesystem it died on.
 
-OP is ``df``, ``inspect`` or ``boot``; SOURCE an NBD URL (or, for tests, a raw file);
-START the first region for df; DIR where ``boot`` writes the kernel and initrd.
+OP is ``inspect`` or ``boot``; SOURCE an NBD URL (or, for tests, a raw file); DIR where
+``boot`` writes the kernel and initrd. ``serve`` reads one request a line on its
+standard input, ``{"source": SOURCE, "start": N}`` (df from the disk's region N on),
+and ends each answer with ``{"done": true}``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 from virtstore.inspect.guest import BootEntry, Found, find_boot, inspect_guest
 from virtstore.inspect.parts import Region, regions
 from virtstore.inspect.source import Cached, FileSource, GuestDataError, NbdSource, Source
-from virtstore.inspect.superblocks import FsInfo, identify
+from virtstore.inspect.superblocks import FsInfo, identify, is_lvm_pv
 
 MEMORY_LIMIT = 2 << 30
 BOOT_FILE_LIMIT = 512 << 20  # a kernel or initrd larger than this is refused
@@ -27,9 +30,8 @@ def emit(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def open_source(spec: str) -> Source:
-    raw: Source = NbdSource(spec) if spec.startswith("nbd") else FileSource(spec)
-    return Cached(raw)
+def open_source(spec: str) -> FileSource | NbdSource:
+    return NbdSource(spec) if spec.startswith("nbd") else FileSource(spec)
 
 
 def region_doc(r: Region) -> dict[str, Any]:
@@ -52,8 +54,13 @@ def expand(disk: Source) -> tuple[str | None, list[Region]]:
     out: list[Region] = []
     for r in regs:
         out.append(r)
-        info, _err = probe(r)
-        if info.type == "LVM2_member":
+        # Only the label here: the filesystems are probed one by one after the parent
+        # was told which one is next, so a reader dying on one costs that one alone.
+        try:
+            pv = is_lvm_pv(r.source)
+        except (GuestDataError, OSError):
+            pv = False
+        if pv:
             from virtstore.inspect.lvm import logical_volumes
 
             try:
@@ -141,27 +148,45 @@ def extract(guest: Any, entry: BootEntry, dest: str) -> list[dict[str, Any]]:
     return out
 
 
-def main(argv: list[str]) -> int:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    op, spec = argv[0], argv[1]
+def answer(op: str, spec: str, extra: list[str]) -> None:
+    """Run one operation on the disk at ``spec``; what the guest's data makes fail is
+    printed as an ``error`` document."""
     try:
-        disk = open_source(spec)
-        if op == "df":
-            op_df(disk, int(argv[2]) if len(argv) > 2 else 0)
-        elif op == "inspect":
-            op_inspect(disk)
-        elif op == "boot":
-            op_boot(disk, argv[2] if len(argv) > 2 and argv[2] else None)
-        else:
-            emit({"error": f"unknown operation {op}"})
-            return 2
+        raw = open_source(spec)
+        try:
+            disk = Cached(raw)
+            if op == "df":
+                op_df(disk, int(extra[0]) if extra else 0)
+            elif op == "inspect":
+                op_inspect(disk)
+            elif op == "boot":
+                op_boot(disk, extra[0] if extra and extra[0] else None)
+            else:
+                emit({"error": f"unknown operation {op}"})
+        finally:
+            raw.close()
     except (GuestDataError, ValueError, IndexError, OverflowError, RecursionError,
             MemoryError, UnicodeError) as exc:
         emit({"error": str(exc) or type(exc).__name__})
     except OSError as exc:
         emit({"error": f"{exc.strerror or exc}"})
+
+
+def serve() -> None:
+    for line in sys.stdin:
+        request = json.loads(line)
+        answer("df", str(request["source"]), [str(int(request["start"]))])
+        emit({"done": True})
+
+
+def main(argv: list[str]) -> int:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    if argv[0] == "serve":
+        serve()
+    else:
+        answer(argv[0], argv[1], argv[2:])
     return 0
 
 
