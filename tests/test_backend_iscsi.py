@@ -20,8 +20,10 @@ from contract_walk import walk
 from net_fixtures import ISCSI_CHAP, ISCSI_SECURE, ISCSI_STORAGE, Server, iscsi_fixture  # noqa: F401
 from server_fixtures import start_daemon
 from virtstore.api.embedded import EmbeddedConnection
+from virtstore.backends import _iscsi_utils as iu
 from virtstore.errors import AuthFailed, NoSuchVolume, Unsupported
-from virtstore.host import iscsi
+from virtstore.host import devices, iscsi
+from virtstore.xml import parse_pool_xml
 
 DATA = Path(__file__).parent / "data" / "net"
 MiB = 1 << 20
@@ -194,17 +196,23 @@ def test_kernel_iscsi_pool_names_missing_transport(conn: EmbeddedConnection,
 
 
 def test_parsers_on_recorded_output() -> None:
+    # Recorded in the kernel lab: tgtd on port 33273, both targets logged in, the
+    # secure one with CHAP.
     found = iscsi.parse_sendtargets((DATA / "iscsiadm-discovery-sendtargets.txt").read_text())
     assert [(t.portal, t.tpgt, t.iqn) for t in found] == [
-        ("127.0.0.1:3260", 1, "iqn.2024-01.test.local:secure"),
-        ("127.0.0.1:3260", 1, "iqn.2024-01.test.local:storage1"),
-        ("[fd00::10]:3260", 1, "iqn.2024-01.test.local:storage1")]
+        ("127.0.0.1:33273", 1, ISCSI_STORAGE), ("127.0.0.1:33273", 1, ISCSI_SECURE)]
+    [v6] = iscsi.parse_sendtargets("[fd00::10]:3260,1 iqn.2024-01.test.local:storage1\n")
+    assert (v6.portal, v6.tpgt) == ("[fd00::10]:3260", 1)
     sessions = iscsi.parse_sessions((DATA / "iscsiadm-session.txt").read_text())
-    assert [(s.id, s.iqn) for s in sessions] == [(1, ISCSI_STORAGE), (2, ISCSI_SECURE)]
+    assert [(s.id, s.portal, s.tpgt, s.iqn) for s in sessions] == [
+        (2, "127.0.0.1:33273", 1, ISCSI_STORAGE), (3, "127.0.0.1:33273", 1, ISCSI_SECURE)]
     assert iscsi.parse_sessions((DATA / "iscsiadm-session-none.txt").read_text()) == []
     detail = iscsi.parse_session_disks((DATA / "iscsiadm-session-P3.txt").read_text())
-    assert detail[ISCSI_STORAGE].disks == {1: "sda", 2: "sdb"}
-    assert detail[ISCSI_STORAGE].id == 1
+    assert sorted(detail) == [ISCSI_SECURE, ISCSI_STORAGE]
+    storage, secure = detail[ISCSI_STORAGE], detail[ISCSI_SECURE]
+    assert (storage.id, storage.portal, storage.tpgt) == (2, "127.0.0.1:33273", 1)
+    assert storage.disks == {1: "sdc", 2: "sdd"}  # LUN 0, the controller, has no disk
+    assert (secure.id, secure.disks) == (3, {1: "sde"})
     inq = iscsi.parse_inquiry((DATA / "iscsi-inq-standard.txt").read_text())
     assert inq["Vendor"] == "IET" and inq["Product"] == "VIRTUAL-DISK"
     assert inq["Peripheral Device Type"] == "DIRECT_ACCESS"
@@ -215,6 +223,22 @@ def test_parsers_on_recorded_output() -> None:
         (DATA / "iscsi-readcapacity16-128M.txt").read_text()) == (128 * MiB, 512)
     assert "iSCSI driver not found" in (DATA / "iscsiadm-discovery-no-transport.stderr") \
         .read_text()
+
+
+def test_udev_names_a_lun_as_its_volume() -> None:
+    """udev's record of a LUN's disk (kernel lab, udev 252, udevd running): its by-path
+    link, the volume's path in a pool targeting /dev/disk/by-path, is the name the
+    backend gives the LUN as its key."""
+    props, links = devices.parse_udev_db((DATA / "udev-data-iscsi-lun.txt").read_text())
+    pool = parse_pool_xml("<pool type='iscsi'><name>k</name><source><host name='127.0.0.1' "
+                          f"port='33273'/><device path='{ISCSI_STORAGE}'/></source><target>"
+                          "<path>/dev/disk/by-path</path></target></pool>")
+    key = iu.volume_path(pool, 1)
+    assert props["ID_PATH"] == key == f"ip-127.0.0.1:33273-iscsi-{ISCSI_STORAGE}-lun-1"
+    assert f"/dev/disk/by-path/{key}" in links
+    assert (props["ID_VENDOR"], props["ID_MODEL"], props["ID_SCSI_SERIAL"]) == (
+        "IET", "VIRTUAL-DISK", "beaf11")
+    assert "/dev/disk/by-id/wwn-0x60000000000000000e00000000010001" in links
 
 
 def test_nbd_export_of_a_lun(conn: EmbeddedConnection, dpool: str, tgt: Server,

@@ -17,11 +17,13 @@ from contract_walk import walk
 from net_fixtures import Server, nfs_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.backends.fs import kernel_filesystems
-from virtstore.backends.netfs import USERSPACE_OPT, kernel_problem, mount_argv
+from virtstore.backends.netfs import USERSPACE_OPT, kernel_problem, mount_argv, mount_source
 from virtstore.errors import AlreadyExists, Unsupported
+from virtstore.host import mounts
 from virtstore.xml import parse_pool_xml
 
 MiB = 1 << 20
+DATA = Path(__file__).parent / "data" / "net"
 CONFORMANCE = Path(os.environ.get(
     "VIRTSTORE_CONFORMANCE",
     Path(__file__).resolve().parent.parent.parent / "shared" / "conformance" / "libvirt"))
@@ -75,6 +77,24 @@ def test_start_without_kernel_nfs_client_names_it(conn: EmbeddedConnection,
 
 @pytest.mark.skipif("nfs" in kernel_filesystems() or "nfs4" in kernel_filesystems(),
                     reason="this kernel has an NFS client: the refusal cannot be seen")
+def test_recorded_kernel_mounts_are_their_pools() -> None:
+    """/proc/self/mountinfo as the kernel lab's NFS v3, v4 and CIFS pools left it
+    (Linux 6.1, nfs-utils 2.6.2, cifs-utils 7.0): each mount is found as its pool's by
+    source and target, as start (already mounted?) and stop (ours to unmount?) look."""
+    found = mounts.parse_mountinfo((DATA / "mountinfo-netfs.txt").read_text())
+    pools = [parse_pool_xml(x) for x in (DATA / "netfs-pools.txt").read_text().splitlines()]
+    assert [(m.fstype, m.target, m.source) for m in found] == [
+        (fstype, p.target.path, mount_source(p)) for fstype, p in zip(("nfs", "nfs4", "cifs"),
+                                                                      pools, strict=True)]
+    assert found[1].source == "127.0.0.1:/export" and found[2].source == "//127.0.0.1/share"
+    for m in found:  # libvirt's default options
+        assert {"nosuid", "nodev", "noexec"} <= set(m.options)
+    v3, v4, cifs = (set(m.super_options) for m in found)
+    assert {"vers=3", "nolock", "port=35003", "addr=127.0.0.1"} <= v3
+    assert {"vers=4.2", "port=35003"} <= v4
+    assert {"vers=3.1.1", "sec=none"} <= cifs  # the guest option: no credentials
+
+
 def test_kernel_problem_messages() -> None:
     nfs = kernel_problem("nfs")
     assert nfs is not None and "NFS client" in nfs and USERSPACE_OPT in nfs

@@ -1,6 +1,7 @@
 """iscsi pools through the kernel initiator (open-iscsi's iscsid and iscsi_tcp) against
 tgtd on 127.0.0.1 inside the VM: start logs in and the LUNs become the pool's block
-device volumes, CHAP from a secret, stop logs out."""
+device volumes, CHAP from a secret, stop logs out; with udevd running, as on a host,
+the volumes are the LUNs' links in the pool's target directory (/dev/disk/by-path)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from net_fixtures import ISCSI_CHAP, ISCSI_SECURE, ISCSI_STORAGE, Server, iscsi_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
+from virtstore.cli.main import main
 from virtstore.errors import AuthFailed
 
 MiB = 1 << 20
@@ -34,11 +37,34 @@ def iscsid() -> Iterator[None]:
     proc.wait(30)
 
 
-def iscsi_xml(name: str, srv: Server, target: str, auth: str = "") -> str:
+@pytest.fixture
+def udevd() -> Iterator[None]:
+    """udevd, as a host runs it, for one test: the VM starts none, so no
+    /dev/disk/by-* links exist without it."""
+    udevd = "/lib/systemd/systemd-udevd"
+    if not os.path.exists(udevd):
+        pytest.skip("systemd-udevd is not installed (Debian udev)")
+    proc = subprocess.Popen([udevd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        for _ in range(100):
+            if os.path.exists("/run/udev/control"):
+                break
+            time.sleep(0.1)
+        subprocess.run(["udevadm", "trigger", "--action=add"], check=True)
+        subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def iscsi_xml(name: str, srv: Server, target: str, auth: str = "",
+              path: str = "/dev/disk/by-path") -> str:
     return (f"<pool type='iscsi'><name>{name}</name><source>"
             f"<host name='127.0.0.1' port='{srv.info['port']}'/>"
             f"<device path='{target}'/>{auth}</source>"
-            "<target><path>/dev/disk/by-path</path></target></pool>")
+            f"<target><path>{path}</path></target></pool>")
 
 
 def sessions() -> str:
@@ -98,3 +124,53 @@ def test_chap_login(iscsid: None, iscsi_fixture: Server,  # noqa: F811
     finally:
         conn.pool_stop("right")
     assert ISCSI_SECURE not in sessions()
+
+
+def test_luns_by_path_with_udev(udevd: None, iscsid: None, iscsi_fixture: Server,  # noqa: F811
+                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = iscsi_fixture
+    root = str(tmp_path / "state")
+
+    def cli(*args: str) -> str:
+        # In process: a command's start-up costs seconds under the VM's emulated CPU.
+        code = main(["--root", root, *args])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    (tmp_path / "bp.xml").write_text(iscsi_xml("bp", srv, ISCSI_STORAGE))
+    (tmp_path / "dev.xml").write_text(iscsi_xml("dev", srv, ISCSI_STORAGE, path="/dev"))
+    cli("pool-define", str(tmp_path / "bp.xml"))
+    cli("pool-define", str(tmp_path / "dev.xml"))
+    # libvirt's path of a LUN: the udev link in the pool's target directory.
+    by_path = {n: f"/dev/disk/by-path/ip-127.0.0.1:{srv.info['port']}-iscsi-"
+                  f"{ISCSI_STORAGE}-lun-{n}" for n in (1, 2)}
+    cli("pool-start", "bp")
+    try:
+        listed = cli("vol-list", "bp").split("\n")[2:]
+        assert [line.split() for line in listed if line.strip()] == [
+            ["unit:0:0:1", by_path[1]], ["unit:0:0:2", by_path[2]]]
+        assert cli("vol-path", "--pool", "bp", "unit:0:0:2").strip() == by_path[2]
+        disk = os.path.realpath(by_path[2])
+        assert disk.startswith("/dev/sd")
+        # Bytes uploaded through the volume reach the target's LUN and read back.
+        payload = os.urandom(MiB) + bytes(MiB) + os.urandom(4096)
+        (tmp_path / "up.bin").write_bytes(payload)
+        cli("vol-upload", "--pool", "bp", "unit:0:0:2", str(tmp_path / "up.bin"),
+            "--offset", str(4 * MiB))
+        with open(srv.info["luns"][1], "rb") as fh:
+            fh.seek(4 * MiB)
+            assert fh.read(len(payload)) == payload
+        cli("vol-download", "--pool", "bp", "unit:0:0:2", str(tmp_path / "down.bin"),
+            "--offset", str(4 * MiB), "--length", str(len(payload)))
+        assert (tmp_path / "down.bin").read_bytes() == payload
+        # A pool whose target is /dev names the disks themselves, as libvirt does.
+        cli("pool-start", "dev")
+        assert cli("vol-path", "--pool", "dev", "unit:0:0:2").strip() == disk
+    finally:
+        # Both pools use one session: the first stop logs out, the second finds none.
+        for name in ("dev", "bp"):
+            main(["--root", root, "pool-destroy", name])
+    assert ISCSI_STORAGE not in sessions()
+    subprocess.run(["udevadm", "settle", "--timeout=30"], check=True)
+    assert not os.path.lexists(by_path[1]) and not os.path.lexists(by_path[2])

@@ -439,6 +439,10 @@ class Backend(abc.ABC):
     # changed since: the method's name, as backup manifests state it ("" where none).
     backup_tracking: ClassVar[str] = ""
 
+    def backup_tracking_for(self, pool: PoolDef, rec: VolumeRecord) -> str:
+        """The change tracking the storage keeps for this volume ("" where none)."""
+        return self.backup_tracking
+
     def backup_snapshot(self, pool: PoolDef, rec: VolumeRecord, backup_id: str) -> str:
         """Take a hidden snapshot of the volume for backup ``backup_id``; its name."""
         raise self.unsupported("backup snapshots")

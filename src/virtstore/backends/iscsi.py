@@ -3,22 +3,25 @@ volumes are the block devices of its LUNs.
 
 As libvirt's: start discovers the portal (sendtargets), sets CHAP on the node record
 when the pool has ``<auth type='chap'>``, logs in (and, with an initiator IQN, uses an
-iface of that name); refresh rescans the session and lists its disks as volumes
-``unit:0:0:N`` (path ``/dev/disk/by-path/ip-HOST:PORT-iscsi-IQN-lun-N`` when udev made
-it, else ``/dev/sdX``); stop logs out. A kernel without the iSCSI TCP transport makes
+iface of that name); refresh rescans the session, waits for udev to settle, and lists
+its disks as volumes ``unit:0:0:N``, each at its link in the pool's target directory
+as libvirt finds it (``/dev/disk/by-path/ip-HOST:PORT-iscsi-IQN-lun-N`` for the usual
+``/dev/disk/by-path``), or at ``/dev/sdX`` for a target of ``/dev`` or when no udevd
+made the link; stop logs out. A LUN's bytes are uploaded, downloaded and wiped in place on its
+disk, as libvirt's iscsi backend does. A kernel without the iSCSI TCP transport makes
 start fail with an error naming it; ``iscsi-direct`` pools need no kernel support.
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Mapping
 
 from virtstore.backends import _iscsi_utils as iu
-from virtstore.backends.base import Backend, BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
+from virtstore.backends._block_data import BlockDataOps
+from virtstore.backends.base import BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
 from virtstore.errors import AuthFailed, CommandFailed, OperationInvalid, Unsupported
-from virtstore.host import iscsi
+from virtstore.host import devices, iscsi
 from virtstore.host.runner import run, which
 from virtstore.xml import PoolDef
 
@@ -44,7 +47,7 @@ def _size(dev: str) -> int:
         return 0
 
 
-class IscsiBackend(Backend):
+class IscsiBackend(BlockDataOps):
     caps = BackendCaps(pool_type="iscsi", vol_formats=("raw",), default_vol_format="raw",
                        shared=True, file_based=False, volume_type="block")
 
@@ -95,19 +98,24 @@ class IscsiBackend(Backend):
             return {}
         _iscsiadm(["-m", "session", "-r", str(s.id), "--rescan"], check=False)
         iscsi.wait_for_disks(s.id)
+        devices.udev_settle()
         detail = iscsi.parse_session_disks(_iscsiadm(["-m", "session", "-r", str(s.id), "-P",
                                                       "3"]))
         found = detail.get(iu.target(pool))
         return dict(found.disks) if found is not None else {}
 
     def _record(self, pool: PoolDef, lun: int, dev: str) -> VolumeRecord:
-        by_path = f"/dev/disk/by-path/{iu.volume_path(pool, lun)}"
-        path = by_path if os.path.exists(by_path) else f"/dev/{dev}"
+        target = pool.target.path
+        path = None
+        if target and target.rstrip("/") != "/dev":
+            path = devices.stable_link(target, dev)
+        path = path or f"/dev/{dev}"
         size = _size(dev)
+        # The path is part of the stamp: a link udev makes later is taken up by refresh.
         return VolumeRecord(name=f"{iu.VOL_NAME_PREFIX}{lun}", path=path,
                             key=iu.volume_path(pool, lun), type="block", format="raw",
                             capacity=size, allocation=size, physical=size,
-                            ino=zlib.crc32(dev.encode()), size=size)
+                            ino=zlib.crc32(f"{dev} {path}".encode()), size=size)
 
     def sizes(self, pool: PoolDef) -> PoolSizes:
         total = sum(_size(dev) for dev in self._disks(pool).values())

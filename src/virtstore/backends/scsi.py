@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from virtstore.backends._block_data import BlockDataOps
 from virtstore.backends.base import BackendCaps, PoolSizes, ScanResult, Stamp, VolumeRecord
 from virtstore.errors import InvalidArgument, OperationInvalid
+from virtstore.host import devices
 from virtstore.host import sysfs_scsi as ss
 from virtstore.xml import PoolDef
 
@@ -126,18 +127,9 @@ class ScsiBackend(BlockDataOps):
     # -- volumes ---------------------------------------------------------------
     def _stable_path(self, pool: PoolDef, block: str) -> str:
         target = pool.target.path
-        dev = f"/dev/{block}"
         if not target or target in ("/dev", "/dev/"):
-            return dev
-        d = os.path.join(self.sysfs_root, target.lstrip("/"))
-        try:
-            for name in sorted(os.listdir(d)):
-                link = os.path.join(d, name)
-                if os.path.islink(link) and os.path.basename(os.readlink(link)) == block:
-                    return os.path.join(target, name)
-        except OSError:
-            pass
-        return dev
+            return f"/dev/{block}"
+        return devices.stable_link(target, block, self.sysfs_root) or f"/dev/{block}"
 
     def _records(self, pool: PoolDef) -> list[VolumeRecord]:
         h = self._host(pool)

@@ -121,14 +121,21 @@ def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
                 frozen: QemuSource | None = None) -> Iterator[Reader]:
     """A reader of the volume as it is now, or as it was at a storage ``snapshot``, or
     of a ``frozen`` copy of it (``Backend.frozen_source``)."""
-    if bitmap is None and snapshot is None and reads_directly(backend, pool, rec):
+    if bitmap is None and reads_directly(backend, pool, rec):
         from virtstore.host.files import open_volume
 
-        fd = open_volume(frozen.image if frozen and frozen.image else rec.path, os.O_RDONLY)
-        try:
-            yield _FileReader(fd, rec.capacity)
-        finally:
-            os.close(fd)
+        with contextlib.ExitStack() as stack:
+            if snapshot is not None:
+                # A local raw file's snapshot is a file too (on btrfs, a reflink).
+                frozen = stack.enter_context(backend.snapshot_source(pool, rec, snapshot))
+                if not frozen.image:
+                    raise Unsupported(f"snapshot '{snapshot}' of '{rec.name}' is not a file")
+            fd = open_volume(frozen.image if frozen and frozen.image else rec.path,
+                             os.O_RDONLY)
+            try:
+                yield _FileReader(fd, rec.capacity)
+            finally:
+                os.close(fd)
         return
     from virtstore.host.nbd import NbdServer
 

@@ -66,13 +66,13 @@ def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) ->
 
 def tracking_for(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> str:
     """How changes between backups are found: a qcow2 file that qemu-img can mark
-    keeps a persistent dirty bitmap; storage that diffs its own snapshots (RBD) says
-    what changed since the last backup's snapshot; anything else is read whole and
-    compared by hash."""
+    keeps a persistent dirty bitmap; storage that diffs its own snapshots (RBD, a raw
+    file on btrfs) says what changed since the last backup's snapshot; anything else is
+    read whole and compared by hash."""
     if (backend.local_files(pool) and rec.type == "file" and rec.format == "qcow2"
             and rec.compat not in (None, "0.10") and not rec.encryption):
         return TRACK_BITMAP
-    return backend.backup_tracking or TRACK_HASH
+    return backend.backup_tracking_for(pool, rec) or TRACK_HASH
 
 
 class BackupOps:
@@ -369,7 +369,7 @@ class _Backup:
         parent = self._usable_parent()
         if self.m.tracking == TRACK_BITMAP:
             self._run_bitmap(parent)
-        elif self.m.tracking == self.backend.backup_tracking:
+        elif self.m.tracking != TRACK_HASH:
             self._run_snapshot(parent)
         else:
             self._run_hash(parent)

@@ -8,16 +8,20 @@ device itself, so it also works where udev is absent or stale).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from virtstore.errors import CommandFailed
 from virtstore.host import mounts as mountsmod
 from virtstore.host.files import block_devno
 from virtstore.host.files import read_attr as _read
 from virtstore.host.runner import run
+
+log = logging.getLogger("virtstore")
 
 SYS_CLASS_BLOCK = "/sys/class/block"
 UDEV_DATA = "/run/udev/data"
@@ -306,3 +310,37 @@ def users(path: str) -> list[str]:
     if dev.fs_type == "zfs_member":
         why.append("member of a ZFS pool")
     return why
+
+
+UDEV_CONTROL = "/run/udev/control"  # udevd's socket: present while udevd runs
+
+
+def udev_settle(timeout: int = 120) -> None:
+    """Wait until udevd has handled the events queued so far (the ``/dev/disk/by-*``
+    links of a disk that just appeared), as libvirt does before it lists a pool's
+    devices (udevadm's own timeout, as there). Where no udevd runs, there is nothing to
+    wait for; a queue that does not settle in time is waited for no longer, as by
+    libvirt: the devices are then named without their links."""
+    if not os.path.exists(UDEV_CONTROL):
+        return
+    try:
+        run(["udevadm", "settle", f"--timeout={timeout}"], check=False, timeout=timeout + 30)
+    except CommandFailed as exc:
+        log.warning("udev did not settle: %s", exc)
+
+
+def stable_link(directory: str, block: str, root: str = "/") -> str | None:
+    """The path in ``directory`` (``/dev/disk/by-path``, ``by-id``...) of a link to the
+    block device ``block`` (``sda``), libvirt's stable path of a pool's device; None
+    when there is none. ``root`` is where the tree is looked up (tests give a copy)."""
+    d = os.path.join(root, directory.lstrip("/"))
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return None
+    for name in names:
+        link = os.path.join(d, name)
+        with contextlib.suppress(OSError):
+            if os.path.islink(link) and os.path.basename(os.readlink(link)) == block:
+                return os.path.join(directory, name)
+    return None
