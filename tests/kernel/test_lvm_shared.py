@@ -17,6 +17,7 @@ and those are each host's own.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -146,11 +147,10 @@ def hosts(lab: BlockLab, tmp_path: Path) -> Iterator[Hosts]:
         h.h2("lvmlockctl", "--stop-lockspaces", check=False)
         for proc in h.daemons:
             proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.kill()  # nothing to do once it has exited
+            proc.wait()
         h.h1("sanlock", "client", "shutdown", "-f", "1", check=False)
         h.h2("sanlock", "client", "shutdown", "-f", "1", check=False)
 

@@ -148,17 +148,23 @@ class LogicalBackend(BlockClones):
         if found is None:
             raise OperationInvalid(f"cannot find logical volume group name '{vg}'")
         self._match_sources(pool, vg)
-        if pool.thin_pool and self._lv(pool, pool.thin_pool) is None:
-            log.info("pool '%s': making thin pool '%s' in volume group '%s'", pool.name,
-                     pool.thin_pool, vg)
-            self.create_thin_pool(vg, pool.thin_pool, pool.thin_pool_size)
         if found.shared:
             self._start_shared(pool, found)
-        elif lvm.device_mapper_available():
+            return
+        self._ensure_thin_pool(pool)
+        if lvm.device_mapper_available():
             lvm.lvm(["vgchange", "-aly", vg])
         else:
             log.warning("pool '%s': %s; volume group '%s' is managed in metadata only",
                         pool.name, lvm.NO_DM_MESSAGE, vg)
+
+    def _ensure_thin_pool(self, pool: PoolDef) -> None:
+        """Make the pool's thin pool in a VG that lacks it."""
+        if pool.thin_pool and self._lv(pool, pool.thin_pool) is None:
+            vg = _vg_name(pool)
+            log.info("pool '%s': making thin pool '%s' in volume group '%s'", pool.name,
+                     pool.thin_pool, vg)
+            self.create_thin_pool(vg, pool.thin_pool, pool.thin_pool_size)
 
     def _match_sources(self, pool: PoolDef, vg: str) -> None:
         """As libvirt: at least one listed source device must be a PV of the VG."""
@@ -213,9 +219,10 @@ class LogicalBackend(BlockClones):
 
     def _start_shared(self, pool: PoolDef, vg: lvm.VolumeGroup) -> None:
         """Join the VG's lockspace (``vgchange --lockstart``, which waits until the lock
-        manager has it: sanlock takes seconds to a minute), then activate every LV
-        exclusively. An LV another host holds fails the start, and undoes it: the LVs
-        activated here go inactive again and a lockspace started here is left."""
+        manager has it: sanlock takes seconds to a minute; LVM changes the VG only
+        then), then activate every LV exclusively. An LV another host holds fails the
+        start, and undoes it: the LVs activated here go inactive again and a lockspace
+        joined here is left again."""
         if not lvm.device_mapper_available():
             raise self.dm_problem(f"starting shared volume group '{vg.name}'")
         started_here = vg.name not in self._lockspaces(pool, vg)
@@ -223,6 +230,7 @@ class LogicalBackend(BlockClones):
             self._lockstart(pool, vg)
         before = {lv.name for lv in lvm.lvs(vg.name) if lv.active == "active"}
         try:
+            self._ensure_thin_pool(pool)
             self._activate_exclusive(pool, vg.name)
         except Exception:
             now = {lv.name for lv in lvm.lvs(vg.name) if lv.active == "active"}
@@ -245,6 +253,8 @@ class LogicalBackend(BlockClones):
         # there, a second try joins.
         node = lvm.dm_node(vg.name, lvm.SANLOCK_LV)
         if vg.lock_type == "sanlock" and not os.path.exists(node):
+            log.info("pool '%s': lockspace join failed before %s existed; trying again "
+                     "once it does", pool.name, node)
             deadline = time.monotonic() + 10
             while not os.path.exists(node) and time.monotonic() < deadline:
                 time.sleep(0.2)
