@@ -69,6 +69,23 @@ def test_parse_recorded_reports_with_device_mapper() -> None:
     assert by_name["tpool"].is_thin_pool and by_name["thin1"].is_thin
 
 
+def test_parse_recorded_shared_vg_reports() -> None:
+    """From the kernel lab's shared VG (lvmlockd + sanlock): its lock type in vgs, the
+    lockspace and LV locks in ``lvmlockctl -i``, and the LVs another host holds in a
+    failed ``vgchange -aey``."""
+    vg = lvmmod.parse_vgs((DATA / "vgs-shared.json").read_text())[0]
+    assert (vg.name, vg.lock_type, vg.attr[5], vg.shared) == ("vgs1", "sanlock", "s", True)
+    assert not lvmmod.parse_vgs((DATA / "vgs-dm.json").read_text())[0].shared
+    spaces = lvmmod.parse_lockctl_info((DATA / "lvmlockctl-info.txt").read_text())
+    assert list(spaces) == ["vgs1"] and spaces["vgs1"].lock_type == "sanlock"
+    assert spaces["vgs1"].lv_locks == {"Zw2IsZ-4uIa-255R-NBlj-lLEN-fXz0-pPhBtw": "ex",
+                                       "TKWh6V-ReEu-VNLQ-39pq-DaJ9-zpK2-JreDHI": "un"}
+    assert lvmmod.parse_lockctl_info("") == {}
+    stderr = (DATA / "vgchange-aey-locked.txt").read_text()
+    assert lvmmod.locked_elsewhere(stderr) == ["lv1"]
+    assert lvmmod.locked_elsewhere("  Logical volume vgs1/lv1 in use.") == []
+
+
 def test_build_start_volumes_delete(lab: BlockLab, conn: EmbeddedConnection) -> None:
     d1, d2 = lab.loop(128 * MiB), lab.loop(128 * MiB)
     vg = lab.vg()

@@ -50,6 +50,9 @@ class PoolSizes:
     capacity: int = 0
     allocation: int = 0
     available: int = 0
+    # Whether this pool's storage is reachable from other hosts, where that depends on
+    # the pool and not only its type (a shared LVM volume group); None: the type says.
+    shared: bool | None = None
 
 
 @record(frozen=True)

@@ -33,7 +33,7 @@ class PoolReader:
                         autostart=row.persistent and self.state.is_autostart(row.name),
                         capacity=sizes.capacity, allocation=sizes.allocation,
                         available=sizes.available, target_path=row.target_path,
-                        shared=backend.caps.shared)
+                        shared=backend.caps.shared if sizes.shared is None else sizes.shared)
 
     def list(self) -> list[PoolInfo]:
         return [self._info(r) for r in self.state.rows()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from virtstore.host.runner import run, which
 _ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 VG_FIELDS = "vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count," \
-            "pv_count,lv_count,vg_attr"
+            "pv_count,lv_count,vg_attr,vg_lock_type"
 PV_FIELDS = "pv_name,vg_name,pv_uuid,pv_size,pv_free,dev_size,pv_fmt"
 LV_FIELDS = "lv_name,vg_name,lv_uuid,lv_path,lv_size,lv_attr,segtype,stripes,stripe_size," \
             "seg_start,seg_size,seg_pe_ranges,devices,origin,pool_lv,lv_active,data_percent," \
@@ -53,6 +54,8 @@ def device_mapper_available() -> bool:
                 return True
     return False
 
+
+SHARED_LOCK_TYPES = ("sanlock", "dlm")
 
 NO_DM_MESSAGE = ("device-mapper is not available in this kernel: logical volumes cannot "
                  "be activated")
@@ -106,6 +109,12 @@ class VolumeGroup:
     pv_count: int
     lv_count: int
     attr: str
+    # "sanlock" or "dlm" for a shared VG (``vgcreate --shared``, lvmlockd); "" if local.
+    lock_type: str = ""
+
+    @property
+    def shared(self) -> bool:
+        return self.lock_type in SHARED_LOCK_TYPES
 
 
 @dataclass(frozen=True)
@@ -183,7 +192,8 @@ def parse_vgs(text: str) -> list[VolumeGroup]:
                         extent_count=_int(r.get("vg_extent_count")),
                         free_count=_int(r.get("vg_free_count")),
                         pv_count=_int(r.get("pv_count")), lv_count=_int(r.get("lv_count")),
-                        attr=r.get("vg_attr", ""))
+                        attr=r.get("vg_attr", ""),
+                        lock_type=r.get("vg_lock_type", "") or "")
             for r in _report(text, "vg")]
 
 
@@ -245,12 +255,20 @@ def vgs(names: Sequence[str] = ()) -> list[VolumeGroup]:
     return parse_vgs(lvm(["vgs", *_REPORT_OPTS, "-o", VG_FIELDS, *names]))
 
 
+class NeedsLvmlockd(CommandFailed):
+    """A shared VG, and this host's LVM is not set up for lvmlockd (``use_lvmlockd``)."""
+
+
 def vg(name: str) -> VolumeGroup | None:
     """The volume group ``name``, or None when no such VG is visible."""
     try:
         found = vgs([name])
     except CommandFailed as exc:
         text = f"{exc} {exc.stderr}"
+        if "requires lvmlockd" in text:
+            # "Cannot access VG X with lock type sanlock that requires lvmlockd."
+            raise NeedsLvmlockd(_summary(exc.stderr) or str(exc), argv=exc.argv,
+                                returncode=exc.returncode, stderr=exc.stderr) from exc
         if "not found" in text or "does not exist" in text or "Cannot process volume" in text:
             return None
         raise
@@ -282,3 +300,77 @@ def pv_of(device: str) -> PhysicalVolume | None:
 def size_arg(nbytes: int) -> str:
     """A size for -L: bytes, rounded up to whole KiB (LVM's smallest unit here)."""
     return f"{(nbytes + 1023) // 1024}k"
+
+
+# -- shared VGs: lvmlockd ---------------------------------------------------------
+
+def _summary(stderr: str) -> str:
+    """lvm's error lines, without its warnings and notices, joined on one line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if not ln.startswith("WARNING")]
+    return " ".join(errors or lines)
+
+
+def error_summary(exc: CommandFailed) -> str:
+    """What an lvm command that failed said, on one line."""
+    return _summary(exc.stderr) or str(exc)
+
+
+# The LV in which sanlock keeps a shared VG's leases (lvm's fixed name).
+SANLOCK_LV = "lvmlock"
+
+
+def dm_node(vg_name: str, lv_name: str) -> str:
+    """An active LV's device-mapper node (dm doubles the hyphens in either name)."""
+    return f"/dev/mapper/{vg_name.replace('-', '--')}-{lv_name.replace('-', '--')}"
+
+
+_LOCKED = re.compile(r"LV locked by other host: ([^/\s]+)/(\S+)")
+
+
+def locked_elsewhere(stderr: str) -> list[str]:
+    """The LVs an lvm command could not lock because another host holds them
+    ("LV locked by other host: VG/LV" from lvchange/vgchange -aey on a shared VG)."""
+    return [m.group(2) for m in _LOCKED.finditer(stderr)]
+
+
+@dataclass
+class Lockspace:
+    """One VG's lockspace in ``lvmlockctl -i``: its lock manager and the locks held here."""
+    vg_name: str
+    lock_type: str
+    # Lock modes by LV UUID ("ex", "sh", "un": known but not held).
+    lv_locks: dict[str, str] = field(default_factory=dict)
+
+
+def parse_lockctl_info(text: str) -> dict[str, Lockspace]:
+    """``lvmlockctl -i``: the lockspaces lvmlockd has started, by VG name.
+
+    ``VG vg1 lock_type=sanlock UUID`` opens a VG's block; ``LK LV ex UUID`` lines in it
+    are its LV locks (``LS``, ``LK VG``, ``LK GL`` lines are skipped)."""
+    spaces: dict[str, Lockspace] = {}
+    current: Lockspace | None = None
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "VG" and words[2].startswith("lock_type="):
+            current = Lockspace(vg_name=words[1], lock_type=words[2].split("=", 1)[1])
+            spaces[current.vg_name] = current
+        elif current is not None and len(words) >= 4 and words[:2] == ["LK", "LV"]:
+            current.lv_locks[words[3]] = words[2]
+    return spaces
+
+
+def lvmlockd_problem() -> str | None:
+    """Why this host cannot use shared VGs, or None: lvmlockd's tools and daemon."""
+    if which("lvmlockctl") is None:
+        return "lvmlockctl is not installed (Debian lvm2-lockd)"
+    return None
+
+
+def lockspaces() -> dict[str, Lockspace]:
+    """The lockspaces this host's lvmlockd has started; CommandFailed when lvmlockd is
+    not running."""
+    problem = lvmlockd_problem()
+    if problem:
+        raise CommandFailed(problem, argv=["lvmlockctl", "-i"])
+    return parse_lockctl_info(run(["lvmlockctl", "-i"], env=_ENV, timeout=60).stdout)
