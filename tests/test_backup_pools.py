@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from block_fixtures import BlockLab, lab_fixture, zfs_daemon_fixture  # noqa: F401
-from net_fixtures import Server, ceph_cmd, ceph_fixture  # noqa: F401
+from net_fixtures import (  # noqa: F401
+    Server,
+    ceph_cmd,
+    ceph_fixture,
+    gluster_fixture,
+    nfs_fixture,
+)
+from test_backend_gluster import gl, gmode, gpool  # noqa: F401
+from test_backend_netfs import nfs, upool  # noqa: F401
 from test_backend_rbd import ceph, download, rconn, rpool, upload  # noqa: F401
 from test_backend_zfs import zfs_xml
 from test_backup_volumes import CHUNK, MiB, done, fill_chunks, qcow2
@@ -125,3 +133,33 @@ def test_rbd_incremental_reads_only_what_diff_iterate_reports(
 def snaps(srv: Server, image: str) -> list[str]:
     out = ceph_cmd(srv, "rbd", "snap", "ls", "--format", "json", f"rbd/{image}").stdout
     return [s["name"] for s in json.loads(out)]
+
+
+def _restore_twice(conn: EmbeddedConnection, src_pool: str, src_dir: Path, into: str,
+                   files: Path, tmp_path: Path) -> None:
+    """A qcow2 volume's backup restored as raw and as qcow2; the files on the server's
+    side hold the guest's bytes."""
+    qcow2(conn, src_pool, "g.qcow2", 16 * MiB)
+    img = src_dir / "g.qcow2"
+    fill_chunks(img, 1, 3, 9)
+    bdir = tmp_path / "bk"
+    done(conn, conn.volume_backup(src_pool, "g.qcow2", str(bdir)).id)
+    want = raw_bytes(img)
+    done(conn, conn.volume_restore(str(bdir), into, "r.img", format="raw").id)
+    assert (files / "r.img").read_bytes() == want
+    done(conn, conn.volume_restore(str(bdir), into, "r.qcow2", format="qcow2").id)
+    assert conn.volume_info(into, "r.qcow2").format == "qcow2"
+    assert raw_bytes(files / "r.qcow2") == want
+    assert sorted(v.name for v in conn.list_volumes(into)) == ["r.img", "r.qcow2"]
+
+
+def test_restore_into_gluster(conn: EmbeddedConnection, gpool: str,  # noqa: F811
+                              gl: Server, pool: str, pooldir: Path,  # noqa: F811
+                              tmp_path: Path) -> None:
+    _restore_twice(conn, pool, pooldir, gpool, Path(gl.info["brick"]), tmp_path)
+
+
+def test_restore_into_userspace_nfs(conn: EmbeddedConnection, upool: str,  # noqa: F811
+                                    nfs: Server, pool: str, pooldir: Path,  # noqa: F811
+                                    tmp_path: Path) -> None:
+    _restore_twice(conn, pool, pooldir, upool, Path(nfs.info["export"]), tmp_path)

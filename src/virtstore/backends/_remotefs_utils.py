@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from virtstore.data.monitor import Monitor
+    from virtstore.host.nbd import QemuSource
     from virtstore.host.nfs import NfsStat
 
 STAGING_PREFIX = PRIVATE_PREFIX + "staging-"
@@ -173,6 +174,16 @@ class RemoteFiles:
         where = dict(self.rf_where(pool))
         where["path"] = self._p(pool, STAGING_PREFIX + token)
         return self.staging_tag + json.dumps(where, sort_keys=True)
+
+    def rf_staging_source(self, pool: PoolDef, staging: str, fmt: str) -> QemuSource:
+        """How qemu opens a staging file at its URL (its own NFS or gluster client), to
+        write a new volume's content (a restore, an import)."""
+        from virtstore.backends.base import qemu_format
+        from virtstore.host.nbd import QemuSource
+
+        _, path = self.rf_staging(staging)
+        return QemuSource(image=self.rf_url(pool, posixpath.basename(path)),
+                          fmt=qemu_format(fmt))
 
     def rf_staging(self, staging: str) -> tuple[dict[str, Any], str]:
         if not staging.startswith(self.staging_tag):

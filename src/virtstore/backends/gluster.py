@@ -323,6 +323,12 @@ class GlusterBackend(FileVolumes):
             return
         self._files.commit_volume(pool, staging, self._local(pool, os.path.basename(final)))
 
+    def staging_source(self, pool: PoolDef, staging: str,
+                       fmt: str) -> contextlib.AbstractContextManager[QemuSource]:
+        if staging.startswith(self._gf.staging_tag):
+            return contextlib.nullcontext(self._gf.rf_staging_source(pool, staging, fmt))
+        return super().staging_source(pool, staging, fmt)
+
     def discard_staging(self, staging: str) -> None:
         if staging.startswith(self._gf.staging_tag):
             self._gf.rf_discard(staging)

@@ -325,6 +325,12 @@ class NetfsBackend(RemoteFiles, DirBackend):
         else:
             DirBackend.commit_volume(self, pool, staging, final)
 
+    def staging_source(self, pool: PoolDef, staging: str,
+                       fmt: str) -> contextlib.AbstractContextManager[QemuSource]:
+        if staging.startswith(self.staging_tag):
+            return contextlib.nullcontext(self.rf_staging_source(pool, staging, fmt))
+        return super().staging_source(pool, staging, fmt)
+
     def discard_staging(self, staging: str) -> None:
         if staging.startswith(self.staging_tag):
             self.rf_discard(staging)
