@@ -18,6 +18,7 @@ from net_fixtures import (  # noqa: F401
     gluster_fixture,
     nfs_fixture,
 )
+from test_backend_disk import disk_xml
 from test_backend_gluster import gl, gmode, gpool  # noqa: F401
 from test_backend_netfs import nfs, upool  # noqa: F401
 from test_backend_rbd import ceph, download, rconn, rpool, upload  # noqa: F401
@@ -163,3 +164,28 @@ def test_restore_into_userspace_nfs(conn: EmbeddedConnection, upool: str,  # noq
                                     nfs: Server, pool: str, pooldir: Path,  # noqa: F811
                                     tmp_path: Path) -> None:
     _restore_twice(conn, pool, pooldir, upool, Path(nfs.info["export"]), tmp_path)
+
+
+def test_restore_into_a_disk_pool(lab: BlockLab, conn: EmbeddedConnection, pool: str,
+                                  pooldir: Path, tmp_path: Path) -> None:
+    """A backup restored as a new partition: its bytes at the partition's place on the
+    disk, the gaps between chunks zeroed over what the disk held before."""
+    dev = lab.loop(64 * MiB)
+    with open(dev, "r+b") as fh:  # old bytes where the partition will go
+        fh.write(b"\xee" * (64 * MiB))
+    qcow2(conn, pool, "g.qcow2", 16 * MiB)
+    img = pooldir / "g.qcow2"
+    fill_chunks(img, 1, 3, 9)
+    bdir = tmp_path / "bk"
+    done(conn, conn.volume_backup(pool, "g.qcow2", str(bdir)).id)
+    conn.pool_define_xml(disk_xml("d", dev))
+    conn.pool_build("d")
+    conn.pool_start("d")
+    part = Path(dev).name + "p1"
+    done(conn, conn.volume_restore(str(bdir), "d", part).id)
+    info = conn.volume_info("d", part)
+    assert info.capacity >= 16 * MiB
+    with open(info.path, "rb") as fh:
+        got = fh.read(16 * MiB)
+    assert got == raw_bytes(img)
+    assert [v.name for v in conn.list_volumes("d")] == [part]

@@ -30,6 +30,8 @@ import threading
 import time
 import zlib
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 from virtstore.backends import _block_utils as bu
 from virtstore.backends._block_data import BlockDataOps
@@ -45,6 +47,9 @@ from virtstore.errors import Busy, InvalidArgument, OperationInvalid, Unsupporte
 from virtstore.host import devices, partitions
 from virtstore.host.loop import partition_node
 from virtstore.xml import Extent, FreeExtent, PoolDef, VolSource
+
+if TYPE_CHECKING:
+    from virtstore.host.nbd import QemuSource
 
 DISK_VOL_FORMATS = ("none", "linux", "fat16", "fat32", "linux-swap", "linux-lvm",
                     "linux-raid", "extended")
@@ -62,6 +67,7 @@ class DiskBackend(BlockDataOps):
     caps = BackendCaps(pool_type="disk", vol_formats=DISK_VOL_FORMATS,
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
+    new_volumes_read_zeros = False  # a new partition holds what the disk held there
 
     def __init__(self) -> None:
         # staging string -> (device, partition number), for tables without names
@@ -234,14 +240,30 @@ class DiskBackend(BlockDataOps):
         if made is None:
             raise OperationInvalid(f"no partition was made for '{os.path.basename(final)}'")
         _, number = made
+        self._node(pool, device, number)
+        table = partitions.read_table(device)
+        if table.label == "gpt":
+            partitions.set_name(device, number, os.path.basename(final))
+
+    def _node(self, pool: PoolDef, device: str, number: int) -> str:
         node = partition_node(device, number, self._separator(pool))
         for _ in range(50):  # the node appears when the kernel has the partition
             if os.path.exists(node):
                 break
             time.sleep(0.1)
-        table = partitions.read_table(device)
-        if table.label == "gpt":
-            partitions.set_name(device, number, os.path.basename(final))
+        return node
+
+    def staging_source(self, pool: PoolDef, staging: str,
+                       fmt: str) -> AbstractContextManager[QemuSource]:
+        """The new partition's node, before it has its final name (a restore, an
+        import): its content is raw bytes whatever its partition type."""
+        with self._lock:
+            made = self._made.get(staging)
+        if made is None:
+            return super().staging_source(pool, staging, fmt)
+        from virtstore.host.nbd import QemuSource
+
+        return nullcontext(QemuSource(image=self._node(pool, *made), fmt="raw"))
 
     def discard_staging(self, staging: str) -> None:
         with self._lock:
