@@ -190,7 +190,9 @@ class EtcdClient:
 
     def create(self, key: str, value: str, *, lease: int = 0) -> tuple[bool, int, KV | None]:
         """Put ``key`` only if it does not exist, in one transaction: (True, its
-        revision, None) when made, else (False, 0, the key as it is)."""
+        revision, None) when made, else (False, 0, the key as it is). Finding the key
+        with this very value and lease counts as made (a retried request: the values
+        callers put carry their process and time, so no one else's is equal)."""
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease:
             put["lease"] = str(lease)
@@ -201,7 +203,12 @@ class EtcdClient:
         if doc.get("succeeded"):
             return True, int(doc.get("header", {}).get("revision", 0)), None
         kvs = (doc.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
-        return False, 0, KV.from_json(kvs[0]) if kvs else None
+        cur = KV.from_json(kvs[0]) if kvs else None
+        if cur is not None and cur.value == value and cur.lease == lease:
+            # Our own put: call() sends a request again on another member when the
+            # first died before answering, though it may have committed it.
+            return True, cur.mod_revision, None
+        return False, 0, cur
 
     def replace(self, key: str, value: str, mod_revision: int) -> bool:
         """Put ``key`` only if nobody changed it since ``mod_revision``."""
