@@ -168,3 +168,20 @@ def test_ephemeral_secrets_are_known_to_every_worker(workers: Daemon) -> None:
             assert uuid not in {s.uuid for s in other.list_secrets()}
         finally:
             other.close()
+
+
+def test_a_child_inherited_through_exec_is_not_taken_for_a_worker(tmp_path: Path) -> None:
+    # scripts/run execs virtstored from a shell that has a background job: the job is
+    # then the daemon's child, and its end must not look like a worker's.
+    d = start_daemon(tmp_path / "state", "--workers", "2",
+                     wrap=("bash", "-c", '(sleep 1) & exec "$0" "$@"'))
+    try:
+        time.sleep(2.5)  # the sleep has ended and been reaped
+        assert d.proc.poll() is None, d.log()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(d.rw_socket))
+            s.sendall(b"GET /v1/version HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s).status == 200
+        assert "Traceback" not in d.log() and "ended (" not in d.log()
+    finally:
+        assert d.stop() == 0

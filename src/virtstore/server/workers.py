@@ -216,7 +216,12 @@ class Supervisor:
                     deadline = time.monotonic() + self.grace
                 time.sleep(0.05)
                 continue
-            slot, started = self.children.pop(pid)
+            entry = self.children.pop(pid, None)
+            if entry is None:
+                # Not a worker: a child this process inherited from what exec'd it (a
+                # shell script's background job, as scripts/run has).
+                continue
+            slot, started = entry
             self.counts.clear(slot)
             if self.stopping:
                 continue
