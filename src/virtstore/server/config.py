@@ -112,12 +112,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     return p.parse_args(argv), p
 
 
-def _dir_list(path: str, key: str, value: Any) -> list[str]:
-    """A list of absolute directories: a TOML array, or a comma-separated string."""
+def _strings(path: str, key: str, value: Any, what: str) -> list[str]:
+    """A TOML array of strings, or a comma-separated string."""
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(f"{path}: '{key}' must be a list of directories")
+        raise InvalidArgument(f"{path}: '{key}' must be a list of {what}")
+    return value
+
+
+def _dir_list(path: str, key: str, value: Any) -> list[str]:
+    """A list of absolute directories."""
+    value = _strings(path, key, value, "directories")
     for v in value:
         if not os.path.isabs(v):
             raise InvalidArgument(f"{path}: '{key}': '{v}' is not an absolute path")
@@ -126,12 +132,8 @@ def _dir_list(path: str, key: str, value: Any) -> list[str]:
 
 def _uri_list(path: str, key: str, value: Any) -> list[str]:
     """A list of https:// URIs, compared by scheme, host and port."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(f"{path}: '{key}' must be a list of https:// URIs")
     out = []
-    for v in value:
+    for v in _strings(path, key, value, "https:// URIs"):
         parts = urlsplit(v)
         if parts.scheme != "https" or not parts.hostname:
             raise InvalidArgument(f"{path}: '{key}': '{v}' is not an https://HOST:PORT URI")
