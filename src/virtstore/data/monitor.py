@@ -54,7 +54,9 @@ class Monitor:
         self._t0 = now
         self._metered = 0
         self.bandwidth = bandwidth
-        self.fenced = False  # see cancel()
+        # Set with a cancel when the operation lost the right to write (its cluster
+        # lease): it must not undo what it wrote either, since an undo is a write too.
+        self.fenced = False
 
     # -- state -------------------------------------------------------------------------
 
@@ -97,12 +99,8 @@ class Monitor:
 
     # -- cancellation ------------------------------------------------------------------
 
-    def cancel(self, *, fence: bool = False) -> None:
-        """Ask the operation to stop (from any thread); it raises Cancelled soon.
-        ``fence``: it has lost the right to write (its cluster lease), so it must not
-        undo what it wrote either, since an undo is a write too."""
-        if fence:
-            self.fenced = True
+    def cancel(self) -> None:
+        """Ask the operation to stop (from any thread); it raises Cancelled soon."""
         self._cancelled.set()
 
     def cancelled(self) -> bool:
