@@ -242,3 +242,24 @@ def test_cluster_views_of_a_lone_engine(setup: Setup) -> None:
     assert conn.cluster_status()["clustered"] is False
     with pytest.raises(Unsupported, match="not a member of a cluster"):
         conn.volume_lease_list()
+
+
+def test_listing_matches_each_volumes_info(setup: Setup) -> None:
+    """A listing holds, in name order, exactly what each volume's lookup answers, for
+    names a JSON encoder must escape and for volumes of every format."""
+    conn, _, tmp = setup
+    target = tmp / "lst"
+    conn.pool_create_xml(dir_pool_xml("lst", target), build=True)
+    names = ["zeta.img", 'quo"te\\.img', "ünï-çødé.img", "sp ace.img", "a.qcow2", "0.img"]
+    for n in names:
+        fmt = "qcow2" if n.endswith("qcow2") else "raw"
+        conn.volume_create("lst", VolumeCreateArgs(n, 3 << 20, format=fmt))
+    (target / "dropped.img").write_bytes(b"x" * 8192)
+    conn.pool_refresh("lst")
+    vols = conn.list_volumes("lst")
+    assert [v.name for v in vols] == sorted([*names, "dropped.img"])
+    assert vols == [conn.volume_info("lst", v.name) for v in vols]
+    dropped = next(v for v in vols if v.name == "dropped.img")
+    assert (dropped.capacity, dropped.format, dropped.path) == (
+        8192, "raw", str(target / "dropped.img"))
+    assert all(v.pool == "lst" and v.key == v.path for v in vols)

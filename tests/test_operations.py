@@ -41,7 +41,9 @@ from virtstore.types import field_names
 NOT_REMOTE = {"close", "pool", "volume_disk_xml", "volume_by_path_or_key",
               "volume_export_nbd",
               # handles and conveniences built on the declared methods
-              "volume", "secret", "job", "define_pool", "define_secret"}
+              "volume", "secret", "job", "define_pool", "define_secret",
+              # list_volumes as the daemon answers it (JSON made by the engine)
+              "list_volumes_json"}
 
 
 # Parameters that never cross the wire: where a download's bytes go, and whether holes

@@ -165,6 +165,12 @@ class Connection(abc.ABC):
     def list_volumes(self, pool: str) -> list[VolumeInfo]:
         """All volumes of an active pool from the index, in name order (one query)."""
 
+    def list_volumes_json(self, pool: str) -> bytes:
+        """``list_volumes`` as a JSON array of objects (what the daemon answers)."""
+        import orjson
+
+        return orjson.dumps([v.to_dict() for v in self.list_volumes(pool)])
+
     def list_volumes_page(self, pool: str, *, offset: int = 0, limit: int = 100,
                           sort: str = "name", filter: str = "") -> VolumePage:
         """``limit`` volumes from ``offset``, of those whose name contains ``filter``

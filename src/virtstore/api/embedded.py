@@ -263,6 +263,10 @@ class EmbeddedConnection(Connection):
         self._require_active(pool)
         return self.index.list(pool)
 
+    def list_volumes_json(self, pool: str) -> bytes:
+        self._require_active(pool)
+        return self.index.list_json(pool)
+
     def list_volumes_page(self, pool: str, *, offset: int = 0, limit: int = 100,
                           sort: str = "name", filter: str = "") -> VolumePage:
         key, desc = check_page(offset, limit, sort)

@@ -112,6 +112,10 @@ class Op:
         return tuple(self.where(PATH))
 
     @cached_property
+    def path_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.path_args)
+
+    @cached_property
     def other_args(self) -> tuple[Arg, ...]:
         return tuple(a for a in self.args if a.where != PATH)
 

@@ -25,6 +25,8 @@ import threading
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 
+import orjson
+
 from virtstore.errors import AuthFailed, InternalError, InvalidArgument, error_for_code
 
 if TYPE_CHECKING:
@@ -72,7 +74,7 @@ class Response:
         return self.headers.get(name.lower(), default)
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        return orjson.loads(self.body)
 
 
 MAX_HEAD = 256 * 1024

@@ -46,6 +46,10 @@ _SELECT_INFO = (f"SELECT v.pool, v.name, COALESCE(NULLIF(v.key, ''), {_PATH}) AS
                 f"{_PATH} AS path, v.type, v.format, "
                 "v.capacity, v.allocation, v.physical FROM volumes v "
                 "JOIN pools p ON p.name = v.pool")
+_INFO_JSON = ", ".join(f"'{k}', {e}" for k, e in (
+    ("pool", "v.pool"), ("name", "v.name"), ("key", f"COALESCE(NULLIF(v.key, ''), {_PATH})"),
+    ("path", _PATH), ("type", "v.type"), ("format", "v.format"), ("capacity", "v.capacity"),
+    ("allocation", "v.allocation"), ("physical", "v.physical")))
 _SELECT_REC = (f"SELECT v.*, {_PATH} AS full_path FROM volumes v "
                "JOIN pools p ON p.name = v.pool")
 _EXTRA = ("backing_path", "backing_format", "compat", "cluster_size", "lazy_refcounts",
@@ -127,6 +131,16 @@ class VolumeIndex:
         rows = self.store.query_tuples(f"{_SELECT_INFO} WHERE v.pool=? AND v.state='ready' "
                                 "ORDER BY v.name", (pool,))
         return [_info(r) for r in rows]
+
+    def list_json(self, pool: str) -> bytes:
+        """``list``'s rows as a JSON array of VolumeInfo objects, made by SQLite: a
+        listing answered without a Python object per volume."""
+        # In name order: the rows are searched by the primary key (pool, name); an
+        # ordered subquery would cost a second JSON parse of every object.
+        row = self.store.query_one(
+            f"SELECT json_group_array(json_object({_INFO_JSON})) AS j FROM volumes v "
+            "JOIN pools p ON p.name = v.pool WHERE v.pool=? AND v.state='ready'", (pool,))
+        return str(row["j"] if row is not None else "[]").encode()
 
     def page(self, pool: str, offset: int, limit: int, key: str, desc: bool,
              flt: str) -> VolumePage:

@@ -52,6 +52,9 @@ class Route:
     pattern: tuple[str | None, ...]  # None: a name taken from the URL
     ops: tuple[Op, ...]  # the operations it serves; the first describes it
     handler: Handler | None  # None: the generic one
+    # A GET of one operation whose only arguments are the path's names (a lookup, an
+    # info): answered without binding a query or a body.
+    plain: Op | None = None
 
     @property
     def access(self) -> str:
@@ -144,11 +147,17 @@ class App:
         if any(op.local for op in route.ops) and req.peer.listener == "tcp":
             raise Forbidden(f"{req.method} {route.path} is for local callers only (it "
                             "reads host directories the caller names)")
+        plain = route.plain
+        if plain is not None and not req.query:
+            args = dict(zip(plain.path_names, params, strict=True))
+            return self.answer(plain, args, getattr(self.conn, plain.name)(**args))
         body = load(req, route.ops)
         op = select(route.ops, req, body)
         bound = bind(op, req, params, body)
         if op.name == "volume_move" and bound.get("target") and req.peer.listener == "tcp":
             self._check_move_target(str(bound["target"]))
+        if op.name == "list_volumes":  # the one bulk answer that needs no records
+            return Response(200, self.conn.list_volumes_json(bound["pool"]), JSON)
         result = getattr(self.conn, op.name)(**call_args(op, bound))
         return self.answer(op, bound, result)
 
@@ -264,8 +273,12 @@ def _routes() -> list[Route]:
         pattern = tuple(None if seg.startswith("{") else seg
                         for seg in path.strip("/").split("/"))
         own = [op for op in ops if op.custom]
+        plain = ops[0] if (method == "GET" and len(ops) == 1 and not ops[0].other_args
+                           and not (ops[0].local or ops[0].job or ops[0].pack
+                                    or ops[0].answer[0])
+                           and all(a.param for a in ops[0].path_args)) else None
         out.append(Route(method, path, pattern, tuple(ops),
-                         _OWN[own[0].name] if own else None))
+                         _OWN[own[0].name] if own else None, plain))
     return out
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 from virtstore.api import JobInfo
 from virtstore.api.operations import BODY, EITHER, MAX_INT, PATH, QUERY, RAW, Arg, Op
 from virtstore.errors import InvalidArgument, error_for_code
@@ -221,12 +223,9 @@ def call_args(op: Op, bound: dict[str, Any]) -> dict[str, Any]:
 
 # -- answers ----------------------------------------------------------------------------
 
-# One encoder for every answer: json.dumps with separators builds a new one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
 def json_response(value: Any, status: int = 200) -> Response:
-    return Response(status, _ENCODER.encode(value).encode())
+    # orjson: the standard encoder is most of a lookup's answer and of a listing's.
+    return Response(status, orjson.dumps(value))
 
 
 def flat(obj: Any) -> dict[str, Any]:
