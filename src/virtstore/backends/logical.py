@@ -38,6 +38,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends import _block_utils as bu
+from virtstore.backends import _lvm_shared as shared
 from virtstore.backends._block_data import BlockClones
 from virtstore.backends.base import (
     BackendCaps,
@@ -74,8 +75,7 @@ CREATED_TAG = "virtstore_created="  # + seconds since the epoch
 _SNAP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def _vg_name(pool: PoolDef) -> str:
-    return pool.source.name or pool.name
+_vg_name = shared.vg_name
 
 
 class LogicalBackend(BlockClones):
@@ -144,7 +144,7 @@ class LogicalBackend(BlockClones):
 
     def start(self, pool: PoolDef) -> None:
         vg = _vg_name(pool)
-        found = self._find_vg(pool)
+        found = shared.find_vg(pool)
         if found is None:
             raise OperationInvalid(f"cannot find logical volume group name '{vg}'")
         self._match_sources(pool, vg)
@@ -185,38 +185,22 @@ class LogicalBackend(BlockClones):
         """Activate every LV of the pool's VG (libvirt's start)."""
         if not lvm.device_mapper_available():
             raise self.dm_problem(f"activating volume group '{_vg_name(pool)}'")
-        found = self._find_vg(pool)
+        found = shared.find_vg(pool)
         if found is not None and found.shared:
-            self._activate_exclusive(pool, _vg_name(pool))
+            shared.activate_exclusive(pool, _vg_name(pool))
             return
         lvm.lvm(["vgchange", "-aly", _vg_name(pool)])
 
     def stop(self, pool: PoolDef) -> None:
         vg = _vg_name(pool)
-        found = self._find_vg(pool)
+        found = shared.find_vg(pool)
         if lvm.device_mapper_available():
             lvm.lvm(["vgchange", "-aln", vg])
-        if found is not None and found.shared and vg in self._lockspaces(pool, found):
+        if found is not None and found.shared and vg in shared.lockspaces(pool, found):
             # Every LV is inactive now, which lvmlockd requires before it lets go.
             lvm.lvm(["vgchange", "--lockstop", vg])
 
     # -- shared VGs (lvmlockd) -------------------------------------------------
-    def _find_vg(self, pool: PoolDef) -> lvm.VolumeGroup | None:
-        try:
-            return lvm.vg(_vg_name(pool))
-        except lvm.NeedsLvmlockd as exc:
-            raise OperationInvalid(f"pool '{pool.name}' needs lvmlockd: {exc} (set "
-                                   "global/use_lvmlockd = 1 and local/host_id in LVM's "
-                                   "configuration, and run lvmlockd)") from exc
-
-    def _lockspaces(self, pool: PoolDef, vg: lvm.VolumeGroup) -> dict[str, lvm.Lockspace]:
-        try:
-            return lvm.lockspaces()
-        except CommandFailed as exc:
-            raise OperationInvalid(f"pool '{pool.name}' needs lvmlockd: volume group "
-                                   f"'{vg.name}' is shared (lock type {vg.lock_type}) and "
-                                   f"lvmlockd does not answer: {exc}") from exc
-
     def _start_shared(self, pool: PoolDef, vg: lvm.VolumeGroup) -> None:
         """Join the VG's lockspace (``vgchange --lockstart``, which waits until the lock
         manager has it: sanlock takes seconds to a minute; LVM changes the VG only
@@ -225,62 +209,19 @@ class LogicalBackend(BlockClones):
         joined here is left again."""
         if not lvm.device_mapper_available():
             raise self.dm_problem(f"starting shared volume group '{vg.name}'")
-        started_here = vg.name not in self._lockspaces(pool, vg)
+        started_here = vg.name not in shared.lockspaces(pool, vg)
         if started_here:
-            self._lockstart(pool, vg)
+            shared.lockstart(pool, vg)
         before = {lv.name for lv in lvm.lvs(vg.name) if lv.active == "active"}
         try:
             self._ensure_thin_pool(pool)
-            self._activate_exclusive(pool, vg.name)
+            shared.activate_exclusive(pool, vg.name)
         except Exception:
             now = {lv.name for lv in lvm.lvs(vg.name) if lv.active == "active"}
             for name in sorted(now - before):
                 lvm.lvm(["lvchange", "-an", f"{vg.name}/{name}"], check=False)
             if started_here:
                 lvm.lvm(["vgchange", "--lockstop", vg.name], check=False)
-            raise
-
-    def _lockstart(self, pool: PoolDef, vg: lvm.VolumeGroup) -> None:
-        argv = ["vgchange", "--lockstart", vg.name]
-        try:
-            lvm.lvm(argv, timeout=300)
-            return
-        except CommandFailed as exc:
-            failure = exc
-        # LVM activates the lvmlock LV and lvmlockd looks for its node one second
-        # later; where udev is slower than that (a loaded host) the join fails with
-        # "invalid parameters for sanlock". The LV stays active: once its node is
-        # there, a second try joins.
-        node = lvm.dm_node(vg.name, lvm.SANLOCK_LV)
-        if vg.lock_type == "sanlock" and not os.path.exists(node):
-            log.info("pool '%s': lockspace join failed before %s existed; trying again "
-                     "once it does", pool.name, node)
-            deadline = time.monotonic() + 10
-            while not os.path.exists(node) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            try:
-                lvm.lvm(argv, timeout=300)
-                return
-            except CommandFailed as exc:
-                failure = exc
-        raise OperationInvalid(f"pool '{pool.name}': cannot start the lockspace of shared "
-                               f"volume group '{vg.name}': "
-                               f"{lvm.error_summary(failure)}") from failure
-
-    def _activate_exclusive(self, pool: PoolDef, vg: str, lv: str | None = None) -> None:
-        """``-aey``: activation takes the LV's lock in exclusive mode, which no other host
-        can then take."""
-        argv = ["lvchange", "-aey", f"{vg}/{lv}"] if lv else ["vgchange", "-aey", vg]
-        try:
-            lvm.lvm(argv)
-        except CommandFailed as exc:
-            locked = lvm.locked_elsewhere(exc.stderr)
-            if locked:
-                names = ", ".join(f"'{n}'" for n in locked)
-                what = "volume" if len(locked) == 1 else "volumes"
-                raise Busy(f"{what} {names} of pool '{pool.name}' "
-                           f"{'is' if len(locked) == 1 else 'are'} locked by another "
-                           "host") from exc
             raise
 
     def delete(self, pool: PoolDef) -> None:
@@ -509,11 +450,11 @@ class LogicalBackend(BlockClones):
             raise self.dm_problem(f"reading or writing the data of volume '{rec.name}'")
         path = self.volume_path(pool, rec.name)
         if not os.path.exists(path):
-            found = self._find_vg(pool)
+            found = shared.find_vg(pool)
             if found is not None and found.shared:
                 # Made by another host while this one had the pool running, or
                 # released by it since: take its lock now.
-                self._activate_exclusive(pool, found.name, rec.name)
+                shared.activate_exclusive(pool, found.name, rec.name)
         if not os.path.exists(path):
             raise OperationInvalid(f"logical volume '{rec.name}' is not active: {path} "
                                    "does not exist")

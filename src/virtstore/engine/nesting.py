@@ -21,6 +21,7 @@ import os
 from typing import TYPE_CHECKING
 
 from virtstore.errors import Busy, NoSuchVolume, OperationInvalid
+from virtstore.host import files
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
@@ -48,16 +49,10 @@ def _read_record(state: StateRoot, pool: str) -> dict[str, str]:
 def _write_record(state: StateRoot, pool: str, record: dict[str, str]) -> None:
     path = _record_path(state, pool)
     if not record:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        files.remove_quietly(path)
         return
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    files.ensure_dir(os.path.dirname(path), 0o700)
+    files.atomic_write(path, json.dumps(record))
 
 
 def file_sources(pool: PoolDef) -> list[str]:

@@ -17,7 +17,7 @@ import uuid as uuidlib
 from virtstore.engine.names import check_uuid
 from virtstore.engine.store import Store
 from virtstore.errors import AlreadyExists, Forbidden, InternalError, NoSuchSecret
-from virtstore.host.files import atomic_write, remove_quietly
+from virtstore.host.files import atomic_write, entries, remove_quietly
 from virtstore.types import SecretInfo, record
 from virtstore.xml import SecretDef, format_secret_xml, parse_secret_xml
 
@@ -108,7 +108,7 @@ class SecretStore:
 
     def _persistent(self) -> dict[str, SecretDef]:
         out: dict[str, SecretDef] = {}
-        for fn in sorted(os.listdir(self.dir)):
+        for fn in sorted(entries(self.dir)):
             if not fn.endswith(".xml") or fn.startswith("."):
                 continue
             with open(os.path.join(self.dir, fn), "rb") as fh:

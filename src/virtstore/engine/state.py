@@ -15,6 +15,7 @@ import os
 
 from virtstore.engine.store import Store
 from virtstore.errors import InternalError, NoSuchPool, VirtstoreError
+from virtstore.host import files
 from virtstore.types import record, replace
 
 TYPE_CHECKING = False
@@ -67,10 +68,9 @@ class StateRoot:
         self.secrets_dir = os.path.join(self.root, "secrets")
         self.images_dir = os.path.join(self.root, "images")
         try:
-            os.makedirs(self.root, mode=0o755, exist_ok=True)
-            os.makedirs(self.autostart_dir, mode=0o755, exist_ok=True)
-            os.makedirs(self.secrets_dir, mode=0o700, exist_ok=True)
-            os.chmod(self.secrets_dir, 0o700)
+            files.ensure_dir(self.root)
+            files.ensure_dir(self.autostart_dir)
+            files.ensure_dir(self.secrets_dir, 0o700, exact=True)
         except OSError as exc:
             raise InternalError(f"cannot use state root '{self.root}': "
                                 f"{exc.strerror or exc}") from exc
@@ -132,11 +132,8 @@ class StateRoot:
             remove_quietly(link)
 
     def def_file_names(self) -> set[str]:
-        try:
-            return {n[:-4] for n in os.listdir(self.pools_dir)
-                    if n.endswith(".xml") and not n.startswith(".")}
-        except FileNotFoundError:
-            return set()
+        return {n[:-4] for n in files.entries(self.pools_dir)
+                if n.endswith(".xml") and not n.startswith(".")}
 
     # -- pool rows --------------------------------------------------------------
     def row(self, name: str) -> PoolRow:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import _sqlite3 as sqlite3
 import _thread
 import fcntl
-import os
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from virtstore.host import files
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -215,11 +216,7 @@ class Store:
         (several daemon workers, several CLI commands). False: no lock file to use
         (a read-only state root); SQLite's own lock still orders the writers."""
         if self._writer_fd is None:
-            try:
-                self._writer_fd = os.open(self.path + ".lock",
-                                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError:
-                self._writer_fd = -1
+            self._writer_fd = files.open_lock_file(self.path + ".lock")
         if self._writer_fd < 0:
             return None
         fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
@@ -253,5 +250,5 @@ class Store:
     def close(self) -> None:
         self.db.close()
         if self._writer_fd is not None and self._writer_fd >= 0:
-            os.close(self._writer_fd)
+            files.close_fd(self._writer_fd)
             self._writer_fd = None

@@ -50,6 +50,26 @@ def fsync_dir(directory: str) -> None:
         os.close(dfd)
 
 
+def ensure_dir(path: str, mode: int = 0o755, *, exact: bool = False) -> None:
+    """Make ``path`` and its parents; ``exact``: set its mode even if it existed."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    if exact:
+        os.chmod(path, mode)
+
+
+def open_lock_file(path: str) -> int:
+    """A descriptor of the lock file ``path`` (made if absent), or -1 where it cannot be
+    opened (a read-only state root)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return -1
+
+
+def close_fd(fd: int) -> None:
+    os.close(fd)
+
+
 def remove_quietly(path: str) -> bool:
     try:
         os.unlink(path)
