@@ -13,7 +13,6 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, BinaryIO, cast
 from urllib.parse import urlencode
 
 from virtstore.api import JOB_DONE, Connection, Event, JobInfo, VolumeInfo, VolumePage
@@ -32,6 +31,10 @@ from virtstore.api.operations import (
 from virtstore.client.transport import BLOCK, Transport, raise_for
 from virtstore.errors import InternalError, InvalidArgument
 from virtstore.host.files import Bounded
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing's import is a remote command's to save
+    from typing import Any, BinaryIO
 
 SPARSE = "application/vnd.virtstore.sparse"
 
@@ -229,7 +232,7 @@ class RemoteConnection(Connection):
             step = _WAIT_STEP
             if deadline is not None:
                 step = max(0.0, min(step, deadline - time.monotonic()))
-            info = cast(JobInfo, self._call("job_wait", job_id=job_id, timeout=step))
+            info: JobInfo = self._call("job_wait", job_id=job_id, timeout=step)
             if info.finished or (deadline is not None and time.monotonic() >= deadline):
                 return info
 
@@ -322,7 +325,8 @@ class RemoteConnection(Connection):
         job_id = resp.getheader("X-Virtstore-Job") or ""
         if job_id:
             with contextlib.suppress(Exception):
-                return cast(JobInfo, self.job_info(job_id))
+                job: JobInfo = self.job_info(job_id)
+                return job
         return JobInfo(id=job_id, kind="download", state=JOB_DONE, pool=pool, volume=name,
                        bytes_done=done, bytes_total=done, started=started, ended=time.time())
 
@@ -331,8 +335,8 @@ class RemoteConnection(Connection):
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             step = max(0.0, min(_WAIT_STEP, deadline - time.monotonic()))
-            got = cast(list[Event], self._call("events_since", last_id=last_id, timeout=step,
-                                               limit=limit))
+            got: list[Event] = self._call("events_since", last_id=last_id, timeout=step,
+                                          limit=limit)
             if got or last_id < 0 or time.monotonic() >= deadline:
                 return got
 
