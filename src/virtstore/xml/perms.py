@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from virtstore.errors import XMLError
 from virtstore.xml.model import Permissions
-from virtstore.xml.values import parse_int, text_of
+from virtstore.xml.values import parse_int, string_value, text_of
 from virtstore.xml.writer import Writer
 
 TYPE_CHECKING = False
@@ -18,7 +18,7 @@ def _parse_id(node: etree._Element, tag: str, what: str) -> int | None:
     child = node.find(tag)
     if child is None:
         return None
-    value = parse_int(str(child.xpath("string()")))
+    value = parse_int(string_value(child))
     if value is None or not (-1 <= value <= _ID_UNSET):
         raise XMLError(f"malformed {what} element")
     return None if value in (-1, _ID_UNSET) else value
