@@ -282,6 +282,9 @@ def test_import_copies_a_sparse_file_into_a_new_volume(conn: EmbeddedConnection,
         for off in (0, 20 * MiB, 63 * MiB):
             fh.seek(off)
             fh.write(os.urandom(MiB))
+        fh.seek(30 * MiB)  # written zeros: allocated in the source, a hole in the volume
+        fh.write(bytes(16 * MiB))
+    assert os.stat(src).st_blocks * 512 >= 19 * MiB
     done(conn, conn.volume_import(str(src), pool, f"imp.{fmt}", format=fmt).id)
     vol = conn.volume_info(pool, f"imp.{fmt}")
     assert vol.capacity == 64 * MiB and vol.format == fmt
@@ -290,11 +293,12 @@ def test_import_copies_a_sparse_file_into_a_new_volume(conn: EmbeddedConnection,
     assert os.stat(pooldir / f"imp.{fmt}").st_blocks * 512 < 8 * MiB
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_failed_import_leaves_no_volume(conn: EmbeddedConnection, pool: str, pooldir: Path,
-                                        tmp_path: Path) -> None:
+                                        tmp_path: Path, fmt: str) -> None:
     src = tmp_path / "disk.bin"
     src.write_bytes(os.urandom(8 * MiB))
-    job = conn.volume_import(str(src), pool, "imp.img", bandwidth=MiB)
+    job = conn.volume_import(str(src), pool, "imp.img", format=fmt, bandwidth=MiB)
     conn.job_cancel(job.id)
     assert conn.job_wait(job.id).state == "cancelled"
     assert "imp.img" not in [v.name for v in conn.list_volumes(pool)]

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+from functools import partial
 from typing import TYPE_CHECKING
 
 from virtstore.backup.access import is_nbd, open_source, write_data
@@ -100,7 +101,39 @@ def start_import(ops: BackupOps, source: str, pool_name: str, new_name: str, *,
 
     return ops._fill_new(pool_name, tpool, tbe, new_name, capacity,
                          format or tbe.caps.default_vol_format or "raw", fill, kind="import",
-                         bandwidth=bandwidth, after=after)
+                         bandwidth=bandwidth, after=after,
+                         fill_file=None if ckdir is not None else partial(_copy_file, source))
+
+
+def _copy_file(source: str, staging: str, fmt: str, mon: Monitor) -> None:
+    """A file or device of this host into a new local image file: into raw by the data
+    layer's sparse copy (data extents only, all-zero blocks left as holes), into any
+    other format by ``qemu-img convert`` (which leaves zero clusters out); synced."""
+    from virtstore.data.copy import copy_sparse
+    from virtstore.data.extents import size_of
+    from virtstore.host.files import open_volume
+
+    if fmt == "raw":
+        src = open_volume(source, os.O_RDONLY)
+        try:
+            dst = open_volume(staging, os.O_WRONLY)
+            try:
+                copy_sparse(src, dst, length=size_of(src), monitor=mon, detect_zeroes=True,
+                            dst_zeroed=True)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        return
+    from virtstore.data.convert import convert
+
+    convert(source, "raw", staging, fmt, monitor=mon, target_exists=True)
+    dst = open_volume(staging, os.O_RDONLY)
+    try:
+        os.fsync(dst)
+    finally:
+        os.close(dst)
 
 
 def _checkpointed(ckdir: str, source: str, reader: Reader, todo: list[int], out: Writer,

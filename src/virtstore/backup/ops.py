@@ -135,11 +135,26 @@ class BackupOps:
                          else tbe.caps.default_vol_format or "raw")
 
         def fill(out: Writer, mon: Monitor) -> None:
-            for index in sorted(m.chunks):
-                length = m.chunk_length(index)
-                mon.check()
-                write_data(out, index * m.chunk_size, repo.read_chunk(m.chunks[index], length))
-                mon.advance(length)
+            # The next chunks are read and checked (file reads and SHA-256, both outside
+            # the GIL) while this one is written.
+            order = iter(sorted(m.chunks))
+            ahead: deque[tuple[int, Future[bytes]]] = deque()
+            with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="restore") as pool:
+                def more() -> None:
+                    index = next(order, None)
+                    if index is not None:
+                        ahead.append((index, pool.submit(repo.read_chunk, m.chunks[index],
+                                                         m.chunk_length(index))))
+
+                for _ in range(_IN_FLIGHT):
+                    more()
+                while ahead:
+                    index, fut = ahead.popleft()
+                    more()
+                    mon.check()
+                    data = fut.result()
+                    write_data(out, index * m.chunk_size, data)
+                    mon.advance(len(data))
 
         return self._fill_new(pool_name, tpool, tbe, new_name, m.capacity, fmt, fill,
                               kind="restore", bandwidth=bandwidth,
@@ -149,11 +164,14 @@ class BackupOps:
                   capacity: int, fmt: str, fill: Callable[[Writer, Monitor], None], *,
                   kind: str, bandwidth: int | None, total: int = 0,
                   source: tuple[str, str] | None = None,
-                  after: Callable[[str, Monitor], None] | None = None) -> JobInfo:
+                  after: Callable[[str, Monitor], None] | None = None,
+                  fill_file: Callable[[str, str, Monitor], None] | None = None) -> JobInfo:
         """A job that makes volume ``new_name`` through staged creation and has ``fill``
         write its content: it takes the name only when all of it is written. ``source``:
         a volume the job holds for writing too; ``after(job_id, monitor)`` runs once the
-        new volume has its name."""
+        new volume has its name. ``fill_file(path, format, monitor)``: fills a new
+        volume that is a plain local file (an unencrypted image in a file pool) by its
+        path instead, with the data layer's own copy or qemu-img."""
         # Allocation 0: only what ``fill`` writes is allocated, the rest stays a hole.
         # A pool whose new volumes hold old bytes (LVs) gets a whole volume, zeroed
         # where nothing is written: its sparse volumes are snapshots that fill up.
@@ -174,8 +192,12 @@ class BackupOps:
             target = holder[0]
             try:
                 tbe.create_volume(tpool, target.staging, req)
-                with open_new_volume(tbe, tpool, target.staging, req.format) as out:
-                    fill(out, mon)
+                if (fill_file is not None and tbe.local_files(tpool)
+                        and target.staging.startswith("/") and req.encryption_secret is None):
+                    fill_file(target.staging, req.format, mon)
+                else:
+                    with open_new_volume(tbe, tpool, target.staging, req.format) as out:
+                        fill(out, mon)
             except BaseException:
                 self.volumes.abort_target(target)
                 raise
