@@ -26,7 +26,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from virtstore.backup.access import is_nbd, open_source, write_data
-from virtstore.backup.repo import CHUNK_SIZE, Manifest, Repository, Unreadable
+from virtstore.backup.repo import CHUNK_SIZE, Manifest, Repository, Unreadable, chunks_of, now
 from virtstore.errors import Cancelled, InvalidArgument
 from virtstore.types import JobInfo
 
@@ -75,11 +75,10 @@ def start_import(ops: BackupOps, source: str, pool_name: str, new_name: str, *,
     resumed: list[int] = []
 
     def fill(out: Writer, mon: Monitor) -> None:
-        from virtstore.backup.ops import _chunks_of
         from virtstore.data.extents import is_zero
 
         with open_source(source) as reader:
-            todo = sorted(_chunks_of(reader.data_extents(), CHUNK_SIZE, capacity))
+            todo = sorted(chunks_of(reader.data_extents(), CHUNK_SIZE, capacity))
             mon.set_total(sum(min(CHUNK_SIZE, capacity - i * CHUNK_SIZE) for i in todo))
             if ckdir is not None:
                 resumed.append(_checkpointed(ckdir, source, reader, todo, out, mon))
@@ -140,7 +139,6 @@ def _checkpointed(ckdir: str, source: str, reader: Reader, todo: list[int], out:
                   mon: Monitor) -> int:
     """Copy the chunks ``todo`` through the checkpoint in ``ckdir``; the bytes taken from
     an earlier attempt's checkpoint instead of the source."""
-    from virtstore.backup.ops import _now
     from virtstore.data.extents import is_zero
 
     ident = json.dumps({"source": source, "capacity": reader.capacity})
@@ -148,7 +146,7 @@ def _checkpointed(ckdir: str, source: str, reader: Reader, todo: list[int], out:
     prev = _resume_point(repo, ident)
     repo = Repository(ckdir)
     repo.init({"pool": "", "name": "", "key": ident})
-    m = prev or Manifest(id="import", created=_now(), kind="full", parent=None,
+    m = prev or Manifest(id="import", created=now(), kind="full", parent=None,
                          volume={"pool": "", "name": "", "key": ident}, pool_type="",
                          format="raw", capacity=reader.capacity, chunk_size=CHUNK_SIZE,
                          tracking="import")

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from virtstore.backup.access import open_reader, write_data
-from virtstore.backup.repo import CHUNK_SIZE, sha256
+from virtstore.backup.repo import CHUNK_SIZE, chunks_of, sha256
 from virtstore.engine.locks import WRITE
 from virtstore.errors import InvalidArgument, OperationInvalid
 from virtstore.types import JobInfo
@@ -63,9 +63,8 @@ class Target(Protocol):
 
 
 def _chunks(reader: Reader, capacity: int) -> list[int]:
-    from virtstore.backup.ops import _chunks_of
 
-    return sorted(_chunks_of(reader.data_extents(), CHUNK_SIZE, capacity))
+    return sorted(chunks_of(reader.data_extents(), CHUNK_SIZE, capacity))
 
 
 def _length(index: int, capacity: int) -> int:

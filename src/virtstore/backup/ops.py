@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,8 @@ from virtstore.backup.repo import (
     new_backup_id,
     sha256,
 )
+from virtstore.backup.repo import chunks_of as _chunks_of
+from virtstore.backup.repo import now as _now
 from virtstore.engine.index import VolumeIndex
 from virtstore.engine.jobs import JobManager
 from virtstore.engine.locks import READ, WRITE
@@ -51,17 +52,6 @@ BITMAP_PREFIX = "virtstore-backup-"
 # many chunks).
 _WRITERS = 3
 _IN_FLIGHT = 6
-
-
-def _chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) -> set[int]:
-    """Indexes of the chunks that the extents touch."""
-    out: set[int] = set()
-    last = (capacity - 1) // chunk if capacity else -1
-    for off, length in extents:
-        if length <= 0:
-            continue
-        out.update(range(off // chunk, min(last, (off + length - 1) // chunk) + 1))
-    return out
 
 
 def tracking_for(backend: Backend, pool: PoolDef, rec: VolumeRecord) -> str:
@@ -541,6 +531,3 @@ class _Backup:
         self.repo.write_manifest(m)
 
 
-def _now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1e6) % 1000000:06d}Z"

@@ -20,7 +20,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -216,3 +216,20 @@ class Repository:
 
 class Unreadable(OperationInvalid):
     """A backup directory whose content does not check out."""
+
+
+def chunks_of(extents: Iterable[tuple[int, int]], chunk: int, capacity: int) -> set[int]:
+    """Indexes of the chunks that the extents touch."""
+    out: set[int] = set()
+    last = (capacity - 1) // chunk if capacity else -1
+    for off, length in extents:
+        if length <= 0:
+            continue
+        out.update(range(off // chunk, min(last, (off + length - 1) // chunk) + 1))
+    return out
+
+
+def now() -> str:
+    """A manifest's time: UTC, to the microsecond."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1e6) % 1000000:06d}Z"

@@ -39,8 +39,7 @@ def _record_path(state: StateRoot, pool: str) -> str:
 
 def _read_record(state: StateRoot, pool: str) -> dict[str, str]:
     try:
-        with open(_record_path(state, pool), encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(files.read_bytes(_record_path(state, pool)) or b"{}")
     except (OSError, ValueError):
         return {}
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}

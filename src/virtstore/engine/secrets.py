@@ -17,7 +17,7 @@ import uuid as uuidlib
 from virtstore.engine.names import check_uuid
 from virtstore.engine.store import Store
 from virtstore.errors import AlreadyExists, Forbidden, InternalError, NoSuchSecret
-from virtstore.host.files import atomic_write, entries, remove_quietly
+from virtstore.host.files import atomic_write, entries, read_bytes, remove_quietly
 from virtstore.types import SecretInfo, record
 from virtstore.xml import SecretDef, format_secret_xml, parse_secret_xml
 
@@ -111,8 +111,10 @@ class SecretStore:
         for fn in sorted(entries(self.dir)):
             if not fn.endswith(".xml") or fn.startswith("."):
                 continue
-            with open(os.path.join(self.dir, fn), "rb") as fh:
-                sdef = parse_secret_xml(fh.read())
+            data = read_bytes(os.path.join(self.dir, fn))
+            if data is None:  # undefined meanwhile
+                continue
+            sdef = parse_secret_xml(data)
             if sdef.uuid:
                 out[sdef.uuid] = sdef
         return out
@@ -193,10 +195,8 @@ class SecretStore:
             item = self._ephemeral.load().get(sdef.uuid)
             value = item.value if item is not None else None
         else:
-            try:
-                with open(self._value_path(sdef.uuid), "rb") as fh:
-                    data = fh.read()
-            except FileNotFoundError:
+            data = read_bytes(self._value_path(sdef.uuid))
+            if data is None:
                 value = None
             else:
                 try:

@@ -96,12 +96,10 @@ class StateRoot:
         return os.path.join(self.autostart_dir, name + ".xml")
 
     def read_def_file(self, name: str) -> PoolDef:
-        try:
-            with open(self.def_path(name), "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
+        data = files.read_bytes(self.def_path(name))
+        if data is None:
             raise NoSuchPool(f"Storage pool not found: no storage pool with matching "
-                             f"name '{name}'") from None
+                             f"name '{name}'")
         from virtstore.xml import parse_pool_xml
 
         return parse_pool_xml(data)
@@ -124,8 +122,7 @@ class StateRoot:
     def set_autostart(self, name: str, on: bool) -> None:
         link = self.autostart_path(name)
         if on:
-            if not os.path.lexists(link):
-                os.symlink(os.path.join("..", name + ".xml"), link)
+            files.link_to(os.path.join("..", name + ".xml"), link)
         else:
             from virtstore.host.files import remove_quietly
 

@@ -57,6 +57,21 @@ def ensure_dir(path: str, mode: int = 0o755, *, exact: bool = False) -> None:
         os.chmod(path, mode)
 
 
+def read_bytes(path: str) -> bytes | None:
+    """A whole small file (a definition, a record); None where there is none."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def link_to(target: str, link: str) -> None:
+    """Make the symlink ``link`` to ``target`` unless something is there already."""
+    if not os.path.lexists(link):
+        os.symlink(target, link)
+
+
 def open_lock_file(path: str) -> int:
     """A descriptor of the lock file ``path`` (made if absent), or -1 where it cannot be
     opened (a read-only state root)."""
