@@ -6,6 +6,13 @@ is ``pool/dataset``); start imports the zpool if it is not imported, stop export
 devices at /dev/zvol/NAME/VOL — which only the kernel module (OpenZFS) can make:
 under zfs-fuse creating one fails with a clear error, while listing, snapshots and
 clones of datasets work.
+
+With the kernel module (tested in the kernel lab, tests/kernel/test_zfs.py, with
+Debian's OpenZFS 2.1): upload, download and wipe write the zvol's device node in
+place; resize sets ``volsize`` (rounded up to the ``volblocksize``); storage
+snapshots, revert and clones are ZFS snapshots and clones; backups are tracked with
+``zfs send`` (``zfs-send``: a hidden snapshot per backup, the next one reads only the
+blocks ``zfs send -i`` carries).
 """
 
 from __future__ import annotations
@@ -13,12 +20,12 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends import _block_utils as bu
+from virtstore.backends._block_data import BlockDataOps
 from virtstore.backends.base import (
-    Backend,
     BackendCaps,
     CloneOptions,
     CreateRequest,
@@ -39,11 +46,15 @@ from virtstore.host import zfs as zfsmod
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
     from virtstore.types import SnapshotInfo
 
 STAGING_PREFIX = "virtstore-staging-"
+BACKUP_SNAP_PREFIX = "virtstore-backup-"
+TRACK_SEND = "zfs-send"
 NO_ZVOLS = ("zvols need the ZFS kernel module: this host runs zfs-fuse, which cannot "
             "make block devices")
 
@@ -56,7 +67,7 @@ def _zpool(pool: PoolDef) -> str:
     return _root(pool).split("/", 1)[0]
 
 
-class ZfsBackend(Backend):
+class ZfsBackend(BlockDataOps):
     caps = BackendCaps(pool_type="zfs", vol_formats=("none", "raw"),
                        default_vol_format="none", shared=False, file_based=False,
                        volume_type="block")
@@ -183,18 +194,33 @@ class ZfsBackend(Backend):
 
     def staging_source(self, pool: PoolDef, staging: str,
                        fmt: str) -> AbstractContextManager[QemuSource]:
-        import time
-
         from virtstore.host.nbd import QemuSource
 
         if not zfsmod.has_zvols():
             raise Unsupported(NO_ZVOLS)
-        # udev makes the zvol's node an instant after 'zfs create' returns.
         path = f"/dev/zvol/{staging}"
-        deadline = time.monotonic() + 10
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        zfsmod.wait_for_node(path)
         return nullcontext(QemuSource(image=path, fmt="raw"))
+
+    def block_device(self, pool: PoolDef, rec: VolumeRecord) -> str:
+        if not zfsmod.has_zvols():
+            raise Unsupported(NO_ZVOLS)
+        zfsmod.wait_for_node(rec.path)
+        return rec.path
+
+    def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
+                   shrink: bool, allocate: bool) -> None:
+        """``volsize``, rounded up to whole ``volblocksize`` blocks (zfs refuses others);
+        ``allocate`` reserves the whole size (``refreservation=auto``), as a volume
+        created fully allocated has."""
+        ds = self._dataset(pool, rec.name)
+        block = int(zfsmod.zfs(["get", "-H", "-p", "-o", "value", "volblocksize", ds]
+                               ).stdout.strip() or 8192)
+        wanted = -(-capacity // block) * block
+        if wanted != rec.capacity:
+            zfsmod.zfs(["set", f"volsize={wanted}", ds])
+        if allocate:
+            zfsmod.zfs(["set", "refreservation=auto", ds])
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         ds = f"{_root(pool)}/{rec.name}"
@@ -256,14 +282,16 @@ class ZfsBackend(Backend):
 
     # -- the contract's verbs, on the zvol's dataset ------------------------------
     linked_clones = True  # a clone of a snapshot shares its blocks
+    can_shrink = True  # a smaller volsize frees the blocks past the new end
     snapshot_kinds: ClassVar[dict[str, tuple[str, ...]]] = {"raw": ("native",)}
 
     def snap_list(self, pool: PoolDef, rec: VolumeRecord) -> list[SnapshotInfo]:
         from virtstore.types import SnapshotInfo
 
-        return [SnapshotInfo(pool=pool.name, volume=rec.name, name=d.name.split("@", 1)[1],
+        names = [d.name.split("@", 1)[1] for d in self.list_snapshots(pool, rec.name)]
+        return [SnapshotInfo(pool=pool.name, volume=rec.name, name=n,
                              kind=self.snapshot_kind, created=0.0)
-                for d in self.list_snapshots(pool, rec.name)]
+                for n in names if not n.startswith(BACKUP_SNAP_PREFIX)]
 
     def snap_create(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
         self.snapshot_volume(pool, rec.name, snap)
@@ -289,3 +317,56 @@ class ZfsBackend(Backend):
             raise Unsupported("unsupported configuration: a zfs volume can be cloned only "
                               "within its pool")
         self.clone_volume(pool, src.name, staging.rsplit("/", 1)[-1])
+
+    # -- change tracking for backups: zfs send -----------------------------------------
+    backup_tracking = TRACK_SEND
+
+    def backup_tracking_for(self, pool: PoolDef, rec: VolumeRecord) -> str:
+        return TRACK_SEND if zfsmod.has_zvols() else ""
+
+    def backup_snapshot(self, pool: PoolDef, rec: VolumeRecord, backup_id: str) -> str:
+        snap = BACKUP_SNAP_PREFIX + backup_id
+        zfsmod.zfs(["snapshot", f"{self._dataset(pool, rec.name)}@{snap}"])
+        return snap
+
+    def backup_snapshot_exists(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> bool:
+        return zfsmod.dataset(f"{_root(pool)}/{rec.name}@{snap}") is not None
+
+    def backup_snapshot_drop(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        full = f"{_root(pool)}/{rec.name}@{snap}"
+        if zfsmod.dataset(full) is not None:
+            zfsmod.zfs(["destroy", full])
+
+    def backup_extents(self, pool: PoolDef, rec: VolumeRecord, snap: str,
+                       since: str | None) -> list[tuple[int, int]]:
+        changed, holes = self.backup_changes(pool, rec, snap, since)
+        return changed + holes
+
+    def backup_changes(self, pool: PoolDef, rec: VolumeRecord, snap: str, since: str | None
+                       ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The blocks ``zfs send`` carries, and in an incremental stream its FREE
+        ranges as holes: ZFS sends those also for ranges that were holes already."""
+        ds = self._dataset(pool, rec.name)
+        written, freed = zfsmod.send_ranges(f"{ds}@{snap}",
+                                            f"{ds}@{since}" if since else None)
+        return written, (freed if since else [])
+
+    @contextmanager
+    def snapshot_source(self, pool: PoolDef, rec: VolumeRecord,
+                        snap: str) -> Iterator[QemuSource]:
+        """A zvol snapshot has no device node (``snapdev=hidden``, the default, which a
+        backup should not change for the user): qemu reads a clone of it, made for the
+        read under a staging name (hidden from the pool's volumes) and destroyed after."""
+        from virtstore.host.nbd import QemuSource
+
+        token = snap[len(BACKUP_SNAP_PREFIX):] if snap.startswith(BACKUP_SNAP_PREFIX) \
+            else snap
+        clone = f"{_root(pool)}/{STAGING_PREFIX}read-{token}"
+        zfsmod.zfs(["clone", "-o", "readonly=on",
+                    f"{self._dataset(pool, rec.name)}@{snap}", clone])
+        try:
+            path = f"/dev/zvol/{clone}"
+            zfsmod.wait_for_node(path)
+            yield QemuSource(image=path, fmt="raw")
+        finally:
+            zfsmod.zfs(["destroy", clone], check=False)
