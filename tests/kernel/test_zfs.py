@@ -128,22 +128,36 @@ def test_zvols_through_the_connection(zpool: str, conn: EmbeddedConnection) -> N
     conn.volume_snapshot_revert(zpool, "disk", "s1")
     assert download(conn, zpool, "disk", len(data)) == data
 
-    # A clone is a ZFS clone of a snapshot of the source: same bytes, shared blocks.
+    # A linked clone is a ZFS clone of a snapshot of the source: same bytes, shared
+    # blocks. A full clone is a copy with blocks of its own (no origin).
     wait(conn, conn.volume_clone(zpool, "disk", "copy", linked=True).id)
     assert origin(f"{zpool}/copy").startswith(f"{zpool}/disk@")
     assert download(conn, zpool, "copy", len(data)) == data
     assert conn.volume_info(zpool, "copy").capacity == 40 * MiB
+    wait(conn, conn.volume_clone(zpool, "disk", "full").id)
+    assert origin(f"{zpool}/full") == "-"
+    assert download(conn, zpool, "full", len(data)) == data
+    assert conn.volume_info(zpool, "full").capacity == 40 * MiB
 
     # Stop exports the zpool, start imports it: the volumes and their bytes are there.
     conn.pool_stop(zpool)
     assert not zfs.pool_imported(zpool)
     conn.pool_start(zpool)
-    assert sorted(v.name for v in conn.list_volumes(zpool)) == ["copy", "disk"]
+    assert sorted(v.name for v in conn.list_volumes(zpool)) == ["copy", "disk", "full"]
     assert download(conn, zpool, "disk", len(data)) == data
 
+    # The source of a linked clone stays while the clone does; the full clone's doesn't.
+    with pytest.raises(Exception, match=r"has linked clones \(copy\): delete them first"):
+        conn.volume_delete(zpool, "disk")
+    assert download(conn, zpool, "disk", len(data)) == data
     conn.volume_delete(zpool, "copy")
     conn.volume_snapshot_delete(zpool, "disk", "s1")
+    # The linked clone's snapshot went with it.
+    assert conn.volume_snapshot_list(zpool, "disk") == []
+    assert not zfs.datasets(f"{zpool}/disk", types="snapshot")
     conn.volume_delete(zpool, "disk")
+    assert download(conn, zpool, "full", len(data)) == data
+    conn.volume_delete(zpool, "full")
     assert conn.list_volumes(zpool) == []
     assert [d.name for d in zfs.datasets(zpool)] == [zpool]
 

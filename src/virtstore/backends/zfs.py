@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 STAGING_PREFIX = "virtstore-staging-"
 BACKUP_SNAP_PREFIX = "virtstore-backup-"
+CLONE_SNAP_PREFIX = "virtstore-clone-"  # the origin of a linked clone
+COPY_SNAP_PREFIX = "virtstore-copy-"  # the source of a full clone, while it is copied
 TRACK_SEND = "zfs-send"
 NO_ZVOLS = ("zvols need the ZFS kernel module: this host runs zfs-fuse, which cannot "
             "make block devices")
@@ -224,9 +226,18 @@ class ZfsBackend(BlockDataOps):
 
     def delete_volume(self, pool: PoolDef, rec: VolumeRecord) -> None:
         ds = f"{_root(pool)}/{rec.name}"
-        if zfsmod.dataset(ds) is None:
+        found = zfsmod.dataset(ds)
+        if found is None:
             return
+        clones = zfsmod.dependent_clones(ds)
+        if clones:
+            names = ", ".join(c[len(_root(pool)) + 1:] for c in clones)
+            raise OperationInvalid(f"volume '{rec.name}' has linked clones ({names}): "
+                                   "delete them first")
         zfsmod.zfs(["destroy", "-r", ds])
+        # The snapshot a linked clone was made from goes with the clone.
+        if found.origin.split("@", 1)[-1].startswith(CLONE_SNAP_PREFIX):
+            zfsmod.zfs(["destroy", found.origin], check=False)
 
     def read_volume(self, pool: PoolDef, name: str) -> VolumeRecord | None:
         ds = zfsmod.dataset(f"{_root(pool)}/{name}")
@@ -274,7 +285,7 @@ class ZfsBackend(BlockDataOps):
         target = f"{_root(pool)}/{new_name}"
         if zfsmod.dataset(target) is not None:
             raise AlreadyExists(f"storage volume '{new_name}' exists already")
-        snap = snapshot or f"virtstore-clone-{new_name}"
+        snap = snapshot or f"{CLONE_SNAP_PREFIX}{new_name}"
         if snapshot is None:
             zfsmod.zfs(["snapshot", f"{src}@{snap}"])
         zfsmod.zfs(["clone", f"{src}@{snap}", target])
@@ -311,12 +322,22 @@ class ZfsBackend(BlockDataOps):
     def vol_clone(self, pool: PoolDef, src_pool: PoolDef, src: VolumeRecord, staging: str, *,
                   linked: bool, monitor: Monitor,
                   options: CloneOptions = CloneOptions()) -> None:  # noqa: B008 - frozen
-        """A clone is a ZFS clone of a snapshot taken for it (the staging dataset is the
-        clone; the engine renames it to the final name)."""
+        """A linked clone is a ZFS clone of a snapshot taken for it; a full one a copy
+        of the source's blocks (``zfs send | zfs receive`` from a snapshot taken for it
+        and destroyed after), a volume of its own that the source can be deleted
+        before. The staging dataset is the new volume; the engine renames it."""
         if src_pool.name != pool.name:
             raise Unsupported("unsupported configuration: a zfs volume can be cloned only "
                               "within its pool")
-        self.clone_volume(pool, src.name, staging.rsplit("/", 1)[-1])
+        if linked:
+            self.clone_volume(pool, src.name, staging.rsplit("/", 1)[-1])
+            return
+        snap = f"{self._dataset(pool, src.name)}@{COPY_SNAP_PREFIX}{staging.rsplit('/', 1)[-1]}"
+        zfsmod.zfs(["snapshot", snap])
+        try:
+            zfsmod.copy(snap, staging, should_stop=monitor.cancelled)
+        finally:
+            zfsmod.zfs(["destroy", snap], check=False)
 
     # -- change tracking for backups: zfs send -----------------------------------------
     backup_tracking = TRACK_SEND

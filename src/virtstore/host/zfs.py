@@ -142,6 +142,14 @@ def dataset(name: str) -> Dataset | None:
     return found[0] if found else None
 
 
+def dependent_clones(name: str) -> list[str]:
+    """The clones made from snapshots of dataset ``name``."""
+    out = zfs(["get", "-H", "-r", "-d", "1", "-t", "snapshot", "-o", "value", "clones",
+               name]).stdout
+    return [c for line in out.splitlines() for c in line.split(",")
+            if c and c != "-"]
+
+
 def pool_names() -> list[str]:
     return [n for n in zpool(["list", "-H", "-o", "name"]).stdout.split("\n") if n]
 
@@ -202,6 +210,16 @@ def importable(search_dirs: Sequence[str] = ("/dev",)) -> list[ImportablePool]:
         args += ["-d", d]
     res = zpool(args, check=False)
     return parse_import_listing(res.stdout + "\n" + res.stderr)
+
+
+def copy(snapshot: str, target: str, *,
+         should_stop: Callable[[], bool] | None = None) -> None:
+    """A new dataset ``target`` with the content of ``snapshot``, as blocks of its own
+    (``zfs send | zfs receive``: holes stay holes, nothing is shared with the source).
+    The snapshot ``zfs receive`` leaves on ``target`` is destroyed."""
+    stream(["bash", "-c", 'set -o pipefail; zfs send "$1" | zfs receive "$2"', "zfs-copy",
+            snapshot, target], lambda _line: None, should_stop=should_stop, timeout=None)
+    zfs(["destroy", f"{target}@{snapshot.split('@', 1)[1]}"])
 
 
 # A zvol's data is object 1 of its dataset (ZVOL_OBJ); object 2 holds its properties.
