@@ -265,3 +265,12 @@ def test_backups_of_a_zvol_tracked_by_zfs_send(zpool: str, conn: EmbeddedConnect
     last = next(m for m in conn.backup_list(bdir)
                 if m["id"] not in (full["id"], inc["id"]))
     assert last["kind"] == "full" and "missing" in " ".join(last["warnings"])
+
+    # A backup killed while it read its snapshot leaves the read's clone behind (a
+    # hidden staging name): deleting the volume removes it too.
+    stale = f"{zpool}/virtstore-staging-read-{last['id']}"
+    sh("zfs", "clone", f"{zpool}/db@{last['snapshot']}", stale)
+    assert "db" in [v.name for v in conn.list_volumes(zpool)]
+    assert stale.split("/", 1)[1] not in [v.name for v in conn.list_volumes(zpool)]
+    conn.volume_delete(zpool, "db")
+    assert zfs.dataset(stale) is None and zfs.dataset(f"{zpool}/db") is None

@@ -229,7 +229,14 @@ class ZfsBackend(BlockDataOps):
         found = zfsmod.dataset(ds)
         if found is None:
             return
-        clones = zfsmod.dependent_clones(ds)
+        clones = []
+        for c in zfsmod.dependent_clones(ds):
+            if c.startswith(f"{_root(pool)}/{STAGING_PREFIX}"):
+                # A backup's read of a snapshot, or a clone, killed before it cleaned up
+                # (the engine's locks keep a running one from meeting a delete).
+                zfsmod.zfs(["destroy", c])
+            else:
+                clones.append(c)
         if clones:
             names = ", ".join(c[len(_root(pool)) + 1:] for c in clones)
             raise OperationInvalid(f"volume '{rec.name}' has linked clones ({names}): "
