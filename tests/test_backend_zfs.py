@@ -4,6 +4,8 @@ only where the kernel module provides them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from block_fixtures import BlockLab, lab_fixture, sh, zfs_daemon_fixture  # noqa: F401
@@ -15,6 +17,7 @@ from virtstore.errors import AlreadyExists, Unsupported
 from virtstore.host import zfs
 from virtstore.xml import parse_pool_xml
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 IMPORT_SAMPLE = """  pool: tank
@@ -34,6 +37,26 @@ def test_parse_import_listing() -> None:
     pools = zfs.parse_import_listing(IMPORT_SAMPLE)
     assert [(p.name, p.state, p.devices) for p in pools] == [
         ("tank", "ONLINE", ["/dev/loop2", "/dev/loop3"])]
+
+
+DATA = Path(__file__).resolve().parent / "data" / "block"
+
+
+def test_parse_stream_dump_of_a_zvol() -> None:
+    """``zstream dump -v`` of a 32 MiB zvol's streams, recorded in the kernel lab:
+    64 KiB written at 0 and at 4 MiB, snapshot a; 8 KiB written at 12 MiB, the first
+    64 KiB discarded, snapshot b. Object 2 (the zvol's properties) is left out."""
+    full = (DATA / "zstream-dump-full.txt").read_text().splitlines()
+    written, freed = zfs.parse_stream_dump(full)
+    assert written == [(0, 64 * KiB), (4 * MiB, 64 * KiB)]
+    assert sorted(freed) == [(64 * KiB, 4 * MiB - 64 * KiB),
+                             (4 * MiB + 64 * KiB, zfs.TO_THE_END)]
+    incr = (DATA / "zstream-dump-incremental.txt").read_text().splitlines()
+    written, freed = zfs.parse_stream_dump(incr)
+    assert written == [(12 * MiB, 8 * KiB)]
+    # The discarded range, and holes b shares with a (reported all the same).
+    assert sorted(freed) == [(0, 4 * MiB), (4 * MiB + 64 * KiB, 8 * MiB - 64 * KiB),
+                             (12 * MiB + 8 * KiB, zfs.TO_THE_END)]
 
 
 def zfs_xml(name: str, *devs: str) -> str:

@@ -9,9 +9,11 @@ VIRTSTORE_KERNEL_LAB=1 and collects only this directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,3 +56,27 @@ def ploop(lab: BlockLab, size: int) -> str:
 def virtstore_cli() -> str:
     """The installed ``virtstore`` command of the interpreter running the tests."""
     return str(Path(sys.executable).parent / "virtstore")
+
+
+@contextlib.contextmanager
+def running_udevd(*, coldplug: bool = True) -> Iterator[None]:
+    """udevd, as a host runs it (the VM starts none, so no udev links exist without
+    it), stopped by its PID at the end; ``coldplug`` replays the devices already there
+    (``udevadm trigger`` and ``settle``: slow under emulation)."""
+    udevd = "/lib/systemd/systemd-udevd"
+    if not os.path.exists(udevd):
+        pytest.skip("systemd-udevd is not installed (Debian udev)")
+    proc = subprocess.Popen([udevd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        for _ in range(100):
+            if os.path.exists("/run/udev/control"):
+                break
+            time.sleep(0.1)
+        if coldplug:
+            subprocess.run(["udevadm", "trigger", "--action=add"], check=True)
+            subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)

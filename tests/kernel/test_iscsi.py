@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import running_udevd
 from net_fixtures import ISCSI_CHAP, ISCSI_SECURE, ISCSI_STORAGE, Server, iscsi_fixture  # noqa: F401
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.cli.main import main
@@ -39,24 +40,9 @@ def iscsid() -> Iterator[None]:
 
 @pytest.fixture
 def udevd() -> Iterator[None]:
-    """udevd, as a host runs it, for one test: the VM starts none, so no
-    /dev/disk/by-* links exist without it."""
-    udevd = "/lib/systemd/systemd-udevd"
-    if not os.path.exists(udevd):
-        pytest.skip("systemd-udevd is not installed (Debian udev)")
-    proc = subprocess.Popen([udevd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        for _ in range(100):
-            if os.path.exists("/run/udev/control"):
-                break
-            time.sleep(0.1)
-        subprocess.run(["udevadm", "trigger", "--action=add"], check=True)
-        subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)
+    """udevd for one test: no /dev/disk/by-* links exist without it."""
+    with running_udevd():
         yield
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def iscsi_xml(name: str, srv: Server, target: str, auth: str = "",

@@ -462,6 +462,14 @@ class Backend(abc.ABC):
         None: every extent that holds data)."""
         raise self.unsupported("backup snapshots")
 
+    def backup_changes(self, pool: PoolDef, rec: VolumeRecord, snap: str, since: str | None
+                       ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(changed, holes): ``backup_extents``, and the extents that are holes in
+        ``snap`` though the storage cannot tell since when (they changed only where the
+        previous backup held data there). Storage that knows when a hole was made
+        reports it among the changed extents, and no holes."""
+        return self.backup_extents(pool, rec, snap, since), []
+
     def frozen_source(self, pool: PoolDef,
                       rec: VolumeRecord) -> AbstractContextManager[QemuSource]:
         """The volume as it is at this instant, readable while the context lasts (a

@@ -402,9 +402,12 @@ class _Backup:
         snap = be.backup_snapshot(pool, rec, self.m.id)
         self.m.snapshot = snap
         try:
-            todo = _chunks_of(be.backup_extents(pool, rec, snap, since), self.chunk,
-                              rec.capacity)
+            changed, holes = be.backup_changes(pool, rec, snap, since)
+            todo = _chunks_of(changed, self.chunk, rec.capacity)
             base = parent if since is not None else None
+            if base is not None:
+                # A chunk that was all zeros and is a hole still is unchanged.
+                todo |= _chunks_of(holes, self.chunk, rec.capacity) & base.chunks.keys()
             inherited = ({i: h for i, h in base.chunks.items() if i not in todo}
                          if base is not None else {})
             with open_reader(be, pool, rec, snapshot=snap) as reader:

@@ -8,11 +8,12 @@ have; zpool's sizes come from the pool's root dataset for the same reason.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from virtstore.errors import CommandFailed
-from virtstore.host.runner import Result, run, which
+from virtstore.host.runner import Result, run, stream, which
 
 ZFS_FUSE_SOCKET = "/var/run/zfs/zfs_socket"
 
@@ -57,6 +58,16 @@ def daemon_running() -> bool:
         return False
     finally:
         s.close()
+
+
+def wait_for_node(path: str, timeout: float = 10.0) -> None:
+    """udev makes a zvol's /dev/zvol/ link an instant after 'zfs create' (or clone,
+    rename) returns."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def zpool(args: Sequence[str], *, check: bool = True, timeout: float = 120.0) -> Result:
@@ -131,6 +142,14 @@ def dataset(name: str) -> Dataset | None:
     return found[0] if found else None
 
 
+def dependent_clones(name: str) -> list[str]:
+    """The clones made from snapshots of dataset ``name``."""
+    out = zfs(["get", "-H", "-r", "-d", "1", "-t", "snapshot", "-o", "value", "clones",
+               name]).stdout
+    return [c for line in out.splitlines() for c in line.split(",")
+            if c and c != "-"]
+
+
 def pool_names() -> list[str]:
     return [n for n in zpool(["list", "-H", "-o", "name"]).stdout.split("\n") if n]
 
@@ -191,3 +210,72 @@ def importable(search_dirs: Sequence[str] = ("/dev",)) -> list[ImportablePool]:
         args += ["-d", d]
     res = zpool(args, check=False)
     return parse_import_listing(res.stdout + "\n" + res.stderr)
+
+
+def copy(snapshot: str, target: str, *,
+         should_stop: Callable[[], bool] | None = None) -> None:
+    """A new dataset ``target`` with the content of ``snapshot``, as blocks of its own
+    (``zfs send | zfs receive``: holes stay holes, nothing is shared with the source).
+    The snapshot ``zfs receive`` leaves on ``target`` is destroyed."""
+    stream(["bash", "-c", 'set -o pipefail; zfs send "$1" | zfs receive "$2"', "zfs-copy",
+            snapshot, target], lambda _line: None, should_stop=should_stop, timeout=None)
+    zfs(["destroy", f"{target}@{snapshot.split('@', 1)[1]}"])
+
+
+# A zvol's data is object 1 of its dataset (ZVOL_OBJ); object 2 holds its properties.
+ZVOL_OBJECT = 1
+_FIELD = re.compile(r"(\w+) = (-?\d+)")
+TO_THE_END = 1 << 62  # a FREE record's length -1: from its offset to the end
+
+
+def _merged(ranges: list[tuple[int, int]], off: int, length: int) -> None:
+    if ranges and ranges[-1][0] + ranges[-1][1] == off:
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+    else:
+        ranges.append((off, length))
+
+
+def parse_stream_dump(lines: Sequence[str], *, obj: int = ZVOL_OBJECT
+                      ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``zstream dump -v`` output -> (written, freed): the (offset, length) ranges of
+    object ``obj`` in its WRITE records (data the stream carries) and in its FREE
+    records (ranges that are holes; length -1, to the end, comes back as TO_THE_END),
+    adjacent ranges merged."""
+    written: list[tuple[int, int]] = []
+    freed: list[tuple[int, int]] = []
+    for line in lines:
+        kind = line.split(" ", 1)[0]
+        if kind not in ("WRITE", "FREE"):
+            continue
+        f = dict(_FIELD.findall(line))
+        if int(f.get("object", -1)) != obj:
+            continue
+        length = int(f["logical_size"] if kind == "WRITE" else f["length"])
+        if length < 0:
+            length = TO_THE_END
+        if length:
+            _merged(written if kind == "WRITE" else freed, int(f["offset"]), length)
+    return written, freed
+
+
+def send_ranges(snapshot: str, since: str | None = None, *,
+                should_stop: Callable[[], bool] | None = None
+                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """What ``zfs send`` of zvol snapshot ``snapshot`` carries, as byte ranges of the
+    volume (written, freed): every block that holds data and the holes (a full
+    stream), or with ``since`` (an earlier snapshot of the same zvol) the blocks written
+    after it and the ranges it reports as holes (``zfs send -i``). ZFS finds these from
+    block birth times, without comparing data; the stream goes through ``zstream dump
+    -v``, which prints its records. An incremental stream's FREE records also cover
+    ranges that were holes already in ``since`` (ZFS knows a hole's age only roughly):
+    freed means "a hole now", not "changed"."""
+    lines: list[str] = []
+
+    def keep(line: str) -> None:
+        if line.startswith(("WRITE ", "FREE ")):
+            lines.append(line)
+
+    incr = ["-i", since] if since is not None else []
+    stream(["bash", "-c", 'set -o pipefail; zfs send "$@" | zstream dump -v', "zfs-send",
+            *incr, snapshot], keep, should_stop=should_stop, timeout=None)
+    return parse_stream_dump(lines)
