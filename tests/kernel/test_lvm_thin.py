@@ -136,7 +136,7 @@ def test_snapshots_revert_and_linked_clone(thin_pool: str,
 
 
 def test_thick_volumes_have_no_snapshots_and_backing_store_is_a_snapshot(
-        lab: BlockLab, conn: EmbeddedConnection) -> None:
+        lab: BlockLab, conn: EmbeddedConnection, tmp_path: Path) -> None:
     vg = lab.vg("vsthick")
     conn.pool_define_xml(pool_xml(vg, lab.loop(96 * MiB)))
     conn.pool_build(vg)
@@ -154,6 +154,11 @@ def test_thick_volumes_have_no_snapshots_and_backing_store_is_a_snapshot(
     assert f"/dev/{vg}/base" in conn.volume_xml(vg, "snap")
     upload(conn, vg, "base", os.urandom(MiB))
     assert download(conn, vg, "snap", MiB) == first
+    # No thin pool to ask what changed: a thick LV's backups read it whole.
+    wait(conn, conn.volume_backup(vg, "base", str(tmp_path / "bk")).id)
+    (full,) = conn.backup_list(str(tmp_path / "bk"))
+    assert full["tracking"] == "block-hash"
+    assert not [n for n in lvs(vg) if n.startswith("virtstore-")]
 
 
 CHUNK = 4 * MiB
