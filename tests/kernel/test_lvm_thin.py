@@ -221,13 +221,16 @@ def test_backups_of_a_thin_volume_tracked_by_thin_delta(thin_pool: str,
     conn.volume_delete(vg, "db-now")
     conn.volume_delete(vg, "db-then")
 
-    # A snapshot removed by hand gives a full backup, said so.
+    # A snapshot removed by hand gives a full backup, said so; a metadata snapshot
+    # left held (as by a killed backup) is released, and the backup goes on.
     lvm("lvremove", "-f", f"{vg}/{inc['snapshot']}")
+    sh("dmsetup", "message", f"{vg}-tp-tpool", "0", "reserve_metadata_snap")
     wait(conn, conn.volume_backup(vg, "db", bdir, incremental=True).id)
     last = next(m for m in conn.backup_list(bdir) if m["id"] not in (full["id"], inc["id"]))
     assert last["kind"] == "full" and "missing" in " ".join(last["warnings"])
     # Chunks 0, 1, 2 and 6 are mapped; 3 and 7 are not since their discards.
     assert last["stats"]["chunks_read"] == 4
+    assert sh("dmsetup", "status", f"{vg}-tp-tpool").stdout.split()[6] == "-"
     # Deleting the volume removes its backup snapshot too.
     conn.volume_delete(vg, "db")
     assert not [n for n in lvs(vg) if n.startswith(("db", "virtstore-"))]
