@@ -357,3 +357,22 @@ def test_parse_recorded_thin_report() -> None:
     assert (vol.capacity, vol.allocation) == (256 * MiB, round(256 * MiB * 0.0312))
     assert lvs["tp"].used == round(120 * MiB * 0.0667)
     assert be._record(pool, lvs["clone"]).backing_path == "/dev/vsrecthin/vol"
+
+
+def test_parse_recorded_thin_delta_and_thin_dump() -> None:
+    """thin_delta and thin_dump from the kernel lab (a 32 MiB thin volume in a pool of
+    64 KiB blocks: 4 MiB written, a snapshot; then 1 MiB overwritten at 1 MiB, 1 MiB
+    written at 8 MiB, 1 MiB at 3 MiB discarded, a second snapshot), plain and --verbose:
+    the changed ranges, and apart from them the ranges unmapped since (holes)."""
+    want = ([(1 * MiB, MiB), (8 * MiB, MiB)], [(3 * MiB, MiB)])
+    assert lvmmod.parse_thin_delta((DATA / "thin-delta.xml").read_text()) == want
+    assert lvmmod.parse_thin_delta((DATA / "thin-delta-verbose.xml").read_text()) == want
+    # The first snapshot's mappings: the 4 MiB written, in one range.
+    assert lvmmod.parse_thin_dump((DATA / "thin-dump.xml").read_text()) == [(0, 4 * MiB)]
+    single = ("<superblock data_block_size='128'><device dev_id='1'>"
+              "<single_mapping origin_block='3' data_block='9' time='0'/></device>"
+              "</superblock>")
+    assert lvmmod.parse_thin_dump(single) == [(3 * 64 * 1024, 64 * 1024)]
+    with pytest.raises(ValueError, match="data block size"):
+        lvmmod.parse_thin_delta("<superblock><diff/></superblock>")
+

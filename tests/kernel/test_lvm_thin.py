@@ -8,10 +8,11 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
-from block_fixtures import BlockLab, lvm
+from block_fixtures import BlockLab, lvm, sh
 from virtstore.api import VolumeCreateArgs
 from virtstore.api.embedded import EmbeddedConnection
 from virtstore.errors import NoSuchVolume, Unsupported
@@ -135,7 +136,7 @@ def test_snapshots_revert_and_linked_clone(thin_pool: str,
 
 
 def test_thick_volumes_have_no_snapshots_and_backing_store_is_a_snapshot(
-        lab: BlockLab, conn: EmbeddedConnection) -> None:
+        lab: BlockLab, conn: EmbeddedConnection, tmp_path: Path) -> None:
     vg = lab.vg("vsthick")
     conn.pool_define_xml(pool_xml(vg, lab.loop(96 * MiB)))
     conn.pool_build(vg)
@@ -153,3 +154,83 @@ def test_thick_volumes_have_no_snapshots_and_backing_store_is_a_snapshot(
     assert f"/dev/{vg}/base" in conn.volume_xml(vg, "snap")
     upload(conn, vg, "base", os.urandom(MiB))
     assert download(conn, vg, "snap", MiB) == first
+    # No thin pool to ask what changed: a thick LV's backups read it whole.
+    wait(conn, conn.volume_backup(vg, "base", str(tmp_path / "bk")).id)
+    (full,) = conn.backup_list(str(tmp_path / "bk"))
+    assert full["tracking"] == "block-hash"
+    assert not [n for n in lvs(vg) if n.startswith("virtstore-")]
+
+
+CHUNK = 4 * MiB
+
+
+def test_backups_of_a_thin_volume_tracked_by_thin_delta(thin_pool: str,
+                                                        conn: EmbeddedConnection,
+                                                        tmp_path: Path) -> None:
+    vg = thin_pool
+    conn.volume_create(vg, VolumeCreateArgs(name="db", capacity=32 * MiB))
+    v1 = os.urandom(4 * CHUNK)
+    upload(conn, vg, "db", v1)
+    bdir = str(tmp_path / "bk")
+    wait(conn, conn.volume_backup(vg, "db", bdir).id)
+    (full,) = conn.backup_list(bdir)
+    assert (full["kind"], full["tracking"]) == ("full", "thin-delta")
+    assert full["snapshot"] == f"virtstore-backup-{full['id']}"
+    # The pool's metadata maps only the 4 chunks written: the other 4 are not read.
+    assert full["stats"]["chunks_read"] == 4
+    # The backup's thin snapshot: inactive, read-only, hidden from the volume's
+    # snapshots and from the pool's volumes.
+    rep = lvs(vg)
+    attr = rep[full["snapshot"]]["lv_attr"]
+    assert attr[0] == "V" and attr[1] == "r" and attr[4] == "-"
+    assert conn.volume_snapshot_list(vg, "db") == []
+    assert [v.name for v in conn.list_volumes(vg)] == ["db"]
+
+    # Chunk 1 partly overwritten, chunk 6 written (nothing there before), chunk 3
+    # discarded (unmapped: reads zeros now), chunk 7 discarded though it held nothing:
+    # the incremental reads chunks 1, 3 and 6 only.
+    part = os.urandom(2 * MiB)
+    wait(conn, conn.volume_upload(vg, "db", io.BytesIO(part), offset=CHUNK + MiB).id)
+    new6 = os.urandom(MiB)
+    wait(conn, conn.volume_upload(vg, "db", io.BytesIO(new6), offset=6 * CHUNK).id)
+    for chunk in (3, 7):
+        sh("blkdiscard", "-o", str(chunk * CHUNK), "-l", str(CHUNK), f"/dev/{vg}/db")
+    v2 = bytearray(v1 + bytes(4 * CHUNK))
+    v2[CHUNK + MiB:CHUNK + 3 * MiB] = part
+    v2[3 * CHUNK:4 * CHUNK] = bytes(CHUNK)
+    v2[6 * CHUNK:6 * CHUNK + MiB] = new6
+    assert download(conn, vg, "db", 32 * MiB) == bytes(v2)
+    wait(conn, conn.volume_backup(vg, "db", bdir, incremental=True).id)
+    inc = next(m for m in conn.backup_list(bdir) if m["id"] != full["id"])
+    assert (inc["kind"], inc["parent"], inc["tracking"]) == ("incremental", full["id"],
+                                                            "thin-delta")
+    assert inc["stats"]["chunks_read"] == 3
+    assert not inc["warnings"]
+    # The chain keeps one thin snapshot of the volume: the newest backup's.
+    assert sorted(n for n in lvs(vg) if n.startswith("virtstore-backup-")) == \
+        [inc["snapshot"]]
+    # No metadata snapshot stays held by the pool (dmsetup status: held root "-").
+    status = sh("dmsetup", "status", f"{vg}-tp-tpool").stdout.split()
+    assert status[2] == "thin-pool" and status[6] == "-"
+
+    # Both points restore, byte for byte.
+    wait(conn, conn.volume_restore(bdir, vg, "db-now").id)
+    assert download(conn, vg, "db-now", 32 * MiB) == bytes(v2)
+    wait(conn, conn.volume_restore(bdir, vg, "db-then", point=full["id"]).id)
+    assert download(conn, vg, "db-then", 32 * MiB) == v1 + bytes(4 * CHUNK)
+    conn.volume_delete(vg, "db-now")
+    conn.volume_delete(vg, "db-then")
+
+    # A snapshot removed by hand gives a full backup, said so; a metadata snapshot
+    # left held (as by a killed backup) is released, and the backup goes on.
+    lvm("lvremove", "-f", f"{vg}/{inc['snapshot']}")
+    sh("dmsetup", "message", f"{vg}-tp-tpool", "0", "reserve_metadata_snap")
+    wait(conn, conn.volume_backup(vg, "db", bdir, incremental=True).id)
+    last = next(m for m in conn.backup_list(bdir) if m["id"] not in (full["id"], inc["id"]))
+    assert last["kind"] == "full" and "missing" in " ".join(last["warnings"])
+    # Chunks 0, 1, 2 and 6 are mapped; 3 and 7 are not since their discards.
+    assert last["stats"]["chunks_read"] == 4
+    assert sh("dmsetup", "status", f"{vg}-tp-tpool").stdout.split()[6] == "-"
+    # Deleting the volume removes its backup snapshot too.
+    conn.volume_delete(vg, "db")
+    assert not [n for n in lvs(vg) if n.startswith(("db", "virtstore-"))]

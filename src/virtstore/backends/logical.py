@@ -23,7 +23,11 @@ percent). A thin volume has storage snapshots: thin snapshots named ``VOL+SNAP``
 them). Revert puts a new thin snapshot of the snapshot in the volume's place (not
 ``lvconvert --merge``: that needs the snapshot's origin to be the volume, which a
 previous revert has replaced); a linked clone of a thin volume is an active thin
-snapshot of it.
+snapshot of it. Backups of a thin volume are tracked with ``thin_delta``
+(``thin-delta``): each takes a hidden, inactive, read-only thin snapshot
+``virtstore-backup-ID`` (tagged ``virtstore_backup``), read for the backup; the next
+backup reads only the blocks the pool's metadata maps differently in its own snapshot
+(docs/backup.md). Thick LVs are read whole (``block-hash``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
 
 from virtstore.backends import _block_utils as bu
@@ -63,6 +67,8 @@ from virtstore.host import devices, lvm
 from virtstore.xml import Extent, PoolDef, VolSource
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from virtstore.data.monitor import Monitor
     from virtstore.host.nbd import QemuSource
     from virtstore.types import SnapshotInfo
@@ -71,6 +77,13 @@ log = logging.getLogger("virtstore")
 
 STAGING_PREFIX = "virtstore-staging-"
 SNAPSHOT_TAG = "virtstore_snapshot"
+# A backup's thin snapshot: named BACKUP_SNAP_PREFIX + backup ID (no volume's or user
+# snapshot's LV can be: volume names cannot start with "virtstore-"), tagged with this
+# and with BACKUP_OF_TAG + its volume's name.
+BACKUP_TAG = "virtstore_backup"
+BACKUP_OF_TAG = "virtstore_backup_of="
+BACKUP_SNAP_PREFIX = "virtstore-backup-"
+TRACK_THIN_DELTA = "thin-delta"
 CREATED_TAG = "virtstore_created="  # + seconds since the epoch
 _SNAP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -268,7 +281,7 @@ class LogicalBackend(BlockClones):
 
     def _visible(self, lv: lvm.LogicalVolume) -> bool:
         return not (lv.hidden or lv.is_thin_pool or lv.name.startswith(STAGING_PREFIX)
-                    or SNAPSHOT_TAG in lv.tags)
+                    or SNAPSHOT_TAG in lv.tags or BACKUP_TAG in lv.tags)
 
     def scan(self, pool: PoolDef, known: Mapping[str, Stamp]) -> ScanResult:
         res = ScanResult()
@@ -383,7 +396,7 @@ class LogicalBackend(BlockClones):
                  "--thinpool", thin_pool, vg])
 
     def thin_snapshot(self, vg: str, name: str, origin: str, *, active: bool,
-                      tags: tuple[str, ...] = ()) -> None:
+                      tags: tuple[str, ...] = (), read_only: bool = False) -> None:
         """A thin snapshot of thin LV ``origin``: active (a volume of its own) or left
         inactive (a storage snapshot, LVM's default for thin snapshots)."""
         if not lvm.device_mapper_available():
@@ -391,6 +404,8 @@ class LogicalBackend(BlockClones):
         argv = ["lvcreate", "-y", "--snapshot", "--name", name]
         if active:
             argv += ["--setactivationskip", "n"]
+        if read_only:
+            argv += ["--permission", "r"]
         for tag in tags:
             argv += ["--addtag", tag]
         lvm.lvm([*argv, f"{vg}/{origin}"])
@@ -589,5 +604,75 @@ class LogicalBackend(BlockClones):
         lvm.lvm(["lvremove", "-f", f"{_vg_name(pool)}/{lv.name}"])
 
     def forget_snapshots(self, pool: PoolDef, rec: VolumeRecord) -> None:
-        for lv in self._snapshots(pool, rec.name).values():
+        mine = f"{BACKUP_OF_TAG}{rec.name}"
+        backups = [lv for lv in lvm.lvs(_vg_name(pool))
+                   if BACKUP_TAG in lv.tags and mine in lv.tags]
+        for lv in [*self._snapshots(pool, rec.name).values(), *backups]:
             lvm.lvm(["lvremove", "-f", f"{_vg_name(pool)}/{lv.name}"], check=False)
+
+    # -- change tracking for backups: thin_delta ------------------------------------
+    backup_tracking = TRACK_THIN_DELTA
+
+    def backup_tracking_for(self, pool: PoolDef, rec: VolumeRecord) -> str:
+        """thin-delta for a thin LV on a host with the thin tools; others read whole."""
+        if not lvm.device_mapper_available() or lvm.thin_tools_problem():
+            return ""
+        lv = self._lv(pool, rec.name)
+        return TRACK_THIN_DELTA if lv is not None and lv.is_thin else ""
+
+    def _backup_lv(self, pool: PoolDef, rec: VolumeRecord,
+                   snap: str) -> lvm.LogicalVolume | None:
+        if not snap.startswith(BACKUP_SNAP_PREFIX):
+            raise InvalidArgument(f"'{snap}' is not a backup snapshot")
+        lv = self._lv(pool, snap)
+        if lv is None or BACKUP_TAG not in lv.tags \
+                or f"{BACKUP_OF_TAG}{rec.name}" not in lv.tags:
+            return None
+        return lv
+
+    def backup_snapshot(self, pool: PoolDef, rec: VolumeRecord, backup_id: str) -> str:
+        """An inactive, read-only thin snapshot, hidden from listings."""
+        lv = self._thin_volume(pool, rec)
+        snap = BACKUP_SNAP_PREFIX + backup_id
+        self.thin_snapshot(_vg_name(pool), snap, lv.name, active=False, read_only=True,
+                           tags=(BACKUP_TAG, f"{BACKUP_OF_TAG}{rec.name}"))
+        return snap
+
+    def backup_snapshot_exists(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> bool:
+        return self._backup_lv(pool, rec, snap) is not None
+
+    def backup_snapshot_drop(self, pool: PoolDef, rec: VolumeRecord, snap: str) -> None:
+        if self._backup_lv(pool, rec, snap) is not None:
+            lvm.lvm(["lvremove", "-f", f"{_vg_name(pool)}/{snap}"])
+
+    def backup_changes(self, pool: PoolDef, rec: VolumeRecord, snap: str, since: str | None
+                       ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """From the thin pool's metadata: the blocks of ``snap`` mapped differently
+        than in ``since`` or only in ``snap``, and as holes those mapped only in
+        ``since`` (now reading zeros); without ``since``, every mapped block."""
+        vg = _vg_name(pool)
+        names = [snap] if since is None else [snap, since]
+        ids = lvm.thin_ids(vg, names)
+        lv = self._lv(pool, snap)
+        missing = [n for n in names if n not in ids]
+        if missing or lv is None:
+            raise NoSuchVolume(f"no thin snapshot '{', '.join(missing or names)}' of "
+                               f"volume '{rec.name}'")
+        return lvm.thin_changes(vg, lv.pool_lv, ids[snap],
+                                None if since is None else ids[since])
+
+    @contextmanager
+    def snapshot_source(self, pool: PoolDef, rec: VolumeRecord,
+                        snap: str) -> Iterator[QemuSource]:
+        """The backup's snapshot, activated (read-only, as it was made) for the read
+        and deactivated after."""
+        from virtstore.host.nbd import QemuSource
+
+        if self._backup_lv(pool, rec, snap) is None:
+            raise NoSuchVolume(f"no backup snapshot '{snap}' of volume '{rec.name}'")
+        name = f"{_vg_name(pool)}/{snap}"
+        lvm.lvm(["lvchange", "-ay", "--ignoreactivationskip", name])
+        try:
+            yield QemuSource(image=lvm.dm_node(_vg_name(pool), snap), fmt="raw")
+        finally:
+            lvm.lvm(["lvchange", "-an", name], check=False)

@@ -9,16 +9,21 @@ command gets ``--driverloaded n``: LVM then changes metadata only (no activation
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from virtstore.errors import CommandFailed
 from virtstore.host.runner import run, which
 
 # lvm complains about every inherited descriptor otherwise.
 _ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
+log = logging.getLogger("virtstore")
 
 VG_FIELDS = "vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count," \
             "pv_count,lv_count,vg_attr,vg_lock_type"
@@ -374,3 +379,127 @@ def lockspaces() -> dict[str, Lockspace]:
     if problem:
         raise CommandFailed(problem, argv=["lvmlockctl", "-i"])
     return parse_lockctl_info(run(["lvmlockctl", "-i"], env=_ENV, timeout=60).stdout)
+
+
+# -- thin pools' metadata: what thin_delta and thin_dump say ------------------------
+
+THIN_TOOLS = ("dmsetup", "thin_delta", "thin_dump")
+# One metadata snapshot per thin pool at a time: the kernel refuses a second one.
+_METADATA_SNAPS = threading.Lock()
+SECTOR = 512
+
+
+def thin_tools_problem() -> str | None:
+    missing = [t for t in THIN_TOOLS if which(t) is None]
+    if missing:
+        return (f"{', '.join(missing)} not installed (Debian dmsetup, "
+                "thin-provisioning-tools)")
+    return None
+
+
+def thin_ids(vg_name: str, names: Sequence[str]) -> dict[str, int]:
+    """The thin device IDs of thin LVs, by name (the IDs the pool's metadata uses)."""
+    rows = _report(lvm(["lvs", *_REPORT_OPTS, "-o", "lv_name,thin_id",
+                        *(f"{vg_name}/{n}" for n in names)]), "lv")
+    return {r["lv_name"]: _int(r.get("thin_id")) for r in rows if r.get("thin_id")}
+
+
+def _tpool(vg_name: str, pool: str) -> str:
+    """The device-mapper name of a thin pool's pool target (``VG-POOL-tpool``)."""
+    return dm_node(vg_name, pool).rsplit("/", 1)[1] + "-tpool"
+
+
+def _held_metadata_snap(tpool: str) -> bool:
+    """Whether the pool holds a metadata snapshot (``dmsetup status``: its
+    held_metadata_root field, a block number, or "-" when none is held)."""
+    words = run(["dmsetup", "status", tpool], timeout=60).stdout.split()
+    # start length thin-pool transaction_id used/total used/total held_root ...
+    return len(words) > 6 and words[2] == "thin-pool" and words[6] != "-"
+
+
+@contextmanager
+def metadata_snapshot(vg_name: str, pool: str) -> Iterator[str]:
+    """A metadata snapshot of an active thin pool (``reserve_metadata_snap``: the
+    kernel commits its mappings and keeps that copy unchanged for userland), released
+    after, on errors too; yields the metadata device that thin_delta and thin_dump read
+    with ``--metadata-snap``. A snapshot a killed reader left held is released first."""
+    tpool = _tpool(vg_name, pool)
+    with _METADATA_SNAPS:
+        try:
+            run(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"], timeout=60)
+        except CommandFailed:
+            if not _held_metadata_snap(tpool):
+                raise
+            log.warning("thin pool %s/%s held a metadata snapshot no one released: "
+                        "releasing it", vg_name, pool)
+            run(["dmsetup", "message", tpool, "0", "release_metadata_snap"], timeout=60)
+            run(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"], timeout=60)
+        try:
+            yield dm_node(vg_name, f"{pool}_tmeta")
+        finally:
+            run(["dmsetup", "message", tpool, "0", "release_metadata_snap"], timeout=60,
+                check=False)
+
+
+Ranges = list[tuple[int, int]]
+
+
+def _xml_root(text: str) -> Any:
+    from lxml import etree
+
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    return etree.fromstring(text.encode(), parser)
+
+
+def _block_bytes(root: Any) -> int:
+    size = _int(root.get("data_block_size"))
+    if size <= 0:
+        raise ValueError("the thin pool metadata names no data block size")
+    return size * SECTOR
+
+
+def parse_thin_delta(text: str) -> tuple[Ranges, Ranges]:
+    """``thin_delta``'s XML as byte ranges (offset, length) of the thin devices:
+    (changed, unmapped): the blocks mapped differently in the two (``different``) or
+    mapped only in the second (``right_only``), and those mapped only in the first
+    (``left_only``: holes in the second, reading zeros). Blocks are the pool's data
+    blocks (the superblock's ``data_block_size``, in sectors)."""
+    root = _xml_root(text)
+    block = _block_bytes(root)
+    changed: Ranges = []
+    unmapped: Ranges = []
+    for el in root.iter("different", "right_only", "left_only"):
+        # <different begin= length=/>, or with --verbose <different><range begin=...
+        for rng in [el] if el.get("begin") is not None else el.iter("range"):
+            (unmapped if el.tag == "left_only" else changed).append(
+                (_int(rng.get("begin")) * block, _int(rng.get("length")) * block))
+    return changed, unmapped
+
+
+def parse_thin_dump(text: str) -> Ranges:
+    """``thin_dump``'s XML of one thin device: its mapped byte ranges."""
+    root = _xml_root(text)
+    block = _block_bytes(root)
+    out: Ranges = []
+    for el in root.iter("range_mapping", "single_mapping"):
+        if el.tag == "range_mapping":
+            out.append((_int(el.get("origin_begin")) * block, _int(el.get("length")) * block))
+        else:
+            out.append((_int(el.get("origin_block")) * block, block))
+    return out
+
+
+def thin_changes(vg_name: str, pool: str, dev_id: int,
+                 since_id: int | None) -> tuple[Ranges, Ranges]:
+    """What the pool's metadata says of thin device ``dev_id``: with ``since_id`` (an
+    earlier thin snapshot in the same pool) the ranges mapped differently or only in
+    ``dev_id`` and those mapped only in ``since_id`` (``thin_delta``), without it every
+    mapped range and no holes (``thin_dump``)."""
+    with metadata_snapshot(vg_name, pool) as meta:
+        if since_id is None:
+            out = run(["thin_dump", "--metadata-snap", "--dev-id", str(dev_id), meta],
+                      timeout=None).stdout
+            return parse_thin_dump(out), []
+        out = run(["thin_delta", "--metadata-snap", "--snap1", str(since_id), "--snap2",
+                   str(dev_id), meta], timeout=None).stdout
+        return parse_thin_delta(out)
