@@ -19,7 +19,13 @@ from types import ModuleType
 
 from virtstore.backends.base import Backend, CloneOptions, SnapshotRow, VolumeRecord
 from virtstore.errors import InvalidArgument, NoSpace, OperationInvalid, Unsupported
-from virtstore.host.files import open_volume, refuse_symlink, regular_size, remove_quietly
+from virtstore.host.files import (
+    fsync_path,
+    open_volume,
+    refuse_symlink,
+    regular_size,
+    remove_quietly,
+)
 from virtstore.types import SnapshotInfo
 
 TYPE_CHECKING = False
@@ -42,14 +48,6 @@ _BYTE_COPYABLE = ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "luks", "iso")
 INTERNAL = "internal"
 EXTERNAL = "external"
 REFLINK = "reflink"
-
-
-def fsync_path(path: str) -> None:
-    fd = open_volume(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create_overlay(path: str, capacity: int, backing: str, backing_format: str | None,

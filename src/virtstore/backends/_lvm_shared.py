@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 from virtstore.errors import Busy, CommandFailed, OperationInvalid
 from virtstore.host import lvm
+from virtstore.host.files import wait_for_path
 from virtstore.xml import PoolDef
 
 log = logging.getLogger("virtstore")
@@ -51,9 +51,7 @@ def lockstart(pool: PoolDef, vg: lvm.VolumeGroup) -> None:
     if vg.lock_type == "sanlock" and not os.path.exists(node):
         log.info("pool '%s': lockspace join failed before %s existed; trying again "
                  "once it does", pool.name, node)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(node) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for_path(node)
         try:
             lvm.lvm(argv, timeout=300)
             return

@@ -43,6 +43,7 @@ from virtstore.errors import (
     Unsupported,
 )
 from virtstore.host import zfs as zfsmod
+from virtstore.host.files import wait_for_path
 from virtstore.xml import PoolDef
 
 if TYPE_CHECKING:
@@ -201,13 +202,13 @@ class ZfsBackend(BlockDataOps):
         if not zfsmod.has_zvols():
             raise Unsupported(NO_ZVOLS)
         path = f"/dev/zvol/{staging}"
-        zfsmod.wait_for_node(path)
+        wait_for_path(path)
         return nullcontext(QemuSource(image=path, fmt="raw"))
 
     def block_device(self, pool: PoolDef, rec: VolumeRecord) -> str:
         if not zfsmod.has_zvols():
             raise Unsupported(NO_ZVOLS)
-        zfsmod.wait_for_node(rec.path)
+        wait_for_path(rec.path)
         return rec.path
 
     def vol_resize(self, pool: PoolDef, rec: VolumeRecord, capacity: int, *,
@@ -394,7 +395,7 @@ class ZfsBackend(BlockDataOps):
                     f"{self._dataset(pool, rec.name)}@{snap}", clone])
         try:
             path = f"/dev/zvol/{clone}"
-            zfsmod.wait_for_node(path)
+            wait_for_path(path)
             yield QemuSource(image=path, fmt="raw")
         finally:
             zfsmod.zfs(["destroy", clone], check=False)

@@ -110,7 +110,7 @@ def _copy_file(source: str, staging: str, fmt: str, mon: Monitor) -> None:
     other format by ``qemu-img convert`` (which leaves zero clusters out); synced."""
     from virtstore.data.copy import copy_sparse
     from virtstore.data.extents import size_of
-    from virtstore.host.files import open_volume
+    from virtstore.host.files import fsync_path, open_volume
 
     if fmt == "raw":
         src = open_volume(source, os.O_RDONLY)
@@ -128,11 +128,7 @@ def _copy_file(source: str, staging: str, fmt: str, mon: Monitor) -> None:
     from virtstore.data.convert import convert
 
     convert(source, "raw", staging, fmt, monitor=mon, target_exists=True)
-    dst = open_volume(staging, os.O_RDONLY)
-    try:
-        os.fsync(dst)
-    finally:
-        os.close(dst)
+    fsync_path(staging)
 
 
 def _checkpointed(ckdir: str, source: str, reader: Reader, todo: list[int], out: Writer,

@@ -42,6 +42,15 @@ def atomic_write(path: str, data: bytes | str | memoryview, mode: int = 0o600, *
         fsync_dir(directory)
 
 
+def fsync_path(path: str) -> None:
+    """Make a file's or a device's written data durable."""
+    fd = open_volume(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(directory: str) -> None:
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -55,6 +64,19 @@ def ensure_dir(path: str, mode: int = 0o755, *, exact: bool = False) -> None:
     os.makedirs(path, mode=mode, exist_ok=True)
     if exact:
         os.chmod(path, mode)
+
+
+def wait_for_path(path: str, timeout: float = 10.0) -> bool:
+    """Wait until ``path`` exists (a device node udev makes an instant after the command
+    that made its device returned); whether it does."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def read_bytes(path: str) -> bytes | None:

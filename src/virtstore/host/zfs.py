@@ -60,16 +60,6 @@ def daemon_running() -> bool:
         s.close()
 
 
-def wait_for_node(path: str, timeout: float = 10.0) -> None:
-    """udev makes a zvol's /dev/zvol/ link an instant after 'zfs create' (or clone,
-    rename) returns."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def zpool(args: Sequence[str], *, check: bool = True, timeout: float = 120.0) -> Result:
     return run(["zpool", *args], check=check, timeout=timeout)
 
