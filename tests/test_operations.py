@@ -41,9 +41,7 @@ from virtstore.types import field_names
 NOT_REMOTE = {"close", "pool", "volume_disk_xml", "volume_by_path_or_key",
               "volume_export_nbd",
               # handles and conveniences built on the declared methods
-              "volume", "secret", "job", "define_pool", "define_secret",
-              # list_volumes as the daemon answers it (JSON made by the engine)
-              "list_volumes_json"}
+              "volume", "secret", "job", "define_pool", "define_secret"}
 
 
 # Parameters that never cross the wire: where a download's bytes go, and whether holes
@@ -52,8 +50,10 @@ CLIENT_SIDE = {"volume_download": {"sink", "sparse"}}
 
 
 def _methods() -> set[str]:
+    # An operation's json_method is the server's way of answering it, not one of its own.
     return {n for n, v in vars(Connection).items()
-            if callable(v) and not n.startswith("_")} - NOT_REMOTE
+            if callable(v) and not n.startswith("_")} - NOT_REMOTE - {
+                op.json_method for op in OPS}
 
 
 def _params(op: Op) -> set[str]:

@@ -93,6 +93,9 @@ class Op:
     local: bool = False  # refused over TCP (it reads host directories the caller names)
     custom: bool = False  # the server has a hand-written handler (streams, long polls)
     call: bool = True  # False: the server's own route, no Connection method
+    # The server answers with this Connection method's JSON text (same arguments), made
+    # without a record per item.
+    json_method: str = ""
 
     @property
     def status(self) -> int:
@@ -228,7 +231,7 @@ OPS: tuple[Op, ...] = (
     Op("volume_lookup_by_path", "GET", "/v1/volumes", "Look a volume up by path",
        (_q("path", required=True),), result=RECORD, record=VolumeInfo, select="path"),
     Op("list_volumes", "GET", "/v1/pools/{pool}/volumes", "The pool's volumes, in name order",
-       (IN_POOL,), result=RECORDS, record=VolumeInfo),
+       (IN_POOL,), result=RECORDS, record=VolumeInfo, json_method="list_volumes_json"),
     Op("list_volumes_page", "GET", "/v1/pools/{pool}/volumes",
        "A page of the pool's volumes (with limit): from offset, sorted by sort (name, type, "
        "format, capacity, allocation; '-' first: descending), names containing filter; "

@@ -24,7 +24,6 @@ from virtstore.api.operations import (
     NOTHING,
     QUERY,
     RAW,
-    RECORD,
     RECORDS,
     XML,
     Op,
@@ -102,14 +101,8 @@ def _remote(name: str) -> Any:
     defaults = dict(zip(names[len(names) - len(base.__defaults__ or ()):],
                         base.__defaults__ or (), strict=True))
     defaults.update(base.__kwdefaults__ or {})
-    # A lookup by the names in its path (the most frequent call): nothing to assemble.
-    lookup = (op.method == "GET" and names == op.path_names and op.result == RECORD
-              and op.record is not None and not (op.wrap or op.answer[1]))
-    record = op.record
 
     def method(self: RemoteConnection, *args: Any, **kwargs: Any) -> Any:
-        if lookup and not kwargs and len(args) == len(names):
-            return _record(record, self.http.call("GET", op.url(args)).json())  # type: ignore[arg-type]
         kw = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
         if op.pack is not None:  # a record's fields travel one by one
             kw.update(vars(kw.pop(op.pack[0]) or op.pack[1]()))

@@ -156,8 +156,9 @@ class App:
         bound = bind(op, req, params, body)
         if op.name == "volume_move" and bound.get("target") and req.peer.listener == "tcp":
             self._check_move_target(str(bound["target"]))
-        if op.name == "list_volumes":  # the one bulk answer that needs no records
-            return Response(200, self.conn.list_volumes_json(bound["pool"]), JSON)
+        if op.json_method:
+            return Response(200, getattr(self.conn, op.json_method)(**call_args(op, bound)),
+                            JSON)
         result = getattr(self.conn, op.name)(**call_args(op, bound))
         return self.answer(op, bound, result)
 
