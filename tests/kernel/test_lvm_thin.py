@@ -9,6 +9,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,22 @@ def download(conn: EmbeddedConnection, pool: str, vol: str, length: int) -> byte
     sink = io.BytesIO()
     wait(conn, conn.volume_download(pool, vol, sink, length=length).id)
     return sink.getvalue()
+
+
+def first_backup(conn: EmbeddedConnection, pool: str, data: bytes, bdir: str,
+                 tracking: str) -> dict[str, Any]:
+    """Volume "db" of 32 MiB holding ``data`` (4 chunks), backed up into ``bdir``: the
+    full backup's manifest, checked to read only the 4 chunks written, by ``tracking``,
+    with a hidden snapshot of its own."""
+    conn.volume_create(pool, VolumeCreateArgs(name="db", capacity=32 * MiB))
+    upload(conn, pool, "db", data)
+    wait(conn, conn.volume_backup(pool, "db", bdir).id)
+    (full,) = conn.backup_list(bdir)
+    assert (full["kind"], full["tracking"]) == ("full", tracking)
+    assert full["snapshot"] == f"virtstore-backup-{full['id']}"
+    # The storage knows which blocks hold data: the other 4 chunks are not read.
+    assert full["stats"]["chunks_read"] == 4
+    return full
 
 
 @pytest.fixture
@@ -168,16 +185,10 @@ def test_backups_of_a_thin_volume_tracked_by_thin_delta(thin_pool: str,
                                                         conn: EmbeddedConnection,
                                                         tmp_path: Path) -> None:
     vg = thin_pool
-    conn.volume_create(vg, VolumeCreateArgs(name="db", capacity=32 * MiB))
     v1 = os.urandom(4 * CHUNK)
-    upload(conn, vg, "db", v1)
     bdir = str(tmp_path / "bk")
-    wait(conn, conn.volume_backup(vg, "db", bdir).id)
-    (full,) = conn.backup_list(bdir)
-    assert (full["kind"], full["tracking"]) == ("full", "thin-delta")
-    assert full["snapshot"] == f"virtstore-backup-{full['id']}"
-    # The pool's metadata maps only the 4 chunks written: the other 4 are not read.
-    assert full["stats"]["chunks_read"] == 4
+    # The pool's metadata maps only the 4 chunks written.
+    full = first_backup(conn, vg, v1, bdir, "thin-delta")
     # The backup's thin snapshot: inactive, read-only, hidden from the volume's
     # snapshots and from the pool's volumes.
     rep = lvs(vg)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_lvm_thin import download, upload, wait
+from test_lvm_thin import download, first_backup, upload, wait
 
 from block_fixtures import LVM_ENV, BlockLab, sh
 from conftest import running_udevd, virtstore_cli
@@ -218,16 +218,10 @@ def test_guest_clone_of_a_zvol_disk_is_a_zfs_clone(zpool: str,
 
 def test_backups_of_a_zvol_tracked_by_zfs_send(zpool: str, conn: EmbeddedConnection,
                                                tmp_path: Path) -> None:
-    conn.volume_create(zpool, VolumeCreateArgs(name="db", capacity=32 * MiB))
     v1 = pattern(11, 12, 13, 14)
-    upload(conn, zpool, "db", v1)
     bdir = str(tmp_path / "bk")
-    wait(conn, conn.volume_backup(zpool, "db", bdir).id)
-    (full,) = conn.backup_list(bdir)
-    assert (full["kind"], full["tracking"]) == ("full", "zfs-send")
-    assert full["snapshot"] == f"virtstore-backup-{full['id']}"
     # zfs send carries the blocks that hold data: the 4 chunks written, not all 8.
-    assert full["stats"]["chunks_read"] == 4
+    full = first_backup(conn, zpool, v1, bdir, "zfs-send")
     # The backup's snapshot is ZFS's own, hidden from the volume's snapshot list.
     assert conn.volume_snapshot_list(zpool, "db") == []
     assert zfs.dataset(f"{zpool}/db@{full['snapshot']}") is not None
