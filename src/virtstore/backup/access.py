@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -87,15 +88,39 @@ class _FileReader:
 
 
 class _NbdReader:
+    """Reads from any number of threads at once: each read takes an idle connection to
+    the export, or opens one more (qemu-nbd serves several), so reads of the next chunks
+    are in flight together instead of one at a time."""
+
     def __init__(self, client: NbdClient, address: NbdAddress, capacity: int,
                  bitmap: str | None) -> None:
-        self.client = client
         self.address = address
         self.capacity = capacity
         self.bitmap = bitmap
+        self._idle = [client]
+        self._extra: list[NbdClient] = []
+        self._lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.client.pread(offset, length)
+        from virtstore.host.nbd import NbdClient
+
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
+        if client is None:
+            client = NbdClient(self.address)
+            with self._lock:
+                self._extra.append(client)
+        try:
+            return client.pread(offset, length)
+        finally:
+            with self._lock:
+                self._idle.append(client)
+
+    def close_extra(self) -> None:
+        with self._lock:
+            extra, self._extra = self._extra, []
+        for client in extra:
+            client.close()
 
     def data_extents(self) -> list[tuple[int, int]]:
         from virtstore.formats.bitmaps import data_extents
@@ -149,7 +174,11 @@ def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
         with NbdServer(src.image, fmt=src.fmt, image_opts=src.image_opts,
                        objects=src.objects, read_only=True, bitmaps=bitmaps,
                        export="backup") as srv, srv.client() as client:
-            yield _NbdReader(client, srv.address, client.size, bitmap)
+            reader = _NbdReader(client, srv.address, client.size, bitmap)
+            try:
+                yield reader
+            finally:
+                reader.close_extra()
 
 
 # The unit a chunk's zeros are skipped in when it is written into a new volume.

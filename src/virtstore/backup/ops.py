@@ -500,32 +500,36 @@ class _Backup:
         stats = {"chunks_read": 0, "bytes_read": 0, "chunks_written": 0, "bytes_written": 0,
                  "chunks_zero": 0}
         chunks = dict(inherited)
-        pending: deque[tuple[int, int, Future[tuple[str, bool]]]] = deque()
+        pending: deque[tuple[int, int, Future[tuple[str, bool] | None]]] = deque()
+
+        def one(index: int, length: int) -> tuple[str, bool] | None:
+            data = reader.read(index * self.chunk, length)
+            return None if is_zero(data) else self.repo.put_chunk(data)
 
         def settle(keep: int) -> None:
             while len(pending) > keep:
                 index, length, fut = pending.popleft()
-                chunks[index], written = fut.result()
-                if written:
-                    stats["chunks_written"] += 1
-                    stats["bytes_written"] += length
+                stored = fut.result()
+                stats["chunks_read"] += 1
+                stats["bytes_read"] += length
+                if stored is None:
+                    stats["chunks_zero"] += 1
+                else:
+                    chunks[index], written = stored
+                    if written:
+                        stats["chunks_written"] += 1
+                        stats["bytes_written"] += length
+                self.mon.advance(length)
 
-        # Hashing and the synced writes of chunks run beside the reads: each chunk is
-        # fsynced (a backup must be on disk when its manifest says so), and that wait
-        # is what a sequential loop would spend most of its time on.
+        # Each chunk is read, hashed and written (fsynced: a backup must be on disk when
+        # its manifest says so) in a worker, several at once: a read through qemu-nbd
+        # and a synced write are waits that one chunk after another would add up.
         with ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="backup") as pool:
             for index in sorted(todo):
                 self.mon.check()
                 length = m.chunk_length(index)
-                data = reader.read(index * self.chunk, length)
-                stats["chunks_read"] += 1
-                stats["bytes_read"] += length
-                if is_zero(data):
-                    stats["chunks_zero"] += 1
-                else:
-                    pending.append((index, length, pool.submit(self.repo.put_chunk, data)))
-                    settle(_IN_FLIGHT)
-                self.mon.advance(length)
+                pending.append((index, length, pool.submit(one, index, length)))
+                settle(_IN_FLIGHT)
             settle(0)
         m.chunks = chunks
         m.stats = stats
