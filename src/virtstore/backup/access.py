@@ -65,7 +65,7 @@ def open_source(source: str) -> Iterator[Reader]:
 
 
 class Writer(Protocol):
-    def write(self, offset: int, data: bytes) -> None: ...
+    def write(self, offset: int, data: bytes | memoryview) -> None: ...
 
 
 class _FileReader:
@@ -185,7 +185,7 @@ def open_reader(backend: Backend, pool: PoolDef, rec: VolumeRecord, *,
 _SPARSE_BLOCK = 64 << 10
 
 
-def write_data(out: Writer, offset: int, data: bytes) -> None:
+def write_data(out: Writer, offset: int, data: bytes | memoryview) -> None:
     """Write ``data`` at ``offset`` but for its all-zero 64 KiB blocks (runs of the
     others in one write): a new volume reads as zeros there already, so a restored or
     imported chunk allocates only what holds data."""
@@ -198,10 +198,10 @@ def write_data(out: Writer, offset: int, data: bytes) -> None:
         if not zero and start is None:
             start = pos
         elif zero and start is not None:
-            out.write(offset + start, bytes(view[start:pos]))
+            out.write(offset + start, view[start:pos])
             start = None
     if start is not None:
-        out.write(offset + start, bytes(view[start:]))
+        out.write(offset + start, view[start:])
 
 
 class _FileWriter:
@@ -213,7 +213,7 @@ class _FileWriter:
 
         self.out = RangeWriter(fd, dst_zeroed=True)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         self.out.pwrite(memoryview(data), offset)
 
 
@@ -221,7 +221,7 @@ class _NbdWriter:
     def __init__(self, client: NbdClient) -> None:
         self.client = client
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         self.client.pwrite(data, offset)
 
 
@@ -235,7 +235,7 @@ class _ZeroingWriter:
         self.capacity = capacity
         self.pos = 0
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         if offset < self.pos:
             raise ValueError("writes into a volume that is zeroed as it goes must ascend")
         if offset > self.pos:

@@ -183,7 +183,7 @@ class NbdClient:
             length -= n
         return b"".join(out)
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         while len(view):
             n = min(len(view), MAX_REQUEST)

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
-from virtstore.api import Connection
+from virtstore.api import Connection, JobInfo
 from virtstore.api.operations import BY_NAME, MAX_INT
 from virtstore.errors import InvalidArgument, VirtstoreError
 from virtstore.server.http import HTTPError, Request, Response, StreamWriter, error_response
@@ -42,11 +42,9 @@ def volume_upload(conn: Connection, req: Request, p: list[str]) -> Response:
         cl = req.headers.get("content-length")
         length = int(cl) if cl is not None and cl.isdigit() else None
     _range(a["offset"], length)
-    job = conn.volume_upload(a["pool"], a["name"], source, offset=a["offset"], length=length,
-                             sparse=a["sparse"], bandwidth=a["bandwidth"])
-    if not job.finished:
-        job = conn.job_wait(job.id)
-    return job_final(job)
+    return _when_done(conn, conn.volume_upload(a["pool"], a["name"], source,
+                                               offset=a["offset"], length=length,
+                                               sparse=a["sparse"], bandwidth=a["bandwidth"]))
 
 
 def volume_receive(conn: Connection, req: Request, p: list[str]) -> Response:
@@ -54,12 +52,14 @@ def volume_receive(conn: Connection, req: Request, p: list[str]) -> Response:
     if req.content_type != SPARSE:
         # Only the framing's end record tells a whole body from one cut short.
         raise InvalidArgument(f"a received volume travels as {SPARSE}")
-    job = conn.volume_receive(a["pool"], a["name"], data_pieces(req.stream(), a["capacity"]),
-                              a["capacity"], format=a["format"], like=a["like"],
-                              required=a["required"], bandwidth=a["bandwidth"])
-    if not job.finished:
-        job = conn.job_wait(job.id)
-    return job_final(job)
+    return _when_done(conn, conn.volume_receive(
+        a["pool"], a["name"], data_pieces(req.stream(), a["capacity"]), a["capacity"],
+        format=a["format"], like=a["like"], required=a["required"], bandwidth=a["bandwidth"]))
+
+
+def _when_done(conn: Connection, job: JobInfo) -> Response:
+    """The answer to a request whose body was the job's data: the job once it ended."""
+    return job_final(job if job.finished else conn.job_wait(job.id))
 
 
 def volume_download(conn: Connection, req: Request, p: list[str]) -> Response:
