@@ -244,6 +244,29 @@ def test_cluster_views_of_a_lone_engine(setup: Setup) -> None:
         conn.volume_lease_list()
 
 
+def test_listing_follows_every_change(setup: Setup) -> None:
+    """A listing answered again shows what changed since, whether the change came
+    through this connection or through another engine on the same state."""
+    import virtstore
+
+    conn, root, tmp = setup
+    conn.pool_create_xml(dir_pool_xml("fol", tmp / "fol"), build=True)
+    conn.volume_create("fol", VolumeCreateArgs("a.img", 1 << 20))
+    assert [(v.name, v.capacity) for v in conn.list_volumes("fol")] == [("a.img", 1 << 20)]
+    assert [v.name for v in conn.list_volumes("fol")] == ["a.img"]
+    conn.volume_create("fol", VolumeCreateArgs("b.img", 1 << 20))
+    assert [v.name for v in conn.list_volumes("fol")] == ["a.img", "b.img"]
+    other = virtstore.connect(root=str(root))
+    try:
+        assert other.job_wait(other.volume_resize("fol", "a.img", 3 << 20).id).state == "done"
+        assert [(v.name, v.capacity) for v in conn.list_volumes("fol")] == [
+            ("a.img", 3 << 20), ("b.img", 1 << 20)]
+        other.volume_delete("fol", "b.img")
+        assert [v.name for v in conn.list_volumes("fol")] == ["a.img"]
+    finally:
+        other.close()
+
+
 def test_listing_matches_each_volumes_info(setup: Setup) -> None:
     """A listing holds, in name order, exactly what each volume's lookup answers, for
     names a JSON encoder must escape and for volumes of every format."""

@@ -239,6 +239,14 @@ class Store:
             row: sqlite3.Row | None = self.db.execute(sql, params).fetchone()
             return row
 
+    def version(self) -> tuple[int, int]:
+        """Differs from an earlier answer once anything changed the database since: a
+        commit of another connection (SQLite's data_version) or a change through this
+        one (its total_changes)."""
+        with self._lock:
+            return int(self.db.execute("PRAGMA data_version").fetchone()[0]), \
+                self.db.total_changes
+
     def get_meta(self, key: str) -> str | None:
         row = self.query_one("SELECT value FROM meta WHERE key=?", (key,))
         return None if row is None else str(row["value"])
