@@ -119,7 +119,7 @@ def _missing(what: str, value: str) -> NoSuchVolume:
 # Listings kept as JSON text for a process that answers many of them (a daemon's
 # worker): at most this many pools', each at most this long.
 _LISTINGS_KEPT = 4
-_LISTING_MAX = 16 << 20
+_LISTING_MAX = 32 << 20
 
 
 class VolumeIndex:
